@@ -1,0 +1,38 @@
+"""sedac_core: SEDAC's exit decisions, adaptive thresholds, calibration and trace replay.
+
+The same API runs on a Rust extension (``sedac_core._native``, pyo3 + rayon) or
+on numpy; ``backend()`` says which, ``SEDAC_CORE_BACKEND=auto|rust|python``
+chooses. Both give identical decisions on identical inputs.
+"""
+
+from ._api import (
+    MIN_THRESHOLD,
+    CascadeController,
+    ExitDecisions,
+    LayerConfig,
+    MonitorRule,
+    ProbeRule,
+    Trace,
+    calibrate_thresholds,
+    consecutive_exit,
+    replay,
+)
+from ._backend import __version__, backend, set_backend
+
+set_backend()
+
+__all__ = [
+    "MIN_THRESHOLD",
+    "CascadeController",
+    "ExitDecisions",
+    "LayerConfig",
+    "MonitorRule",
+    "ProbeRule",
+    "Trace",
+    "__version__",
+    "backend",
+    "calibrate_thresholds",
+    "consecutive_exit",
+    "replay",
+    "set_backend",
+]

@@ -1,0 +1,525 @@
+"""The public API. All argument checking lives here, shared by both backends,
+so a bad input gets the same exception type and message whichever backend runs.
+
+Conventions
+-----------
+* Arrays are converted to C-contiguous float32 (float64 inputs are rounded to
+  float32, non-contiguous inputs are copied); non-numeric dtypes are rejected.
+* A *checkpoint* or *exit layer* ``l`` means the residual stream after decoder
+  layer ``l`` (0-based). Exiting there skips the MLP of layers
+  ``l+1 .. num_layers-protect_last-1``.
+* NaN risk never exits. Under the V6.1 confidence rule a NaN makes the
+  accumulated confidence NaN, so the token cannot exit at that checkpoint or
+  any later one; under the V6.0 threshold rule only that checkpoint is lost.
+  ``+inf`` risk never exits; ``-inf`` risk exits (infinite confidence).
+* NaN similarity breaks a V7 run. Non-finite risks are ignored by calibration
+  and by adaptive threshold updates.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _backend
+
+MIN_THRESHOLD = 1e-6
+"""Thresholds never go below this (a zero threshold would divide by zero)."""
+
+RULES = {"threshold": 0, "confidence": 1}
+MODES = ("cascade", "per_layer")
+_STATE_FORMAT = "sedac_core.CascadeController"
+_STATE_VERSION = 1
+
+# ---------------------------------------------------------------------------
+# argument checks
+
+
+def _real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
+          lo_open: bool = False, hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v) or math.isinf(v):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    below = v <= lo if lo_open else v < lo
+    above = v >= hi if hi_open else v > hi
+    if below or above:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {left}{lo:g}, {hi:g}{right}, got {v!r}")
+    return v
+
+
+def _int(name: str, value: Any, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return int(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
+def _choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _matrix(name: str, value: Any, shape_doc: str, columns: Optional[int] = None,
+            column_doc: str = "columns") -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array {shape_doc}, got shape {arr.shape}")
+    if columns is not None and arr.shape[1] != columns:
+        raise ValueError(f"{name} has {arr.shape[1]} columns but {columns} {column_doc} are configured")
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _vector(name: str, values: Any, length: int, lo: float = -math.inf, hi: float = math.inf,
+            lo_open: bool = False) -> Tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
+    out = tuple(_real(f"{name}[{i}]", v, lo, hi, lo_open) for i, v in enumerate(values))
+    if len(out) != length:
+        raise ValueError(f"{name} has {len(out)} values but {length} are needed")
+    return out
+
+
+def _labels(name: str, value: Any, shape: Tuple[int, ...]) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biu":
+        raise TypeError(f"{name} must be a boolean or 0/1 integer array, got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape} but the signal has shape {shape}")
+    if arr.dtype.kind != "b" and arr.size and not np.isin(arr, (0, 1)).all():
+        raise ValueError(f"{name} must contain only 0 and 1")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# V6 cascade
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """One probe checkpoint of a cascade.
+
+    ``target_exit_rate`` is both the share of tokens the adaptive threshold aims
+    to let exit here (V6.0) and the accumulated confidence needed to exit (V6.1),
+    as in the seed design.
+    """
+
+    layer_idx: int
+    target_exit_rate: float
+    initial_threshold: float = 1.0
+    confidence_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_idx", _int("layer_idx", self.layer_idx))
+        object.__setattr__(self, "target_exit_rate", _real("target_exit_rate", self.target_exit_rate, 0, 1))
+        object.__setattr__(self, "initial_threshold",
+                           _real("initial_threshold", self.initial_threshold, 0, lo_open=True))
+        object.__setattr__(self, "confidence_weight", _real("confidence_weight", self.confidence_weight, 0))
+
+
+@dataclass(frozen=True)
+class ExitDecisions:
+    """Per-token decisions of :meth:`CascadeController.evaluate`.
+
+    ``exit_checkpoint[t]`` is the index of the first checkpoint where token ``t``
+    exits, -1 for none. ``confidence[t, i]`` is the accumulated confidence C_i
+    and ``soft_ratio[t, i]`` the fraction of MLP channels to skip after
+    checkpoint ``i`` for a token that has not fully exited (0 with soft exit off
+    or C_i <= 0); both are given for every checkpoint.
+    """
+
+    exit_checkpoint: np.ndarray
+    confidence: np.ndarray
+    soft_ratio: np.ndarray
+    layers: Tuple[int, ...]
+
+    @property
+    def exit_layer(self) -> np.ndarray:
+        """Decoder layer index of each token's exit checkpoint, -1 for none."""
+        layers = np.asarray(self.layers, dtype=np.int32)
+        return np.where(self.exit_checkpoint >= 0, layers[np.maximum(self.exit_checkpoint, 0)], -1).astype(np.int32)
+
+
+class CascadeController:
+    """V6.0 / V6.1 cascade decisions with adaptive thresholds.
+
+    Parameters
+    ----------
+    layers: the checkpoints, in increasing ``layer_idx``.
+    alpha: EMA step of adaptive threshold updates, in (0, 1].
+    confidence_decay: gamma in C_i = C_{i-1} * gamma + conf_i * w_i, in [0, 1].
+    soft_exit: report soft-exit ratios (otherwise they are zero).
+    adaptive: let :meth:`observe` move thresholds.
+    calibration_steps: observations counted before thresholds start to move.
+    rule: ``"confidence"`` (V6.1: exit when C_i >= target_exit_rate_i) or
+        ``"threshold"`` (V6.0: exit when risk_i < threshold_i).
+
+    ``evaluate`` and ``observe`` may be called from several threads at once.
+    The controller uses the backend that was active when it was created.
+    """
+
+    def __init__(self, layers: Sequence[LayerConfig], *, alpha: float = 0.1, confidence_decay: float = 0.9,
+                 soft_exit: bool = True, adaptive: bool = True, calibration_steps: int = 50,
+                 rule: str = "confidence") -> None:
+        if isinstance(layers, LayerConfig) or not isinstance(layers, Iterable):
+            raise TypeError("layers must be a sequence of LayerConfig")
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("layers must contain at least one LayerConfig")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, LayerConfig):
+                raise TypeError(f"layers[{i}] must be a LayerConfig, got {type(layer).__name__}")
+        idx = [layer.layer_idx for layer in layers]
+        if any(b <= a for a, b in zip(idx, idx[1:])):
+            raise ValueError(f"layer_idx values must be strictly increasing, got {idx}")
+        self._layers = layers
+        self._alpha = _real("alpha", alpha, 0, 1, lo_open=True)
+        self._decay = _real("confidence_decay", confidence_decay, 0, 1)
+        self._soft = _bool("soft_exit", soft_exit)
+        self._adaptive = _bool("adaptive", adaptive)
+        self._calibration_steps = _int("calibration_steps", calibration_steps)
+        self._rule = _choice("rule", rule, RULES)
+        self._targets = np.array([layer.target_exit_rate for layer in layers], dtype=np.float32)
+        self._weights = np.array([layer.confidence_weight for layer in layers], dtype=np.float32)
+        self._kernel = _backend.kernel()
+        self._state = self._kernel.ThresholdState(
+            [layer.initial_threshold for layer in layers], self._targets.tolist(),
+            float(np.float32(self._alpha)), self._calibration_steps, self._adaptive)
+
+    # -- properties
+    @property
+    def layers(self) -> Tuple[LayerConfig, ...]:
+        return self._layers
+
+    @property
+    def layer_indices(self) -> Tuple[int, ...]:
+        return tuple(layer.layer_idx for layer in self._layers)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Current thresholds (float32 copy)."""
+        return np.array(self._state.thresholds(), dtype=np.float32)
+
+    @property
+    def steps(self) -> int:
+        """Non-empty observations seen so far."""
+        return int(self._state.steps)
+
+    @property
+    def rule(self) -> str:
+        return self._rule
+
+    def _risk(self, risk: Any) -> np.ndarray:
+        return _matrix("risk", risk, "[tokens, checkpoints]", len(self._layers), "checkpoints")
+
+    def evaluate(self, risk: Any) -> ExitDecisions:
+        """Decide every token of ``risk`` (float32 ``[tokens, checkpoints]``)."""
+        risk = self._risk(risk)
+        n, c = risk.shape
+        exit_cp = np.empty(n, dtype=np.int32)
+        conf = np.empty((n, c), dtype=np.float32)
+        soft = np.empty((n, c), dtype=np.float32)
+        thresholds = np.array(self._state.thresholds(), dtype=np.float32)
+        self._kernel.evaluate(risk, thresholds, self._targets, self._weights, float(np.float32(self._decay)),
+                              RULES[self._rule], self._soft, exit_cp, conf, soft)
+        return ExitDecisions(exit_cp, conf, soft, self.layer_indices)
+
+    def observe(self, risk: Any) -> bool:
+        """Feed observed risk; after the warm-up, move each threshold towards the
+        quantile of the finite risks that gives its target exit rate:
+        thr <- max((1 - alpha) * thr + alpha * q, MIN_THRESHOLD).
+
+        An empty batch is not counted. Returns whether any threshold moved.
+        """
+        return bool(self._state.observe(self._risk(risk)))
+
+    # -- persistence
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain JSON types: configuration, current thresholds and step count."""
+        return {
+            "format": _STATE_FORMAT,
+            "format_version": _STATE_VERSION,
+            "layers": [
+                {"layer_idx": l.layer_idx, "target_exit_rate": l.target_exit_rate,
+                 "initial_threshold": l.initial_threshold, "confidence_weight": l.confidence_weight}
+                for l in self._layers
+            ],
+            "alpha": self._alpha,
+            "confidence_decay": self._decay,
+            "soft_exit": self._soft,
+            "adaptive": self._adaptive,
+            "calibration_steps": self._calibration_steps,
+            "rule": self._rule,
+            "thresholds": [float(t) for t in self._state.thresholds()],
+            "steps": self.steps,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "CascadeController":
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        keys = ("format", "format_version", "layers", "alpha", "confidence_decay", "soft_exit", "adaptive",
+                "calibration_steps", "rule", "thresholds", "steps")
+        for key in keys:
+            if key not in state:
+                raise ValueError(f"state_dict is missing {key!r}")
+        if state["format"] != _STATE_FORMAT or state["format_version"] != _STATE_VERSION:
+            raise ValueError(
+                f"state_dict has format {state['format']!r} version {state['format_version']!r}; "
+                f"expected {_STATE_FORMAT!r} version {_STATE_VERSION}")
+        if not isinstance(state["layers"], Sequence):
+            raise TypeError("state_dict 'layers' must be a list")
+        layers = []
+        for i, layer in enumerate(state["layers"]):
+            if not isinstance(layer, Mapping):
+                raise TypeError(f"state_dict 'layers'[{i}] must be a mapping")
+            layers.append(LayerConfig(**layer))
+        ctrl = cls(layers, alpha=state["alpha"], confidence_decay=state["confidence_decay"],
+                   soft_exit=state["soft_exit"], adaptive=state["adaptive"],
+                   calibration_steps=state["calibration_steps"], rule=state["rule"])
+        thresholds = _vector("state_dict 'thresholds'", state["thresholds"], len(layers), 0, lo_open=True)
+        ctrl._state.set_thresholds(list(thresholds))
+        ctrl._state.set_steps(_int("state_dict 'steps'", state["steps"]))
+        return ctrl
+
+    def __repr__(self) -> str:
+        return (f"CascadeController(layers={self.layer_indices}, rule={self._rule!r}, "
+                f"thresholds={[round(t, 4) for t in self._state.thresholds()]}, steps={self.steps})")
+
+
+# ---------------------------------------------------------------------------
+# V7 and calibration
+
+
+def consecutive_exit(similarity: Any, tau: float, k: int, min_layer: int = 0) -> np.ndarray:
+    """V7 rule: per token, the layer at which the first run of ``k`` consecutive
+    similarities >= ``tau`` ends, counting only layers >= ``min_layer``; -1 if
+    none. ``similarity`` is ``[tokens, layers]``; tau is rounded to float32.
+    Returns int32 ``[tokens]``."""
+    sim = _matrix("similarity", similarity, "[tokens, layers]")
+    tau = _real("tau", tau)
+    k = _int("k", k, 1)
+    min_layer = _int("min_layer", min_layer)
+    out = np.empty(sim.shape[0], dtype=np.int32)
+    _backend.kernel().consecutive_exit(sim, float(np.float32(tau)), k, min_layer, out)
+    return out
+
+
+def calibrate_thresholds(risk: Any, target_rates: Sequence[float]) -> np.ndarray:
+    """Thresholds that let ``target_rates[i]`` of the tokens exit at checkpoint
+    ``i`` under the V6.0 rule: the linear-interpolation quantile of the finite
+    risks of each column, floored at ``MIN_THRESHOLD``. Returns float32."""
+    risk = _matrix("risk", risk, "[tokens, checkpoints]")
+    rates = np.array(_vector("target_rates", target_rates, risk.shape[1], 0, 1), dtype=np.float32)
+    out = np.empty(risk.shape[1], dtype=np.float32)
+    _backend.kernel().quantiles(risk, rates, out)
+    empty = np.flatnonzero(np.isnan(out))
+    if empty.size:
+        raise ValueError(f"checkpoint {int(empty[0])} has no finite risk values to calibrate from")
+    return np.maximum(out, np.float32(MIN_THRESHOLD))
+
+
+# ---------------------------------------------------------------------------
+# replay
+
+
+@dataclass(frozen=True)
+class MonitorRule:
+    """A V7 configuration to replay: exit after ``k`` consecutive layers with
+    similarity >= ``tau`` (only layers >= ``min_layer`` count); the last
+    ``protect_last`` layers always run their MLP. ``mode="per_layer"`` skips a
+    layer's MLP only while the run ending at the previous layer is >= k long."""
+
+    tau: float
+    k: int = 2
+    min_layer: int = 0
+    protect_last: int = 0
+    mode: str = "cascade"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tau", _real("tau", self.tau))
+        object.__setattr__(self, "k", _int("k", self.k, 1))
+        object.__setattr__(self, "min_layer", _int("min_layer", self.min_layer))
+        object.__setattr__(self, "protect_last", _int("protect_last", self.protect_last))
+        _choice("mode", self.mode, MODES)
+
+
+@dataclass(frozen=True)
+class ProbeRule:
+    """A V6 configuration to replay (hard exits): per-checkpoint thresholds,
+    ``rule`` as in :class:`CascadeController`; the confidence rule needs
+    ``exit_rates`` (weights default to 1)."""
+
+    thresholds: Tuple[float, ...]
+    rule: str = "threshold"
+    exit_rates: Optional[Tuple[float, ...]] = None
+    weights: Optional[Tuple[float, ...]] = None
+    decay: float = 0.9
+    protect_last: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.thresholds, (str, bytes)) or not isinstance(self.thresholds, Iterable):
+            raise TypeError("thresholds must be a sequence of numbers")
+        thr = tuple(self.thresholds)
+        c = len(thr)
+        if c == 0:
+            raise ValueError("thresholds must have at least one value")
+        object.__setattr__(self, "thresholds", _vector("thresholds", thr, c, 0, lo_open=True))
+        _choice("rule", self.rule, RULES)
+        if self.exit_rates is None:
+            if self.rule == "confidence":
+                raise ValueError("exit_rates are required with rule='confidence'")
+            rates: Tuple[float, ...] = (0.0,) * c
+        else:
+            rates = _vector("exit_rates", self.exit_rates, c, 0, 1)
+        object.__setattr__(self, "exit_rates", rates)
+        weights = (1.0,) * c if self.weights is None else _vector("weights", self.weights, c, 0)
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "decay", _real("decay", self.decay, 0, 1))
+        object.__setattr__(self, "protect_last", _int("protect_last", self.protect_last))
+
+
+class Trace:
+    """Recorded per-token signals for :func:`replay`.
+
+    Build with :meth:`Trace.similarity` (V7: one column per decoder layer) or
+    :meth:`Trace.risk` (V6: one column per checkpoint). ``safe[t, p] = 1`` means
+    that cascading from position ``p`` (skipping every later unprotected MLP)
+    keeps the full model's top-1 for token ``t``; ``protect_last`` is the value
+    under which those labels were recorded.
+    """
+
+    def __init__(self, signal: np.ndarray, kind: str, layers: Tuple[int, ...], num_layers: int,
+                 safe: Optional[np.ndarray], protect_last: int) -> None:
+        self.signal = signal
+        self.kind = kind
+        self.layers = layers
+        self.num_layers = num_layers
+        self.safe = safe
+        self.protect_last = protect_last
+
+    @property
+    def tokens(self) -> int:
+        return int(self.signal.shape[0])
+
+    @classmethod
+    def similarity(cls, similarity: Any, safe: Any = None, protect_last: int = 0) -> "Trace":
+        sim = _matrix("similarity", similarity, "[tokens, layers]")
+        if sim.shape[1] == 0:
+            raise ValueError("similarity must have at least one layer column")
+        labels = None if safe is None else _labels("safe", safe, sim.shape)
+        return cls(sim, "similarity", tuple(range(sim.shape[1])), sim.shape[1], labels,
+                   _int("protect_last", protect_last))
+
+    @classmethod
+    def risk(cls, risk: Any, layers: Sequence[int], num_layers: int, safe: Any = None,
+             protect_last: int = 0) -> "Trace":
+        num_layers = _int("num_layers", num_layers, 1)
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise TypeError("layers must be a sequence of layer indices")
+        layers = tuple(_int(f"layers[{i}]", l) for i, l in enumerate(layers))
+        if not layers:
+            raise ValueError("layers must name at least one checkpoint layer")
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"layers must be strictly increasing, got {list(layers)}")
+        if layers[-1] >= num_layers:
+            raise ValueError(f"checkpoint layer {layers[-1]} is outside a model of {num_layers} layers")
+        arr = _matrix("risk", risk, "[tokens, checkpoints]", len(layers), "checkpoint layers")
+        labels = None if safe is None else _labels("safe", safe, arr.shape)
+        return cls(arr, "risk", layers, num_layers, labels, _int("protect_last", protect_last))
+
+
+ReplayTable = Dict[str, np.ndarray]
+
+
+def replay(trace: Trace, configs: Sequence[Union[MonitorRule, ProbeRule]]) -> ReplayTable:
+    """Evaluate many configurations over one trace at once.
+
+    Returns a table (dict of equal-length numpy columns, one row per config):
+    ``exits`` (tokens that skipped at least one MLP), ``skipped_layers`` (MLP
+    blocks skipped in total), ``unsafe_exits`` (exits at a position labelled
+    unsafe), and the rates ``exit_rate`` = exits / tokens, ``skipped_mlp`` =
+    skipped_layers / (tokens * num_layers) and ``disagreement`` =
+    unsafe_exits / tokens. ``disagreement`` is NaN where the labels say nothing:
+    no labels, or ``mode="per_layer"`` (not a cascade). Rates are NaN for an
+    empty trace.
+
+    Replay assumes the recorded signals of the unmodified model: for a cascade
+    they are exact up to the exit; what the model does after skips is measured
+    by running it (sedac-monitor / sedac-bench), not here.
+    """
+    if not isinstance(trace, Trace):
+        raise TypeError(f"trace must be a Trace, got {type(trace).__name__}")
+    if isinstance(configs, (MonitorRule, ProbeRule)) or not isinstance(configs, Iterable):
+        raise TypeError("configs must be a sequence of MonitorRule or ProbeRule")
+    configs = list(configs)
+    wanted = MonitorRule if trace.kind == "similarity" else ProbeRule
+    for i, cfg in enumerate(configs):
+        if not isinstance(cfg, wanted):
+            raise TypeError(f"configs[{i}] is a {type(cfg).__name__} but a {trace.kind} trace needs {wanted.__name__}")
+        labelled = trace.safe is not None and not (isinstance(cfg, MonitorRule) and cfg.mode == "per_layer")
+        if labelled and cfg.protect_last != trace.protect_last:
+            raise ValueError(f"configs[{i}].protect_last={cfg.protect_last} but the trace's safe labels were "
+                             f"recorded with protect_last={trace.protect_last}")
+        if isinstance(cfg, ProbeRule) and len(cfg.thresholds) != len(trace.layers):
+            raise ValueError(f"configs[{i}] has {len(cfg.thresholds)} thresholds but the trace has "
+                             f"{len(trace.layers)} checkpoints")
+    m = len(configs)
+    exits = np.zeros(m, dtype=np.int64)
+    skipped = np.zeros(m, dtype=np.int64)
+    unsafe = np.zeros(m, dtype=np.int64)
+    protect = np.array([cfg.protect_last for cfg in configs], dtype=np.int64)
+    kernel = _backend.kernel()
+    if trace.kind == "similarity":
+        kernel.replay_monitor(
+            trace.signal, trace.safe,
+            np.array([cfg.tau for cfg in configs], dtype=np.float32),
+            np.array([cfg.k for cfg in configs], dtype=np.int64),
+            np.array([cfg.min_layer for cfg in configs], dtype=np.int64),
+            protect,
+            np.array([cfg.mode == "per_layer" for cfg in configs], dtype=np.uint8),
+            exits, skipped, unsafe)
+        measurable = np.array([trace.safe is not None and cfg.mode == "cascade" for cfg in configs], dtype=bool)
+    else:
+        c = len(trace.layers)
+
+        def stack(attr: str) -> np.ndarray:
+            return np.array([getattr(cfg, attr) for cfg in configs], dtype=np.float32).reshape(m, c)
+
+        kernel.replay_probe(
+            trace.signal, trace.safe, np.array(trace.layers, dtype=np.int64), trace.num_layers,
+            stack("thresholds"), stack("exit_rates"), stack("weights"),
+            np.array([cfg.decay for cfg in configs], dtype=np.float32),
+            np.array([RULES[cfg.rule] for cfg in configs], dtype=np.uint8),
+            protect, exits, skipped, unsafe)
+        measurable = np.full(m, trace.safe is not None, dtype=bool)
+    n = trace.tokens
+    with np.errstate(invalid="ignore", divide="ignore"):
+        denom = np.float64(n) if n else np.nan
+        return {
+            "exits": exits,
+            "skipped_layers": skipped,
+            "unsafe_exits": unsafe,
+            "exit_rate": exits / denom,
+            "skipped_mlp": skipped / (denom * trace.num_layers),
+            "disagreement": np.where(measurable, unsafe / denom, np.nan),
+        }

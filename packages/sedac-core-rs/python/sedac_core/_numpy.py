@@ -1,0 +1,234 @@
+"""The numpy backend: the same kernels as ``sedac_core._native``, same signatures.
+
+Every float operation is written in the same order and precision as the Rust
+code (float32 throughout, no fused multiply-add, quantiles interpolated in
+float64), so that decisions agree bit for bit. Keep the two in step: the
+property tests in ``tests/test_parity.py`` compare them on generated inputs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+MIN_THRESHOLD = np.float32(1e-6)
+_F32 = np.float32
+
+
+def _check_out(name, arr, dtype, ndim):
+    if (
+        not isinstance(arr, np.ndarray)
+        or arr.dtype != dtype
+        or arr.ndim != ndim
+        or not arr.flags.c_contiguous
+    ):
+        raise TypeError(f"{name}: expected a C-contiguous {ndim}-D {np.dtype(dtype).name} array")
+    if not arr.flags.writeable:
+        raise ValueError(f"{name}: output array is read-only")
+
+
+def _accumulate(risk, thresholds, weights, decay):
+    """C_i = C_{i-1} * decay + ((thr_i - r_i) / thr_i) * w_i for every column."""
+    n, c = risk.shape
+    conf = np.empty((n, c), dtype=_F32)
+    acc = np.zeros(n, dtype=_F32)
+    with np.errstate(all="ignore"):
+        for i in range(c):
+            local = (thresholds[i] - risk[:, i]) / thresholds[i]
+            acc = acc * decay + local * weights[i]
+            conf[:, i] = acc
+    return conf
+
+
+def _first_true(hits):
+    """Index of the first True per row, -1 where none (int32)."""
+    if hits.shape[1] == 0:
+        return np.full(hits.shape[0], -1, dtype=np.int32)
+    first = np.argmax(hits, axis=1).astype(np.int32)
+    first[~hits.any(axis=1)] = -1
+    return first
+
+
+def _exit_checkpoint(risk, thresholds, targets, conf, rule_code):
+    if rule_code == 0:
+        hits = risk < thresholds[None, :]
+    elif rule_code == 1:
+        hits = conf >= targets[None, :]
+    else:
+        raise ValueError(f"unknown rule code {rule_code}")
+    return _first_true(hits)
+
+
+def soft_ratio(conf):
+    """tanh(2C - 1) * 0.5 + 0.5 as 1 / (1 + exp(2 - 4C)); zero unless C > 0."""
+    with np.errstate(all="ignore"):
+        ratio = _F32(1) / (_F32(1) + np.exp(_F32(2) - _F32(4) * conf))
+    return np.where(conf > 0, ratio, _F32(0)).astype(_F32)
+
+
+def evaluate(risk, thresholds, targets, weights, decay, rule_code, soft, out_exit, out_conf, out_soft):
+    decay = _F32(decay)
+    conf = _accumulate(risk, thresholds, weights, decay)
+    out_exit[:] = _exit_checkpoint(risk, thresholds, targets, conf, rule_code)
+    out_conf[...] = conf
+    out_soft[...] = soft_ratio(conf) if soft else 0
+
+
+def _consecutive(similarity, tau, k, min_layer):
+    n, layers = similarity.shape
+    out = np.full(n, -1, dtype=np.int32)
+    run = np.zeros(n, dtype=np.int64)
+    for layer in range(min(min_layer, layers), layers):
+        run = np.where(similarity[:, layer] >= tau, run + 1, 0)
+        out = np.where((out < 0) & (run >= k), np.int32(layer), out)
+    return out
+
+
+def consecutive_exit(similarity, tau, k, min_layer, out):
+    if k < 1:
+        raise ValueError("consecutive_exit: k must be >= 1")
+    out[:] = _consecutive(similarity, _F32(tau), int(k), int(min_layer))
+
+
+def quantile_finite(values, q):
+    """Linear-interpolation quantile of the finite values, in float64, rounded to float32."""
+    finite = np.sort(values[np.isfinite(values)])
+    n = finite.size
+    if n == 0:
+        return _F32(np.nan)
+    pos = np.float64(_F32(q)) * np.float64(n - 1)
+    lo = min(int(np.floor(pos)), n - 1)
+    frac = pos - np.float64(lo)
+    a = np.float64(finite[lo])
+    b = np.float64(finite[lo + 1]) if lo + 1 < n else a
+    return _F32(a + (b - a) * frac)
+
+
+def quantiles(risk, rates, out):
+    if risk.shape[1] != rates.size:
+        raise ValueError(f"quantiles: {risk.shape[1]} columns but {rates.size} rates")
+    for i in range(rates.size):
+        out[i] = quantile_finite(risk[:, i], rates[i])
+
+
+def ema(old, target, alpha):
+    new = (_F32(1) - alpha) * old + alpha * target
+    return np.maximum(new, MIN_THRESHOLD)
+
+
+class ThresholdState:
+    """Adaptive thresholds guarded by a lock (the Rust twin uses atomics)."""
+
+    def __init__(self, thresholds, targets, alpha, calibration_steps, adaptive):
+        if len(thresholds) != len(targets):
+            raise ValueError(f"{len(thresholds)} thresholds but {len(targets)} target exit rates")
+        self._thr = np.asarray(thresholds, dtype=_F32).copy()
+        self._targets = np.asarray(targets, dtype=_F32)
+        self._alpha = _F32(alpha)
+        self._calibration_steps = int(calibration_steps)
+        self._adaptive = bool(adaptive)
+        self._steps = 0
+        self._lock = threading.Lock()
+
+    def thresholds(self):
+        with self._lock:
+            return [float(t) for t in self._thr]
+
+    def set_thresholds(self, values):
+        if len(values) != self._thr.size:
+            raise ValueError(f"expected {self._thr.size} thresholds, got {len(values)}")
+        with self._lock:
+            self._thr[:] = np.asarray(values, dtype=_F32)
+
+    @property
+    def steps(self):
+        return self._steps
+
+    def set_steps(self, steps):
+        with self._lock:
+            self._steps = int(steps)
+
+    def observe(self, risk):
+        c = self._thr.size
+        if risk.ndim != 2 or risk.shape[1] != c:
+            raise ValueError(f"observe: buffer of {risk.size} values does not split into {c} checkpoints")
+        if risk.shape[0] == 0:
+            return False
+        with self._lock:
+            step = self._steps
+            self._steps += 1
+        if not self._adaptive or step < self._calibration_steps:
+            return False
+        q = np.array([quantile_finite(risk[:, i], self._targets[i]) for i in range(c)], dtype=_F32)
+        updated = False
+        with self._lock:
+            for i in range(c):
+                if np.isfinite(q[i]):
+                    self._thr[i] = ema(self._thr[i], q[i], self._alpha)
+                    updated = True
+        return updated
+
+
+def _skipped_after(layer, num_layers, protect_last):
+    """MLP blocks skipped by exiting after ``layer`` (array-valued)."""
+    end = max(num_layers - protect_last, 0)
+    return np.maximum(end - (layer + 1), 0)
+
+
+def _record(exit_layer, skipped, label):
+    """(exits, skipped layers, unsafe exits) from per-token exit data."""
+    exited = (exit_layer >= 0) & (skipped > 0)
+    unsafe = 0 if label is None else int(np.count_nonzero(exited & (label == 0)))
+    return int(np.count_nonzero(exited)), int(skipped[exited].sum()), unsafe
+
+
+def _row_labels(safe, positions):
+    """safe[t, positions[t]] (0 where positions is -1)."""
+    idx = np.maximum(positions, 0).astype(np.intp)
+    return safe[np.arange(safe.shape[0]), idx]
+
+
+def replay_monitor(similarity, safe, tau, k, min_layer, protect_last, per_layer, out_exits, out_skipped, out_unsafe):
+    n, layers = similarity.shape
+    if layers == 0:
+        raise ValueError("replay: the trace has no positions")
+    for i in range(tau.size):
+        ki, mi, pi = int(k[i]), int(min_layer[i]), int(protect_last[i])
+        if ki < 1:
+            raise ValueError("replay: k must be >= 1")
+        if per_layer[i]:
+            end = max(layers - pi, 0)
+            run = np.zeros(n, dtype=np.int64)
+            skipped = np.zeros(n, dtype=np.int64)
+            for j in range(end):
+                skipped += run >= ki
+                high = similarity[:, j] >= tau[i] if j >= mi else np.zeros(n, dtype=bool)
+                run = np.where(high, run + 1, 0)
+            exit_layer = np.where(skipped > 0, 0, -1)
+            counts = _record(exit_layer, skipped, None)
+        else:
+            exit_layer = _consecutive(similarity, tau[i], ki, mi)
+            skipped = np.where(exit_layer >= 0, _skipped_after(exit_layer, layers, pi), 0)
+            label = None if safe is None else _row_labels(safe, exit_layer)
+            counts = _record(exit_layer, skipped, label)
+        out_exits[i], out_skipped[i], out_unsafe[i] = counts
+
+
+def replay_probe(risk, safe, layer_of, num_layers, thresholds, targets, weights, decay, rule, protect_last,
+                 out_exits, out_skipped, out_unsafe):
+    n, c = risk.shape
+    if c == 0:
+        raise ValueError("replay: the trace has no positions")
+    layer_of = np.asarray(layer_of, dtype=np.int64)
+    for i in range(decay.size):
+        conf = _accumulate(risk, thresholds[i], weights[i], _F32(decay[i]))
+        exit_cp = _exit_checkpoint(risk, thresholds[i], targets[i], conf, int(rule[i]))
+        exit_layer = np.where(exit_cp >= 0, layer_of[np.maximum(exit_cp, 0)], -1)
+        skipped = np.where(exit_cp >= 0, _skipped_after(exit_layer, int(num_layers), int(protect_last[i])), 0)
+        label = None if safe is None else _row_labels(safe, exit_cp)
+        out_exits[i], out_skipped[i], out_unsafe[i] = _record(exit_cp, skipped, label)
+
+
+def num_threads():
+    return 1
