@@ -29,25 +29,25 @@ cs = _load()
 
 ONE_LINE = textwrap.dedent("""\
     # comment line
-    deb http://security.debian.org/debian-security bookworm-security main
-    deb-src http://ftp.de.debian.org/debian/ bookworm main
+    deb http://security.mirror.example/debian-security bookworm-security main
+    deb-src http://ftp.mirror.example/debian/ bookworm main
     deb [arch=amd64 signed-by=/usr/share/keyrings/x.gpg] https://packages.example.com/apt stable main
-    deb [ trusted=yes ] http://ftp.de.debian.org/debian/ bookworm main contrib  # trailing comment
-    deb http://ftp.de.debian.org/debian bookworm-updates main
+    deb [ trusted=yes ] http://ftp.mirror.example/debian/ bookworm main contrib  # trailing comment
+    deb http://ftp.mirror.example/debian bookworm-updates main
     bogus line here
     deb http://incomplete.example.org/debian
 """)
 
 DEB822 = textwrap.dedent("""\
     Types: deb
-    # http://snapshot.debian.org/archive/debian/20250520T000000Z
-    URIs: http://deb.debian.org/debian
+    # http://snapshot.mirror.example/archive/debian/20250520T000000Z
+    URIs: http://deb.mirror.example/debian
     Suites: bookworm bookworm-updates
     Components: main
     Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
     Types: deb
-    URIs: http://deb.debian.org/debian-security
+    URIs: http://deb.mirror.example/debian-security
     Suites: bookworm-security
     Components: main
     Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
@@ -57,11 +57,11 @@ DEB822 = textwrap.dedent("""\
 def test_parse_one_line():
     entries = cs.parse_one_line_sources(ONE_LINE, "x.list")
     assert [(e.type, e.uri, e.suites, e.components) for e in entries] == [
-        ("deb", "http://security.debian.org/debian-security", ("bookworm-security",), ("main",)),
-        ("deb-src", "http://ftp.de.debian.org/debian/", ("bookworm",), ("main",)),
+        ("deb", "http://security.mirror.example/debian-security", ("bookworm-security",), ("main",)),
+        ("deb-src", "http://ftp.mirror.example/debian/", ("bookworm",), ("main",)),
         ("deb", "https://packages.example.com/apt", ("stable",), ("main",)),
-        ("deb", "http://ftp.de.debian.org/debian/", ("bookworm",), ("main", "contrib")),
-        ("deb", "http://ftp.de.debian.org/debian", ("bookworm-updates",), ("main",)),
+        ("deb", "http://ftp.mirror.example/debian/", ("bookworm",), ("main", "contrib")),
+        ("deb", "http://ftp.mirror.example/debian", ("bookworm-updates",), ("main",)),
     ]
     assert entries[0].origin == "x.list:2"
 
@@ -69,16 +69,16 @@ def test_parse_one_line():
 def test_one_line_prefers_deb_and_skips_security():
     uri = cs.debian_archive_uri(cs.parse_one_line_sources(ONE_LINE))
     # the deb-src line comes earlier, but a deb line wins; the trailing slash goes
-    assert uri == "http://ftp.de.debian.org/debian"
+    assert uri == "http://ftp.mirror.example/debian"
 
 
 def test_parse_deb822():
     entries = cs.parse_deb822_sources(DEB822, "debian.sources")
     assert [(e.type, e.uri, e.suites) for e in entries] == [
-        ("deb", "http://deb.debian.org/debian", ("bookworm", "bookworm-updates")),
-        ("deb", "http://deb.debian.org/debian-security", ("bookworm-security",)),
+        ("deb", "http://deb.mirror.example/debian", ("bookworm", "bookworm-updates")),
+        ("deb", "http://deb.mirror.example/debian-security", ("bookworm-security",)),
     ]
-    assert cs.debian_archive_uri(entries) == "http://deb.debian.org/debian"
+    assert cs.debian_archive_uri(entries) == "http://deb.mirror.example/debian"
 
 
 def test_deb822_multi_values_continuations_and_disabled():
@@ -114,7 +114,7 @@ def test_deb822_multi_values_continuations_and_disabled():
 
 def test_security_host_is_skipped():
     entries = cs.parse_one_line_sources(
-        "deb http://security.debian.org/debian bookworm/updates main\n")
+        "deb http://security.mirror.example/debian bookworm/updates main\n")
     assert cs.debian_archive_uri(entries) is None
 
 
@@ -131,10 +131,10 @@ def test_read_apt_sources_from_files(tmp_path):
     assert [e.uri for e in entries] == [
         "https://packages.example.com/apt",
         "http://archive.ubuntu.com/ubuntu",
-        "http://deb.debian.org/debian",
-        "http://deb.debian.org/debian-security",
+        "http://deb.mirror.example/debian",
+        "http://deb.mirror.example/debian-security",
     ]
-    assert cs.debian_archive_uri(entries) == "http://deb.debian.org/debian"
+    assert cs.debian_archive_uri(entries) == "http://deb.mirror.example/debian"
 
 
 def test_read_apt_sources_missing_files(tmp_path):
@@ -387,7 +387,7 @@ def test_auto_failure_falls_back_to_cached_debian(tmp_path, crate, monkeypatch):
 def test_cli_bad_env_exits_2(crate, tmp_path):
     env = dict(os.environ, **{cs.ENV_VAR: "nope"})
     res = subprocess.run([sys.executable, str(_TOOL), str(crate), "--cache", str(tmp_path)],
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, check=False)
     assert res.returncode == 2
     assert cs.ENV_VAR in res.stderr
 
@@ -395,7 +395,7 @@ def test_cli_bad_env_exits_2(crate, tmp_path):
 def test_cli_crates_io_mode(crate, tmp_path):
     env = dict(os.environ, **{cs.ENV_VAR: "crates.io"})
     res = subprocess.run([sys.executable, str(_TOOL), str(crate), "--cache", str(tmp_path / "c")],
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     assert "crates.io" in res.stdout
     assert not (crate / ".cargo").exists()

@@ -43,8 +43,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable
 
 __all__ = [
     "DEBIAN_CRATES",
@@ -67,7 +68,7 @@ __all__ = [
 
 #: Crates (Debian package names without ``librust-`` / ``-dev``) needed by
 #: sedac-core: pyo3 0.22 and rayon 1.10 with everything they depend on.
-DEBIAN_CRATES: Tuple[str, ...] = (
+DEBIAN_CRATES: tuple[str, ...] = (
     "autocfg", "cfg-if", "crossbeam-deque", "crossbeam-epoch", "crossbeam-utils",
     "either", "heck", "indoc", "libc", "memoffset", "once-cell",
     "portable-atomic", "proc-macro2", "pyo3", "pyo3-build-config", "pyo3-ffi",
@@ -97,7 +98,7 @@ Log = Callable[[str], None]
 # SEDAC_CARGO_SOURCE
 # --------------------------------------------------------------------------
 
-def source_mode(environ: Optional[Dict[str, str]] = None) -> str:
+def source_mode(environ: dict[str, str] | None = None) -> str:
     """The mode chosen by ``SEDAC_CARGO_SOURCE``; ``auto`` when unset or empty."""
     env = os.environ if environ is None else environ
     raw = env.get(ENV_VAR, "")
@@ -116,7 +117,7 @@ def source_mode(environ: Optional[Dict[str, str]] = None) -> str:
 class AptSource:
     """One (type, URI) pair of an apt source entry."""
 
-    __slots__ = ("type", "uri", "suites", "components", "origin")
+    __slots__ = ("components", "origin", "suites", "type", "uri")
 
     def __init__(self, type: str, uri: str, suites: Sequence[str],
                  components: Sequence[str], origin: str = "") -> None:
@@ -137,9 +138,9 @@ class AptSource:
                 f"{list(self.components)!r}, origin={self.origin!r})")
 
 
-def parse_one_line_sources(text: str, origin: str = "") -> List[AptSource]:
+def parse_one_line_sources(text: str, origin: str = "") -> list[AptSource]:
     """Entries of a one-line-style ``sources.list`` (``deb [opts] URI suite comp...``)."""
-    out: List[AptSource] = []
+    out: list[AptSource] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -162,10 +163,10 @@ def parse_one_line_sources(text: str, origin: str = "") -> List[AptSource]:
     return out
 
 
-def _deb822_stanzas(text: str) -> List[Dict[str, str]]:
-    stanzas: List[Dict[str, str]] = []
-    fields: Dict[str, str] = {}
-    last: Optional[str] = None
+def _deb822_stanzas(text: str) -> list[dict[str, str]]:
+    stanzas: list[dict[str, str]] = []
+    fields: dict[str, str] = {}
+    last: str | None = None
     for line in text.splitlines():
         if line.startswith("#"):
             continue
@@ -188,9 +189,9 @@ def _deb822_stanzas(text: str) -> List[Dict[str, str]]:
     return stanzas
 
 
-def parse_deb822_sources(text: str, origin: str = "") -> List[AptSource]:
+def parse_deb822_sources(text: str, origin: str = "") -> list[AptSource]:
     """Entries of a deb822-style ``*.sources`` file (``Types:``/``URIs:`` stanzas)."""
-    out: List[AptSource] = []
+    out: list[AptSource] = []
     for n, st in enumerate(_deb822_stanzas(text), 1):
         if st.get("enabled", "yes").strip().lower() == "no":
             continue
@@ -207,20 +208,20 @@ def parse_deb822_sources(text: str, origin: str = "") -> List[AptSource]:
 
 
 def read_apt_sources(sources_list: Path = APT_SOURCES_LIST,
-                     sources_parts: Path = APT_SOURCES_PARTS) -> List[AptSource]:
+                     sources_parts: Path = APT_SOURCES_PARTS) -> list[AptSource]:
     """All entries of apt's source files, in the order apt reads them.
 
     ``sources_list`` is a one-line-style file; in ``sources_parts`` the
     ``*.list`` files are one-line style and ``*.sources`` files deb822 style
     (other names are ignored, as apt does).
     """
-    files: List[Path] = []
+    files: list[Path] = []
     if sources_list.is_file():
         files.append(sources_list)
     if sources_parts.is_dir():
         files.extend(sorted(p for p in sources_parts.iterdir()
                             if p.is_file() and p.suffix in (".list", ".sources")))
-    out: List[AptSource] = []
+    out: list[AptSource] = []
     for path in files:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -242,12 +243,11 @@ def _is_debian_archive(src: AptSource) -> bool:
         return False
     if host.startswith("security.") or any("security" in s for s in src.suites):
         return False
-    # The main archive lives in a directory called "debian" (deb.debian.org/debian,
-    # ftp.XX.debian.org/debian/, a local mirror's .../debian, ...).
+    # The main archive lives in a directory called "debian" on the mirror host.
     return path.rstrip("/").rsplit("/", 1)[-1].lower() == "debian"
 
 
-def debian_archive_uri(sources: Iterable[AptSource]) -> Optional[str]:
+def debian_archive_uri(sources: Iterable[AptSource]) -> str | None:
     """URI of the first Debian archive (not the security archive) among ``sources``.
 
     ``deb`` entries win over ``deb-src`` ones.
@@ -302,7 +302,7 @@ def write_config(crate_dir: Path, registry: Path) -> Path:
     return path
 
 
-def _read_generated_config(crate_dir: Path) -> Tuple[bool, bool, Optional[Path]]:
+def _read_generated_config(crate_dir: Path) -> tuple[bool, bool, Path | None]:
     """(exists, written by us, directory it names)."""
     path = config_path(crate_dir)
     try:
@@ -326,7 +326,7 @@ def _crate_key(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def missing_crates(registry: Path, crates: Iterable[str] = DEBIAN_CRATES) -> List[str]:
+def missing_crates(registry: Path, crates: Iterable[str] = DEBIAN_CRATES) -> list[str]:
     """Crates of ``crates`` with no usable ``NAME-VERSION`` directory in ``registry``."""
     present = set()
     try:
@@ -371,7 +371,7 @@ def _lockfile_path(crate_dir: Path, cargo: str) -> Path:
         res = subprocess.run(
             [cargo, "locate-project", "--workspace", "--message-format", "plain",
              "--manifest-path", str(crate_dir / "Cargo.toml")],
-            cwd=crate_dir, capture_output=True, text=True, timeout=30)
+            cwd=crate_dir, capture_output=True, text=True, check=False, timeout=30)
         if res.returncode == 0 and res.stdout.strip():
             return Path(res.stdout.strip()).parent / "Cargo.lock"
     except (OSError, subprocess.TimeoutExpired):
@@ -400,7 +400,7 @@ def probe_crates_io(crate_dir: Path, log: Log = print,
         res = subprocess.run(
             [cargo, "fetch", "--manifest-path", str(crate_dir / "Cargo.toml")],
             cwd=crate_dir, env=env, stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=timeout)
+            capture_output=True, text=True, check=False, timeout=timeout)
         ok = res.returncode == 0
         if not ok:
             lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
@@ -437,11 +437,11 @@ def _unreachable(reason: str) -> RuntimeError:
     )
 
 
-def _run_checked(cmd: List[str], what: str, cwd: Optional[Path] = None,
+def _run_checked(cmd: list[str], what: str, cwd: Path | None = None,
                  timeout: float = APT_TIMEOUT_S) -> None:
     try:
         res = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL,
-                             capture_output=True, text=True, timeout=timeout)
+                             capture_output=True, text=True, check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{what} did not finish within {timeout:.0f} s") from None
     if res.returncode != 0:
@@ -451,7 +451,7 @@ def _run_checked(cmd: List[str], what: str, cwd: Optional[Path] = None,
 
 def fetch_debian_crates(cache_dir: Path, crates: Sequence[str] = DEBIAN_CRATES,
                         log: Log = print,
-                        sources: Optional[Sequence[AptSource]] = None) -> Path:
+                        sources: Sequence[AptSource] | None = None) -> Path:
     """Download and unpack Debian's crate packages under ``cache_dir``.
 
     Returns the cargo registry directory (``cache_dir/root/usr/share/cargo/registry``).
@@ -538,7 +538,7 @@ def fetch_debian_crates(cache_dir: Path, crates: Sequence[str] = DEBIAN_CRATES,
 
 def ensure_sources(crate_dir: Path, cache_dir: Path, log: Log = print,
                    extra_crates: Sequence[str] = (),
-                   environ: Optional[Dict[str, str]] = None) -> str:
+                   environ: dict[str, str] | None = None) -> str:
     """Make sure cargo can get the crate's dependencies; returns "crates.io" or "debian".
 
     See the module docstring for the steps.  Raises ValueError for a bad
@@ -595,7 +595,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "sedac" / f"debian-{DEBIAN_SUITE}-crates"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Use crates.io when it is reachable; otherwise set up Debian's "
                     "packaged crates as an offline cargo source for CRATE_DIR.")
