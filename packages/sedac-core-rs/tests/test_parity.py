@@ -1,0 +1,190 @@
+"""Property tests: the Rust and numpy backends agree on generated inputs.
+
+Decisions (exit indices, counts) must be identical; continuous outputs equal
+within 1e-6 relative; bad input raises the same exception type and message.
+Inputs include 0 and 1 tokens, NaN and +/-inf, values exactly at a threshold,
+and extreme decay / weights / rates.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import sedac_core as sc
+from conftest import on_both
+
+F32 = np.float32
+SPECIAL = [0.0, -0.0, 1.0, 0.5, 1e-6, 1e30, -1e30, np.inf, -np.inf, np.nan]
+reals = st.floats(width=32, allow_nan=True, allow_infinity=True)
+tame = st.floats(min_value=-4, max_value=4, width=32)
+positive = st.floats(min_value=float(F32(1e-6)), max_value=1e6, width=32)
+rates = st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(0, 1, width=32))
+weights = st.one_of(st.sampled_from([0.0, 1.0, 1e30]), st.floats(0, 10, width=32))
+decays = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0, 1, width=32))
+
+
+def assert_same(results, exact=("exit_checkpoint",)):
+    rust, python = results["rust"], results["python"]
+    assert rust[0] == python[0], results
+    if rust[0] == "error":
+        assert rust[1:] == python[1:]
+        return
+    a, b = rust[1], python[1]
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _compare(a[key], b[key], key in exact)
+    else:
+        _compare(a, b, True)
+
+
+def _compare(a, b, exact):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if exact or a.dtype.kind in "iub":
+        np.testing.assert_array_equal(a, b)
+    else:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0, equal_nan=True)
+
+
+@st.composite
+def risk_case(draw, max_tokens=40):
+    c = draw(st.integers(1, 4))
+    thresholds = draw(st.lists(positive, min_size=c, max_size=c))
+    n = draw(st.sampled_from([0, 1, draw(st.integers(2, max_tokens))]))
+    # mix generic values, special values and values exactly at a threshold
+    element = st.one_of(tame, reals, st.sampled_from(SPECIAL), st.sampled_from(thresholds))
+    risk = draw(hnp.arrays(F32, (n, c), elements=element))
+    layers = [sc.LayerConfig(3 * i + 1, draw(rates), thresholds[i], draw(weights)) for i in range(c)]
+    return risk, layers
+
+
+def _decisions(layers, risk, **kw):
+    d = sc.CascadeController(layers, **kw).evaluate(risk)
+    return {"exit_checkpoint": d.exit_checkpoint, "confidence": d.confidence, "soft_ratio": d.soft_ratio}
+
+
+@given(risk_case(), decays, st.booleans(), st.sampled_from(["confidence", "threshold"]))
+def test_evaluate_agrees(case, decay, soft, rule):
+    risk, layers = case
+    assert_same(on_both(lambda: _decisions(layers, risk, confidence_decay=decay, soft_exit=soft, rule=rule)))
+
+
+def test_evaluate_agrees_on_the_parallel_path():
+    # more tokens than the Rust code handles on one thread
+    rng = np.random.default_rng(1)
+    risk = rng.gamma(1.5, 0.7, size=(70_001, 3)).astype(F32)
+    risk[::97, 1] = np.nan
+    layers = [sc.LayerConfig(7, 0.2, 0.8, 0.3), sc.LayerConfig(14, 0.6, 1.0, 0.4), sc.LayerConfig(21, 0.9, 1.2, 0.3)]
+    results = on_both(lambda: _decisions(layers, risk))
+    assert_same(results)
+    assert 0 < (results["rust"][1]["exit_checkpoint"] >= 0).mean() < 1
+
+
+@given(risk_case(), st.integers(0, 3), st.floats(float(F32(0.01)), 1, width=32), st.integers(1, 4))
+def test_observe_agrees(case, warmup, alpha, batches):
+    risk, layers = case
+
+    def run():
+        ctrl = sc.CascadeController(layers, alpha=float(alpha), calibration_steps=warmup)
+        moved = [ctrl.observe(risk) for _ in range(batches)]
+        return {"moved": np.array(moved), "thresholds": ctrl.thresholds, "steps": np.array(ctrl.steps)}
+
+    assert_same(on_both(run), exact=("moved", "thresholds", "steps"))
+
+
+@given(risk_case())
+def test_calibrate_agrees(case):
+    risk, layers = case
+    target = [l.target_exit_rate for l in layers]
+    assert_same(on_both(lambda: sc.calibrate_thresholds(risk, target)))
+
+
+@st.composite
+def similarity_case(draw):
+    layers = draw(st.integers(1, 12))
+    n = draw(st.sampled_from([0, 1, draw(st.integers(2, 40))]))
+    tau = draw(st.one_of(st.sampled_from([0.98, 1.0, 1.5, 0.0]), st.floats(float(F32(0.8)), 1.0, width=32)))
+    element = st.one_of(st.floats(float(F32(0.9)), 1.0, width=32), reals, st.just(F32(tau)))
+    sim = draw(hnp.arrays(F32, (n, layers), elements=element))
+    return sim, float(tau)
+
+
+@given(similarity_case(), st.integers(1, 4), st.integers(0, 14))
+def test_consecutive_exit_agrees(case, k, min_layer):
+    sim, tau = case
+    assert_same(on_both(lambda: sc.consecutive_exit(sim, tau, k, min_layer)))
+
+
+@given(similarity_case(), st.data())
+def test_replay_monitor_agrees(case, data):
+    sim, tau = case
+    n, layers = sim.shape
+    protect = data.draw(st.integers(0, 3))
+    safe = data.draw(st.one_of(st.none(), hnp.arrays(np.bool_, (n, layers))))
+    rules = [sc.MonitorRule(tau=data.draw(st.sampled_from([tau, 0.95, 0.99, 2.0])), k=data.draw(st.integers(1, 3)),
+                            min_layer=data.draw(st.integers(0, layers)), protect_last=protect,
+                            mode=data.draw(st.sampled_from(["cascade", "per_layer"])))
+             for _ in range(data.draw(st.integers(0, 5)))]
+    trace = sc.Trace.similarity(sim, safe=safe, protect_last=protect)
+    assert_same(on_both(lambda: sc.replay(trace, rules)), exact=("exits", "skipped_layers", "unsafe_exits"))
+
+
+@given(risk_case(), st.data())
+def test_replay_probe_agrees(case, data):
+    risk, layers = case
+    n, c = risk.shape
+    num_layers = layers[-1].layer_idx + data.draw(st.integers(1, 6))
+    protect = data.draw(st.integers(0, 3))
+    safe = data.draw(st.one_of(st.none(), hnp.arrays(np.bool_, (n, c))))
+    rules = []
+    for _ in range(data.draw(st.integers(0, 5))):
+        rule = data.draw(st.sampled_from(["confidence", "threshold"]))
+        rules.append(sc.ProbeRule(
+            thresholds=[l.initial_threshold * data.draw(st.sampled_from([0.5, 1.0, 2.0])) for l in layers],
+            rule=rule, exit_rates=[l.target_exit_rate for l in layers],
+            weights=[l.confidence_weight for l in layers], decay=float(data.draw(decays)), protect_last=protect))
+    trace = sc.Trace.risk(risk, [l.layer_idx for l in layers], num_layers, safe=safe, protect_last=protect)
+    assert_same(on_both(lambda: sc.replay(trace, rules)), exact=("exits", "skipped_layers", "unsafe_exits"))
+
+
+BAD_CALLS = {
+    "risk 1-D": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros(3, F32)),
+    "risk 3-D": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros((2, 1, 1), F32)),
+    "risk columns": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros((2, 2), F32)),
+    "risk strings": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).evaluate(np.array([["a"]])),
+    "observe columns": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).observe(np.zeros((2, 3), F32)),
+    "rate > 1": lambda: sc.LayerConfig(1, 1.5),
+    "rate NaN": lambda: sc.LayerConfig(1, float("nan")),
+    "threshold 0": lambda: sc.LayerConfig(1, 0.5, 0.0),
+    "threshold negative": lambda: sc.LayerConfig(1, 0.5, -1.0),
+    "weight negative": lambda: sc.LayerConfig(1, 0.5, 1.0, -0.1),
+    "layer_idx bool": lambda: sc.LayerConfig(True, 0.5),
+    "decay > 1": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)], confidence_decay=1.5),
+    "alpha 0": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)], alpha=0),
+    "rule": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)], rule="v6"),
+    "unordered layers": lambda: sc.CascadeController([sc.LayerConfig(5, 0.5), sc.LayerConfig(2, 0.5)]),
+    "no layers": lambda: sc.CascadeController([]),
+    "tau NaN": lambda: sc.consecutive_exit(np.zeros((1, 2), F32), float("nan"), 2),
+    "k 0": lambda: sc.consecutive_exit(np.zeros((1, 2), F32), 0.9, 0),
+    "min_layer negative": lambda: sc.consecutive_exit(np.zeros((1, 2), F32), 0.9, 1, -1),
+    "calibrate rates length": lambda: sc.calibrate_thresholds(np.zeros((2, 2), F32), [0.5]),
+    "calibrate all NaN": lambda: sc.calibrate_thresholds(np.full((2, 1), np.nan, F32), [0.5]),
+    "calibrate no tokens": lambda: sc.calibrate_thresholds(np.zeros((0, 1), F32), [0.5]),
+    "safe labels 2": lambda: sc.Trace.similarity(np.zeros((2, 2), F32), safe=np.full((2, 2), 2)),
+    "safe shape": lambda: sc.Trace.similarity(np.zeros((2, 2), F32), safe=np.ones((2, 3), bool)),
+    "replay mixed rules": lambda: sc.replay(sc.Trace.similarity(np.zeros((2, 2), F32)), [sc.ProbeRule([1.0])]),
+    "replay protect mismatch": lambda: sc.replay(
+        sc.Trace.similarity(np.zeros((2, 2), F32), safe=np.ones((2, 2), bool)), [sc.MonitorRule(0.9, protect_last=1)]),
+    "probe rule thresholds": lambda: sc.replay(
+        sc.Trace.risk(np.zeros((2, 2), F32), [1, 2], 4), [sc.ProbeRule([1.0])]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_bad_input_raises_the_same_error(name):
+    results = on_both(BAD_CALLS[name])
+    assert results["rust"][0] == "error", results
+    assert_same(results)
