@@ -1,0 +1,20 @@
+from importlib import metadata
+
+import sedac_vllm
+
+
+def test_public_api_is_pinned():
+    assert sorted(sedac_vllm.__all__) == ["__version__"]
+
+
+def test_version_comes_from_the_installed_distribution():
+    assert sedac_vllm.__version__ == metadata.version("sedac-vllm")
+
+
+def test_depends_on_a_compatible_sedac_core():
+    import sedac_core
+
+    requires = metadata.requires("sedac-vllm") or []
+    assert any(r.replace(" ", "").startswith("sedac-core>=0.1,<0.2") for r in requires), requires
+    major, minor = (int(p) for p in sedac_core.__version__.split(".")[:2])
+    assert (major, minor) == (0, 1)
