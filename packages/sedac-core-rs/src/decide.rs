@@ -68,6 +68,8 @@ impl<'a> Cascade<'a> {
     /// conf_i = (thr_i - risk_i) / thr_i;  C_i = C_{i-1} * decay + conf_i * w_i.
     /// A NaN risk never exits: it fails both comparisons, and under the
     /// confidence rule it makes C NaN for the remaining checkpoints.
+    // One index walks five parallel slices; an iterator zip would hide that.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     pub fn decide<F: FnMut(usize, f32)>(&self, risk: &[f32], mut sink: F) -> i32 {
         let mut acc = 0.0f32;
@@ -248,7 +250,11 @@ pub fn column_quantiles(risk: &[f32], rates: &[f32], out: &mut [f32]) -> Result<
     }
     out.par_iter_mut().enumerate().for_each(|(i, o)| {
         let mut scratch = Vec::new();
-        *o = quantile_finite(risk.iter().skip(i).step_by(c).copied(), rates[i], &mut scratch);
+        *o = quantile_finite(
+            risk.iter().skip(i).step_by(c).copied(),
+            rates[i],
+            &mut scratch,
+        );
     });
     Ok(())
 }
@@ -283,7 +289,10 @@ impl ThresholdState {
             ));
         }
         Ok(ThresholdState {
-            thresholds: thresholds.iter().map(|t| AtomicU32::new(t.to_bits())).collect(),
+            thresholds: thresholds
+                .iter()
+                .map(|t| AtomicU32::new(t.to_bits()))
+                .collect(),
             targets: targets.to_vec(),
             alpha,
             calibration_steps,
@@ -372,7 +381,13 @@ mod tests {
     use super::*;
 
     fn cascade<'a>(thr: &'a [f32], tgt: &'a [f32], w: &'a [f32], rule: Rule) -> Cascade<'a> {
-        Cascade { thresholds: thr, targets: tgt, weights: w, decay: 0.9, rule }
+        Cascade {
+            thresholds: thr,
+            targets: tgt,
+            weights: w,
+            decay: 0.9,
+            rule,
+        }
     }
 
     #[test]
@@ -416,7 +431,9 @@ mod tests {
     fn evaluate_parallel_equals_sequential() {
         let n = PAR_MIN_TOKENS * 2 + 17;
         let c = 3;
-        let risk: Vec<f32> = (0..n * c).map(|i| ((i * 7919) % 1000) as f32 / 500.0).collect();
+        let risk: Vec<f32> = (0..n * c)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0)
+            .collect();
         let (thr, tgt, w) = ([0.8f32, 1.0, 1.2], [0.2f32, 0.6, 0.9], [0.3f32, 0.4, 0.3]);
         let cas = cascade(&thr, &tgt, &w, Rule::Confidence);
         let (mut e, mut cf, mut s) = (vec![0; n], vec![0.0; n * c], vec![0.0; n * c]);
@@ -479,7 +496,9 @@ mod tests {
 
     #[test]
     fn threshold_state_is_safe_across_threads() {
-        let st = std::sync::Arc::new(ThresholdState::new(&[1.0, 1.0], &[0.5, 0.5], 0.1, 0, true).unwrap());
+        let st = std::sync::Arc::new(
+            ThresholdState::new(&[1.0, 1.0], &[0.5, 0.5], 0.1, 0, true).unwrap(),
+        );
         let risk: Vec<f32> = (0..2000).map(|i| (i % 100) as f32 / 50.0).collect();
         let handles: Vec<_> = (0..4)
             .map(|_| {

@@ -5,14 +5,27 @@
 //! Python wrapper (shared by both backends); the checks here only guarantee that
 //! no buffer is read or written out of bounds.
 
+// pyo3 0.22's #[pyfunction]/#[pymethods] expansions trip this lint on every
+// PyResult return with clippy >= 1.80 (fixed in later pyo3 releases).
+#![allow(clippy::useless_conversion)]
+
 use crate::decide::{self, Cascade, Rule};
 use crate::replay::{self, Counts, MonitorConfig, ProbeConfig};
 use pyo3::buffer::{Element, PyBuffer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-fn buffer<T: Element>(obj: &Bound<'_, PyAny>, name: &str, dtype: &str, ndim: usize) -> PyResult<PyBuffer<T>> {
-    let wrong = || PyTypeError::new_err(format!("{name}: expected a C-contiguous {ndim}-D {dtype} array"));
+fn buffer<T: Element>(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    dtype: &str,
+    ndim: usize,
+) -> PyResult<PyBuffer<T>> {
+    let wrong = || {
+        PyTypeError::new_err(format!(
+            "{name}: expected a C-contiguous {ndim}-D {dtype} array"
+        ))
+    };
     let buf = PyBuffer::<T>::get_bound(obj).map_err(|_| wrong())?;
     if !buf.is_c_contiguous() || buf.dimensions() != ndim {
         return Err(wrong());
@@ -20,10 +33,17 @@ fn buffer<T: Element>(obj: &Bound<'_, PyAny>, name: &str, dtype: &str, ndim: usi
     Ok(buf)
 }
 
-fn output<T: Element>(obj: &Bound<'_, PyAny>, name: &str, dtype: &str, ndim: usize) -> PyResult<PyBuffer<T>> {
+fn output<T: Element>(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    dtype: &str,
+    ndim: usize,
+) -> PyResult<PyBuffer<T>> {
     let buf = buffer::<T>(obj, name, dtype, ndim)?;
     if buf.readonly() {
-        return Err(PyValueError::new_err(format!("{name}: output array is read-only")));
+        return Err(PyValueError::new_err(format!(
+            "{name}: output array is read-only"
+        )));
     }
     Ok(buf)
 }
@@ -58,7 +78,9 @@ fn disjoint(outputs: &[(usize, usize)], inputs: &[(usize, usize)]) -> PyResult<(
     let overlap = |a: &(usize, usize), b: &(usize, usize)| a.0 < b.1 && b.0 < a.1;
     for (i, o) in outputs.iter().enumerate() {
         if outputs[i + 1..].iter().chain(inputs).any(|x| overlap(o, x)) {
-            return Err(PyValueError::new_err("output arrays must not share memory with other arguments"));
+            return Err(PyValueError::new_err(
+                "output arrays must not share memory with other arguments",
+            ));
         }
     }
     Ok(())
@@ -98,7 +120,10 @@ fn evaluate(
     let e = output::<i32>(out_exit, "out_exit", "int32", 1)?;
     let c = output::<f32>(out_conf, "out_conf", "float32", 2)?;
     let s = output::<f32>(out_soft, "out_soft", "float32", 2)?;
-    disjoint(&[span(&e), span(&c), span(&s)], &[span(&risk), span(&thr), span(&tgt), span(&w)])?;
+    disjoint(
+        &[span(&e), span(&c), span(&s)],
+        &[span(&risk), span(&thr), span(&tgt), span(&w)],
+    )?;
     let rule = rule(rule_code)?;
     py.allow_threads(|| {
         // SAFETY: buffers are held for the whole call and checked disjoint.
@@ -109,9 +134,14 @@ fn evaluate(
             decay,
             rule,
         };
-        decide::evaluate(&cascade, unsafe { view(&risk) }, soft, unsafe { view_mut(&e) }, unsafe { view_mut(&c) }, unsafe {
-            view_mut(&s)
-        })
+        decide::evaluate(
+            &cascade,
+            unsafe { view(&risk) },
+            soft,
+            unsafe { view_mut(&e) },
+            unsafe { view_mut(&c) },
+            unsafe { view_mut(&s) },
+        )
     })
     .map_err(shape_error)
 }
@@ -132,23 +162,36 @@ fn consecutive_exit(
     let (k, min_layer) = (to_usize(k, "k")?, to_usize(min_layer, "min_layer")?);
     py.allow_threads(|| {
         // SAFETY: as in `evaluate`.
-        decide::consecutive_exit(unsafe { view(&sim) }, layers, tau, k, min_layer, unsafe { view_mut(&o) })
+        decide::consecutive_exit(unsafe { view(&sim) }, layers, tau, k, min_layer, unsafe {
+            view_mut(&o)
+        })
     })
     .map_err(shape_error)
 }
 
 #[pyfunction]
-fn quantiles(py: Python<'_>, risk: &Bound<'_, PyAny>, rates: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+fn quantiles(
+    py: Python<'_>,
+    risk: &Bound<'_, PyAny>,
+    rates: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
     let risk = buffer::<f32>(risk, "risk", "float32", 2)?;
     let rates = buffer::<f32>(rates, "rates", "float32", 1)?;
     let o = output::<f32>(out, "out", "float32", 1)?;
     disjoint(&[span(&o)], &[span(&risk), span(&rates)])?;
     if risk.shape()[1] != rates.item_count() {
-        return Err(shape_error(format!("quantiles: {} columns but {} rates", risk.shape()[1], rates.item_count())));
+        return Err(shape_error(format!(
+            "quantiles: {} columns but {} rates",
+            risk.shape()[1],
+            rates.item_count()
+        )));
     }
     py.allow_threads(|| {
         // SAFETY: as in `evaluate`.
-        decide::column_quantiles(unsafe { view(&risk) }, unsafe { view(&rates) }, unsafe { view_mut(&o) })
+        decide::column_quantiles(unsafe { view(&risk) }, unsafe { view(&rates) }, unsafe {
+            view_mut(&o)
+        })
     })
     .map_err(shape_error)
 }
@@ -160,7 +203,12 @@ struct CountsOut {
 }
 
 impl CountsOut {
-    fn new(e: &Bound<'_, PyAny>, s: &Bound<'_, PyAny>, u: &Bound<'_, PyAny>, configs: usize) -> PyResult<Self> {
+    fn new(
+        e: &Bound<'_, PyAny>,
+        s: &Bound<'_, PyAny>,
+        u: &Bound<'_, PyAny>,
+        configs: usize,
+    ) -> PyResult<Self> {
         let out = CountsOut {
             exits: output::<i64>(e, "out_exits", "int64", 1)?,
             skipped: output::<i64>(s, "out_skipped", "int64", 1)?,
@@ -168,19 +216,32 @@ impl CountsOut {
         };
         for b in [&out.exits, &out.skipped, &out.unsafe_exits] {
             if b.item_count() != configs {
-                return Err(shape_error(format!("replay: output of {} values for {configs} configs", b.item_count())));
+                return Err(shape_error(format!(
+                    "replay: output of {} values for {configs} configs",
+                    b.item_count()
+                )));
             }
         }
         Ok(out)
     }
 
     fn spans(&self) -> [(usize, usize); 3] {
-        [span(&self.exits), span(&self.skipped), span(&self.unsafe_exits)]
+        [
+            span(&self.exits),
+            span(&self.skipped),
+            span(&self.unsafe_exits),
+        ]
     }
 
     fn write(&self, counts: &[Counts]) {
         // SAFETY: sizes checked in `new`; outputs checked disjoint by the caller.
-        let (e, s, u) = unsafe { (view_mut(&self.exits), view_mut(&self.skipped), view_mut(&self.unsafe_exits)) };
+        let (e, s, u) = unsafe {
+            (
+                view_mut(&self.exits),
+                view_mut(&self.skipped),
+                view_mut(&self.unsafe_exits),
+            )
+        };
         for (i, c) in counts.iter().enumerate() {
             e[i] = c.exits;
             s[i] = c.skipped_layers;
@@ -190,7 +251,9 @@ impl CountsOut {
 }
 
 fn safe_labels(safe: &Option<Bound<'_, PyAny>>) -> PyResult<Option<PyBuffer<u8>>> {
-    safe.as_ref().map(|s| buffer::<u8>(s, "safe", "uint8", 2)).transpose()
+    safe.as_ref()
+        .map(|s| buffer::<u8>(s, "safe", "uint8", 2))
+        .transpose()
 }
 
 #[pyfunction]
@@ -217,8 +280,13 @@ fn replay_monitor(
     let protect = buffer::<i64>(protect_last, "protect_last", "int64", 1)?.to_vec(py)?;
     let per_layer = buffer::<u8>(per_layer, "per_layer", "uint8", 1)?.to_vec(py)?;
     let m = tau.len();
-    if [k.len(), min_layer.len(), protect.len(), per_layer.len()].iter().any(|&l| l != m) {
-        return Err(shape_error("replay: config arrays differ in length".to_string()));
+    if [k.len(), min_layer.len(), protect.len(), per_layer.len()]
+        .iter()
+        .any(|&l| l != m)
+    {
+        return Err(shape_error(
+            "replay: config arrays differ in length".to_string(),
+        ));
     }
     let configs = (0..m)
         .map(|i| {
@@ -282,8 +350,14 @@ fn replay_probe(
     let protect = buffer::<i64>(protect_last, "protect_last", "int64", 1)?.to_vec(py)?;
     let c = layer_of.len();
     let m = decay.len();
-    if c == 0 || [thr.len(), tgt.len(), w.len()].iter().any(|&l| l != m * c) || rules.len() != m || protect.len() != m {
-        return Err(shape_error("replay: config arrays differ in length".to_string()));
+    if c == 0
+        || [thr.len(), tgt.len(), w.len()].iter().any(|&l| l != m * c)
+        || rules.len() != m
+        || protect.len() != m
+    {
+        return Err(shape_error(
+            "replay: config arrays differ in length".to_string(),
+        ));
     }
     let mut configs = Vec::with_capacity(m);
     for i in 0..m {
@@ -303,13 +377,22 @@ fn replay_probe(
     inputs.extend(safe.as_ref().map(span));
     disjoint(&out.spans(), &inputs)?;
     if risk.shape()[1] != c {
-        return Err(shape_error(format!("replay: risk has {} columns, {c} checkpoint layers given", risk.shape()[1])));
+        return Err(shape_error(format!(
+            "replay: risk has {} columns, {c} checkpoint layers given",
+            risk.shape()[1]
+        )));
     }
     let counts = py
         .allow_threads(|| {
             // SAFETY: as in `evaluate`.
             let safe = safe.as_ref().map(|s| unsafe { view(s) });
-            replay::replay_probe(unsafe { view(&risk) }, &layer_of, num_layers, safe, &configs)
+            replay::replay_probe(
+                unsafe { view(&risk) },
+                &layer_of,
+                num_layers,
+                safe,
+                &configs,
+            )
         })
         .map_err(shape_error)?;
     out.write(&counts);
@@ -324,7 +407,13 @@ struct ThresholdState(decide::ThresholdState);
 #[pymethods]
 impl ThresholdState {
     #[new]
-    fn new(thresholds: Vec<f32>, targets: Vec<f32>, alpha: f32, calibration_steps: u64, adaptive: bool) -> PyResult<Self> {
+    fn new(
+        thresholds: Vec<f32>,
+        targets: Vec<f32>,
+        alpha: f32,
+        calibration_steps: u64,
+        adaptive: bool,
+    ) -> PyResult<Self> {
         decide::ThresholdState::new(&thresholds, &targets, alpha, calibration_steps, adaptive)
             .map(ThresholdState)
             .map_err(shape_error)

@@ -187,7 +187,11 @@ pub fn replay_probe(
                 if e >= 0 {
                     let e = e as usize;
                     let label = safe.map(|s| s[t * c + e]);
-                    record(out, skipped_after(layer_of[e], num_layers, cfg.protect_last), label);
+                    record(
+                        out,
+                        skipped_after(layer_of[e], num_layers, cfg.protect_last),
+                        label,
+                    );
                 }
             }
         }
@@ -204,32 +208,76 @@ mod tests {
         // 2 tokens x 4 layers
         let sim = [0.99, 0.99, 0.1, 0.1, /* */ 0.1, 0.99, 0.99, 0.99];
         let safe = [1, 0, 1, 1, /* */ 1, 1, 0, 1];
-        let cfg = MonitorConfig { tau: 0.98, k: 2, min_layer: 0, protect_last: 0, per_layer: false };
+        let cfg = MonitorConfig {
+            tau: 0.98,
+            k: 2,
+            min_layer: 0,
+            protect_last: 0,
+            per_layer: false,
+        };
         let out = replay_monitor(&sim, 4, Some(&safe), &[cfg]).unwrap();
         // token 0 exits after layer 1: skips layers 2,3 (unsafe label at 1)
         // token 1 exits after layer 2: skips layer 3 (unsafe label at 2)
-        assert_eq!(out[0], Counts { exits: 2, skipped_layers: 3, unsafe_exits: 2 });
+        assert_eq!(
+            out[0],
+            Counts {
+                exits: 2,
+                skipped_layers: 3,
+                unsafe_exits: 2
+            }
+        );
         // protecting the last layer: token 1 skips nothing and does not count
-        let cfg = MonitorConfig { protect_last: 1, ..cfg };
+        let cfg = MonitorConfig {
+            protect_last: 1,
+            ..cfg
+        };
         let out = replay_monitor(&sim, 4, Some(&safe), &[cfg]).unwrap();
-        assert_eq!(out[0], Counts { exits: 1, skipped_layers: 1, unsafe_exits: 1 });
+        assert_eq!(
+            out[0],
+            Counts {
+                exits: 1,
+                skipped_layers: 1,
+                unsafe_exits: 1
+            }
+        );
     }
 
     #[test]
     fn monitor_per_layer_counts() {
         let sim = [0.99, 0.99, 0.1, 0.99, 0.99, 0.99];
-        let cfg = MonitorConfig { tau: 0.98, k: 1, min_layer: 0, protect_last: 0, per_layer: true };
+        let cfg = MonitorConfig {
+            tau: 0.98,
+            k: 1,
+            min_layer: 0,
+            protect_last: 0,
+            per_layer: true,
+        };
         // skip j when S_{j-1} >= tau: j = 1, 2, 4, 5
         let out = replay_monitor(&sim, 6, None, &[cfg]).unwrap();
-        assert_eq!(out[0], Counts { exits: 1, skipped_layers: 4, unsafe_exits: 0 });
+        assert_eq!(
+            out[0],
+            Counts {
+                exits: 1,
+                skipped_layers: 4,
+                unsafe_exits: 0
+            }
+        );
     }
 
     #[test]
     fn many_chunks_sum_exactly() {
         let layers = 5;
         let tokens = CHUNK_TOKENS * 3 + 11;
-        let sim: Vec<f32> = (0..tokens * layers).map(|i| ((i * 31) % 100) as f32 / 100.0).collect();
-        let cfg = MonitorConfig { tau: 0.5, k: 2, min_layer: 1, protect_last: 1, per_layer: false };
+        let sim: Vec<f32> = (0..tokens * layers)
+            .map(|i| ((i * 31) % 100) as f32 / 100.0)
+            .collect();
+        let cfg = MonitorConfig {
+            tau: 0.5,
+            k: 2,
+            min_layer: 1,
+            protect_last: 1,
+            per_layer: false,
+        };
         let got = replay_monitor(&sim, layers, None, &[cfg]).unwrap()[0];
         let mut want = Counts::default();
         for t in 0..tokens {
@@ -246,11 +294,27 @@ mod tests {
         let risk = [0.5, 2.0, 2.0, /* */ 2.0, 2.0, 0.1];
         let safe = [0, 1, 1, /* */ 1, 1, 1];
         let (thr, tgt, w) = ([1.0f32; 3], [0.5f32; 3], [1.0f32; 3]);
-        let cascade = Cascade { thresholds: &thr, targets: &tgt, weights: &w, decay: 0.9, rule: Rule::Threshold };
-        let cfg = ProbeConfig { cascade, protect_last: 0 };
+        let cascade = Cascade {
+            thresholds: &thr,
+            targets: &tgt,
+            weights: &w,
+            decay: 0.9,
+            rule: Rule::Threshold,
+        };
+        let cfg = ProbeConfig {
+            cascade,
+            protect_last: 0,
+        };
         let out = replay_probe(&risk, &[1, 3, 5], 8, Some(&safe), &[cfg]).unwrap();
         // token 0 exits after layer 1 (skips 6, unsafe); token 1 after layer 5 (skips 2)
-        assert_eq!(out[0], Counts { exits: 2, skipped_layers: 8, unsafe_exits: 1 });
+        assert_eq!(
+            out[0],
+            Counts {
+                exits: 2,
+                skipped_layers: 8,
+                unsafe_exits: 1
+            }
+        );
         assert!(replay_probe(&risk, &[1, 3], 8, None, &[cfg]).is_err());
     }
 }

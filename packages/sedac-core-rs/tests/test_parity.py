@@ -8,12 +8,12 @@ and extreme decay / weights / rates.
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from conftest import on_both
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import sedac_core as sc
-from conftest import on_both
 
 F32 = np.float32
 SPECIAL = [0.0, -0.0, 1.0, 0.5, 1e-6, 1e30, -1e30, np.inf, -np.inf, np.nan]

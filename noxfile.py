@@ -1,0 +1,126 @@
+"""SEDAC's task runner. ``nox -l`` lists the sessions; ``nox -s tests`` is what CI runs.
+
+The Rust extension is built once per source state (wheels are cached under
+``.nox/_wheels/<hash of the crate's sources>``) and reused by every session.
+When crates.io cannot be reached, ``packages/sedac-core-rs/tools/cargo_sources.py``
+points cargo at Debian's packaged crates (see that file); a machine with
+crates.io builds untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+CORE = ROOT / "packages" / "sedac-core-rs"
+# install order follows the dependency graph (DESIGN.md)
+PY_PACKAGES = ["sedac-probes", "sedac-monitor", "sedac-vllm", "sedac-bench"]
+WHEELS = ROOT / ".nox" / "_wheels"
+TEST_DEPS = ["pytest>=7", "hypothesis>=6.80"]
+
+nox.options.sessions = ["tests"]
+nox.options.error_on_missing_interpreters = True
+
+
+def _core_digest() -> str:
+    files = [CORE / "Cargo.toml", CORE / "pyproject.toml", CORE / "README.md"]
+    files += sorted(CORE.glob("src/**/*.rs")) + sorted(p for p in CORE.glob("python/**/*") if p.is_file())
+    h = hashlib.sha256()
+    for path in files:
+        if "__pycache__" in path.parts:
+            continue
+        h.update(str(path.relative_to(CORE)).encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(sys.version.encode())
+    return h.hexdigest()[:16]
+
+
+def _cargo_sources(session: nox.Session) -> str:
+    """Make sure cargo can resolve crates (crates.io, or Debian's crates offline)."""
+    out = session.run("python", str(CORE / "tools" / "cargo_sources.py"), str(CORE), silent=True)
+    print(out, end="")
+    return "debian" if "source = debian" in (out or "") else "crates.io"
+
+
+def _forget_lockfile(source: str) -> None:
+    # A Cargo.lock resolved against Debian's crates has checksums that crates.io
+    # would reject later; it is never committed and must not linger.
+    if source == "debian":
+        (CORE / "Cargo.lock").unlink(missing_ok=True)
+
+
+def _core_wheel(session: nox.Session) -> Path:
+    """Build (or reuse) the sedac-core wheel for the current sources."""
+    target = WHEELS / _core_digest()
+    wheels = sorted(target.glob("sedac_core-*.whl"))
+    if wheels:
+        session.log(f"reusing {wheels[-1].relative_to(ROOT)}")
+        return wheels[-1]
+    source = _cargo_sources(session)
+    session.install("maturin>=1.5,<2")
+    try:
+        with session.chdir(CORE):  # cargo reads .cargo/config.toml from its working directory
+            session.run("maturin", "build", "--release", "--out", str(target))
+    finally:
+        _forget_lockfile(source)
+    return sorted(target.glob("sedac_core-*.whl"))[-1]
+
+
+def _install_core(session: nox.Session) -> None:
+    session.install(str(_core_wheel(session)))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Build sedac-core, run cargo test, install every package from its folder and run all pytest suites."""
+    source = _cargo_sources(session)
+    try:
+        with session.chdir(CORE):
+            session.run("cargo", "test", "--quiet", external=True)
+    finally:
+        _forget_lockfile(source)
+    _install_core(session)
+    session.install(*TEST_DEPS)
+    for name in PY_PACKAGES:
+        session.install(str(ROOT / "packages" / name))
+    # sedac-core: every test runs on both backends through one fixture, and the
+    # parity suite compares them; requiring the Rust backend here makes a missing
+    # extension fail the run instead of falling back.
+    session.run("pytest", "-v", "--no-header", str(CORE / "tests"), *session.posargs,
+                env={"SEDAC_CORE_BACKEND": "rust"})
+    for name in PY_PACKAGES:
+        session.run("pytest", "-q", str(ROOT / "packages" / name / "tests"), *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on all Python, rustfmt and clippy (warnings are errors) on the crate."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", str(ROOT))
+    source = _cargo_sources(session)
+    try:
+        with session.chdir(CORE):
+            session.run("cargo", "fmt", "--check", external=True)
+            session.run("cargo", "clippy", "--quiet", "--all-targets", "--features", "python", "--",
+                        "-D", "warnings", external=True)
+    finally:
+        _forget_lockfile(source)
+
+
+@nox.session
+def bench_core(session: nox.Session) -> None:
+    """Rust vs numpy: evaluate and replay throughput on 1M tokens, with 1 and 2 threads."""
+    _install_core(session)
+    session.run("python", str(CORE / "bench" / "bench_core.py"), *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: calibrate and replay exit rules with sedac-core on synthetic traces, print the table."""
+    _install_core(session)
+    session.run("python", str(CORE / "bench" / "demo.py"), *session.posargs,
+                env={"SEDAC_CORE_BACKEND": os.environ.get("SEDAC_CORE_BACKEND", "auto")})
