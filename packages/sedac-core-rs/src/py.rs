@@ -256,6 +256,32 @@ fn safe_labels(safe: &Option<Bound<'_, PyAny>>) -> PyResult<Option<PyBuffer<u8>>
         .transpose()
 }
 
+/// The common tail of both replay bindings: check that the outputs alias no
+/// input, run `replay` without the GIL over the trace, write the counts.
+fn run_replay<F>(
+    py: Python<'_>,
+    signal: &PyBuffer<f32>,
+    safe: &Option<PyBuffer<u8>>,
+    out: &CountsOut,
+    replay: F,
+) -> PyResult<()>
+where
+    F: FnOnce(&[f32], Option<&[u8]>) -> Result<Vec<Counts>, String> + Send,
+{
+    let mut inputs = vec![span(signal)];
+    inputs.extend(safe.as_ref().map(span));
+    disjoint(&out.spans(), &inputs)?;
+    let counts = py
+        .allow_threads(|| {
+            // SAFETY: buffers are held for the whole call and checked disjoint.
+            let safe = safe.as_ref().map(|s| unsafe { view(s) });
+            replay(unsafe { view(signal) }, safe)
+        })
+        .map_err(shape_error)?;
+    out.write(&counts);
+    Ok(())
+}
+
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (similarity, safe, tau, k, min_layer, protect_last, per_layer, out_exits, out_skipped, out_unsafe))]
@@ -299,20 +325,11 @@ fn replay_monitor(
             })
         })
         .collect::<PyResult<Vec<_>>>()?;
-    let out = CountsOut::new(out_exits, out_skipped, out_unsafe, m)?;
-    let mut inputs = vec![span(&sim)];
-    inputs.extend(safe.as_ref().map(span));
-    disjoint(&out.spans(), &inputs)?;
     let layers = sim.shape()[1];
-    let counts = py
-        .allow_threads(|| {
-            // SAFETY: as in `evaluate`.
-            let safe = safe.as_ref().map(|s| unsafe { view(s) });
-            replay::replay_monitor(unsafe { view(&sim) }, layers, safe, &configs)
-        })
-        .map_err(shape_error)?;
-    out.write(&counts);
-    Ok(())
+    let out = CountsOut::new(out_exits, out_skipped, out_unsafe, m)?;
+    run_replay(py, &sim, &safe, &out, |sim, safe| {
+        replay::replay_monitor(sim, layers, safe, &configs)
+    })
 }
 
 #[pyfunction]
@@ -372,31 +389,16 @@ fn replay_probe(
             protect_last: to_usize(protect[i], "protect_last")?,
         });
     }
-    let out = CountsOut::new(out_exits, out_skipped, out_unsafe, m)?;
-    let mut inputs = vec![span(&risk)];
-    inputs.extend(safe.as_ref().map(span));
-    disjoint(&out.spans(), &inputs)?;
     if risk.shape()[1] != c {
         return Err(shape_error(format!(
             "replay: risk has {} columns, {c} checkpoint layers given",
             risk.shape()[1]
         )));
     }
-    let counts = py
-        .allow_threads(|| {
-            // SAFETY: as in `evaluate`.
-            let safe = safe.as_ref().map(|s| unsafe { view(s) });
-            replay::replay_probe(
-                unsafe { view(&risk) },
-                &layer_of,
-                num_layers,
-                safe,
-                &configs,
-            )
-        })
-        .map_err(shape_error)?;
-    out.write(&counts);
-    Ok(())
+    let out = CountsOut::new(out_exits, out_skipped, out_unsafe, m)?;
+    run_replay(py, &risk, &safe, &out, |risk, safe| {
+        replay::replay_probe(risk, &layer_of, num_layers, safe, &configs)
+    })
 }
 
 /// Adaptive cascade thresholds held in atomics: `observe` and `thresholds`

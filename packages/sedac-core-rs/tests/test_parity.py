@@ -188,3 +188,20 @@ def test_bad_input_raises_the_same_error(name):
     results = on_both(BAD_CALLS[name])
     assert results["rust"][0] == "error", results
     assert_same(results)
+
+
+@given(st.lists(st.integers(0, 4), min_size=0, max_size=3),
+       st.sampled_from(["float32", "float64", "int32", "bool", "complex64", "U1"]), st.integers(1, 3), st.booleans())
+def test_generated_shapes_and_dtypes_behave_the_same(shape, dtype, checkpoints, strided):
+    arr = np.zeros(tuple(shape), dtype=dtype)
+    if strided and arr.ndim == 2 and arr.shape[1] > 1:
+        arr = arr[:, ::2]
+    layers = [sc.LayerConfig(i + 1, 0.5) for i in range(checkpoints)]
+    for call in (
+        lambda: sc.CascadeController(layers).evaluate(arr).exit_checkpoint,
+        lambda: sc.CascadeController(layers, calibration_steps=0).observe(arr),
+        lambda: sc.consecutive_exit(arr, 0.9, 2),
+        lambda: sc.calibrate_thresholds(arr, [0.5] * checkpoints),
+        lambda: sc.replay(sc.Trace.risk(arr, [l.layer_idx for l in layers], 8), [sc.ProbeRule([1.0] * checkpoints)]),
+    ):
+        assert_same(on_both(call), exact=("exits", "skipped_layers", "unsafe_exits"))
