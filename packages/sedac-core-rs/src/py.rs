@@ -27,7 +27,11 @@ fn buffer<T: Element>(
         ))
     };
     let buf = PyBuffer::<T>::get_bound(obj).map_err(|_| wrong())?;
-    if !buf.is_c_contiguous() || buf.dimensions() != ndim {
+    // pyo3 accepts explicit byte orders ('>f', '!f'); only native order is read correctly.
+    let fmt = buf.format().to_bytes();
+    let foreign = matches!(fmt.first(), Some(b'>') | Some(b'!')) && cfg!(target_endian = "little")
+        || matches!(fmt.first(), Some(b'<')) && cfg!(target_endian = "big");
+    if foreign || !buf.is_c_contiguous() || buf.dimensions() != ndim {
         return Err(wrong());
     }
     Ok(buf)

@@ -188,3 +188,28 @@ def test_evaluate_errors_name_the_array(backend):
         ctrl.evaluate(np.zeros(3, F32))
     with pytest.raises(TypeError, match="risk must be a real-valued array, got dtype bool"):
         ctrl.evaluate(np.zeros((1, 3), bool))
+
+
+def test_review_edge_inputs_are_read_or_rejected_consistently(backend):
+    raw = np.ndarray((3, 2), np.float32, buffer=bytearray(25), offset=1)  # misaligned
+    assert not raw.flags.aligned
+    np.testing.assert_array_equal(sc.consecutive_exit(raw, 0.5, 1), [-1, -1, -1])
+    big = np.array([[0.5, 9, 9]], ">f4")  # big-endian: converted, not misread
+    assert sc.CascadeController(SEED_LAYERS, rule="threshold").evaluate(big).exit_checkpoint[0] == 0
+    with pytest.raises(ValueError, match="k must be < 2\\*\\*62"):
+        sc.consecutive_exit(raw, 0.5, 2**64)
+    with pytest.raises(ValueError, match="initial_threshold must be representable as float32"):
+        sc.LayerConfig(1, 0.5, 1e-50)
+    with pytest.raises(ValueError, match="initial_threshold must be representable as float32"):
+        sc.LayerConfig(1, 0.5, 1e300)
+    bad = sc.Trace(np.zeros((2, 2)), "risk", (-5, 1), 4, None, 0)
+    with pytest.raises(ValueError, match="layers\\[0\\] must be >= 0"):
+        sc.replay(bad, [sc.ProbeRule((1.0, 1.0))])
+
+
+def test_native_rejects_foreign_byte_order():
+    from sedac_core import _native
+
+    out = np.empty(2, np.float32)
+    with pytest.raises(TypeError, match="expected a C-contiguous 2-D float32 array"):
+        _native.quantiles(np.array([[1, 1], [2, 3]], ">f4"), np.array([0.5, 0.5], np.float32), out)

@@ -46,6 +46,9 @@ def _real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
     v = float(value)
     if math.isnan(v) or math.isinf(v):
         raise ValueError(f"{name} must be finite, got {v!r}")
+    f32 = float(np.float32(v)) if abs(v) < 3.4e38 else math.inf
+    if math.isinf(f32) or (v != 0 and f32 == 0 and lo_open):
+        raise ValueError(f"{name} must be representable as float32, got {v!r}")
     below = v <= lo if lo_open else v < lo
     above = v >= hi if hi_open else v > hi
     if below or above:
@@ -60,6 +63,8 @@ def _int(name: str, value: Any, lo: int = 0) -> int:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")
+    if value >= 2**62:
+        raise ValueError(f"{name} must be < 2**62, got {value}")
     return int(value)
 
 
@@ -86,7 +91,7 @@ def _matrix(name: str, value: Any, shape_doc: str, columns: Optional[int] = None
     if columns is not None and arr.shape[1] != columns:
         raise ValueError(f"{name} has {arr.shape[1]} columns but {columns} {column_doc} are configured")
     with np.errstate(over="ignore"):
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return np.require(arr, dtype=np.float32, requirements=("C", "A"))
 
 
 def _vector(name: str, values: Any, length: int, lo: float = -math.inf, hi: float = math.inf,
@@ -107,7 +112,7 @@ def _labels(name: str, value: Any, shape: Tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"{name} has shape {arr.shape} but the signal has shape {shape}")
     if arr.dtype.kind != "b" and arr.size and not np.isin(arr, (0, 1)).all():
         raise ValueError(f"{name} must contain only 0 and 1")
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    return np.require(arr, dtype=np.uint8, requirements=("C", "A"))
 
 
 # ---------------------------------------------------------------------------
@@ -471,6 +476,12 @@ def replay(trace: Trace, configs: Sequence[Union[MonitorRule, ProbeRule]]) -> Re
         raise TypeError(f"trace must be a Trace, got {type(trace).__name__}")
     if isinstance(configs, (MonitorRule, ProbeRule)) or not isinstance(configs, Iterable):
         raise TypeError("configs must be a sequence of MonitorRule or ProbeRule")
+    if trace.kind == "similarity":
+        trace = Trace.similarity(trace.signal, trace.safe, trace.protect_last)
+    elif trace.kind == "risk":
+        trace = Trace.risk(trace.signal, trace.layers, trace.num_layers, trace.safe, trace.protect_last)
+    else:
+        raise ValueError(f"trace.kind must be 'similarity' or 'risk', got {trace.kind!r}")
     configs = list(configs)
     wanted = MonitorRule if trace.kind == "similarity" else ProbeRule
     for i, cfg in enumerate(configs):
