@@ -46,7 +46,8 @@ def _real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
     v = float(value)
     if math.isnan(v) or math.isinf(v):
         raise ValueError(f"{name} must be finite, got {v!r}")
-    f32 = float(np.float32(v)) if abs(v) < 3.4e38 else math.inf
+    with np.errstate(over="ignore"):
+        f32 = float(np.float32(v))  # what the kernels will see
     if math.isinf(f32) or (v != 0 and f32 == 0 and lo_open):
         raise ValueError(f"{name} must be representable as float32, got {v!r}")
     below = v <= lo if lo_open else v < lo
