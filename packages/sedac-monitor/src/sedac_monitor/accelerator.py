@@ -1,0 +1,142 @@
+"""``create_universal_accelerator``: V7 exits for a Hugging Face causal LM, as a context manager."""
+
+from __future__ import annotations
+
+import json
+import numbers
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import sedac_core
+
+from .decide import MonitorDecider
+from .engine import HFAttachment, SkipRuntime
+from .layouts import find_layout
+
+MODES = ("cascade", "per_layer")
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: Optional[int] = None, hi_doc: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]{hi_doc}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def monitor_rule(num_layers: int, tau: Any, consecutive_k: Any, min_layer: Any, protect_last: Any,
+                 mode: Any) -> sedac_core.MonitorRule:
+    """Validate the V7 arguments against a model of ``num_layers`` layers; errors name the argument."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or tau != tau or abs(float(tau)) == float("inf"):
+        raise ValueError(f"tau must be a finite number (similarity threshold in [0, 1]; > 1 disables exits), got {tau!r}")
+    k = _int_arg("consecutive_k", consecutive_k, 1, num_layers, f" (the model has {num_layers} layers)")
+    lo = _int_arg("min_layer", min_layer, 0, num_layers - 1, f" (the model has {num_layers} layers)")
+    pl = _int_arg("protect_last", protect_last, 0, num_layers, f" (the model has {num_layers} layers)")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    return sedac_core.MonitorRule(float(tau), k, lo, pl, mode)
+
+
+class UniversalAccelerator:
+    """Skips MLP work per token in an HF causal LM while the context is active.
+
+    Inside ``with accelerator:`` every forward (batched, padded, ``generate()``
+    with a KV cache) computes each layer's MLP only for the tokens that have
+    not exited; attention always runs. Leaving the context removes every hook
+    and class swap, so the model is exactly as before. ``stats`` accumulates
+    over all forwards since creation (or :meth:`reset_stats`).
+    """
+
+    def __init__(self, model: Any, rule: sedac_core.MonitorRule) -> None:
+        self.layout = find_layout(model)
+        self.rule = rule
+        self.runtime = SkipRuntime(MonitorDecider(rule, self.layout.num_layers), self.layout.num_layers)
+        self._attachment: Optional[HFAttachment] = None
+
+    def __enter__(self) -> "UniversalAccelerator":
+        if self._attachment is not None:
+            raise RuntimeError("this accelerator is already active")
+        self._attachment = HFAttachment(self.layout, self.runtime)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._attachment is not None:
+            self._attachment.detach()
+            self._attachment = None
+
+    @property
+    def active(self) -> bool:
+        return self._attachment is not None
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """tokens seen (padding excluded), skipped-MLP fraction, per-layer skip
+        rates and the exit-layer histogram."""
+        if self.runtime.stats is None:
+            return {"tokens": 0, "skipped_mlp_blocks": 0.0, "skipped_mlp_fraction": 0.0,
+                    "per_layer_skip_rate": [0.0] * self.layout.num_layers,
+                    "exit_layer_histogram": {"none": 0}, "exited_fraction": 0.0}
+        return self.runtime.stats.as_dict()
+
+    def reset_stats(self) -> None:
+        self.runtime.reset_stats()
+
+    def __repr__(self) -> str:
+        r = self.rule
+        return (f"UniversalAccelerator(tau={r.tau}, consecutive_k={r.k}, min_layer={r.min_layer}, "
+                f"protect_last={r.protect_last}, mode={r.mode!r}, active={self.active})")
+
+
+def create_universal_accelerator(model: Any, tau: float = 0.98, consecutive_k: int = 2, min_layer: int = 0,
+                                 protect_last: int = 0, mode: str = "cascade",
+                                 config: Union[None, str, Path, Dict[str, Any]] = None) -> UniversalAccelerator:
+    """A V7 accelerator for ``model`` (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3 layouts).
+
+    The defaults are the seeds' (tau 0.98, K 2, cascade from layer 0); on a
+    small model they skip most MLP work and change most predictions — use
+    ``sedac-monitor calibrate`` and pass its ``sedac_config.json`` as
+    ``config`` (its values replace the keyword arguments).
+    """
+    layout = find_layout(model)
+    if config is not None:
+        cfg = load_config(config, layout.num_layers)
+        tau, consecutive_k, min_layer = cfg["tau"], cfg["consecutive_k"], cfg["min_layer"]
+        protect_last, mode = cfg["protect_last"], cfg["mode"]
+    rule = monitor_rule(layout.num_layers, tau, consecutive_k, min_layer, protect_last, mode)
+    return UniversalAccelerator(model, rule)
+
+
+CONFIG_KEYS = ("tau", "consecutive_k", "min_layer", "protect_last", "mode")
+
+
+def load_config(config: Union[str, Path, Dict[str, Any]], num_layers: Optional[int] = None) -> Dict[str, Any]:
+    """Read and check a ``sedac_config.json`` (path or dict); errors name the file and field."""
+    source = "config"
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"SEDAC monitor config not found: {path}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} must hold a JSON object")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{source} is missing {', '.join(missing)} (expected a sedac_config.json "
+                         "written by `sedac-monitor calibrate`)")
+    if config.get("format", "sedac_config") != "sedac_config":
+        raise ValueError(f"{source} is not a sedac_config.json (format {config.get('format')!r})")
+    if num_layers is not None:
+        made_for = config.get("model", {}).get("num_layers") if isinstance(config.get("model"), dict) else None
+        if made_for is not None and made_for != num_layers:
+            raise ValueError(f"{source} was calibrated for a model with {made_for} layers, "
+                             f"but this model has {num_layers}")
+        try:
+            monitor_rule(num_layers, *(config[k] for k in CONFIG_KEYS))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+    return config

@@ -1,0 +1,292 @@
+"""``sedac-monitor calibrate``: find the V7 setting that skips the most MLP work within a risk budget.
+
+Risk is the fraction of tokens whose teacher-forced top-1 prediction differs
+from the unmodified model's. The search has two stages:
+
+1. **Replay** (``sedac_core.replay``) over a grid of tau, K, min_layer,
+   protect_last and mode, on the similarity trace of the unmodified model and
+   per-token "safe to cascade from layer p" labels (one forced-exit forward
+   per layer). This estimates skipped work and risk for every grid point.
+2. **Measurement**: the most promising settings are run for real (the model
+   patched, teacher-forced) and their measured risk decides. With
+   ``confidence``, the text is split: the search uses the first half and
+   the measurement the second, and a setting passes only if the one-sided
+   Clopper–Pearson upper bound of its risk, at ``1 - (1 - confidence) / B``
+   for B measured settings (Bonferroni), is within the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import sedac_core
+import torch
+
+from .accelerator import monitor_rule
+from .bound import clopper_pearson_upper
+from .decide import MonitorDecider
+from .hf import (InputError, RecordingDecider, cascade_labels, drop_last_position, load_model, read_text,
+                 split_windows, teacher_forced, token_windows)
+from .layouts import DecoderLayout, find_layout, model_identity
+
+STRATEGIES = {"conservative": 0.05, "balanced": 0.15, "aggressive": 0.30}
+"""Default max-risk per strategy (``--max-risk`` overrides)."""
+SEED_DEFAULTS = {"tau": 0.98, "consecutive_k": 2, "min_layer": 0, "protect_last": 0, "mode": "cascade"}
+DEFAULT_TAUS = (0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.9925, 0.995, 0.9975, 0.999)
+DEFAULT_KS = (1, 2, 3)
+DEFAULT_PROTECT = (0, 2)
+FORMAT_VERSION = 1
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Grid:
+    taus: Sequence[float] = DEFAULT_TAUS
+    ks: Sequence[int] = DEFAULT_KS
+    min_layers: Optional[Sequence[int]] = None  # default: every ~L/10 layers
+    protect: Sequence[int] = DEFAULT_PROTECT
+    modes: Sequence[str] = ("cascade", "per_layer")
+
+    def rules(self, num_layers: int) -> List[sedac_core.MonitorRule]:
+        mins = self.min_layers
+        if mins is None:
+            mins = sorted(set(range(0, num_layers - 1, max(1, num_layers // 10))))
+        return [monitor_rule(num_layers, t, k, m, p, mode)
+                for mode, p, m, k, t in itertools.product(self.modes, self.protect, mins, self.ks, self.taus)
+                if m + k <= num_layers - p]
+
+
+@dataclass
+class Trace:
+    """What replay needs, for the search windows."""
+
+    similarity: np.ndarray  # float32 [tokens, layers]
+    safe: Dict[int, np.ndarray]  # protect_last -> uint8 [tokens, layers]
+    top1: torch.Tensor
+    nll: torch.Tensor
+
+
+def record_trace(layout: DecoderLayout, windows: torch.Tensor, protect: Sequence[int], batch_size: int,
+                 log: Log, protect_first: int = 1) -> Trace:
+    """Similarity of the unmodified model, plus forced-exit labels for each protect_last value."""
+    L = layout.num_layers
+    n, length = windows.shape
+    sims: List[torch.Tensor] = []
+    safe: Dict[int, np.ndarray] = {}
+    base = None
+    for i, p in enumerate(protect):
+        t0 = time.perf_counter()
+        run, labels = cascade_labels(layout, windows, range(L), p, batch_size, desc=f"labels protect_last={p}",
+                                     on_batch=(lambda sl, d: sims.append(torch.stack(d.sims, 1))) if i == 0 else None,
+                                     protect_first=protect_first)
+        base = base or run
+        safe[p] = labels.numpy()
+        log(f"  similarity trace and cascade labels for protect_last={p} in {time.perf_counter() - t0:.0f} s")
+    if base is None:
+        base = teacher_forced(layout, windows, RecordingDecider(L), batch_size, desc="similarity trace",
+                              on_batch=lambda sl, d: sims.append(torch.stack(d.sims, 1)))
+    sim = torch.cat(sims).view(n, length, L)
+    sim[:, :protect_first] = 0.0  # protected first tokens never exit; replay must not count them
+    similarity = drop_last_position(sim.reshape(n * length, L), n, length).numpy().astype(np.float32)
+    return Trace(similarity, safe, base.top1, base.nll)
+
+
+def replay_grid(trace: Trace, rules: Sequence[sedac_core.MonitorRule]) -> List[Dict[str, Any]]:
+    """sedac_core.replay of every rule; per_layer rows carry the risk estimate of their cascade twin."""
+    rows: List[Dict[str, Any]] = []
+    by_protect: Dict[int, List[sedac_core.MonitorRule]] = {}
+    for r in rules:
+        by_protect.setdefault(r.protect_last, []).append(r)
+    for p, group in by_protect.items():
+        t = sedac_core.Trace.similarity(trace.similarity, safe=trace.safe.get(p), protect_last=p)
+        twins = [sedac_core.MonitorRule(r.tau, r.k, r.min_layer, p, "cascade") for r in group]
+        table = sedac_core.replay(t, group)
+        twin_table = sedac_core.replay(t, twins)
+        for i, r in enumerate(group):
+            rows.append({"rule": r, "skipped_mlp": float(table["skipped_mlp"][i]),
+                         "exit_rate": float(table["exit_rate"][i]),
+                         "estimated_risk": float(twin_table["disagreement"][i])})
+    return rows
+
+
+def rule_dict(rule: sedac_core.MonitorRule, protect_first: int = 1) -> Dict[str, Any]:
+    return {"tau": float(rule.tau), "consecutive_k": rule.k, "min_layer": rule.min_layer,
+            "protect_last": rule.protect_last, "mode": rule.mode, "protect_first": protect_first}
+
+
+def measure(layout: DecoderLayout, windows: torch.Tensor, rule: sedac_core.MonitorRule, base_top1: torch.Tensor,
+            base_nll: torch.Tensor, batch_size: int, confidence: Optional[float] = None,
+            protect_first: int = 1) -> Dict[str, Any]:
+    """Run the patched model teacher-forced; risk, ΔPPL and skipped work as measured."""
+    run = teacher_forced(layout, windows, MonitorDecider(rule, layout.num_layers), batch_size,
+                         desc=f"measure {rule.mode} tau={rule.tau} k={rule.k}", protect_first=protect_first)
+    L = layout.num_layers
+    n = int(base_top1.numel())
+    errors = int((run.top1 != base_top1).sum())
+    skipped = float(run.row_skips.sum())
+    ppl_base = float(math.exp(base_nll.mean().item()))
+    out = {
+        **rule_dict(rule),
+        "tokens": n,
+        "errors": errors,
+        "measured_risk": errors / n,
+        "skipped_mlp_fraction": skipped / (n * L),
+        "exit_rate": float((run.first_skip < L).double().mean()),
+        "ppl_base": ppl_base,
+        "ppl": run.ppl,
+        "delta_ppl": run.ppl / ppl_base - 1.0,
+    }
+    if confidence is not None:
+        out["risk_upper_bound"] = clopper_pearson_upper(errors, n, confidence)
+        out["bound_confidence"] = confidence
+    return out
+
+
+def candidate_list(rows: Sequence[Dict[str, Any]], max_risk: float) -> List[Dict[str, Any]]:
+    """Grid rows worth measuring, from most to least skipped work.
+
+    Replay's risk is optimistic (it treats tokens independently, while an
+    exited token also changes what later tokens attend to), so it only
+    filters: cascade settings need an estimate within the budget; per-layer
+    settings, which skip a subset of their cascade twin's layers, need their
+    twin's estimate within twice the budget. Settings with identical replay
+    results behave alike and are measured once.
+    """
+    keep = [r for r in rows if r["skipped_mlp"] > 0 and r["estimated_risk"]
+            <= (max_risk if r["rule"].mode == "cascade" else 2 * max_risk)]
+    keep.sort(key=lambda r: (-r["skipped_mlp"], r["estimated_risk"]))
+    seen, out = set(), []
+    for r in keep:
+        key = (r["rule"].mode, r["skipped_mlp"], r["estimated_risk"], r["exit_rate"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_risk: Optional[float] = None,
+              confidence: Optional[float] = None, tokens: int = 4096, max_length: int = 512, batch_size: int = 4,
+              budget: int = 8, grid: Optional[Grid] = None, log: Log = print,
+              model_and_tokenizer: Any = None, protect_first: int = 1) -> Dict[str, Any]:
+    """Search, measure and return the ``sedac_config.json`` content (see module docstring)."""
+    if strategy not in STRATEGIES:
+        raise InputError(f"--mode must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if max_risk is None:
+        max_risk = STRATEGIES[strategy]
+    if not (0.0 <= max_risk < 1.0) or max_risk != max_risk:
+        raise InputError(f"--max-risk must be in [0, 1), got {max_risk}")
+    if confidence is not None and not (0.0 < confidence < 1.0):
+        raise InputError(f"--confidence must be in (0, 1), got {confidence}")
+    if budget < 1:
+        raise InputError(f"--budget must be >= 1, got {budget}")
+    if tokens < max_length:
+        raise InputError(f"--tokens ({tokens}) must be at least --max-length ({max_length})")
+    t_start = time.perf_counter()
+    model, tokenizer = model_and_tokenizer or load_model(model_dir)
+    layout = find_layout(model)
+    L = layout.num_layers
+    text = read_text(text_file)
+    windows = token_windows(tokenizer, text, max_length, samples=max(1, tokens // max_length), source=str(text_file))
+    if confidence is not None:
+        if windows.shape[0] < 2:
+            raise InputError(f"--confidence splits the text in two; {text_file} gives only one window of "
+                             f"{max_length} tokens (lower --max-length or raise --tokens)")
+        search_sl, certify_sl = split_windows(windows.shape[0], 0.5)
+        search, certify = windows[search_sl], windows[certify_sl]
+    else:
+        search = certify = windows
+    grid = grid or Grid()
+    rules = grid.rules(L)
+    log(f"calibrating {type(model).__name__} ({L} layers) on {text_file}: {search.numel()} search tokens, "
+        f"{certify.numel()} measurement tokens, {len(rules)} grid settings, max risk {max_risk:.3f}")
+    trace = record_trace(layout, search, sorted(set(grid.protect)), batch_size, log, protect_first)
+    rows = replay_grid(trace, rules)
+
+    if certify is search:
+        base_top1, base_nll = trace.top1, trace.nll
+    else:
+        base = teacher_forced(layout, certify, None, batch_size, desc="unmodified (measurement text)")
+        base_top1, base_nll = base.top1, base.nll
+
+    candidates = candidate_list(rows, max_risk)
+    level = None if confidence is None else 1.0 - (1.0 - confidence) / budget
+    measured: List[Dict[str, Any]] = []
+
+    def passes(index: int) -> bool:
+        row = candidates[index]
+        m = measure(layout, certify, row["rule"], base_top1, base_nll, batch_size, level, protect_first)
+        m["replay_skipped_mlp"] = row["skipped_mlp"]
+        m["replay_estimated_risk"] = row["estimated_risk"]
+        m["passes"] = (m["risk_upper_bound"] if level is not None else m["measured_risk"]) <= max_risk
+        measured.append(m)
+        log(f"  {m['mode']:9s} tau={m['tau']:<7g} K={m['consecutive_k']} min_layer={m['min_layer']:<2d} "
+            f"protect_last={m['protect_last']}: skipped {m['skipped_mlp_fraction']:.2%}, risk "
+            f"{m['measured_risk']:.2%}" + (f" (bound {m['risk_upper_bound']:.2%})" if level else "")
+            + f", ΔPPL {m['delta_ppl']:+.2%} -> {'ok' if m['passes'] else 'over budget'}")
+        return m["passes"]
+
+    # binary search for the most aggressive passing candidate (candidates run from most to least skipped
+    # work; measured risk falls roughly monotonically along the list)
+    lo, hi = 0, len(candidates) - 1
+    while lo <= hi and len(measured) < budget:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    passing = [m for m in measured if m["passes"]]
+    # the seeds' defaults as the seeds define them: no protected first token
+    seeds = measure(layout, certify, monitor_rule(L, **SEED_DEFAULTS), base_top1, base_nll, batch_size, confidence,
+                    protect_first=0)
+    if passing:
+        best = max(passing, key=lambda m: (m["skipped_mlp_fraction"], -m["measured_risk"]))
+        chosen = rule_dict(monitor_rule(L, best["tau"], best["consecutive_k"], best["min_layer"],
+                                        best["protect_last"], best["mode"]), protect_first)
+        status = "ok"
+    else:
+        # nothing met the budget: a setting that never exits, so that using the file is safe
+        best = None
+        chosen = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "mode": "cascade",
+                  "protect_first": protect_first}
+        status = "no setting met the risk budget; this config disables exits"
+    text_bytes = Path(text_file).read_bytes()
+    return {
+        "format": "sedac_config",
+        "format_version": FORMAT_VERSION,
+        **chosen,
+        "strategy": strategy,
+        "max_risk": max_risk,
+        "confidence": confidence,
+        "status": status,
+        "model": {**model_identity(model), "path": str(model_dir)},
+        "evidence": {
+            "text": str(text_file),
+            "text_sha256": hashlib.sha256(text_bytes).hexdigest(),
+            "search_tokens": int(trace.top1.numel()),
+            "measurement_tokens": int(base_top1.numel()),
+            "risk_definition": "fraction of tokens whose teacher-forced top-1 differs from the unmodified model",
+            "chosen": best,
+            "measured": measured,
+            "seed_defaults": seeds,
+            "grid_settings": len(rules),
+            "seconds": round(time.perf_counter() - t_start, 1),
+        },
+    }
+
+
+def write_config(config: Dict[str, Any], out: Any) -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
+    return path

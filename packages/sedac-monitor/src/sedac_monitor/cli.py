@@ -1,0 +1,158 @@
+"""``sedac-monitor``: calibrate V7 exits for a local HF model, evaluate a config on held-out text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from .calibrate import STRATEGIES, calibrate, measure, write_config
+
+
+def _float_in(name: str, lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"{name} must be in [{lo}, {hi}], got {text}")
+        return value
+    return parse
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+    return parse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="local Hugging Face model folder")
+    p.add_argument("--text", required=True, type=Path, help="UTF-8 text file")
+    p.add_argument("--tokens", type=_positive("--tokens"), default=4096, help="tokens of text to use (default 4096)")
+    p.add_argument("--max-length", type=_positive("--max-length"), default=512, help="tokens per window (default 512)")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=4, help="windows per forward (default 4)")
+
+
+def evaluate(model_dir: Any, text_file: Any, config: Dict[str, Any], tokens: int, max_length: int, batch_size: int,
+             timing_tokens: int = 0, model_and_tokenizer: Any = None) -> Dict[str, Any]:
+    """Measure a config (and the seeds' defaults) on ``text_file``; optionally time a prefill."""
+    from .accelerator import load_config, monitor_rule
+    from .calibrate import SEED_DEFAULTS
+    from .hf import load_model, read_text, teacher_forced, token_windows
+    from .layouts import find_layout
+
+    model, tokenizer = model_and_tokenizer or load_model(model_dir)
+    layout = find_layout(model)
+    L = layout.num_layers
+    cfg = load_config(config, L)
+    windows = token_windows(tokenizer, read_text(text_file), max_length, max(1, tokens // max_length),
+                            source=str(text_file))
+    base = teacher_forced(layout, windows, None, batch_size, desc="unmodified")
+    keys = ("tau", "consecutive_k", "min_layer", "protect_last", "mode")
+    result = {
+        "text": str(text_file),
+        "config": measure(layout, windows, monitor_rule(L, *(cfg[k] for k in keys)), base.top1, base.nll,
+                          batch_size),
+        "seed_defaults": measure(layout, windows, monitor_rule(L, **SEED_DEFAULTS), base.top1, base.nll,
+                                 batch_size),
+    }
+    if timing_tokens:
+        result["timing"] = time_prefill(layout, tokenizer, text_file, cfg, timing_tokens)
+    return result
+
+
+def time_prefill(layout, tokenizer, text_file, cfg: Dict[str, Any], n_tokens: int, repeats: int = 3) -> Dict[str, Any]:
+    """Wall-clock of one ``n_tokens`` prefill, unpatched vs patched, alternating, best of ``repeats``."""
+    import torch
+
+    from .accelerator import create_universal_accelerator
+    from .hf import read_text, token_windows
+
+    ids = token_windows(tokenizer, read_text(text_file), n_tokens, 1, source=str(text_file))
+    model = layout.model
+    acc = create_universal_accelerator(model, config=cfg)
+    plain, patched = [], []
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            plain.append(time.perf_counter() - t)
+            with acc:
+                t = time.perf_counter()
+                model(input_ids=ids, use_cache=False)
+                patched.append(time.perf_counter() - t)
+    stats = acc.stats
+    return {"prefill_tokens": n_tokens, "unpatched_s": min(plain), "patched_s": min(patched),
+            "speedup": min(plain) / min(patched), "skipped_mlp_fraction": stats["skipped_mlp_fraction"],
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="sedac-monitor", description="SEDAC V7 zero-shot exits for HF models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("calibrate", help="search tau/K/min_layer/protect_last/mode within a risk budget")
+    _common(p)
+    p.add_argument("--mode", choices=sorted(STRATEGIES), default="balanced",
+                   help="strategy: default max risk conservative 0.05, balanced 0.15, aggressive 0.30")
+    p.add_argument("--max-risk", type=_float_in("--max-risk", 0.0, 0.999), default=None,
+                   help="largest allowed fraction of tokens whose top-1 changes (overrides --mode's default)")
+    p.add_argument("--confidence", type=_float_in("--confidence", 0.5, 0.9999), default=None,
+                   help="make the risk bound hold with this probability (Clopper-Pearson on held-out tokens)")
+    p.add_argument("--budget", type=_positive("--budget"), default=8, help="settings measured by running the model")
+    p.add_argument("--out", type=Path, default=Path("sedac_config.json"))
+    e = sub.add_parser("evaluate", help="measure a sedac_config.json (and the seeds' defaults) on held-out text")
+    _common(e)
+    e.add_argument("--config", required=True, type=Path)
+    e.add_argument("--timing-tokens", type=int, default=0, help="also time a prefill of this many tokens")
+    e.add_argument("--json", type=Path, default=None, help="write the result here")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "calibrate":
+            cfg = calibrate(args.model, args.text, args.mode, args.max_risk, args.confidence, args.tokens,
+                            args.max_length, args.batch_size, args.budget,
+                            log=lambda m: print(m, file=sys.stderr))
+            path = write_config(cfg, args.out)
+            ev = cfg["evidence"]
+            chosen = ev["chosen"]
+            print(f"wrote {path}: {cfg['status']}")
+            if chosen:
+                print(f"  mode={cfg['mode']} tau={cfg['tau']} K={cfg['consecutive_k']} min_layer={cfg['min_layer']} "
+                      f"protect_last={cfg['protect_last']}: skipped MLP {chosen['skipped_mlp_fraction']:.2%}, "
+                      f"risk {chosen['measured_risk']:.2%}, ΔPPL {chosen['delta_ppl']:+.2%} "
+                      f"on {chosen['tokens']} tokens")
+            s = ev["seed_defaults"]
+            print(f"  seeds' defaults (tau 0.98, K 2, cascade): skipped {s['skipped_mlp_fraction']:.2%}, "
+                  f"risk {s['measured_risk']:.2%}, ΔPPL {s['delta_ppl']:+.2%}")
+        else:
+            result = evaluate(args.model, args.text, args.config, args.tokens, args.max_length, args.batch_size,
+                              args.timing_tokens)
+            for name in ("config", "seed_defaults"):
+                m = result[name]
+                print(f"{name:13s} skipped MLP {m['skipped_mlp_fraction']:.2%}  risk {m['measured_risk']:.2%}  "
+                      f"ΔPPL {m['delta_ppl']:+.2%}  ({m['tokens']} tokens of {args.text})")
+            if "timing" in result:
+                t = result["timing"]
+                print(f"prefill {t['prefill_tokens']} tokens: unpatched {t['unpatched_s']:.3f} s, patched "
+                      f"{t['patched_s']:.3f} s, speed-up {t['speedup']:.3f}x")
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"sedac-monitor: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
