@@ -19,7 +19,7 @@ import nox
 ROOT = Path(__file__).resolve().parent
 CORE = ROOT / "packages" / "sedac-core-rs"
 # install order follows the dependency graph (DESIGN.md)
-PY_PACKAGES = ["sedac-probes", "sedac-monitor", "sedac-vllm", "sedac-bench"]
+PY_PACKAGES = ["sedac-monitor", "sedac-probes", "sedac-vllm", "sedac-bench"]
 WHEELS = ROOT / ".nox" / "_wheels"
 TEST_DEPS = ["pytest>=7", "hypothesis>=6.80"]
 # CPU torch: on the project's machines pip finds the local 2.13.0+cpu wheel for

@@ -4,7 +4,17 @@ import sedac_monitor
 
 
 def test_public_api_is_pinned():
-    assert sorted(sedac_monitor.__all__) == ["__version__"]
+    assert sorted(sedac_monitor.__all__) == [
+        "MonitorDecider", "UniversalAccelerator", "UnsupportedModelError", "__version__", "clopper_pearson_upper",
+        "create_universal_accelerator", "find_layout", "load_config"]
+    assert all(hasattr(sedac_monitor, name) for name in sedac_monitor.__all__)
+
+
+def test_zero_shot_install_does_not_pull_in_vllm():
+    requires = [r.split(";")[0].strip().lower() for r in metadata.requires("sedac-monitor") or []]
+    names = {r.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip() for r in requires}
+    assert not {n for n in names if n.startswith("vllm")}, names
+    assert not {n for n in names if n.startswith("sedac-vllm") or n.startswith("sedac-probes")}, names
 
 
 def test_version_comes_from_the_installed_distribution():

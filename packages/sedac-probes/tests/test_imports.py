@@ -4,7 +4,10 @@ import sedac_probes
 
 
 def test_public_api_is_pinned():
-    assert sorted(sedac_probes.__all__) == ["__version__"]
+    assert sorted(sedac_probes.__all__) == [
+        "LREProbe", "ProbeBank", "ProbeDecider", "ProbeFileError", "ProbeSet", "TorchCascade", "__version__", "load",
+        "save"]
+    assert all(hasattr(sedac_probes, name) for name in sedac_probes.__all__)
 
 
 def test_version_comes_from_the_installed_distribution():

@@ -48,10 +48,11 @@ class UniversalAccelerator:
     over all forwards since creation (or :meth:`reset_stats`).
     """
 
-    def __init__(self, model: Any, rule: sedac_core.MonitorRule) -> None:
+    def __init__(self, model: Any, rule: sedac_core.MonitorRule, protect_first: int = 1) -> None:
         self.layout = find_layout(model)
         self.rule = rule
-        self.runtime = SkipRuntime(MonitorDecider(rule, self.layout.num_layers), self.layout.num_layers)
+        self.runtime = SkipRuntime(MonitorDecider(rule, self.layout.num_layers), self.layout.num_layers,
+                                   protect_first)
         self._attachment: Optional[HFAttachment] = None
 
     def __enter__(self) -> "UniversalAccelerator":
@@ -89,22 +90,26 @@ class UniversalAccelerator:
 
 
 def create_universal_accelerator(model: Any, tau: float = 0.98, consecutive_k: int = 2, min_layer: int = 0,
-                                 protect_last: int = 0, mode: str = "cascade",
+                                 protect_last: int = 0, mode: str = "cascade", protect_first: int = 1,
                                  config: Union[None, str, Path, Dict[str, Any]] = None) -> UniversalAccelerator:
     """A V7 accelerator for ``model`` (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3 layouts).
 
     The defaults are the seeds' (tau 0.98, K 2, cascade from layer 0); on a
     small model they skip most MLP work and change most predictions — use
     ``sedac-monitor calibrate`` and pass its ``sedac_config.json`` as
-    ``config`` (its values replace the keyword arguments).
+    ``config`` (its values replace the keyword arguments). ``protect_first``:
+    the first tokens of every sequence never exit (the attention sink).
     """
     layout = find_layout(model)
     if config is not None:
         cfg = load_config(config, layout.num_layers)
         tau, consecutive_k, min_layer = cfg["tau"], cfg["consecutive_k"], cfg["min_layer"]
         protect_last, mode = cfg["protect_last"], cfg["mode"]
+        protect_first = cfg.get("protect_first", 1)
     rule = monitor_rule(layout.num_layers, tau, consecutive_k, min_layer, protect_last, mode)
-    return UniversalAccelerator(model, rule)
+    if isinstance(protect_first, bool) or not isinstance(protect_first, int) or protect_first < 0:
+        raise ValueError(f"protect_first must be an integer >= 0, got {protect_first!r}")
+    return UniversalAccelerator(model, rule, protect_first)
 
 
 CONFIG_KEYS = ("tau", "consecutive_k", "min_layer", "protect_last", "mode")

@@ -1,11 +1,26 @@
-"""sedac_probes: V6: LREProbes trained on a model's hidden states, calibrated thresholds, safetensors probe files.
+"""sedac_probes: V6 LREProbes trained on a model's hidden states, calibrated thresholds, safetensors probe files.
 
-This package is a placeholder that installs and versions correctly; its
-features arrive with its own issue (see the repository README).
+``sedac-probes collect`` -> ``train`` -> ``calibrate`` on the command line; in
+code, :func:`load` reads (and validates) a probe directory and
+:class:`ProbeBank` applies a model's checkpoint probes inside a forward.
 """
 
 from importlib import metadata as _metadata
 
+from .decide import ProbeDecider, TorchCascade
+from .io import ProbeFileError, ProbeSet, load, save
+from .probe import LREProbe, ProbeBank
+
 __version__ = _metadata.version("sedac-probes")
 
-__all__ = ["__version__"]
+__all__ = [
+    "LREProbe",
+    "ProbeBank",
+    "ProbeDecider",
+    "ProbeFileError",
+    "ProbeSet",
+    "TorchCascade",
+    "__version__",
+    "load",
+    "save",
+]

@@ -1,0 +1,143 @@
+"""sedac-monitor calibrate / evaluate on a tiny model; the Clopper-Pearson bound."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sedac_monitor import clopper_pearson_upper, create_universal_accelerator, load_config
+from sedac_monitor.calibrate import Grid, calibrate, candidate_list
+from sedac_monitor.cli import main
+from sedac_monitor.hf import load_model
+
+TEXT = "\n\n".join(f"Record {i}: rivers carry {i % 13} stones past {i * 3} old mills, and the miller counts them."
+                   for i in range(300))
+GRID = Grid(taus=(0.85, 0.9, 0.93, 0.95, 0.97), ks=(1, 2), min_layers=(0, 2), protect=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("t") / "text.txt"
+    p.write_text(TEXT)
+    return p
+
+
+@pytest.fixture(scope="module")
+def result(tiny_dir, text_file):
+    return calibrate(tiny_dir / "llama", text_file, max_risk=0.2, tokens=1024, max_length=128, grid=GRID,
+                     budget=6, log=lambda m: None)
+
+
+def test_config_has_the_setting_and_its_evidence(result, text_file):
+    assert result["format"] == "sedac_config" and result["status"] == "ok"
+    for key in ("tau", "consecutive_k", "min_layer", "protect_last", "mode", "protect_first"):
+        assert key in result
+    ev = result["evidence"]
+    chosen = ev["chosen"]
+    assert chosen["measured_risk"] <= 0.2 and chosen["skipped_mlp_fraction"] > 0
+    assert ev["measurement_tokens"] == 8 * 127 and ev["text"] == str(text_file)
+    assert 1 <= len(ev["measured"]) <= 6
+    # the chosen setting is the passing one with the most skipped work
+    passing = [m for m in ev["measured"] if m["passes"]]
+    assert chosen["skipped_mlp_fraction"] == max(m["skipped_mlp_fraction"] for m in passing)
+    assert {"measured_risk", "delta_ppl", "ppl", "ppl_base", "exit_rate"} <= set(chosen)
+    assert ev["seed_defaults"]["tau"] == 0.98
+
+
+def test_measured_numbers_are_what_the_accelerator_does(result, tiny_dir, text_file):
+    """Re-measure the chosen setting independently through create_universal_accelerator(config=...)."""
+    from sedac_monitor.hf import read_text, token_windows
+
+    model, tok = load_model(tiny_dir / "llama")
+    windows = token_windows(tok, read_text(text_file), 128, 8)
+    acc = create_universal_accelerator(model, config=result)
+    with torch.no_grad():
+        base = model(input_ids=windows).logits[:, :-1].argmax(-1)
+        with acc:
+            out = model(input_ids=windows).logits[:, :-1].argmax(-1)
+    assert int((out != base).sum()) == result["evidence"]["chosen"]["errors"] > 0
+
+
+def test_confidence_splits_the_text_and_bounds_the_risk(tiny_dir, text_file):
+    r = calibrate(tiny_dir / "llama", text_file, max_risk=0.3, confidence=0.9, tokens=1024, max_length=128,
+                  grid=GRID, budget=4, log=lambda m: None)
+    ev = r["evidence"]
+    assert ev["search_tokens"] == ev["measurement_tokens"] == 4 * 127
+    for m in ev["measured"]:
+        assert m["bound_confidence"] == pytest.approx(1 - 0.1 / 4)
+        assert m["risk_upper_bound"] >= m["measured_risk"]
+        assert m["passes"] == (m["risk_upper_bound"] <= 0.3)
+
+
+def test_nothing_passing_gives_a_config_without_exits(tiny_dir, text_file):
+    r = calibrate(tiny_dir / "llama", text_file, max_risk=0.0, tokens=512, max_length=128,
+                  grid=Grid(taus=(0.5,), ks=(1,), min_layers=(0,), protect=(0,), modes=("cascade",)),
+                  budget=2, log=lambda m: None)
+    assert r["tau"] > 1 and "disables exits" in r["status"]
+
+
+def test_candidates_skip_more_first_and_are_distinct():
+    import sedac_core
+
+    rows = [{"rule": sedac_core.MonitorRule(t, 1, 0, 0, m), "skipped_mlp": s, "estimated_risk": e, "exit_rate": s}
+            for t, m, s, e in [(0.9, "cascade", 0.3, 0.5), (0.95, "cascade", 0.2, 0.05), (0.96, "cascade", 0.2, 0.05),
+                               (0.97, "per_layer", 0.1, 0.15), (0.99, "cascade", 0.0, 0.0)]]
+    out = candidate_list(rows, 0.1)
+    assert [(r["rule"].tau, r["rule"].mode) for r in out] == [(0.95, "cascade"), (0.97, "per_layer")]
+
+
+def test_clopper_pearson_known_values():
+    # zero errors: 1 - (1 - c)^(1/n)
+    assert clopper_pearson_upper(0, 100, 0.95) == pytest.approx(1 - 0.05 ** (1 / 100), rel=1e-6)
+    # definition: P(Binomial(n, u) <= errors) = 1 - confidence, summed exactly here
+    for errors, n, conf in ((5, 100, 0.95), (3, 40, 0.9), (20, 500, 0.99)):
+        u = clopper_pearson_upper(errors, n, conf)
+        cdf = sum(math.comb(n, i) * u ** i * (1 - u) ** (n - i) for i in range(errors + 1))
+        assert cdf == pytest.approx(1 - conf, rel=1e-6)
+    assert clopper_pearson_upper(5, 100, 0.95) == pytest.approx(0.1023, abs=1e-4)
+    assert clopper_pearson_upper(10, 10, 0.9) == 1.0
+    u = [clopper_pearson_upper(e, 1000, 0.95) for e in (0, 10, 50)]
+    assert u == sorted(u) and all(e / 1000 < b for e, b in zip((0, 10, 50), u))
+    with pytest.raises(ValueError, match="confidence must be in"):
+        clopper_pearson_upper(1, 10, 1.0)
+    with pytest.raises(ValueError, match="errors <= n"):
+        clopper_pearson_upper(11, 10, 0.9)
+
+
+def test_cli_round_trip_and_errors(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "cfg.json"
+    assert main(["calibrate", "--model", str(tiny_dir / "qwen2"), "--text", str(text_file), "--tokens", "512",
+                 "--max-length", "128", "--max-risk", "0.3", "--budget", "3", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    cfg = load_config(out, 6)
+    assert cfg["model"]["architecture"] == "Qwen2ForCausalLM"
+    res = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(tiny_dir / "qwen2"), "--config", str(out), "--text", str(text_file),
+                 "--tokens", "256", "--max-length", "128", "--json", str(res)]) == 0
+    assert set(json.loads(res.read_text())) == {"text", "config", "seed_defaults"}
+    assert main(["calibrate", "--model", str(tmp_path / "missing"), "--text", str(text_file)]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", "m", "--text", "t", "--max-risk", "1.5"])
+    assert "--max-risk must be in [0.0, 0.999]" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tiny_dir / "qwen2"), "--config", str(tmp_path / "no.json"),
+                 "--text", str(text_file)]) == 2
+    assert "SEDAC monitor config not found" in capsys.readouterr().err
+
+
+def test_config_validation(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_config(bad)
+    bad.write_text(json.dumps({"tau": 0.9}))
+    with pytest.raises(ValueError, match="missing consecutive_k, min_layer, protect_last, mode"):
+        load_config(bad)
+    good = {"tau": 0.9, "consecutive_k": 2, "min_layer": 0, "protect_last": 0, "mode": "cascade",
+            "model": {"num_layers": 30}}
+    with pytest.raises(ValueError, match="calibrated for a model with 30 layers, but this model has 6"):
+        load_config(good, 6)
+    with pytest.raises(ValueError, match="consecutive_k must be in"):
+        load_config({**good, "model": {}, "consecutive_k": 0}, 6)
+    assert math.isfinite(load_config({**good, "model": {}}, 6)["tau"])

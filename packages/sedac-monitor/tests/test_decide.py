@@ -1,0 +1,79 @@
+"""The torch V7 rule equals sedac_core on the same similarity matrix."""
+
+import numpy as np
+import sedac_core
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sedac_monitor.decide import MonitorDecider, similarity
+
+values = st.sampled_from([0.0, 0.5, 0.89, 0.9, 0.91, 0.97, 0.98, 0.99, 1.0, float("nan")])
+
+
+@st.composite
+def cases(draw):
+    layers = draw(st.integers(1, 10))
+    tokens = draw(st.integers(0, 12))
+    sim = np.array(draw(st.lists(st.lists(values, min_size=layers, max_size=layers), min_size=tokens,
+                                 max_size=tokens)), dtype=np.float32).reshape(tokens, layers)
+    tau = draw(st.sampled_from([0.9, 0.98, 0.99, 1.0, 1.5, 0.0]))
+    k = draw(st.integers(1, 4))
+    min_layer = draw(st.integers(0, layers))
+    protect = draw(st.integers(0, layers))
+    return sim, tau, k, min_layer, protect
+
+
+def run_decider(sim, rule):
+    n, layers = sim.shape
+    d = MonitorDecider(rule, layers)
+    d.start(n)
+    skipped = np.zeros(n, dtype=np.int64)
+    for layer in range(layers):
+        skip, keep = d.plan(layer)
+        assert keep is None
+        if skip is not None:
+            skipped += skip.numpy()
+        d.update(layer, torch.from_numpy(sim[:, layer]))
+    return d.exit_layer.numpy(), skipped
+
+
+@settings(max_examples=300, deadline=None)
+@given(cases())
+def test_cascade_exits_equal_consecutive_exit(case):
+    sim, tau, k, min_layer, protect = case
+    rule = sedac_core.MonitorRule(tau, k, min_layer, protect, "cascade")
+    exits, skipped = run_decider(sim, rule)
+    np.testing.assert_array_equal(exits, sedac_core.consecutive_exit(sim, tau, k, min_layer))
+    table = sedac_core.replay(sedac_core.Trace.similarity(sim, protect_last=protect), [rule]) if sim.shape[0] else None
+    if table is not None:
+        assert int(table["skipped_layers"][0]) == int(skipped.sum())
+        assert int(table["exits"][0]) == int((skipped > 0).sum())
+
+
+@settings(max_examples=300, deadline=None)
+@given(cases())
+def test_per_layer_skips_equal_replay(case):
+    sim, tau, k, min_layer, protect = case
+    if sim.shape[0] == 0:
+        return
+    rule = sedac_core.MonitorRule(tau, k, min_layer, protect, "per_layer")
+    _, skipped = run_decider(sim, rule)
+    table = sedac_core.replay(sedac_core.Trace.similarity(sim, protect_last=protect), [rule])
+    assert int(table["skipped_layers"][0]) == int(skipped.sum())
+    assert int(table["exits"][0]) == int((skipped > 0).sum())
+
+
+def test_similarity_is_half_cosine_plus_half():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0], [-1.0, -1.0], [0.0, 3.0]])
+    torch.testing.assert_close(similarity(a, b), torch.tensor([1.0, 0.0, 0.5]))
+
+
+def test_decider_rejects_bad_arguments():
+    import pytest
+
+    with pytest.raises(TypeError, match="sedac_core.MonitorRule"):
+        MonitorDecider({"tau": 0.9}, 4)
+    with pytest.raises(ValueError, match="num_layers must be >= 1"):
+        MonitorDecider(sedac_core.MonitorRule(0.9), 0)

@@ -1,0 +1,170 @@
+"""``sedac-probes calibrate``: V6 thresholds for trained probes, with the evidence, via sedac_core.
+
+Three ways to choose the thresholds (one per checkpoint, V6.0 rule: exit at
+the first checkpoint where risk < threshold):
+
+* ``--exit-rates r1,r2,r3`` — threshold i is the r_i quantile of the risks at
+  checkpoint i (``sedac_core.calibrate_thresholds``).
+* ``--max-risk r`` — the setting with the most skipped MLP work whose risk
+  (tokens exiting where label (b) says the top-1 would change) stays <= r:
+  a ``sedac_core.replay`` search over per-checkpoint exit rates, or, with
+  ``--strategy``, over one scale factor of that preset's threshold shape.
+* ``--strategy`` alone — the seeds' presets: thresholds in the preset's
+  proportions, scaled so that the overall exit rate matches the preset's.
+
+Risk here is replay's estimate: it treats tokens independently, while an
+exited token also changes what later tokens attend to, so the risk measured
+by running the model (sedac-bench, sedac-vllm) is higher. The evidence block
+says which number is which.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import sedac_core
+import torch
+from sedac_monitor.hf import InputError
+
+from .collect import load_data
+from .io import load, update_meta
+
+# The seeds' strategy table (README of V6): thresholds and the exit rate they gave there.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "conservative": {"thresholds": (0.7, 0.8, 0.9), "exit_rate": 0.10},
+    "balanced": {"thresholds": (0.8, 1.0, 1.2), "exit_rate": 0.15},
+    "aggressive": {"thresholds": (1.0, 1.3, 1.7), "exit_rate": 0.25},
+}
+RATE_GRID = tuple(round(x, 2) for x in np.arange(0.0, 0.951, 0.05))
+DEFAULT_WEIGHTS = {3: (0.3, 0.4, 0.3)}  # the seeds' SEDAC_LAYER_WEIGHTS for three checkpoints
+
+Log = Callable[[str], None]
+
+
+def probe_risk(bank, data: Dict[str, Any], rows: torch.Tensor) -> np.ndarray:
+    """[tokens, checkpoints] float32 risks of the bank's probes on collected hidden states."""
+    cols = []
+    with torch.no_grad():
+        for i, layer in enumerate(bank.layers):
+            x = data["hidden"][layer][rows]
+            cols.append(torch.cat([bank.risk_at(i, x[j:j + 8192].float()) for j in range(0, x.shape[0], 8192)]))
+    return torch.stack(cols, 1).numpy().astype(np.float32)
+
+
+def shape_for(preset: str, checkpoints: int) -> np.ndarray:
+    base = np.array(PRESETS[preset]["thresholds"], dtype=np.float64)
+    # other checkpoint counts: interpolate the preset's shape
+    return np.interp(np.linspace(0, 1, checkpoints), np.linspace(0, 1, len(base)), base)
+
+
+def _scaled(risk: np.ndarray, shape: np.ndarray) -> List[float]:
+    """Scale factors that put some checkpoint's threshold at each percentile of its risks."""
+    scales = set()
+    for i in range(risk.shape[1]):
+        finite = risk[:, i][np.isfinite(risk[:, i])]
+        if finite.size:
+            scales.update(float(max(q, 1e-6) / shape[i]) for q in np.quantile(finite, np.linspace(0.0, 0.99, 100)))
+    return sorted(scales) or [1.0]
+
+
+def _rule(thresholds: Sequence[float], protect_last: int) -> sedac_core.ProbeRule:
+    return sedac_core.ProbeRule(tuple(float(max(t, sedac_core.MIN_THRESHOLD)) for t in thresholds),
+                                rule="threshold", protect_last=protect_last)
+
+
+def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float]] = None,
+              max_risk: Optional[float] = None, strategy: Optional[str] = None, log: Log = print) -> Dict[str, Any]:
+    """Choose thresholds, measure them by replay, and write them into the probe metadata."""
+    if exit_rates is not None and (max_risk is not None or strategy is not None):
+        raise InputError("--exit-rates sets the thresholds by itself; it cannot be combined with "
+                         "--max-risk or --strategy")
+    if exit_rates is None and max_risk is None and strategy is None:
+        raise InputError("give --exit-rates, --max-risk or --strategy")
+    if strategy is not None and strategy not in PRESETS:
+        raise InputError(f"--strategy must be one of {', '.join(PRESETS)}, got {strategy!r}")
+    if max_risk is not None and not (0.0 <= max_risk < 1.0):
+        raise InputError(f"--max-risk must be in [0, 1), got {max_risk}")
+    t0 = time.perf_counter()
+    data = load_data(data_dir)
+    dmeta = data["meta"]
+    probes = load(probe_dir, model_config={"hidden_size": dmeta["model"]["hidden_size"],
+                                           "num_hidden_layers": dmeta["num_layers"],
+                                           "intermediate_size": dmeta["model"]["intermediate_size"],
+                                           "vocab_size": dmeta["model"]["vocab_size"]},
+                  fingerprint=dmeta["model"].get("fingerprint"))
+    missing = [layer for layer in probes.layers if layer not in dmeta["layers"]]
+    if missing:
+        raise InputError(f"{data_dir} has no data for probe layer(s) {missing} (collected: {dmeta['layers']})")
+    protect_last = int(dmeta["protect_last"])
+    if probes.meta.get("protect_last", protect_last) != protect_last:
+        raise InputError(f"the probes were trained with protect_last={probes.meta['protect_last']} but "
+                         f"{data_dir} was collected with protect_last={protect_last}")
+    rows = torch.nonzero(data["position"] >= dmeta.get("protect_first", 0)).squeeze(1)
+    risk = probe_risk(probes.bank, data, rows)
+    safe = np.stack([data["cascade_safe"][layer][rows].numpy() for layer in probes.layers], 1)
+    trace = sedac_core.Trace.risk(risk, probes.layers, dmeta["num_layers"], safe=safe, protect_last=protect_last)
+    c = len(probes.layers)
+
+    if exit_rates is not None:
+        if len(exit_rates) != c:
+            raise InputError(f"--exit-rates has {len(exit_rates)} values but the probes have {c} layers "
+                             f"({probes.layers})")
+        thresholds = sedac_core.calibrate_thresholds(risk, exit_rates).tolist()
+        how = f"exit rates {list(exit_rates)} (per-checkpoint risk quantiles)"
+    elif max_risk is not None and strategy is None:
+        grid = list(itertools.product(RATE_GRID, repeat=c)) if c <= 3 else [(r,) * c for r in RATE_GRID]
+        quant = np.stack([np.quantile(risk[:, i][np.isfinite(risk[:, i])], RATE_GRID) for i in range(c)], 1)
+        index = {r: j for j, r in enumerate(RATE_GRID)}
+        cands = [[quant[index[r], i] for i, r in enumerate(rates)] for rates in grid]
+        thresholds = _best(trace, cands, protect_last, max_risk)
+        how = f"max risk {max_risk} (replay over {len(cands)} per-checkpoint exit-rate settings)"
+    else:
+        shape = shape_for(strategy, c)
+        scales = _scaled(risk, shape)
+        cands = [list(shape * s) for s in scales]
+        if max_risk is not None:
+            thresholds = _best(trace, cands, protect_last, max_risk)
+            how = f"max risk {max_risk} along the {strategy} preset's threshold shape {shape.round(3).tolist()}"
+        else:
+            target = PRESETS[strategy]["exit_rate"]
+            table = sedac_core.replay(trace, [_rule(t, protect_last) for t in cands])
+            j = int(np.argmin(np.abs(table["exit_rate"] - target)))
+            thresholds = cands[j]
+            how = f"{strategy} preset: exit rate {target:.0%} with thresholds in proportion {shape.round(3).tolist()}"
+
+    thresholds = [float(max(t, sedac_core.MIN_THRESHOLD)) for t in thresholds]
+    v60 = sedac_core.replay(trace, [_rule(thresholds, protect_last)])
+    marginal = [float(np.mean(risk[:, i] < thresholds[i])) for i in range(c)]
+    weights = DEFAULT_WEIGHTS.get(c, tuple([1.0 / c] * c))
+    v61_rule = sedac_core.ProbeRule(tuple(thresholds), "confidence", tuple(marginal), weights, 0.9, protect_last)
+    v61 = sedac_core.replay(trace, [v61_rule])
+    evidence = {
+        "how": how,
+        "data": str(data["path"]), "text": dmeta["text"], "text_sha256": dmeta["text_sha256"],
+        "tokens": int(risk.shape[0]),
+        "risk_definition": "replay estimate: fraction of tokens that exit where the collected label says the "
+                           "full model's top-1 would change (tokens treated independently)",
+        "v6_0": {k: float(v60[k][0]) for k in ("exit_rate", "skipped_mlp", "disagreement")},
+        "v6_1": {k: float(v61[k][0]) for k in ("exit_rate", "skipped_mlp", "disagreement")},
+        "v6_1_weights": list(weights), "v6_1_decay": 0.9,
+        "per_checkpoint_exit_rate": marginal,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    update_meta(probe_dir, thresholds=thresholds, exit_rates=marginal, calibration=evidence)
+    e = evidence["v6_0"]
+    log(f"thresholds {[round(t, 4) for t in thresholds]} ({how}): exit rate {e['exit_rate']:.2%}, skipped MLP "
+        f"{e['skipped_mlp']:.2%}, estimated risk {e['disagreement']:.2%} on {risk.shape[0]} tokens")
+    return evidence
+
+
+def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float) -> List[float]:
+    table = sedac_core.replay(trace, [_rule(t, protect_last) for t in cands])
+    ok = np.flatnonzero(table["disagreement"] <= max_risk)
+    if ok.size == 0:
+        raise InputError(f"no threshold setting keeps the estimated risk <= {max_risk}; "
+                         f"the smallest is {float(np.nanmin(table['disagreement'])):.4f}")
+    best = ok[np.lexsort((table["disagreement"][ok], -table["skipped_mlp"][ok]))[0]]
+    return list(cands[best])
