@@ -63,9 +63,10 @@ def evaluate(model_dir: Any, text_file: Any, config: Dict[str, Any], tokens: int
     result = {
         "text": str(text_file),
         "config": measure(layout, windows, monitor_rule(L, *(cfg[k] for k in keys)), base.top1, base.nll,
-                          batch_size),
+                          batch_size, protect_first=cfg.get("protect_first", 1)),
+        # the seeds' defaults as the seeds define them: no protected first token
         "seed_defaults": measure(layout, windows, monitor_rule(L, **SEED_DEFAULTS), base.top1, base.nll,
-                                 batch_size),
+                                 batch_size, protect_first=0),
     }
     if timing_tokens:
         result["timing"] = time_prefill(layout, tokenizer, text_file, cfg, timing_tokens)

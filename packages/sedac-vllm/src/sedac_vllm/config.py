@@ -1,0 +1,271 @@
+"""SEDAC's vLLM configuration: environment variables, validated at start-up.
+
+Every variable is parsed here and nowhere else; a bad value raises
+:class:`ConfigError` naming the variable, the value and the accepted form, so
+vLLM stops before loading the model. Values from a ``sedac_config.json``
+(``SEDAC_CONFIG``, monitor mode) or a probe directory (``SEDAC_PROBE_DIR``)
+are defaults that explicit variables override.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+
+class ConfigError(ValueError):
+    """A SEDAC environment variable or file is invalid; the message names it."""
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+# name -> (accepted form, default shown in docs)
+VARIABLES: Dict[str, str] = {
+    "SEDAC_ENABLED": "0 or 1 (default 0: vLLM untouched)",
+    "SEDAC_MODE": "'monitor' (V7) or 'probe' (V6); default: probe if SEDAC_PROBE_DIR is set, else monitor",
+    "SEDAC_CONFIG": "path to a sedac_config.json from `sedac-monitor calibrate` (monitor mode)",
+    "SEDAC_TAU": "similarity threshold, a number (default 0.98; > 1 disables exits)",
+    "SEDAC_CONSECUTIVE_K": "integer >= 1 (default 2)",
+    "SEDAC_MIN_LAYER": "integer >= 0: no V7 run counts before this layer (default 0)",
+    "SEDAC_MONITOR_MODE": "'cascade' or 'per_layer' (default cascade)",
+    "SEDAC_PROTECT_LAST": "integer >= 0: the last N layers always run their MLP (default 0)",
+    "SEDAC_PROTECT_FIRST": "integer >= 0: tokens at positions < N never exit (default 1: the attention sink)",
+    "SEDAC_PROBE_DIR": "directory written by `sedac-probes train` (probe mode)",
+    "SEDAC_PROBE_LAYERS": "comma-separated layers, e.g. 7,14,21; must equal the probe file's (default: the file's)",
+    "SEDAC_PROBE_RANK": "integer; must equal the probe file's rank (default: the file's)",
+    "SEDAC_THRESHOLDS": "comma-separated numbers > 0, one per probe layer (default: the file's calibrated ones)",
+    "SEDAC_EXIT_RATES": "comma-separated numbers in [0, 1], one per probe layer (default: the file's, else 0.2,0.6,0.9)",
+    "SEDAC_RULE": "'threshold' (V6.0) or 'confidence' (V6.1) (default threshold)",
+    "SEDAC_ADAPTIVE": "0 or 1 (default: 0 if the probe file is calibrated, else 1)",
+    "SEDAC_CALIBRATION_STEPS": "integer >= 0 (default 50)",
+    "SEDAC_CONFIDENCE_DECAY": "number in [0, 1] (default 0.9)",
+    "SEDAC_SOFT_EXIT": "0 or 1 (default 0)",
+    "SEDAC_LAYER_WEIGHTS": "comma-separated numbers >= 0, one per probe layer (default 0.3,0.4,0.3 for three)",
+    "SEDAC_ALPHA": "adaptive EMA step, number in (0, 1] (default 0.1)",
+    "SEDAC_LOG_EVERY": "integer >= 0: log exit statistics every N forward steps, 0 = never (default 50)",
+    "SEDAC_METRICS_FILE": "path the engine writes its statistics to, read by /metrics (default: a temp file)",
+    "SEDAC_TRACE": "path: append per-token decisions of every forward as JSON lines (debugging, tests)",
+}
+
+
+def _bad(name: str, value: str) -> ConfigError:
+    return ConfigError(f"{name}={value!r} is not valid: expected {VARIABLES[name]}")
+
+
+def _get(env: Mapping[str, str], name: str) -> Optional[str]:
+    value = env.get(name)
+    return None if value is None or value.strip() == "" else value.strip()
+
+
+def parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _get(env, name)
+    if value is None:
+        return default
+    if value.lower() in TRUE:
+        return True
+    if value.lower() in FALSE:
+        return False
+    raise _bad(name, value)
+
+
+def parse_number(env: Mapping[str, str], name: str, default: Optional[float], lo: float = -math.inf,
+                 hi: float = math.inf, lo_open: bool = False) -> Optional[float]:
+    value = _get(env, name)
+    if value is None:
+        return default
+    try:
+        v = float(value)
+    except ValueError:
+        raise _bad(name, value) from None
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise _bad(name, value)
+    return v
+
+
+def parse_int(env: Mapping[str, str], name: str, default: Optional[int], lo: int = 0) -> Optional[int]:
+    value = _get(env, name)
+    if value is None:
+        return default
+    try:
+        v = int(value)
+    except ValueError:
+        raise _bad(name, value) from None
+    if v < lo:
+        raise _bad(name, value)
+    return v
+
+
+def parse_list(env: Mapping[str, str], name: str, kind=float, lo: float = -math.inf, hi: float = math.inf,
+               lo_open: bool = False) -> Optional[List[Any]]:
+    value = _get(env, name)
+    if value is None:
+        return None
+    try:
+        items = [kind(x) for x in value.split(",")]
+    except ValueError:
+        raise _bad(name, value) from None
+    for v in items:
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            raise _bad(name, value)
+    return items
+
+
+def parse_choice(env: Mapping[str, str], name: str, choices, default: Optional[str]) -> Optional[str]:
+    value = _get(env, name)
+    if value is None:
+        return default
+    if value not in choices:
+        raise _bad(name, value)
+    return value
+
+
+@dataclass
+class SedacConfig:
+    """Everything the vLLM plugin needs, parsed and range-checked (model-independent checks only;
+    the model-dependent ones run when the model is built, see :meth:`check_model`)."""
+
+    enabled: bool = False
+    mode: str = "monitor"
+    # monitor (V7)
+    tau: float = 0.98
+    consecutive_k: int = 2
+    min_layer: int = 0
+    monitor_mode: str = "cascade"
+    config_file: Optional[str] = None
+    # shared
+    protect_last: int = 0
+    protect_first: int = 1
+    # probe (V6)
+    probe_dir: Optional[str] = None
+    probe_layers: Optional[List[int]] = None
+    probe_rank: Optional[int] = None
+    thresholds: Optional[List[float]] = None
+    exit_rates: Optional[List[float]] = None
+    rule: str = "threshold"
+    adaptive: Optional[bool] = None
+    calibration_steps: int = 50
+    confidence_decay: float = 0.9
+    soft_exit: bool = False
+    layer_weights: Optional[List[float]] = None
+    alpha: float = 0.1
+    # reporting
+    log_every: int = 50
+    metrics_file: Optional[str] = None
+    trace: Optional[str] = None
+    sources: Dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "SedacConfig":
+        env = os.environ if env is None else env
+        unknown = sorted(k for k in env if k.startswith("SEDAC_") and k not in VARIABLES
+                         and k not in ("SEDAC_CORE_BACKEND", "SEDAC_ASSETS", "SEDAC_PROGRESS", "SEDAC_TORCH",
+                                       "SEDAC_HYPOTHESIS_PROFILE", "SEDAC_CARGO_SOURCE"))
+        if unknown and parse_bool(env, "SEDAC_ENABLED", False):
+            raise ConfigError(f"unknown SEDAC variable(s): {', '.join(unknown)} (known: {', '.join(VARIABLES)})")
+        cfg = cls(enabled=parse_bool(env, "SEDAC_ENABLED", False))
+        if not cfg.enabled:
+            return cfg
+        cfg.probe_dir = _get(env, "SEDAC_PROBE_DIR")
+        cfg.config_file = _get(env, "SEDAC_CONFIG")
+        cfg.mode = parse_choice(env, "SEDAC_MODE", ("monitor", "probe"), "probe" if cfg.probe_dir else "monitor")
+        if cfg.mode == "monitor" and cfg.config_file:
+            cfg._monitor_file(cfg.config_file)
+        cfg.tau = parse_number(env, "SEDAC_TAU", cfg.tau)
+        cfg.consecutive_k = parse_int(env, "SEDAC_CONSECUTIVE_K", cfg.consecutive_k, 1)
+        cfg.min_layer = parse_int(env, "SEDAC_MIN_LAYER", cfg.min_layer)
+        cfg.monitor_mode = parse_choice(env, "SEDAC_MONITOR_MODE", ("cascade", "per_layer"), cfg.monitor_mode)
+        cfg.protect_last = parse_int(env, "SEDAC_PROTECT_LAST", cfg.protect_last)
+        cfg.protect_first = parse_int(env, "SEDAC_PROTECT_FIRST", cfg.protect_first)
+        cfg.probe_layers = parse_list(env, "SEDAC_PROBE_LAYERS", int, 0)
+        if cfg.probe_layers is not None and any(b <= a for a, b in zip(cfg.probe_layers, cfg.probe_layers[1:])):
+            raise _bad("SEDAC_PROBE_LAYERS", env["SEDAC_PROBE_LAYERS"])
+        cfg.probe_rank = parse_int(env, "SEDAC_PROBE_RANK", None, 1)
+        cfg.thresholds = parse_list(env, "SEDAC_THRESHOLDS", float, 0.0, lo_open=True)
+        cfg.exit_rates = parse_list(env, "SEDAC_EXIT_RATES", float, 0.0, 1.0)
+        cfg.rule = parse_choice(env, "SEDAC_RULE", ("threshold", "confidence"), cfg.rule)
+        adaptive = _get(env, "SEDAC_ADAPTIVE")
+        cfg.adaptive = None if adaptive is None else parse_bool(env, "SEDAC_ADAPTIVE", False)
+        cfg.calibration_steps = parse_int(env, "SEDAC_CALIBRATION_STEPS", cfg.calibration_steps)
+        cfg.confidence_decay = parse_number(env, "SEDAC_CONFIDENCE_DECAY", cfg.confidence_decay, 0.0, 1.0)
+        cfg.soft_exit = parse_bool(env, "SEDAC_SOFT_EXIT", cfg.soft_exit)
+        cfg.layer_weights = parse_list(env, "SEDAC_LAYER_WEIGHTS", float, 0.0)
+        cfg.alpha = parse_number(env, "SEDAC_ALPHA", cfg.alpha, 0.0, 1.0, lo_open=True)
+        cfg.log_every = parse_int(env, "SEDAC_LOG_EVERY", cfg.log_every)
+        cfg.metrics_file = _get(env, "SEDAC_METRICS_FILE")
+        cfg.trace = _get(env, "SEDAC_TRACE")
+        if cfg.mode == "probe":
+            if not cfg.probe_dir:
+                raise ConfigError("SEDAC_MODE=probe needs SEDAC_PROBE_DIR: the directory written by "
+                                  "`sedac-probes train`")
+            if not Path(cfg.probe_dir).is_dir():
+                raise ConfigError(f"SEDAC_PROBE_DIR={cfg.probe_dir!r} is not a directory")
+            cfg._check_probe_file()
+        return cfg
+
+    def _check_probe_file(self) -> None:
+        """What can be checked without the model: the probe file reads, and the variables that
+        describe it agree with it (hidden size, depth and identity are checked when the model is built)."""
+        from sedac_probes.io import ProbeFileError, load
+
+        try:
+            probes = load(self.probe_dir)
+        except ProbeFileError as exc:
+            raise ConfigError(f"SEDAC_PROBE_DIR: {exc}") from exc
+        if self.probe_layers is not None and self.probe_layers != probes.layers:
+            raise ConfigError(f"SEDAC_PROBE_LAYERS={','.join(map(str, self.probe_layers))} does not match the "
+                              f"probe file's layers {','.join(map(str, probes.layers))} ({self.probe_dir})")
+        if self.probe_rank is not None and self.probe_rank != probes.bank.rank:
+            raise ConfigError(f"SEDAC_PROBE_RANK={self.probe_rank} does not match the probe file's rank "
+                              f"{probes.bank.rank} ({self.probe_dir})")
+        n = len(probes.layers)
+        for name, values in (("SEDAC_THRESHOLDS", self.thresholds), ("SEDAC_EXIT_RATES", self.exit_rates),
+                             ("SEDAC_LAYER_WEIGHTS", self.layer_weights)):
+            if values is not None and len(values) != n:
+                raise ConfigError(f"{name} has {len(values)} values but the probes in {self.probe_dir} have "
+                                  f"{n} layers ({','.join(map(str, probes.layers))})")
+
+    def _monitor_file(self, path: str) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"SEDAC_CONFIG={path!r}: file not found (expected a sedac_config.json from "
+                              "`sedac-monitor calibrate`)")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"SEDAC_CONFIG={path!r} is not valid JSON: {exc}") from None
+        need = ("tau", "consecutive_k", "min_layer", "protect_last", "mode")
+        if not isinstance(data, dict) or any(k not in data for k in need):
+            raise ConfigError(f"SEDAC_CONFIG={path!r} is not a sedac_config.json (needs {', '.join(need)})")
+        self.tau, self.consecutive_k, self.min_layer = data["tau"], data["consecutive_k"], data["min_layer"]
+        self.protect_last, self.monitor_mode = data["protect_last"], data["mode"]
+        self.protect_first = data.get("protect_first", self.protect_first)
+        self.sources["monitor"] = str(p)
+        self.config_json = data
+
+    def check_model(self, num_layers: int) -> None:
+        """Model-dependent checks (run when the model is built)."""
+        if self.protect_last >= num_layers:
+            raise ConfigError(f"SEDAC_PROTECT_LAST={self.protect_last} leaves no layer for a {num_layers}-layer model")
+        if self.mode == "monitor":
+            made_for = getattr(self, "config_json", {}).get("model", {}).get("num_layers")
+            if made_for is not None and made_for != num_layers:
+                raise ConfigError(f"SEDAC_CONFIG={self.config_file!r} was calibrated for a {made_for}-layer model, "
+                                  f"this model has {num_layers} layers")
+            if self.min_layer >= num_layers:
+                raise ConfigError(f"SEDAC_MIN_LAYER={self.min_layer} is outside a {num_layers}-layer model "
+                                  f"(accepted: 0..{num_layers - 1})")
+            if self.consecutive_k > num_layers:
+                raise ConfigError(f"SEDAC_CONSECUTIVE_K={self.consecutive_k} exceeds the model's {num_layers} layers")
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "SEDAC disabled"
+        if self.mode == "monitor":
+            return (f"SEDAC monitor: tau={self.tau} K={self.consecutive_k} min_layer={self.min_layer} "
+                    f"mode={self.monitor_mode} protect_last={self.protect_last} protect_first={self.protect_first}")
+        return (f"SEDAC probe: {self.probe_dir} rule={self.rule} soft_exit={self.soft_exit} "
+                f"adaptive={self.adaptive} protect_last={self.protect_last} protect_first={self.protect_first}")

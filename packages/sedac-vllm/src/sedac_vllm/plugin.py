@@ -1,0 +1,48 @@
+"""vLLM plugin entry point (``vllm.general_plugins`` -> ``sedac_vllm.plugin:register``).
+
+vLLM calls ``register()`` in every process it starts (API server, engine
+core, workers). With ``SEDAC_ENABLED`` unset or 0 it does nothing at all.
+With ``SEDAC_ENABLED=1`` it validates every SEDAC variable (a bad value stops
+start-up with a message naming it), points vLLM's ``Qwen2ForCausalLM``,
+``LlamaForCausalLM`` and ``Qwen3ForCausalLM`` at SEDAC's subclasses, and, in
+the first process, chooses the statistics file that ``/metrics`` reads.
+Calling it again is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+from .config import SedacConfig
+
+logger = logging.getLogger("sedac_vllm")
+
+ARCHITECTURES = {
+    "Qwen2ForCausalLM": "sedac_vllm.models:SedacQwen2ForCausalLM",
+    "LlamaForCausalLM": "sedac_vllm.models:SedacLlamaForCausalLM",
+    "Qwen3ForCausalLM": "sedac_vllm.models:SedacQwen3ForCausalLM",
+}
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    cfg = SedacConfig.from_env()  # raises ConfigError on any bad value, enabled or not
+    if not cfg.enabled:
+        return
+    if not os.environ.get("SEDAC_METRICS_FILE"):
+        # set before vLLM spawns the engine, so every process agrees on the file
+        os.environ["SEDAC_METRICS_FILE"] = os.path.join(tempfile.gettempdir(), f"sedac-metrics-{os.getpid()}.json")
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    for arch, target in ARCHITECTURES.items():
+        ModelRegistry.register_model(arch, target)
+    from .metrics import install_collector
+
+    install_collector(os.environ["SEDAC_METRICS_FILE"])
+    _registered = True
+    logger.info("SEDAC enabled: %s (%s)", cfg.describe(), ", ".join(ARCHITECTURES))

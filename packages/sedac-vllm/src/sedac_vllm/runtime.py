@@ -1,0 +1,175 @@
+"""One SEDAC runtime per vLLM model instance: the decider, statistics, trace and adaptive thresholds.
+
+The decision code is sedac-monitor's (V7, :class:`sedac_monitor.decide.MonitorDecider`)
+and sedac-probes' (V6, :class:`sedac_probes.decide.ProbeDecider`); the
+gather -> MLP -> scatter is sedac-monitor's :class:`~sedac_monitor.engine.SkipRuntime`.
+This module only wires them to vLLM's flattened ``[num_tokens, hidden]`` batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import torch
+from sedac_monitor.engine import SkipRuntime
+
+from .config import ConfigError, SedacConfig
+
+logger = logging.getLogger("sedac_vllm")
+
+_RUNTIMES: Dict[str, "VllmSedac"] = {}
+_LOCK = threading.Lock()
+
+
+def get(key: str) -> "VllmSedac":
+    return _RUNTIMES[key]
+
+
+class VllmSedac:
+    """Built by the patched model's ``__init__``; looked up by key from the custom ops."""
+
+    def __init__(self, cfg: SedacConfig, hf_config: Any, num_layers: int, hidden_size: int, device: torch.device,
+                 tp_rank: int = 0) -> None:
+        cfg.check_model(num_layers)
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.tp_rank = tp_rank
+        self.controller = None
+        self.probes = None
+        self.step = 0
+        self._last_write = 0.0
+        self._input_ids: Optional[torch.Tensor] = None
+        self._positions: Optional[torch.Tensor] = None
+        if cfg.mode == "monitor":
+            decider = self._monitor_decider()
+            self.stream_layers = None  # every layer
+        else:
+            decider = self._probe_decider(hf_config, hidden_size, device)
+            self.stream_layers = set(decider.bank.layers)
+        self.decider = decider
+        self.runtime = SkipRuntime(decider, num_layers, cfg.protect_first)
+        with _LOCK:
+            self.key = f"m{len(_RUNTIMES)}"
+            _RUNTIMES[self.key] = self
+        if cfg.metrics_file is None:
+            cfg.metrics_file = os.environ.get("SEDAC_METRICS_FILE")
+        logger.info("%s (%d layers)", cfg.describe(), num_layers)
+
+    # -- building the decider ------------------------------------------------
+    def _monitor_decider(self):
+        from sedac_monitor.accelerator import monitor_rule
+        from sedac_monitor.decide import MonitorDecider
+
+        c = self.cfg
+        try:
+            rule = monitor_rule(self.num_layers, c.tau, c.consecutive_k, c.min_layer, c.protect_last, c.monitor_mode)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"SEDAC monitor settings are invalid for this model: {exc}") from exc
+        return MonitorDecider(rule, self.num_layers)
+
+    def _probe_decider(self, hf_config: Any, hidden_size: int, device: torch.device):
+        import sedac_core
+        from sedac_probes.decide import ProbeDecider, TorchCascade
+        from sedac_probes.io import ProbeFileError, load
+
+        c = self.cfg
+        try:
+            probes = load(c.probe_dir, model_config=hf_config, device=device)
+        except ProbeFileError as exc:
+            raise ConfigError(f"SEDAC_PROBE_DIR: {exc}") from exc
+        layers = probes.layers
+        if probes.meta.get("protect_last", c.protect_last) != c.protect_last:
+            logger.warning("probes were calibrated with protect_last=%s, serving with SEDAC_PROTECT_LAST=%s",
+                           probes.meta.get("protect_last"), c.protect_last)
+        n = len(layers)
+        thresholds = c.thresholds or probes.thresholds
+        exit_rates = c.exit_rates or probes.exit_rates or ([0.2, 0.6, 0.9] if n == 3 else [0.5] * n)
+        weights = c.layer_weights or ([0.3, 0.4, 0.3] if n == 3 else [1.0 / n] * n)
+        adaptive = c.adaptive if c.adaptive is not None else probes.thresholds is None
+        if thresholds is None:
+            if not adaptive:
+                raise ConfigError(f"the probes in {c.probe_dir} are not calibrated: set SEDAC_THRESHOLDS, run "
+                                  "`sedac-probes calibrate`, or use SEDAC_ADAPTIVE=1")
+            thresholds = [0.8, 1.3, 1.7] if n == 3 else [1.0] * n  # the seeds' defaults
+        cascade = TorchCascade(thresholds, c.rule, exit_rates, weights, c.confidence_decay, c.soft_exit, device)
+        if adaptive:
+            self.controller = sedac_core.CascadeController(
+                [sedac_core.LayerConfig(layer, exit_rates[i], thresholds[i], weights[i]) for i, layer in
+                 enumerate(layers)],
+                alpha=c.alpha, confidence_decay=c.confidence_decay, soft_exit=c.soft_exit, adaptive=True,
+                calibration_steps=c.calibration_steps, rule=c.rule)
+        self.probes = probes
+        c.adaptive = adaptive
+        return ProbeDecider(probes.bank, cascade, self.num_layers, c.protect_last)
+
+    # -- per forward -----------------------------------------------------------
+    def begin(self, stream: torch.Tensor, positions: torch.Tensor, input_ids: Optional[torch.Tensor]) -> None:
+        self._positions = positions
+        self._input_ids = input_ids
+        self.runtime.begin(stream, None, positions)
+
+    def wants_stream(self, layer: int) -> bool:
+        return self.stream_layers is None or layer in self.stream_layers
+
+    def after_layer(self, layer: int, stream: Optional[torch.Tensor]) -> None:
+        self.runtime.after_layer(layer, stream)
+        if layer == self.num_layers - 1:
+            self._end_of_forward()
+
+    def _end_of_forward(self) -> None:
+        self.step += 1
+        if self.controller is not None and self.decider.last_risk is not None:
+            risk = self.decider.last_risk
+            if risk.numel():
+                self.controller.observe(risk.float().cpu().numpy())
+                self.decider.cascade.thresholds.copy_(torch.as_tensor(self.controller.thresholds))
+        if self.tp_rank != 0:
+            return
+        if self.cfg.trace:
+            self._write_trace()
+        now = time.monotonic()
+        if self.cfg.metrics_file and now - self._last_write > 0.5:
+            self.write_stats()
+            self._last_write = now
+        if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+            s = self.stats()
+            logger.info("SEDAC step %d: %d tokens, skipped MLP %.2f%%, exited %.2f%%", self.step, s["tokens"],
+                        100 * s["skipped_mlp_fraction"], 100 * s["exited_fraction"])
+
+    def _write_trace(self) -> None:
+        rec = {"pos": self._positions.tolist(),
+               "first_skip": self.runtime.last_first_skip.tolist(),
+               "row_skips": [round(x, 4) for x in self.runtime.last_row_skips.tolist()]}
+        if self._input_ids is not None:
+            rec["tok"] = self._input_ids.tolist()
+        with open(self.cfg.trace, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def stats(self) -> Dict[str, Any]:
+        st = self.runtime.stats
+        base: Dict[str, Any] = st.as_dict() if st is not None else {
+            "tokens": 0, "skipped_mlp_blocks": 0.0, "skipped_mlp_fraction": 0.0,
+            "per_layer_skip_rate": [0.0] * self.num_layers, "exit_layer_histogram": {"none": 0},
+            "exited_fraction": 0.0}
+        base.update(mode=self.cfg.mode, steps=self.step, num_layers=self.num_layers, pid=os.getpid(),
+                    time=time.time())
+        if self.cfg.mode == "probe":
+            base["thresholds"] = [float(t) for t in self.decider.cascade.thresholds.tolist()]
+            base["probe_layers"] = list(self.decider.bank.layers)
+        return base
+
+    def write_stats(self) -> None:
+        path = self.cfg.metrics_file
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(self.stats(), fh)
+            os.replace(tmp, path)
+        except OSError as exc:  # metrics must never take the server down
+            logger.warning("SEDAC could not write statistics to %s: %s", path, exc)
+

