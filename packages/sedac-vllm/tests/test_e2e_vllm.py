@@ -114,7 +114,7 @@ def hf_monitor_setup(model, prompt_ids):
         sims.append(torch.stack(rec.sims, 1)[:, L - 2])
     # about half the tokens reach S >= tau by layer L-2 (exits there still skip the last layer's MLP)
     tau = gap_value(torch.cat(sims).numpy(), 0.5)
-    for _ in range(6):
+    for _ in range(12):
         rule_args = dict(tau=tau, consecutive_k=1, min_layer=1)
         factory = lambda: RecordingMonitor(create_universal_accelerator(model, **rule_args).rule, L)  # noqa: E731
         seqs = [greedy(model, factory, p) for p in prompt_ids]
@@ -124,7 +124,7 @@ def hf_monitor_setup(model, prompt_ids):
             patched_pass(model, d, s[:-1])
             seen += [x for x in d.seen]
         allv = torch.cat(seen).numpy()
-        if np.min(np.abs(allv - tau)) > 2e-4:
+        if np.min(np.abs(allv - tau)) > 5e-5:  # vLLM and HF agree to ~1e-6 in float32
             return tau, seqs
         tau = gap_value(allv, None, centre=tau)
     raise AssertionError("no tau with a safe margin found")
@@ -172,7 +172,7 @@ def e2e(request, tmp_path_factory):
     def probe_factory():
         return RecordingProbe(probes.bank, TorchCascade(thresholds, "threshold"), L)
 
-    for _ in range(6):
+    for _ in range(12):
         pseqs = [greedy(model, probe_factory, p) for p in prompt_ids]
         seen = {0: [], 1: []}
         for s in pseqs:
@@ -181,7 +181,7 @@ def e2e(request, tmp_path_factory):
             for i, r in d.seen:
                 seen[i].append(r)
         margins = [np.min(np.abs(torch.cat(seen[i]).numpy() - thresholds[i])) for i in range(2)]
-        if min(margins) > 2e-4:
+        if min(margins) > 5e-5:
             break
         thresholds = [gap_value(torch.cat(seen[i]).numpy(), None, centre=thresholds[i]) for i in range(2)]
     else:
@@ -196,8 +196,8 @@ def e2e(request, tmp_path_factory):
         {"name": "tau_above_one", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "1.5"}},
         {"name": "monitor", "env": monitor_env, "phases": ["together", "separate"]},
         {"name": "monitor_chunked_prefix", "env": monitor_env, "phases": ["together", "repeat"],
-         "llm": {"enable_chunked_prefill": True, "max_num_batched_tokens": 16, "max_num_seqs": 16,
-                 "enable_prefix_caching": True}},
+         "llm": {"enable_chunked_prefill": True, "max_num_batched_tokens": 32, "max_num_seqs": 32,
+                 "enable_prefix_caching": True, "block_size": 32}},
         {"name": "probe", "env": probe_env},
     ]
     results, _ = run_vllm(model_dir, runs, tmp)

@@ -1,8 +1,10 @@
-"""sedac_bench: Benchmarks, baselines, plots and reports for SEDAC on a bundled real model.
+"""sedac_bench: benchmarks, baselines, plots and reports for SEDAC on a bundled real model.
 
-So far: ``sedac-bench assets`` (see :mod:`sedac_bench.assets`), the real model
-and text every package's integration tests use. Benchmarks and reports arrive
-with their own issue (see the repository README).
+``sedac-bench assets`` builds the real model and text every package's
+integration tests use; ``sedac-bench run`` measures quality, compute and
+wall-clock of SEDAC against baselines and writes ``bench-results/report.md``;
+``sedac-bench suite`` runs the seeds' test suite; ``sedac-bench readme``
+regenerates the README's results table from the report.
 """
 
 from importlib import metadata as _metadata

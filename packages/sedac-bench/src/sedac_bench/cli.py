@@ -1,8 +1,9 @@
-"""``sedac-bench`` command line."""
+"""``sedac-bench`` command line: assets, run, suite, readme."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,18 +12,56 @@ from . import assets
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="sedac-bench", description="SEDAC benchmarks and their assets")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("assets", help="convert the bundled SmolLM2 model and extract the real text corpora")
     p.add_argument("--cache", type=Path, default=None,
                    help="asset directory (default: $SEDAC_ASSETS or ~/.cache/sedac/assets)")
     p.add_argument("--force", action="store_true", help="rebuild even if the cache verifies")
+    r = sub.add_parser("run", help="quality / compute / wall-clock of SEDAC vs baselines; writes the report")
+    r.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
+    r.add_argument("--out", type=Path, default=Path("bench-results"))
+    r.add_argument("--size", choices=("quick", "full"), default="quick",
+                   help="quick: the demo's sizes (~15 min on 2 cores); full: the issue's vLLM workloads")
+    r.add_argument("--no-vllm", action="store_true", help="skip the vLLM throughput part")
+    r.add_argument("--folders", default="llama", help="model folders for vLLM: llama, qwen2 or llama,qwen2")
+    s = sub.add_parser("suite", help="the seeds' test suite: quality, robustness, distribution shift, latency")
+    s.add_argument("--cache", type=Path, default=None)
+    s.add_argument("--out", type=Path, default=Path("bench-results"))
+    s.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
+    s.add_argument("--no-server", action="store_true", help="skip the latency-under-load part")
+    m = sub.add_parser("readme", help="regenerate the README's results table from a results.json")
+    m.add_argument("--results", type=Path, default=Path("bench-results/results.json"))
+    m.add_argument("--readme", type=Path, default=Path("README.md"))
     args = parser.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    command = "sedac-bench " + " ".join(shlex.quote(a) for a in argv)
     try:
         if args.command == "assets":
-            root = assets.build(args.cache, force=args.force)
-            print(root)
-    except assets.AssetError as exc:
+            print(assets.build(args.cache, force=args.force))
+        elif args.command == "run":
+            from .run import run
+
+            folders = tuple(f.strip() for f in args.folders.split(",") if f.strip())
+            bad = [f for f in folders if f not in ("llama", "qwen2")]
+            if bad:
+                parser.error(f"--folders takes llama and/or qwen2, got {', '.join(bad)}")
+            print(run(args.cache, args.out, args.size, not args.no_vllm, folders, log=log, command=command))
+        elif args.command == "suite":
+            from .suite import suite
+
+            report = suite(args.cache, args.out, args.config, server=not args.no_server, log=log, command=command)
+            print(report)
+        else:
+            from .report import update_readme
+
+            if not args.results.is_file():
+                print(f"sedac-bench: error: {args.results} not found; run `sedac-bench run` first", file=sys.stderr)
+                return 2
+            update_readme(args.results, args.readme)
+            print(f"updated {args.readme} from {args.results}")
+    except (assets.AssetError, ValueError, FileNotFoundError) as exc:
         print(f"sedac-bench: error: {exc}", file=sys.stderr)
         return 2
     return 0

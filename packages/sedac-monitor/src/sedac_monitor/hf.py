@@ -101,6 +101,7 @@ class Pass:
     nll: torch.Tensor  # float64 [tokens]: -log p(next token)
     first_skip: Optional[torch.Tensor] = None  # int64 [tokens] first skipped layer (num_layers: none)
     row_skips: Optional[torch.Tensor] = None  # float32 [tokens] MLP blocks skipped (soft exits fractional)
+    stats: Optional[dict] = None  # the runtime's ExitStats over every position (last ones included)
 
     @property
     def ppl(self) -> float:
@@ -157,13 +158,13 @@ class ForcedExitDecider:
 
 def teacher_forced(layout: DecoderLayout, windows: torch.Tensor, decider: Any = None, batch_size: int = 4,
                    desc: str = "", on_batch: Optional[Callable[[slice, Any], None]] = None,
-                   protect_first: int = 1) -> Pass:
+                   protect_first: int = 1, soft_exit: bool = False) -> Pass:
     """Run ``windows`` through the model (with ``decider`` attached, if given)
     and collect each position's top-1 and next-token NLL. ``on_batch(slice,
     decider)`` is called after each batch (e.g. to read recorded signals)."""
     model = layout.model
     runtime = SkipRuntime(decider, layout.num_layers, protect_first) if decider is not None else None
-    attachment = HFAttachment(layout, runtime) if runtime is not None else None
+    attachment = HFAttachment(layout, runtime, soft_exit) if runtime is not None else None
     top1, nll, first, skips = [], [], [], []
     try:
         with torch.no_grad():
@@ -182,7 +183,8 @@ def teacher_forced(layout: DecoderLayout, windows: torch.Tensor, decider: Any = 
         if attachment is not None:
             attachment.detach()
     return Pass(torch.cat(top1), torch.cat(nll), torch.cat(first) if first else None,
-                torch.cat(skips) if skips else None)
+                torch.cat(skips) if skips else None,
+                runtime.stats.as_dict() if runtime is not None and runtime.stats is not None else None)
 
 
 def cascade_labels(layout: DecoderLayout, windows: torch.Tensor, positions: Sequence[int], protect_last: int,

@@ -2,7 +2,7 @@
 
 The model runs in vLLM's worker process; ``/metrics`` is served by the API
 server process. The worker writes its statistics to ``SEDAC_METRICS_FILE``
-(JSON, replaced atomically at most twice a second and read on every scrape);
+(JSON, replaced atomically at most five times a second, from a background thread and read on every scrape);
 the API server exposes them through a collector registered in
 prometheus_client's default registry by :func:`sedac_vllm.plugin.register`.
 With several API servers (``--api-server-count > 1``, Prometheus

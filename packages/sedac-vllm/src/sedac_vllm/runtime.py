@@ -42,7 +42,8 @@ class VllmSedac:
         self.controller = None
         self.probes = None
         self.step = 0
-        self._last_write = 0.0
+        self._dirty = False
+        self._writer: Optional[threading.Thread] = None
         self._input_ids: Optional[torch.Tensor] = None
         self._positions: Optional[torch.Tensor] = None
         if cfg.mode == "monitor":
@@ -132,10 +133,11 @@ class VllmSedac:
             return
         if self.cfg.trace:
             self._write_trace()
-        now = time.monotonic()
-        if self.cfg.metrics_file and now - self._last_write > 0.5:
-            self.write_stats()
-            self._last_write = now
+        if self.cfg.metrics_file:
+            self._dirty = True
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._flush_loop, name="sedac-metrics", daemon=True)
+                self._writer.start()
         if self.cfg.log_every and self.step % self.cfg.log_every == 0:
             s = self.stats()
             logger.info("SEDAC step %d: %d tokens, skipped MLP %.2f%%, exited %.2f%%", self.step, s["tokens"],
@@ -162,6 +164,14 @@ class VllmSedac:
             base["thresholds"] = [float(t) for t in self.decider.cascade.thresholds.tolist()]
             base["probe_layers"] = list(self.decider.bank.layers)
         return base
+
+    def _flush_loop(self) -> None:
+        """Write the statistics file at most every 0.2 s, and only when something changed."""
+        while True:
+            time.sleep(0.2)
+            if self._dirty:
+                self._dirty = False
+                self.write_stats()
 
     def write_stats(self) -> None:
         path = self.cfg.metrics_file

