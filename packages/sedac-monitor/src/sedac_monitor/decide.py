@@ -49,6 +49,7 @@ class MonitorDecider:
         self.rule = rule
         self.num_layers = int(num_layers)
         self.tau = float(np.float32(rule.tau))  # sedac_core compares in float32
+        self._tau_t: Optional[torch.Tensor] = None
         self._end = max(self.num_layers - rule.protect_last, 0)
         self._prev: Optional[torch.Tensor] = None
         self.run: Optional[torch.Tensor] = None
@@ -72,11 +73,11 @@ class MonitorDecider:
         """Advance the rule by one layer given that layer's similarity column."""
         rule = self.rule
         if layer >= rule.min_layer:
-            high = s >= torch.tensor(self.tau, dtype=torch.float32, device=s.device)
-            self.run = torch.where(high, self.run + 1, torch.zeros_like(self.run))
+            if self._tau_t is None or self._tau_t.device != s.device:
+                self._tau_t = torch.tensor(self.tau, dtype=torch.float32, device=s.device)
+            self.run = (self.run + 1) * (s >= self._tau_t)
         if rule.mode == "cascade" and layer >= rule.min_layer + rule.k - 1:
-            newly = (self.exit_layer < 0) & (self.run >= rule.k)
-            self.exit_layer = torch.where(newly, torch.full_like(self.exit_layer, layer), self.exit_layer)
+            self.exit_layer.masked_fill_((self.exit_layer < 0) & (self.run >= rule.k), layer)
 
     def plan(self, layer: int) -> Plan:
         """Rows whose MLP at ``layer`` is skipped (decided from layers < ``layer``)."""

@@ -90,8 +90,6 @@ class SkipRuntime:
         self.key = f"rt{id(self):x}"
         _RUNTIME_REGISTRY[self.key] = self
         self._valid: Optional[torch.Tensor] = None
-        self._first_skip: Optional[torch.Tensor] = None
-        self._skipped: Optional[torch.Tensor] = None
         # per row, for the last completed forward: first skipped layer (num_layers: none) and MLP blocks skipped
         self.last_first_skip: Optional[torch.Tensor] = None
         self.last_row_skips: Optional[torch.Tensor] = None
@@ -109,10 +107,9 @@ class SkipRuntime:
         if self.stats is None:
             self.stats = ExitStats(self.num_layers, stream.device)
         self._valid = valid
-        self._first_skip = torch.full((rows,), self.num_layers, dtype=torch.int64, device=stream.device)
-        self._skipped = torch.zeros(self.num_layers, dtype=torch.float64, device=stream.device)
-        self._full = torch.zeros(self.num_layers, dtype=torch.int64, device=stream.device)
-        self._row_skips = torch.zeros(rows, dtype=torch.float32, device=stream.device)
+        self._rows, self._device = rows, stream.device
+        self._skips: List[Any] = []  # (layer, skip mask) of the layers where rows skipped, this forward
+        self._soft_parts: List[Any] = []  # (layer, fraction of channels skipped per row) of soft exits
         self.decider.begin(stream)
 
     def after_layer(self, layer: int, stream: torch.Tensor) -> None:
@@ -121,15 +118,33 @@ class SkipRuntime:
             self._finish()
 
     def _finish(self) -> None:
-        stats, first = self.stats, self._first_skip
-        if self._valid is not None:
-            first = first[self._valid]
-        stats.tokens += first.numel()
-        stats.exit_hist += torch.bincount(first, minlength=self.num_layers + 1)
-        stats.skipped += self._skipped
-        stats.full_skips += self._full
-        self.last_first_skip = self._first_skip
-        self.last_row_skips = self._row_skips
+        """Fold this forward's skips into the per-row results and the running statistics."""
+        L, dev = self.num_layers, self._device
+        first = torch.full((self._rows,), L, dtype=torch.int64, device=dev)
+        row_skips = torch.zeros(self._rows, dtype=torch.float32, device=dev)
+        skipped = torch.zeros(L, dtype=torch.float64, device=dev)
+        full = torch.zeros(L, dtype=torch.int64, device=dev)
+        valid = self._valid
+        for layer, skip in self._skips:
+            first.masked_fill_(skip & (first == L), layer)
+            row_skips += skip
+            counted = skip if valid is None else skip & valid
+            n = counted.sum()
+            full[layer] += n
+            skipped[layer] += n
+        for layer, frac in self._soft_parts:  # partial skips: counted as work, not as exits
+            row_skips += frac
+            skipped[layer] += (frac if valid is None else frac * valid).double().sum()
+        stats = self.stats
+        counted_first = first if valid is None else first[valid]
+        stats.tokens += counted_first.numel()
+        stats.exit_hist += torch.bincount(counted_first, minlength=L + 1)
+        stats.skipped += skipped
+        stats.full_skips += full
+        self.last_first_skip = first
+        self.last_row_skips = row_skips
+        self._skips = []
+        self._soft_parts = []
 
     def reset_stats(self) -> None:
         self.stats = None
@@ -156,36 +171,27 @@ class SkipRuntime:
             skip = skip & ~self._protected
             if keep is not None:
                 keep = torch.where(self._protected, torch.ones_like(keep), keep)
-        counted = skip if self._valid is None else skip & self._valid
-        self._first_skip = torch.where(counted & (self._first_skip == self.num_layers),
-                                       torch.full_like(self._first_skip, layer), self._first_skip)
-        n_skip = counted.sum()
-        self._full[layer] += n_skip
-        self._skipped[layer] += n_skip.double()
-        self._row_skips += skip.float()
         if keep is None or truncated is None or intermediate <= 0:
-            if keep is not None and (truncated is None or intermediate <= 0):
+            if keep is not None:
                 raise RuntimeError("a soft-exit plan needs the MLP's truncated form and intermediate size")
-            active = (~skip).nonzero().squeeze(1)
+            active = (~skip).nonzero().squeeze(1)  # the one host sync of a layer
             if active.numel() == rows:
-                return full(x)
+                return full(x)  # nothing skipped here: no bookkeeping either
+            self._skips.append((layer, skip))  # counted once per forward, in _finish
             out = flat.new_zeros(flat.shape)
             if active.numel():
                 out.index_copy_(0, active, full(flat.index_select(0, active)))
             return out.view(shape)
-        return self._soft(layer, flat, skip, keep, full, truncated, intermediate, counted).view(shape)
+        self._skips.append((layer, skip))
+        return self._soft(layer, flat, skip, keep, full, truncated, intermediate).view(shape)
 
-    def _soft(self, layer, flat, skip, keep, full, truncated, intermediate, counted):
+    def _soft(self, layer, flat, skip, keep, full, truncated, intermediate):
         step = max(intermediate // SOFT_GROUPS, 1)
         # channels to compute per row, rounded up to a multiple of `step`; skipped rows compute 0
         m = torch.clamp(torch.ceil(keep.float() * intermediate / step) * step, max=intermediate).to(torch.int64)
         m = torch.where(skip, torch.zeros_like(m), m)
-        soft_rows = (~skip) & (m < intermediate)
-        if self._valid is not None:
-            soft_rows = soft_rows & self._valid
-        self._skipped[layer] += ((intermediate - m[soft_rows]).double() / intermediate).sum()
-        self._row_skips += torch.where(skip | (m >= intermediate), torch.zeros_like(self._row_skips),
-                                       (intermediate - m).float() / intermediate)
+        frac = torch.where(skip, torch.zeros(1, device=m.device), (intermediate - m).float() / intermediate)
+        self._soft_parts.append((layer, frac))
         out = flat.new_zeros(flat.shape)
         values = torch.unique(m).tolist()  # one host sync; at most SOFT_GROUPS + 1 groups
         for value in values:

