@@ -13,6 +13,7 @@ from sedac_monitor.hf import ForcedExitDecider, load_model, teacher_forced, toke
 from sedac_monitor.layouts import find_layout, model_identity
 from sedac_monitor.testing import tiny_model
 from sedac_probes import ProbeFileError
+from sedac_probes.calibrate import calibrate as calibrate_probes
 from sedac_probes.cli import main
 from sedac_probes.collect import collect, default_layers
 from sedac_probes.train import auroc, r2, spearman
@@ -145,6 +146,22 @@ def test_calibrate_writes_thresholds_and_evidence(pipeline, tmp_path):
     loaded = sedac_probes.load(probes, model_config={"hidden_size": 128, "num_hidden_layers": 6,
                                                      "intermediate_size": 256, "vocab_size": 384})
     assert loaded.layers == [1, 3, 4] and len(loaded.thresholds) == 3
+
+
+def test_calibrate_with_the_model_checks_measured_risk(pipeline, tiny_dir, tmp_path):
+    probes = tmp_path / "p"
+    shutil.copytree(pipeline / "safety", probes)
+    assert main(["calibrate", "--probes", str(probes), "--data", str(pipeline / "data"), "--max-risk", "0.1",
+                 "--model", str(tiny_dir / "llama"), "--budget", "4"]) == 0
+    ev = json.loads((probes / "sedac_probes.json").read_text())["calibration"]
+    assert ev["measured"]["risk"] <= 0.1 and ev["measured"]["tokens"] == 12 * 62
+    assert 1 <= len(ev["measured_candidates"]) <= 5
+    meta = json.loads((probes / "sedac_probes.json").read_text())
+    assert ev["measured"]["thresholds"] == pytest.approx(meta["thresholds"])
+    other = tmp_path / "other"
+    tiny_model("llama", other, seed=3)
+    with pytest.raises(Exception, match="is not the model the data"):
+        calibrate_probes(probes, pipeline / "data", max_risk=0.1, model=other, log=lambda m: None)
 
 
 def test_calibrate_rejects_conflicting_choices(pipeline, capsys):

@@ -76,8 +76,14 @@ def _rule(thresholds: Sequence[float], protect_last: int) -> sedac_core.ProbeRul
 
 
 def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float]] = None,
-              max_risk: Optional[float] = None, strategy: Optional[str] = None, log: Log = print) -> Dict[str, Any]:
-    """Choose thresholds, measure them by replay, and write them into the probe metadata."""
+              max_risk: Optional[float] = None, strategy: Optional[str] = None, log: Log = print,
+              model: Any = None, budget: int = 6, model_and_tokenizer: Any = None) -> Dict[str, Any]:
+    """Choose thresholds, measure them by replay (and, with ``model``, by running the model on the
+    data's token windows), and write them into the probe metadata.
+
+    With ``model`` and ``max_risk``, the replay-ranked candidates are binary-searched by *measured* risk
+    (at most ``budget`` model runs): replay treats tokens independently and is optimistic.
+    """
     if exit_rates is not None and (max_risk is not None or strategy is not None):
         raise InputError("--exit-rates sets the thresholds by itself; it cannot be combined with "
                          "--max-risk or --strategy")
@@ -103,6 +109,9 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         raise InputError(f"the probes were trained with protect_last={probes.meta['protect_last']} but "
                          f"{data_dir} was collected with protect_last={protect_last}")
     rows = torch.nonzero(data["position"] >= dmeta.get("protect_first", 0)).squeeze(1)
+    measurer = None
+    if model is not None or model_and_tokenizer is not None:
+        measurer = _Measurer(model, model_and_tokenizer, data, probes, protect_last)
     risk = probe_risk(probes.bank, data, rows)
     safe = np.stack([data["cascade_safe"][layer][rows].numpy() for layer in probes.layers], 1)
     trace = sedac_core.Trace.risk(risk, probes.layers, dmeta["num_layers"], safe=safe, protect_last=protect_last)
@@ -119,14 +128,14 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         quant = np.stack([np.quantile(risk[:, i][np.isfinite(risk[:, i])], RATE_GRID) for i in range(c)], 1)
         index = {r: j for j, r in enumerate(RATE_GRID)}
         cands = [[quant[index[r], i] for i, r in enumerate(rates)] for rates in grid]
-        thresholds = _best(trace, cands, protect_last, max_risk)
+        thresholds = _best(trace, cands, protect_last, max_risk, measurer, budget, log)
         how = f"max risk {max_risk} (replay over {len(cands)} per-checkpoint exit-rate settings)"
     else:
         shape = shape_for(strategy, c)
         scales = _scaled(risk, shape)
         cands = [list(shape * s) for s in scales]
         if max_risk is not None:
-            thresholds = _best(trace, cands, protect_last, max_risk)
+            thresholds = _best(trace, cands, protect_last, max_risk, measurer, budget, log)
             how = f"max risk {max_risk} along the {strategy} preset's threshold shape {shape.round(3).tolist()}"
         else:
             target = PRESETS[strategy]["exit_rate"]
@@ -141,6 +150,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
     weights = DEFAULT_WEIGHTS.get(c, tuple([1.0 / c] * c))
     v61_rule = sedac_core.ProbeRule(tuple(thresholds), "confidence", tuple(marginal), weights, 0.9, protect_last)
     v61 = sedac_core.replay(trace, [v61_rule])
+    measured = measurer.measure(thresholds) if measurer is not None else None
     evidence = {
         "how": how,
         "data": str(data["path"]), "text": dmeta["text"], "text_sha256": dmeta["text_sha256"],
@@ -151,20 +161,87 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         "v6_1": {k: float(v61[k][0]) for k in ("exit_rate", "skipped_mlp", "disagreement")},
         "v6_1_weights": list(weights), "v6_1_decay": 0.9,
         "per_checkpoint_exit_rate": marginal,
+        "measured": measured,
+        "measured_candidates": measurer.history if measurer is not None else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     update_meta(probe_dir, thresholds=thresholds, exit_rates=marginal, calibration=evidence)
     e = evidence["v6_0"]
     log(f"thresholds {[round(t, 4) for t in thresholds]} ({how}): exit rate {e['exit_rate']:.2%}, skipped MLP "
-        f"{e['skipped_mlp']:.2%}, estimated risk {e['disagreement']:.2%} on {risk.shape[0]} tokens")
+        f"{e['skipped_mlp']:.2%}, estimated risk {e['disagreement']:.2%} on {risk.shape[0]} tokens"
+        + ("" if measured is None else f"; measured by running the model: risk {measured['risk']:.2%}, skipped "
+                                       f"{measured['skipped_mlp']:.2%}, ΔPPL {measured['delta_ppl']:+.2%}"))
     return evidence
 
 
-def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float) -> List[float]:
+class _Measurer:
+    """Runs the model teacher-forced on the collected windows with given V6.0 thresholds."""
+
+    def __init__(self, model: Any, model_and_tokenizer: Any, data: Dict[str, Any], probes: Any,
+                 protect_last: int) -> None:
+        from sedac_monitor.hf import load_model, teacher_forced
+        from sedac_monitor.layouts import find_layout, model_identity
+
+        m, _ = model_and_tokenizer or load_model(model)
+        ident = model_identity(m)
+        want = data["meta"]["model"]
+        if ident["fingerprint"] != want.get("fingerprint") or ident["num_layers"] != want["num_layers"]:
+            raise InputError(f"--model {model} is not the model the data in {data['path']} was collected from")
+        self.layout = find_layout(m)
+        meta = data["meta"]
+        self.windows = data["token_id"].view(meta["windows"], meta["max_length"] - 1)
+        self.protect_first = meta.get("protect_first", 1)
+        self.probes, self.protect_last = probes, protect_last
+        self.base = teacher_forced(self.layout, self.windows, None, 4, desc="unmodified")
+        self.history: List[Dict[str, Any]] = []
+
+    def measure(self, thresholds: Sequence[float]) -> Dict[str, Any]:
+        from sedac_monitor.hf import teacher_forced
+
+        from .decide import ProbeDecider, TorchCascade
+
+        wanted = [float(t) for t in thresholds]
+        for h in self.history:
+            if h["thresholds"] == wanted:
+                return h
+        decider = ProbeDecider(self.probes.bank, TorchCascade(wanted), self.layout.num_layers, self.protect_last)
+        run = teacher_forced(self.layout, self.windows, decider, 4, desc="measure", protect_first=self.protect_first)
+        base = self.base
+        res = {"thresholds": wanted, "tokens": int(base.top1.numel()),
+               "risk": float((run.top1 != base.top1).double().mean()),
+               "skipped_mlp": float(run.row_skips.double().mean()) / self.layout.num_layers,
+               "delta_ppl": run.ppl / base.ppl - 1.0}
+        self.history.append(res)
+        return res
+
+
+def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, measurer: Optional[_Measurer] = None,
+          budget: int = 6, log: Log = print) -> List[float]:
+    """Most skipped work with replay risk <= max_risk; with a measurer, binary-search the replay-feasible
+    candidates (most to least skipped work) for the most aggressive whose measured risk fits."""
     table = sedac_core.replay(trace, [_rule(t, protect_last) for t in cands])
     ok = np.flatnonzero(table["disagreement"] <= max_risk)
     if ok.size == 0:
         raise InputError(f"no threshold setting keeps the estimated risk <= {max_risk}; "
                          f"the smallest is {float(np.nanmin(table['disagreement'])):.4f}")
-    best = ok[np.lexsort((table["disagreement"][ok], -table["skipped_mlp"][ok]))[0]]
+    ranked = ok[np.lexsort((table["disagreement"][ok], -table["skipped_mlp"][ok]))]
+    if measurer is None:
+        return list(cands[ranked[0]])
+    seen, order = set(), []  # distinct replay outcomes, most skipped work first
+    for j in ranked:
+        key = (float(table["skipped_mlp"][j]), float(table["disagreement"][j]))
+        if key not in seen:
+            seen.add(key)
+            order.append(int(j))
+    lo, hi, best, runs = 0, len(order) - 1, order[-1], 0
+    while lo <= hi and runs < budget:
+        mid = (lo + hi) // 2
+        m = measurer.measure(cands[order[mid]])
+        runs += 1
+        log(f"  measured thresholds {[round(t, 4) for t in cands[order[mid]]]}: risk {m['risk']:.2%}, "
+            f"skipped {m['skipped_mlp']:.2%}")
+        if m["risk"] <= max_risk:
+            best, hi = order[mid], mid - 1
+        else:
+            lo = mid + 1
     return list(cands[best])

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--exit-rates", type=_floats("--exit-rates"), default=None)
     k.add_argument("--max-risk", type=_number("--max-risk", float, 0.0, 0.999), default=None)
     k.add_argument("--strategy", choices=("conservative", "balanced", "aggressive"), default=None)
+    k.add_argument("--model", type=Path, default=None,
+                   help="the model the data came from: with --max-risk, candidates are checked by running it "
+                        "(replay alone is optimistic)")
+    k.add_argument("--budget", type=_number("--budget", int, 1), default=6, help="model runs for --model")
 
     b = sub.add_parser("bench", help="cost of the probes relative to one decoder layer of the model")
     b.add_argument("--model", required=True, type=Path)
@@ -110,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "calibrate":
             from .calibrate import calibrate
 
-            evidence = calibrate(args.probes, args.data, args.exit_rates, args.max_risk, args.strategy, log=log)
+            evidence = calibrate(args.probes, args.data, args.exit_rates, args.max_risk, args.strategy, log=log,
+                                 model=args.model, budget=args.budget)
             print(json.dumps(evidence, indent=2))
         else:
             from .bench import bench
