@@ -7,10 +7,27 @@ import numpy as np
 import pytest
 import torch
 
-from sedac_bench.methods import (Method, PlannedExitDecider, StaticDropDecider, layers_for_fraction, monitor_method,
-                                 oracle_exits, shortgpt_order, shuffled_exits)
-from sedac_bench.metrics import (ModelShape, compute_summary, delta_ppl, identical_prefix, latency_percentiles,
-                                 mean_context, perplexity, realized_vs_ideal, top1_agreement)
+from sedac_bench.methods import (
+    Method,
+    PlannedExitDecider,
+    StaticDropDecider,
+    layers_for_fraction,
+    monitor_method,
+    oracle_exits,
+    shortgpt_order,
+    shuffled_exits,
+)
+from sedac_bench.metrics import (
+    ModelShape,
+    compute_summary,
+    delta_ppl,
+    identical_prefix,
+    latency_percentiles,
+    mean_context,
+    perplexity,
+    realized_vs_ideal,
+    top1_agreement,
+)
 from sedac_bench.quality import evaluate, greedy_agreement
 from sedac_bench.report import END, START, headline, update_readme
 from sedac_monitor.hf import teacher_forced

@@ -1,11 +1,11 @@
 """The torch V7 rule equals sedac_core on the same similarity matrix."""
 
 import numpy as np
-import sedac_core
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sedac_core
 from sedac_monitor.decide import MonitorDecider, similarity
 
 values = st.sampled_from([0.0, 0.5, 0.89, 0.9, 0.91, 0.97, 0.98, 0.99, 1.0, float("nan")])

@@ -6,8 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sedac_monitor.engine import (SOFT_GROUPS, HFAttachment, SkipRuntime, channel_order, hf_truncated,
-                                  make_skippable, permute_channels, restore_mlp)
+from sedac_monitor.engine import (
+    SOFT_GROUPS,
+    HFAttachment,
+    SkipRuntime,
+    channel_order,
+    hf_truncated,
+    make_skippable,
+    permute_channels,
+    restore_mlp,
+)
 from sedac_monitor.layouts import find_layout
 from sedac_monitor.testing import tiny_model
 

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-import sedac_core
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sedac_core
 from sedac_probes import LREProbe, ProbeBank, ProbeDecider, TorchCascade
 
 
@@ -26,7 +26,7 @@ def test_bank_applies_every_probe_in_one_call(target):
     with torch.no_grad():
         ref = torch.stack([probes[layer].risk(h) for layer in (1, 3, 4)], 1)
         torch.testing.assert_close(bank(h), ref, atol=1e-5, rtol=1e-5)
-        for i, layer in enumerate((1, 3, 4)):
+        for i in range(3):
             torch.testing.assert_close(bank.risk_at(i, h), ref[:, i], atol=1e-5, rtol=1e-5)
     assert (ref >= 0).all() and (target == "entropy" or (ref <= 1).all())
 
@@ -74,7 +74,7 @@ def test_probe_decider_drives_the_runtime():
     rt.begin(h)
     calls = []
     for layer in range(6):
-        y = rt.mlp(layer, h, lambda x: (calls.append((layer, x.shape[0])), x + 1)[1])
+        y = rt.mlp(layer, h, lambda x, layer=layer: (calls.append((layer, x.shape[0])), x + 1)[1])
         rt.after_layer(layer, h)
         if layer in (2, 3, 4):  # exited rows (first checkpoint, layer 1) skip layers 2..4; layer 5 is protected
             assert torch.equal(y[risk[:, 0] < thr[0]], torch.zeros_like(y[risk[:, 0] < thr[0]]))

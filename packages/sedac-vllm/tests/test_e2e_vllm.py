@@ -115,8 +115,11 @@ def hf_monitor_setup(model, prompt_ids):
     # about half the tokens reach S >= tau by layer L-2 (exits there still skip the last layer's MLP)
     tau = gap_value(torch.cat(sims).numpy(), 0.5)
     for _ in range(12):
-        rule_args = dict(tau=tau, consecutive_k=1, min_layer=1)
-        factory = lambda: RecordingMonitor(create_universal_accelerator(model, **rule_args).rule, L)  # noqa: E731
+        rule = create_universal_accelerator(model, tau=tau, consecutive_k=1, min_layer=1).rule
+
+        def factory(rule=rule):
+            return RecordingMonitor(rule, L)
+
         seqs = [greedy(model, factory, p) for p in prompt_ids]
         seen = []
         for s in seqs:

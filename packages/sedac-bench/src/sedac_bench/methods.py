@@ -6,8 +6,9 @@ SEDAC methods use the packages' own decision code (``MonitorDecider``,
 * **static layer dropping** (ShortGPT-style): the MLPs of the layers whose
   input and output residual streams are most similar (mean cosine over a
   calibration text) are dropped for every token;
-* **random per-token skipping at the same rate**: the exit layers a SEDAC
-  method chose, shuffled across tokens (same histogram, random tokens);
+* **random per-token skipping at the same rate**: each token skips each
+  layer's MLP at random with the probability the SEDAC method skipped that
+  layer (same expected work per layer, random tokens);
 * **oracle**: per token, the earliest cascade exit whose forced-exit label says
   the full model's top-1 survives (tokens judged independently) — the ceiling
   any cascade signal could approach.
@@ -62,6 +63,26 @@ class PlannedExitDecider:
         if layer >= self.end:
             return None, None
         return (self._exit >= 0) & (self._exit < layer), None
+
+    def after_layer(self, layer, stream):
+        pass
+
+
+class RandomSkipDecider:
+    """Row r skips layer l's MLP with probability ``rates[l]``, independently (seeded)."""
+
+    def __init__(self, rates: Sequence[float], seed: int = 0) -> None:
+        self.rates = [float(r) for r in rates]
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def begin(self, stream):
+        self._rows, self._device = stream.shape[0], stream.device
+
+    def plan(self, layer):
+        rate = self.rates[layer]
+        if rate <= 0:
+            return None, None
+        return (torch.rand(self._rows, generator=self.gen) < rate).to(self._device), None
 
     def after_layer(self, layer, stream):
         pass

@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
 from sedac_monitor.engine import HFAttachment, SkipRuntime
 from sedac_monitor.hf import Pass, teacher_forced
 

@@ -209,12 +209,13 @@ def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool 
              "| test | measured | threshold | result |", "|---|---|---|---|"]
     t = results["tests"]
     lines.append(f"| quality | ΔPPL {t['quality']['delta_ppl']:+.2%} (risk {t['quality']['risk']:.2%}, skipped "
-                 f"{t['quality']['skipped_mlp_fraction']:.2%}) | ΔPPL < 1% | {'PASS' if t['quality']['pass'] else 'FAIL'} |")
+                 f"{t['quality']['skipped_mlp_fraction']:.2%}) | ΔPPL < 1% | "
+                 f"{'PASS' if t['quality']['pass'] else 'FAIL'} |")
     lines.append(f"| robustness | re-batching {rb['rebatch_consistency']:.1%}, paraphrase "
                  f"{rb['paraphrase_consistency']:.1%} of tokens keep their exit layer | > 90% | "
                  f"{'PASS' if rb['pass'] else 'FAIL'} |")
     ds = t["distribution_shift"]
-    lines.append(f"| distribution shift | exit rates " + ", ".join(f"{k} {v:.1%}" for k, v in ds["exit_rates"].items())
+    lines.append("| distribution shift | exit rates " + ", ".join(f"{k} {v:.1%}" for k, v in ds["exit_rates"].items())
                  + f"; spread {ds['spread']:.3f} | < 0.2 | {'PASS' if ds['pass'] else 'FAIL'} |")
     if "performance" in t:
         p = t["performance"]

@@ -29,7 +29,8 @@ def monitor_rule(num_layers: int, tau: Any, consecutive_k: Any, min_layer: Any, 
                  mode: Any) -> sedac_core.MonitorRule:
     """Validate the V7 arguments against a model of ``num_layers`` layers; errors name the argument."""
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or tau != tau or abs(float(tau)) == float("inf"):
-        raise ValueError(f"tau must be a finite number (similarity threshold in [0, 1]; > 1 disables exits), got {tau!r}")
+        raise ValueError("tau must be a finite number (similarity threshold in [0, 1]; > 1 disables exits), "
+                         f"got {tau!r}")
     k = _int_arg("consecutive_k", consecutive_k, 1, num_layers, f" (the model has {num_layers} layers)")
     lo = _int_arg("min_layer", min_layer, 0, num_layers - 1, f" (the model has {num_layers} layers)")
     pl = _int_arg("protect_last", protect_last, 0, num_layers, f" (the model has {num_layers} layers)")

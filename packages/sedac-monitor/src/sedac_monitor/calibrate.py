@@ -27,14 +27,24 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-import sedac_core
 import torch
+
+import sedac_core
 
 from .accelerator import monitor_rule
 from .bound import clopper_pearson_upper
 from .decide import MonitorDecider
-from .hf import (InputError, RecordingDecider, cascade_labels, drop_last_position, load_model, read_text,
-                 split_windows, teacher_forced, token_windows)
+from .hf import (
+    InputError,
+    RecordingDecider,
+    cascade_labels,
+    drop_last_position,
+    load_model,
+    read_text,
+    split_windows,
+    teacher_forced,
+    token_windows,
+)
 from .layouts import DecoderLayout, find_layout, model_identity
 
 STRATEGIES = {"conservative": 0.05, "balanced": 0.15, "aggressive": 0.30}

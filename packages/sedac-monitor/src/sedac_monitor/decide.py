@@ -17,19 +17,30 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import numpy as np
-import sedac_core
 import torch
-import torch.nn.functional as F
+
+import sedac_core
 
 Plan = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 """(skip, keep): ``skip`` bool[rows] (None: no row skips), ``keep`` float[rows]
 fraction of MLP channels to compute for rows that do not skip (None: all)."""
 
 
-def similarity(stream: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """S = (cos(h_l, h_{l-1}) + 1) / 2 per row, in float32 (rows = tokens)."""
-    cos = F.cosine_similarity(stream.float(), previous.float(), dim=-1, eps=1e-8)
-    return (cos + 1.0) * 0.5
+EPS = 1e-8
+
+
+def similarity(stream: torch.Tensor, previous: torch.Tensor, previous_norm2: Optional[torch.Tensor] = None,
+               stream_norm2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """S = (cos(h_l, h_{l-1}) + 1) / 2 per row, in float32 (rows = tokens).
+
+    cos = <a, b> / max(|a| |b|, 1e-8), as ``torch.nn.functional.cosine_similarity``; squared norms may
+    be passed in (a layer's stream norm is the next layer's previous norm), which saves work per layer.
+    """
+    a, b = stream.float(), previous.float()
+    na = torch.linalg.vecdot(a, a) if stream_norm2 is None else stream_norm2
+    nb = torch.linalg.vecdot(b, b) if previous_norm2 is None else previous_norm2
+    cos = torch.linalg.vecdot(a, b) / torch.clamp_min(torch.sqrt(na * nb), EPS)
+    return cos * 0.5 + 0.5
 
 
 class MonitorDecider:
@@ -52,21 +63,27 @@ class MonitorDecider:
         self._tau_t: Optional[torch.Tensor] = None
         self._end = max(self.num_layers - rule.protect_last, 0)
         self._prev: Optional[torch.Tensor] = None
+        self._prev_norm2: Optional[torch.Tensor] = None
         self.run: Optional[torch.Tensor] = None
         self.exit_layer: Optional[torch.Tensor] = None
+        self.exited: Optional[torch.Tensor] = None  # cascade: exited at a layer already seen
 
     def begin(self, stream: torch.Tensor) -> None:
         rows = stream.shape[0]
         self._prev = stream
+        self._prev_norm2 = None
         self.start(rows, stream.device)
 
-    def start(self, rows: int, device: torch.device = torch.device("cpu")) -> None:
+    def start(self, rows: int, device: Optional[torch.device] = None) -> None:
         self.run = torch.zeros(rows, dtype=torch.int32, device=device)
         self.exit_layer = torch.full((rows,), -1, dtype=torch.int32, device=device)
+        self.exited = torch.zeros(rows, dtype=torch.bool, device=device)
 
     def after_layer(self, layer: int, stream: torch.Tensor) -> None:
-        s = similarity(stream, self._prev)
-        self._prev = stream
+        a = stream.float()
+        norm2 = torch.linalg.vecdot(a, a)
+        s = similarity(a, self._prev, self._prev_norm2, norm2)
+        self._prev, self._prev_norm2 = a, norm2
         self.update(layer, s)
 
     def update(self, layer: int, s: torch.Tensor) -> None:
@@ -77,7 +94,9 @@ class MonitorDecider:
                 self._tau_t = torch.tensor(self.tau, dtype=torch.float32, device=s.device)
             self.run = (self.run + 1) * (s >= self._tau_t)
         if rule.mode == "cascade" and layer >= rule.min_layer + rule.k - 1:
-            self.exit_layer.masked_fill_((self.exit_layer < 0) & (self.run >= rule.k), layer)
+            newly = (self.run >= rule.k) & ~self.exited
+            self.exit_layer.masked_fill_(newly, layer)
+            self.exited = self.exited | newly  # a new tensor: plans handed out earlier must not change
 
     def plan(self, layer: int) -> Plan:
         """Rows whose MLP at ``layer`` is skipped (decided from layers < ``layer``)."""
@@ -85,5 +104,5 @@ class MonitorDecider:
         if layer >= self._end or layer < rule.min_layer + rule.k:
             return None, None  # nothing can skip here: no mask, no host sync
         if rule.mode == "cascade":
-            return (self.exit_layer >= 0) & (self.exit_layer < layer), None
+            return self.exited, None  # exits decided at layers < `layer`
         return self.run >= rule.k, None

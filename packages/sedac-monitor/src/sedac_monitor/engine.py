@@ -101,9 +101,10 @@ class SkipRuntime:
         ``valid``: bool[rows], False for padding (excluded from stats);
         ``positions``: int[rows] sequence positions (for ``protect_first``)."""
         rows = stream.shape[0]
-        self._protected = None
+        self._protected = self._allowed = None
         if positions is not None and self.protect_first > 0:
             self._protected = positions.reshape(-1) < self.protect_first
+            self._allowed = ~self._protected
         if self.stats is None:
             self.stats = ExitStats(self.num_layers, stream.device)
         self._valid = valid
@@ -168,16 +169,16 @@ class SkipRuntime:
         if skip is None:
             skip = torch.zeros(rows, dtype=torch.bool, device=flat.device)
         if self._protected is not None:
-            skip = skip & ~self._protected
+            skip = skip & self._allowed
             if keep is not None:
                 keep = torch.where(self._protected, torch.ones_like(keep), keep)
         if keep is None or truncated is None or intermediate <= 0:
             if keep is not None:
                 raise RuntimeError("a soft-exit plan needs the MLP's truncated form and intermediate size")
-            active = (~skip).nonzero().squeeze(1)  # the one host sync of a layer
-            if active.numel() == rows:
+            if not bool(skip.any()):  # the one host sync of a layer without exits
                 return full(x)  # nothing skipped here: no bookkeeping either
             self._skips.append((layer, skip))  # counted once per forward, in _finish
+            active = (~skip).nonzero().squeeze(1)
             out = flat.new_zeros(flat.shape)
             if active.numel():
                 out.index_copy_(0, active, full(flat.index_select(0, active)))

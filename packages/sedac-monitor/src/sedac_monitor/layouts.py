@@ -81,7 +81,8 @@ def find_layout(model: Any) -> DecoderLayout:
         layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise UnsupportedModelError(
-            f"SEDAC does not support {name}: no decoder layers at model.layers. Supported layer layouts: {_supported()}")
+            f"SEDAC does not support {name}: no decoder layers at model.layers. "
+            f"Supported layer layouts: {_supported()}")
     layer_cls = type(layers[0]).__name__
     family = SUPPORTED_LAYERS.get(layer_cls)
     if family is None:

@@ -58,7 +58,11 @@ def bench(model_dir: Any, probe_dir: Optional[Any] = None, tokens: int = 2048, r
             "layer_ms": layer_ms, "probe_ms": probe_ms, "bank_ms": bank_ms,
             "probe_vs_layer": probe_ms / layer_ms, "bank_vs_layer": bank_ms / layer_ms,
             "torch_threads": torch.get_num_threads(),
-            "flops_ratio_one_probe": (H * bank.rank + bank.rank) / (
-                2 * H * model.config.num_attention_heads * getattr(model.config, "head_dim", H // model.config.num_attention_heads)
-                + 2 * H * model.config.num_key_value_heads * getattr(model.config, "head_dim", H // model.config.num_attention_heads)
-                + 3 * H * model.config.intermediate_size)}
+            "flops_ratio_one_probe": _flops_ratio(model.config, H, bank.rank)}
+
+
+def _flops_ratio(config: Any, hidden: int, rank: int) -> float:
+    """MACs of one probe (per token) over the linear MACs of one decoder layer."""
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return (hidden * rank + rank) / (hidden * (2 * q + 2 * kv) + 3 * hidden * config.intermediate_size)

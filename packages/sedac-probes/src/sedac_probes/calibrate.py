@@ -25,8 +25,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-import sedac_core
 import torch
+
+import sedac_core
 from sedac_monitor.hf import InputError
 
 from .collect import load_data

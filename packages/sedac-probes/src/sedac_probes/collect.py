@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
 from sedac_monitor.hf import InputError, cascade_labels, load_model, progress, read_text, token_windows
 from sedac_monitor.layouts import find_layout, model_identity
 

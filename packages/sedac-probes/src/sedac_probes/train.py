@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from sedac_monitor.hf import InputError, progress
 
 from .collect import load_data

@@ -80,7 +80,8 @@ def check(model: str, env: Dict[str, str]) -> List[str]:
     text = hf.get("text_config", hf)
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
-        raise ConfigError(f"{model}: architecture {arch} is not patched by SEDAC (supported: {', '.join(ARCHITECTURES)})")
+        raise ConfigError(f"{model}: architecture {arch} is not patched by SEDAC "
+                          f"(supported: {', '.join(ARCHITECTURES)})")
     layers = int(text["num_hidden_layers"])
     cfg.check_model(layers)
     lines = [f"model {model}: {arch}, {layers} layers, hidden {text['hidden_size']}", cfg.describe()]

@@ -38,7 +38,8 @@ VARIABLES: Dict[str, str] = {
     "SEDAC_PROBE_LAYERS": "comma-separated layers, e.g. 7,14,21; must equal the probe file's (default: the file's)",
     "SEDAC_PROBE_RANK": "integer; must equal the probe file's rank (default: the file's)",
     "SEDAC_THRESHOLDS": "comma-separated numbers > 0, one per probe layer (default: the file's calibrated ones)",
-    "SEDAC_EXIT_RATES": "comma-separated numbers in [0, 1], one per probe layer (default: the file's, else 0.2,0.6,0.9)",
+    "SEDAC_EXIT_RATES": "comma-separated numbers in [0, 1], one per probe layer "
+                        "(default: the file's, else 0.2,0.6,0.9)",
     "SEDAC_RULE": "'threshold' (V6.0) or 'confidence' (V6.1) (default threshold)",
     "SEDAC_ADAPTIVE": "0 or 1 (default: 0 if the probe file is calibrated, else 1)",
     "SEDAC_CALIBRATION_STEPS": "integer >= 0 (default 50)",

@@ -26,6 +26,7 @@ import logging
 from typing import Any, Optional
 
 import torch
+
 from sedac_monitor.engine import channel_order, make_skippable, permute_channels
 
 from . import runtime as rt_mod

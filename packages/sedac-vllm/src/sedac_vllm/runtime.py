@@ -16,6 +16,7 @@ import time
 from typing import Any, Dict, Optional
 
 import torch
+
 from sedac_monitor.engine import SkipRuntime
 
 from .config import ConfigError, SedacConfig
