@@ -45,8 +45,8 @@ SIZES = {
               "hf_repeats": 2, "vllm_repeats": 1,
               "vllm": {"prefill": (16, 512), "decode": (16, 32, 64), "batches": (4, 16)}},
     "full": {"cal_tokens": 4096, "probe_windows": 16, "eval_windows": 8, "gen_prompts": 8, "gen_tokens": 32,
-             "hf_repeats": 3, "vllm_repeats": 2,
-             "vllm": {"prefill": (64, 1024), "decode": (64, 32, 256), "batches": (8, 64)}},
+             "hf_repeats": 3, "vllm_repeats": 1,
+             "vllm": {"prefill": (64, 1024), "decode": (64, 32, 256), "batches": (64,)}},
 }
 MAX_RISK = 0.05
 
