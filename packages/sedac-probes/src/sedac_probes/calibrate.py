@@ -30,8 +30,8 @@ import torch
 import sedac_core
 from sedac_monitor.hf import InputError
 
-from .collect import load_data
-from .io import load, update_meta
+from .collect import load_data, load_probes_for
+from .io import update_meta
 
 # The seeds' strategy table (README of V6): thresholds and the exit rate they gave there.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -97,14 +97,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
     t0 = time.perf_counter()
     data = load_data(data_dir)
     dmeta = data["meta"]
-    probes = load(probe_dir, model_config={"hidden_size": dmeta["model"]["hidden_size"],
-                                           "num_hidden_layers": dmeta["num_layers"],
-                                           "intermediate_size": dmeta["model"]["intermediate_size"],
-                                           "vocab_size": dmeta["model"]["vocab_size"]},
-                  fingerprint=dmeta["model"].get("fingerprint"))
-    missing = [layer for layer in probes.layers if layer not in dmeta["layers"]]
-    if missing:
-        raise InputError(f"{data_dir} has no data for probe layer(s) {missing} (collected: {dmeta['layers']})")
+    probes = load_probes_for(probe_dir, data)
     protect_last = int(dmeta["protect_last"])
     if probes.meta.get("protect_last", protect_last) != protect_last:
         raise InputError(f"the probes were trained with protect_last={probes.meta['protect_last']} but "

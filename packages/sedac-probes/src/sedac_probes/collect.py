@@ -232,3 +232,20 @@ def load_data(directory: Any, layers: Optional[Sequence[int]] = None, features: 
         data[group] = {layer: cat[f"{group}.{layer}"] for layer in layers}
     data["layers"] = layers
     return data
+
+
+def load_probes_for(probe_dir: Any, data: Dict[str, Any]):
+    """Load probes checked against the model the collected ``data`` came from, and require data for every
+    probe layer."""
+    from .io import load
+
+    meta = data["meta"]
+    model = meta["model"]
+    probes = load(probe_dir, model_config={"hidden_size": model["hidden_size"], "num_hidden_layers": meta["num_layers"],
+                                           "intermediate_size": model["intermediate_size"],
+                                           "vocab_size": model["vocab_size"]},
+                  fingerprint=model.get("fingerprint"))
+    missing = [layer for layer in probes.layers if layer not in meta["layers"]]
+    if missing:
+        raise InputError(f"{data['path']} has no data for probe layer(s) {missing} (collected: {meta['layers']})")
+    return probes

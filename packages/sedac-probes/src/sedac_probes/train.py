@@ -152,18 +152,11 @@ def evaluate_probe(probe: LREProbe, x, entropy, safe) -> Dict[str, float]:
 
 def evaluate(probe_dir: Any, data_dir: Any, log: Log = print) -> Dict[str, Dict[str, float]]:
     """Per-layer metrics of trained probes on collected data (e.g. a held-out text)."""
-    from .io import load
+    from .collect import load_probes_for
 
     data = load_data(data_dir)
     meta = data["meta"]
-    probes = load(probe_dir, model_config={"hidden_size": meta["model"]["hidden_size"],
-                                           "num_hidden_layers": meta["num_layers"],
-                                           "intermediate_size": meta["model"]["intermediate_size"],
-                                           "vocab_size": meta["model"]["vocab_size"]},
-                  fingerprint=meta["model"].get("fingerprint"))
-    missing = [layer for layer in probes.layers if layer not in meta["layers"]]
-    if missing:
-        raise InputError(f"{data_dir} has no data for probe layer(s) {missing} (collected: {meta['layers']})")
+    probes = load_probes_for(probe_dir, data)
     rows = torch.nonzero(data["position"] >= meta.get("protect_first", 0)).squeeze(1)
     out: Dict[str, Dict[str, float]] = {}
     for i, layer in enumerate(probes.layers):
