@@ -90,11 +90,16 @@ def _free_port() -> int:
 
 def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Path], prompts: List[str],
                      work: Path, name: str, log: Log) -> List[float]:
+    from sedac_vllm.cli import serve_command
+
     port = _free_port()
-    exe = str(Path(sys.executable).with_name("sedac-vllm" if sedac_config else "vllm"))
-    cmd = [exe, "serve", str(model)] + (["--sedac-config", str(sedac_config)] if sedac_config else []) + [
-        "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len",
-        "1024", "--served-model-name", "m", "--max-num-seqs", "32"]
+    args = ["--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len",
+            "1024", "--served-model-name", "m", "--max-num-seqs", "32"]
+    if sedac_config:
+        cmd = [str(Path(sys.executable).with_name("sedac-vllm")), "serve", str(model), "--sedac-config",
+               str(sedac_config), *args]
+    else:  # vanilla vLLM, started the way sedac-vllm would start it
+        cmd = serve_command(str(model), args)
     logf = open(work / f"server-{name}.log", "w")
     proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **env}, stdout=logf,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,29 @@
+"""Parts of the seeds' suite that need no real model."""
+
+from sedac_bench.suite import THRESHOLDS, paraphrase, robustness
+from sedac_monitor.hf import load_model
+from sedac_monitor.layouts import find_layout
+from sedac_monitor.testing import tiny_model
+
+TEXT = " ".join(f"The mill and the river said {i} things, but the baker and the miller said more." for i in range(80))
+
+
+def test_paraphrase_is_light_and_deterministic():
+    p = paraphrase(TEXT)
+    assert p == paraphrase(TEXT) and p != TEXT
+    assert "That mill" in p and "stated" in p and "as well as" in p
+    assert abs(len(p) - len(TEXT)) < 0.05 * len(TEXT)
+
+
+def test_robustness_counts_consistent_decisions(tmp_path):
+    tiny_model("llama", tmp_path / "m")
+    model, tok = load_model(tmp_path / "m")
+    layout = find_layout(model)
+    never = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "mode": "cascade"}
+    r = robustness(layout, tok, TEXT, never, windows=3, length=128)
+    assert r["rebatch_consistency"] == 1.0 and r["paraphrase_consistency"] == 1.0
+    assert r["rebatch_tokens"] == 128 + 91 + 54 and r["paraphrase_tokens"] > 100
+    some = {**never, "tau": 0.9, "min_layer": 1}
+    r = robustness(layout, tok, TEXT, some, windows=3, length=128)
+    assert 0.5 < r["rebatch_consistency"] <= 1.0 and 0 < r["paraphrase_consistency"] <= 1.0
+    assert THRESHOLDS["consistency"] == 0.90
