@@ -202,6 +202,8 @@ def e2e(request, tmp_path_factory):
          "llm": {"enable_chunked_prefill": True, "max_num_batched_tokens": 32, "max_num_seqs": 32,
                  "enable_prefix_caching": True, "block_size": 32}},
         {"name": "probe", "env": probe_env},
+        {"name": "probe_soft", "env": {**probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
+                                       "SEDAC_EXIT_RATES": "0.9,0.9", "SEDAC_LAYER_WEIGHTS": "0.5,0.5"}},
     ]
     results, _ = run_vllm(model_dir, runs, tmp)
     # bad values, in a fresh process: the first `vllm.LLM` there loads the plugin, which refuses them
@@ -288,3 +290,15 @@ def test_statistics_reach_the_metrics_file(e2e):
     assert 0 < stats["skipped_mlp_fraction"] < 1 and len(stats["per_layer_skip_rate"]) == L
     probe = e2e["results"]["probe"]["stats"]
     assert probe["mode"] == "probe" and probe["probe_layers"] == [1, 3] and len(probe["thresholds"]) == 2
+
+
+def test_soft_exit_runs_truncated_mlps_inside_vllm(e2e):
+    """V6.1 with soft exit: rows compute a prefix of the (importance-ordered) MLP channels."""
+    run = e2e["results"]["probe_soft"]
+    assert "error" not in run, run.get("error")
+    skips = [x for row in run["together"]["trace"] for x in row["row_skips"]]
+    fractional = [x for x in skips if 0 < x % 1 < 1]
+    assert fractional, "no row computed a truncated MLP"
+    assert all(0 <= x <= L for x in skips)
+    assert run["stats"]["skipped_mlp_fraction"] > 0
+    assert all(len(t) == MAX_TOKENS for t in run["together"]["tokens"])

@@ -44,7 +44,7 @@ def main(spec_path, out_path):
         except Exception as exc:  # noqa: BLE001 - the test inspects the message
             results[name] = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
             continue
-        params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], logprobs=1)
+        params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], logprobs=1, ignore_eos=True)
         prompts = spec["prompts"]
         for phase in run.get("phases", ["together"]):
             if os.path.exists(trace):

@@ -199,7 +199,7 @@ def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool 
     # performance
     if server:
         text = read_text(texts["lee_news"])
-        paras = [p for p in text.splitlines() if len(p) > 200][:33]
+        paras = [p for p in text.splitlines() if len(p) > 200][:32]
         prompts = [p[:600] for p in paras]
         van = _serve_latencies(model_dir, {"SEDAC_ENABLED": "0"}, None, prompts, out, "vanilla", log)
         sed = _serve_latencies(model_dir, {}, config, prompts, out, "sedac", log)

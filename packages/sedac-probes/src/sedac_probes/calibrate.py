@@ -232,7 +232,7 @@ def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, m
         mid = (lo + hi) // 2
         m = measurer.measure(cands[order[mid]])
         runs += 1
-        log(f"  measured thresholds {[round(t, 4) for t in cands[order[mid]]]}: risk {m['risk']:.2%}, "
+        log(f"  measured thresholds {[round(float(t), 4) for t in cands[order[mid]]]}: risk {m['risk']:.2%}, "
             f"skipped {m['skipped_mlp']:.2%}")
         if m["risk"] <= max_risk:
             best, hi = order[mid], mid - 1

@@ -101,18 +101,23 @@ def _swap_layer(layer: torch.nn.Module, sedac, index: int) -> None:
 
 
 def vllm_truncated(mlp: torch.nn.Module):
-    """``f(x, m)``: vLLM's merged gate/up MLP with its first ``m`` local intermediate channels."""
+    """``f(x, m)``: vLLM's merged gate/up MLP with its first ``m`` local intermediate channels.
+
+    It reads copies of the weights taken at load time (``_sedac_gate_up`` / ``_sedac_down``, see
+    :meth:`SedacModelMixin.load_weights`): vLLM's CPU backend repacks its linear weights after loading
+    (leaving ``weight`` empty), so they cannot be sliced at run time.
+    """
     from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 
     tp = get_tensor_model_parallel_world_size()
 
     def run(x: torch.Tensor, m: int) -> torch.Tensor:
-        w = mlp.gate_up_proj.weight
+        w = mlp._sedac_gate_up
         inter = w.shape[0] // 2
         gate = torch.nn.functional.linear(x, w[:m])
         up = torch.nn.functional.linear(x, w[inter:inter + m])
         h = mlp.act_fn(torch.cat([gate, up], dim=-1))
-        y = torch.nn.functional.linear(h, mlp.down_proj.weight[:, :m])
+        y = torch.nn.functional.linear(h, mlp._sedac_down[:, :m])
         return tensor_model_parallel_all_reduce(y) if tp > 1 else y
 
     return run
@@ -164,8 +169,13 @@ class SedacModelMixin:
             # soft exit computes a prefix of the intermediate channels: order them by importance once
             # (a permutation: the MLP computes the same function)
             for layer in self.model.layers:
-                permute_channels(layer.mlp, channel_order(layer.mlp))
-            logger.info("SEDAC soft exit: MLP channels ordered by importance in %d layers", len(self.model.layers))
+                mlp = layer.mlp
+                permute_channels(mlp, channel_order(mlp))
+                # the truncated MLP's own copy (the backend may repack `weight` after loading)
+                mlp._sedac_gate_up = mlp.gate_up_proj.weight.detach().clone()
+                mlp._sedac_down = mlp.down_proj.weight.detach().clone()
+            logger.info("SEDAC soft exit: MLP channels ordered by importance in %d layers (and copied for "
+                        "truncated computation)", len(self.model.layers))
         return loaded
 
 
