@@ -21,19 +21,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if the cache verifies")
     r = sub.add_parser("run", help="quality / compute / wall-clock of SEDAC vs baselines; writes the report")
     r.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
-    r.add_argument("--out", type=Path, default=Path("bench-results"))
+    r.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="where report.md, results.json and the PNGs go (default: bench-results)")
     r.add_argument("--size", choices=("quick", "full"), default="quick",
                    help="quick: the demo's sizes (~15 min on 2 cores); full: the issue's vLLM workloads")
     r.add_argument("--no-vllm", action="store_true", help="skip the vLLM throughput part")
     r.add_argument("--folders", default="llama", help="model folders for vLLM: llama, qwen2 or llama,qwen2")
     s = sub.add_parser("suite", help="the seeds' test suite: quality, robustness, distribution shift, latency")
-    s.add_argument("--cache", type=Path, default=None)
-    s.add_argument("--out", type=Path, default=Path("bench-results"))
+    s.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
+    s.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="where suite.md and suite.json go (default: bench-results)")
     s.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
     s.add_argument("--no-server", action="store_true", help="skip the latency-under-load part")
     m = sub.add_parser("readme", help="regenerate the README's results table from a results.json")
-    m.add_argument("--results", type=Path, default=Path("bench-results/results.json"))
-    m.add_argument("--readme", type=Path, default=Path("README.md"))
+    m.add_argument("--results", type=Path, default=Path("bench-results/results.json"),
+                   help="results.json of a `sedac-bench run`")
+    m.add_argument("--readme", type=Path, default=Path("README.md"),
+                   help="README whose marked results block is replaced")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     command = "sedac-bench " + " ".join(shlex.quote(a) for a in argv)
