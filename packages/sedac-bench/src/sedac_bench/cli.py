@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="where report.md, results.json and the PNGs go (default: bench-results)")
     r.add_argument("--size", choices=("quick", "full"), default="quick",
-                   help="quick: the demo's sizes (~15 min on 2 cores); full: the issue's vLLM workloads")
+                   help="quick: the demo's sizes (~17 min on 2 cores); full: the issue's vLLM workloads")
     r.add_argument("--no-vllm", action="store_true", help="skip the vLLM throughput part")
     r.add_argument("--folders", default="llama", help="model folders for vLLM: llama, qwen2 or llama,qwen2")
     s = sub.add_parser("suite", help="the seeds' test suite: quality, robustness, distribution shift, latency")

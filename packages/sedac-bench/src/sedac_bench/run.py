@@ -42,7 +42,7 @@ Log = Callable[[str], None]
 SIZES = {
     # windows of 512 tokens: calibration, probe training, held-out evaluation; generation prompts x tokens
     "quick": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
-              "hf_repeats": 2, "vllm_repeats": 1,
+              "hf_repeats": 2, "vllm_repeats": 2,
               "vllm": {"prefill": (16, 512), "decode": (16, 32, 64), "batches": (4, 16)}},
     "full": {"cal_tokens": 4096, "probe_windows": 16, "eval_windows": 8, "gen_prompts": 8, "gen_tokens": 32,
              "hf_repeats": 3, "vllm_repeats": 1,
