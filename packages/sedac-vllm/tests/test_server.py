@@ -3,9 +3,6 @@
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -15,12 +12,7 @@ from pathlib import Path
 import pytest
 
 from sedac_monitor.testing import tiny_model
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sedac_vllm.server import free_port, running_server
 
 
 def get(url, timeout=5):
@@ -44,32 +36,11 @@ def server(tmp_path_factory):
     port = free_port()
     exe = shutil.which("sedac-vllm") or str(Path(sys.executable).with_name("sedac-vllm"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "SEDAC_METRICS_FILE": str(tmp / "metrics.json")}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([exe, "serve", str(tmp / "model"), "--sedac-config", str(config), "--port", str(port),
-                             "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-                             "--max-num-seqs", "32", "--served-model-name", "tiny"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:
-        while True:
-            assert proc.poll() is None, "server exited:\n" + (tmp / "server.log").read_text()[-5000:]
-            try:
-                if get(base + "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "server did not come up:\n" + (tmp / "server.log").read_text()[-5000:]
-            time.sleep(1)
+    cmd = [exe, "serve", str(tmp / "model"), "--sedac-config", str(config), "--port", str(port), "--host",
+           "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "32",
+           "--served-model-name", "tiny"]
+    with running_server(cmd, env, port, tmp / "server.log") as base:
         yield base, tmp
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_32_concurrent_requests_complete_and_metrics_show_sedac(server):

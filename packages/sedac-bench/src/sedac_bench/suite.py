@@ -17,9 +17,6 @@ import difflib
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -82,17 +79,12 @@ def robustness(layout, tok, text: str, cfg: Dict[str, Any], windows: int = 4, le
             "rebatch_tokens": len(same), "paraphrase_tokens": len(para_same)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Path], prompts: List[str],
                      work: Path, name: str, log: Log) -> List[float]:
     from sedac_vllm.cli import serve_command
+    from sedac_vllm.server import free_port, running_server
 
-    port = _free_port()
+    port = free_port()
     args = ["--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len",
             "1024", "--served-model-name", "m", "--max-num-seqs", "32"]
     if sedac_config:
@@ -100,24 +92,8 @@ def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Pa
                str(sedac_config), *args]
     else:  # vanilla vLLM, started the way sedac-vllm would start it
         cmd = serve_command(str(model), args)
-    logf = open(work / f"server-{name}.log", "w")
-    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **env}, stdout=logf,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} server exited; see {work / f'server-{name}.log'}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"{name} server did not start; see {work / f'server-{name}.log'}")
-            time.sleep(1)
+    with running_server(cmd, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **env}, port,
+                        work / f"server-{name}.log") as base:
 
         def one(p):
             body = json.dumps({"model": "m", "prompt": p, "max_tokens": 32, "temperature": 0,
@@ -132,15 +108,8 @@ def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Pa
         one(prompts[0])  # warm-up
         with ThreadPoolExecutor(32) as pool:
             lat = list(pool.map(one, prompts))
-        log(f"  {name}: {len(lat)} requests, P50 {np.percentile(lat, 50):.2f} s, P99 {np.percentile(lat, 99):.2f} s")
-        return lat
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        logf.close()
+    log(f"  {name}: {len(lat)} requests, P50 {np.percentile(lat, 50):.2f} s, P99 {np.percentile(lat, 99):.2f} s")
+    return lat
 
 
 def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool = True, log: Log = print,
