@@ -124,3 +124,132 @@ def test_soft_exit_attachment_restores_weights():
     assert not torch.allclose(out, ref)
     assert torch.equal(again, ref)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+class Cascade:
+    """Scripted cascade plans: row r skips every layer after ``exit_at[r]`` (-1: never)."""
+
+    monotone = True
+
+    def __init__(self, exit_at):
+        self.exit_at = torch.tensor(exit_at)
+
+    def begin(self, stream):
+        pass
+
+    def plan(self, layer):
+        if layer == 0:
+            return None, None
+        return (self.exit_at >= 0) & (self.exit_at < layer), None
+
+    def after_layer(self, layer, stream):
+        pass
+
+
+def run_layers(rt, x, mlps):
+    """One forward over every layer's MLP (a residual-free toy: each layer sees the same input)."""
+    rt.begin(torch.zeros_like(x), positions=torch.arange(x.shape[0]) + 1)
+    outs = [mlp(x) for mlp in mlps]
+    rt.after_layer(len(mlps) - 1, torch.zeros_like(x))
+    return outs
+
+
+@pytest.mark.parametrize("policy", ["layer", "forward", "none"])
+def test_every_host_sync_policy_gives_the_same_outputs_and_statistics(policy):
+    model = tiny_model("llama")
+    mlps = [layer.mlp for layer in model.model.layers]
+    x = torch.randn(64, 128)
+    exit_at = [-1 if r % 3 == 0 else r % 5 for r in range(64)]  # exits spread over layers 1..4
+    ref_rt = SkipRuntime(Cascade(exit_at), 6, protect_first=0, host_sync="layer")
+    rt = SkipRuntime(Cascade(exit_at), 6, protect_first=0, host_sync=policy)
+    with torch.no_grad():
+        originals = [make_skippable(m, ref_rt, i) for i, m in enumerate(mlps)]
+        ref = [run_layers(ref_rt, x, mlps) for _ in range(2)]
+        for m, o in zip(mlps, originals):
+            restore_mlp(m, o)
+        for i, m in enumerate(mlps):
+            make_skippable(m, rt, i)
+        got = [run_layers(rt, x, mlps) for _ in range(2)]
+    for a, b in zip(ref, got):
+        for ya, yb in zip(a, b):
+            torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
+    assert rt.stats.as_dict() == ref_rt.stats.as_dict()
+    assert torch.equal(rt.last_first_skip, ref_rt.last_first_skip)
+    bound = {"layer": 5, "forward": 1, "none": 0}[policy]  # layer 0 has no plan
+    assert rt.max_host_reads == bound
+
+
+def test_forward_policy_reads_once_at_the_layer_that_saved_most_and_reuses_the_compaction(monkeypatch):
+    model = tiny_model("llama")
+    mlps = [layer.mlp for layer in model.model.layers]
+    calls = []
+    original = type(mlps[0]).forward
+
+    def counting(self, x):
+        calls.append((mlps.index(self), x.shape[0]))
+        return original(self, x)
+    monkeypatch.setattr(type(mlps[0]), "forward", counting)
+    x = torch.randn(40, 128)
+    exit_at = [1] * 30 + [-1] * 10  # 30 rows exit after layer 1: a compaction at layer 2 saves 4 layers
+    rt = SkipRuntime(Cascade(exit_at), 6, protect_first=0, host_sync="forward")
+    for i, m in enumerate(mlps):
+        make_skippable(m, rt, i)
+    with torch.no_grad():
+        run_layers(rt, x, mlps)  # no statistics yet: no read, every layer masked
+        assert rt.host_reads == 0 and all(n == 40 for _, n in calls)
+        calls.clear()
+        run_layers(rt, x, mlps)
+    assert rt.max_host_reads == 1
+    assert dict(calls) == {0: 40, 1: 40, 2: 10, 3: 10, 4: 10, 5: 10}
+
+
+def test_few_skipped_rows_take_the_masked_path_without_gathering(monkeypatch):
+    from sedac_monitor import engine
+
+    model = tiny_model("llama")
+    mlp = mlp_of(model)
+    seen = []
+    original = type(mlp).forward
+    monkeypatch.setattr(type(mlp), "forward", lambda self, x: (seen.append(x.shape[0]), original(self, x))[1])
+    x = torch.randn(100, 128)
+    skip = torch.zeros(100, dtype=torch.bool)
+    skip[7] = True  # 1% of rows: below GATHER_MIN_FRACTION
+    assert 1 / 100 < engine.GATHER_MIN_FRACTION
+    rt = SkipRuntime(Scripted({2: (skip, None)}), 6, protect_first=0)
+    make_skippable(mlp, rt, 2)
+    rt.begin(torch.zeros(100, 128))
+    with torch.no_grad():
+        y = mlp(x)
+        full = original(mlp, x)
+    assert seen == [100]  # every row computed once, no gather
+    assert torch.equal(y[7], torch.zeros(128)) and torch.equal(y[:7], full[:7]) and torch.equal(y[8:], full[8:])
+    skip[:50] = True
+    seen.clear()
+    rt.begin(torch.zeros(100, 128))
+    with torch.no_grad():
+        mlp(x)
+    assert seen == [50]  # half the rows: gathered
+
+
+def test_soft_plan_without_host_reads_masks_channels_per_row():
+    model = tiny_model("llama")
+    mlp = mlp_of(model)
+    x = torch.randn(5, 128)
+    skip = torch.tensor([False, True, False, False, False])
+    keep = torch.tensor([1.0, 0.3, 0.5, 0.01, 0.26])
+    outs = {}
+    for policy in ("layer", "none"):
+        rt = SkipRuntime(Scripted({2: (skip, keep)}), 6, protect_first=0, host_sync=policy)
+        original = make_skippable(mlp, rt, 2, hf_truncated(mlp))
+        rt.begin(torch.zeros(5, 128))
+        with torch.no_grad():
+            outs[policy] = mlp(x)
+        rt.after_layer(5, torch.zeros(5, 128))
+        restore_mlp(mlp, original)
+        assert rt.max_host_reads == (1 if policy == "layer" else 0)
+    torch.testing.assert_close(outs["none"], outs["layer"], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_host_sync_policy_is_refused():
+    with pytest.raises(ValueError, match="host_sync must be one of"):
+        SkipRuntime(Scripted({}), 6, host_sync="sometimes")

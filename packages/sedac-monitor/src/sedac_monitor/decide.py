@@ -14,7 +14,7 @@ previous layer is at least ``k`` long.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,12 +44,21 @@ def similarity(stream: torch.Tensor, previous: torch.Tensor, previous_norm2: Opt
 
 
 class MonitorDecider:
-    """Per-row V7 state for one forward pass over ``rows`` tokens.
+    """The V7 rule over the rows (tokens) of one forward pass.
 
-    Call :meth:`begin` with the stream entering layer 0, then for each layer
-    :meth:`plan` (before its MLP) and :meth:`after_layer` (with the stream
-    after it). :meth:`update` takes a similarity column directly (for tests
-    and replay parity).
+    Two ways to drive it, one rule:
+
+    * functional, for code that compiles the forward (sedac-vllm): ``state =
+      init(stream)``, then per layer ``plan(layer, state)`` before its MLP and
+      ``state = step(layer, stream, state)`` after it. Pure torch on tensors,
+      no data-dependent shapes and no host reads, so the whole rule compiles
+      into the model's graph;
+    * stateful, for Hugging Face hooks: :meth:`begin`, :meth:`plan` (one
+      argument), :meth:`after_layer` keep the state on the object.
+      :meth:`update` takes a similarity column directly (tests, replay parity).
+
+    ``monotone`` is True in cascade mode: a row skipped at a layer stays skipped
+    at every later layer that can skip (the runtime may reuse a compaction).
     """
 
     def __init__(self, rule: sedac_core.MonitorRule, num_layers: int) -> None:
@@ -59,50 +68,82 @@ class MonitorDecider:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.rule = rule
         self.num_layers = int(num_layers)
-        self.tau = float(np.float32(rule.tau))  # sedac_core compares in float32
-        self._tau_t: Optional[torch.Tensor] = None
-        self._end = max(self.num_layers - rule.protect_last, 0)
-        self._prev: Optional[torch.Tensor] = None
-        self._prev_norm2: Optional[torch.Tensor] = None
-        self.run: Optional[torch.Tensor] = None
-        self.exit_layer: Optional[torch.Tensor] = None
-        self.exited: Optional[torch.Tensor] = None  # cascade: exited at a layer already seen
+        # plain Python values: what a compiled graph bakes in (sedac_core compares in float32)
+        self.tau = float(np.float32(rule.tau))
+        self.k, self.min_layer = int(rule.k), int(rule.min_layer)
+        self.cascade = rule.mode == "cascade"
+        self.monotone = self.cascade
+        self._end = max(self.num_layers - int(rule.protect_last), 0)
+        self.state: Optional[Dict[str, torch.Tensor]] = None
+        self.exit_layer: Optional[torch.Tensor] = None  # stateful use: layer each row exited at (-1: none)
 
-    def begin(self, stream: torch.Tensor) -> None:
-        rows = stream.shape[0]
-        self._prev = stream
-        self._prev_norm2 = None
-        self.start(rows, stream.device)
+    # -- functional ------------------------------------------------------------
+    def init(self, stream: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """State before layer 0, from the stream entering it (``[rows, hidden]``)."""
+        a = stream.float()
+        rows = a.shape[0]
+        return {"prev": a, "prev_norm2": torch.linalg.vecdot(a, a),
+                "run": torch.zeros(rows, dtype=torch.int32, device=a.device),
+                "exited": torch.zeros(rows, dtype=torch.bool, device=a.device)}
 
-    def start(self, rows: int, device: Optional[torch.device] = None) -> None:
-        self.run = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.exit_layer = torch.full((rows,), -1, dtype=torch.int32, device=device)
-        self.exited = torch.zeros(rows, dtype=torch.bool, device=device)
-
-    def after_layer(self, layer: int, stream: torch.Tensor) -> None:
+    def step(self, layer: int, stream: torch.Tensor, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """State after ``layer``, given the stream it produced."""
         a = stream.float()
         norm2 = torch.linalg.vecdot(a, a)
-        s = similarity(a, self._prev, self._prev_norm2, norm2)
-        self._prev, self._prev_norm2 = a, norm2
-        self.update(layer, s)
+        s = similarity(a, state["prev"], state["prev_norm2"], norm2)
+        run, exited = self.advance(layer, s, state["run"], state["exited"])
+        return {"prev": a, "prev_norm2": norm2, "run": run, "exited": exited}
+
+    def advance(self, layer: int, s: torch.Tensor, run: torch.Tensor, exited: torch.Tensor):
+        """(run, exited) after ``layer`` given that layer's similarity column ``s``."""
+        if layer >= self.min_layer:
+            run = (run + 1) * (s >= self.tau)
+        if self.cascade and layer >= self.min_layer + self.k - 1:
+            exited = exited | (run >= self.k)
+        return run, exited
+
+    def plan_for(self, layer: int, state: Dict[str, torch.Tensor]) -> Plan:
+        """Rows whose MLP at ``layer`` is skipped (decided from layers < ``layer``); ``(None, None)``
+        where no row can skip, known without looking at the data."""
+        if layer >= self._end or layer < self.min_layer + self.k:
+            return None, None
+        if self.cascade:
+            return state["exited"], None  # exits decided at layers < `layer`
+        return state["run"] >= self.k, None
+
+    # -- stateful (Hugging Face hooks, tests) ------------------------------------
+    def begin(self, stream: torch.Tensor) -> None:
+        self.state = self.init(stream)
+        self.exit_layer = torch.full((stream.shape[0],), -1, dtype=torch.int32, device=stream.device)
+
+    def start(self, rows: int, device: Optional[torch.device] = None) -> None:
+        """Begin without a stream (drive the rule with :meth:`update`)."""
+        self.state = {"run": torch.zeros(rows, dtype=torch.int32, device=device),
+                      "exited": torch.zeros(rows, dtype=torch.bool, device=device)}
+        self.exit_layer = torch.full((rows,), -1, dtype=torch.int32, device=device)
+
+    def after_layer(self, layer: int, stream: torch.Tensor) -> None:
+        before = self.state["exited"]
+        self.state = self.step(layer, stream, self.state)
+        self._note_exits(layer, before)
 
     def update(self, layer: int, s: torch.Tensor) -> None:
         """Advance the rule by one layer given that layer's similarity column."""
-        rule = self.rule
-        if layer >= rule.min_layer:
-            if self._tau_t is None or self._tau_t.device != s.device:
-                self._tau_t = torch.tensor(self.tau, dtype=torch.float32, device=s.device)
-            self.run = (self.run + 1) * (s >= self._tau_t)
-        if rule.mode == "cascade" and layer >= rule.min_layer + rule.k - 1:
-            newly = (self.run >= rule.k) & ~self.exited
-            self.exit_layer.masked_fill_(newly, layer)
-            self.exited = self.exited | newly  # a new tensor: plans handed out earlier must not change
+        before = self.state["exited"]
+        run, exited = self.advance(layer, s, self.state["run"], before)
+        self.state = {**self.state, "run": run, "exited": exited}
+        self._note_exits(layer, before)
+
+    def _note_exits(self, layer: int, before: torch.Tensor) -> None:
+        self.exit_layer = self.exit_layer.masked_fill(self.state["exited"] & ~before, layer)
+
+    @property
+    def run(self) -> Optional[torch.Tensor]:
+        return None if self.state is None else self.state["run"]
+
+    @property
+    def exited(self) -> Optional[torch.Tensor]:
+        return None if self.state is None else self.state["exited"]
 
     def plan(self, layer: int) -> Plan:
-        """Rows whose MLP at ``layer`` is skipped (decided from layers < ``layer``)."""
-        rule = self.rule
-        if layer >= self._end or layer < rule.min_layer + rule.k:
-            return None, None  # nothing can skip here: no mask, no host sync
-        if rule.mode == "cascade":
-            return self.exited, None  # exits decided at layers < `layer`
-        return self.run >= rule.k, None
+        return self.plan_for(layer, self.state)

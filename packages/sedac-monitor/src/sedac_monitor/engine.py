@@ -24,7 +24,7 @@ so a row never computes fewer channels than asked).
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,23 @@ class ExitStats:
         }
 
 
+HOST_SYNC_POLICIES = ("layer", "forward", "none")
+"""How often the runtime may read a plan on the host (the only way to learn how many rows skip):
+
+* ``layer``: at every layer whose plan can skip rows. Costs nothing on a CPU (the tensors already
+  live in host memory); the default there.
+* ``forward``: at most once per forward, at the layer where past forwards skipped the most MLP work;
+  cascade plans (an exited row stays exited) reuse that compaction for every later layer, and rows
+  that exit after it run masked. The default on accelerators, where a host read waits for the device.
+* ``none``: never; every plan runs masked (exact outputs, no work saved). For debugging.
+"""
+
+GATHER_MIN_FRACTION = 1 / 32
+"""Below this fraction of skipped rows, a layer runs the MLP on every row and zeroes the skipped ones
+(the masked path) instead of gathering the active rows: copying the rows costs more than the MLP
+work saved (see the sedac-vllm README, "Overhead")."""
+
+
 class SkipRuntime:
     """Applies a decider's per-row plans to MLP calls and keeps :class:`ExitStats`.
 
@@ -76,20 +93,37 @@ class SkipRuntime:
     SmolLM2-135M, tau 0.995 / K 2 changes 45% of top-1s with the first token
     exiting and 17% without). Positions are known only when the caller passes
     them to :meth:`begin`.
+
+    Two ways in: :meth:`mlp` asks the (stateful) decider for the layer's plan,
+    which is how the Hugging Face hooks use it; :meth:`apply` takes the plan as
+    tensors, which is how a compiled model (vLLM) calls it from inside the
+    ``sedac::skip_mlp`` custom op. ``host_sync`` is one of
+    :data:`HOST_SYNC_POLICIES` (default: ``layer`` on CPU, ``forward`` elsewhere).
     """
 
-    def __init__(self, decider: Any, num_layers: int, protect_first: int = 1) -> None:
+    def __init__(self, decider: Any, num_layers: int, protect_first: int = 1,
+                 host_sync: Optional[str] = None) -> None:
         if isinstance(protect_first, bool) or not isinstance(protect_first, int) or protect_first < 0:
             raise ValueError(f"protect_first must be an integer >= 0, got {protect_first!r}")
+        if host_sync is not None and host_sync not in HOST_SYNC_POLICIES:
+            raise ValueError(f"host_sync must be one of {HOST_SYNC_POLICIES}, got {host_sync!r}")
         self.decider = decider
         self.num_layers = int(num_layers)
         self.protect_first = protect_first
+        self.host_sync = host_sync
         self._protected: Optional[torch.Tensor] = None
         self.stats: Optional[ExitStats] = None
         self.modules: Dict[int, nn.Module] = {}  # patched MLPs by layer (for the custom op)
         self.key = f"rt{id(self):x}"
         _RUNTIME_REGISTRY[self.key] = self
         self._valid: Optional[torch.Tensor] = None
+        self._rows, self._device = 0, torch.device("cpu")
+        self._acc: Optional[Dict[str, torch.Tensor]] = None
+        self._active: Optional[torch.Tensor] = None
+        self._read_layer: Optional[int] = None
+        self.forwards = 0  # completed forwards (the vLLM start-up check reads it)
+        self.host_reads = 0  # reads of a plan on the host, this forward (the policy bounds it)
+        self.max_host_reads = 0  # the most host reads any forward needed
         # per row, for the last completed forward: first skipped layer (num_layers: none) and MLP blocks skipped
         self.last_first_skip: Optional[torch.Tensor] = None
         self.last_row_skips: Optional[torch.Tensor] = None
@@ -100,91 +134,191 @@ class SkipRuntime:
         """Start a forward over ``stream`` (``[rows, hidden]``, entering layer 0).
         ``valid``: bool[rows], False for padding (excluded from stats);
         ``positions``: int[rows] sequence positions (for ``protect_first``)."""
-        rows = stream.shape[0]
         self._protected = self._allowed = None
         if positions is not None and self.protect_first > 0:
             self._protected = positions.reshape(-1) < self.protect_first
             self._allowed = ~self._protected
-        if self.stats is None:
-            self.stats = ExitStats(self.num_layers, stream.device)
-        self._valid = valid
-        self._rows, self._device = rows, stream.device
-        self._skips: List[Any] = []  # (layer, skip mask) of the layers where rows skipped, this forward
-        self._soft_parts: List[Any] = []  # (layer, fraction of channels skipped per row) of soft exits
+        self.start(stream.shape[0], stream.device, valid)
         self.decider.begin(stream)
+
+    def start(self, rows: int, device: torch.device, valid: Optional[torch.Tensor] = None) -> None:
+        """Reset the per-forward bookkeeping (what :meth:`begin` does besides starting the decider)."""
+        if self.stats is None:
+            self.stats = ExitStats(self.num_layers, device)
+        self._valid = valid
+        self._rows, self._device = rows, device
+        self._acc = None  # this forward's per-row results so far (see _record)
+        self._active = None
+        self.host_reads = 0
+        self._read_layer = self._choose_read_layer() if self._policy(device) == "forward" else None
 
     def after_layer(self, layer: int, stream: torch.Tensor) -> None:
         self.decider.after_layer(layer, stream)
         if layer == self.num_layers - 1:
-            self._finish()
+            self.finish()
 
-    def _finish(self) -> None:
-        """Fold this forward's skips into the per-row results and the running statistics."""
-        L, dev = self.num_layers, self._device
-        first = torch.full((self._rows,), L, dtype=torch.int64, device=dev)
-        row_skips = torch.zeros(self._rows, dtype=torch.float32, device=dev)
-        skipped = torch.zeros(L, dtype=torch.float64, device=dev)
-        full = torch.zeros(L, dtype=torch.int64, device=dev)
+    def _record(self, layer: int, skip: torch.Tensor, frac: Optional[torch.Tensor] = None) -> None:
+        """Fold one layer's plan into this forward's per-row results at once. Nothing of the plan is
+        kept: inside a compiled graph the tensors an op receives are the compiler's buffers, which it
+        reuses for later values once the op returns."""
+        acc = self._acc
+        if acc is None:
+            L, dev, rows = self.num_layers, skip.device, skip.shape[0]
+            acc = self._acc = {"first": torch.full((rows,), L, dtype=torch.int64, device=dev),
+                               "row_skips": torch.zeros(rows, dtype=torch.float32, device=dev),
+                               "skipped": torch.zeros(L, dtype=torch.float64, device=dev),
+                               "full": torch.zeros(L, dtype=torch.int64, device=dev)}
         valid = self._valid
-        for layer, skip in self._skips:
-            first.masked_fill_(skip & (first == L), layer)
-            row_skips += skip
-            counted = skip if valid is None else skip & valid
-            n = counted.sum()
-            full[layer] += n
-            skipped[layer] += n
-        for layer, frac in self._soft_parts:  # partial skips: counted as work, not as exits
-            row_skips += frac
-            skipped[layer] += (frac if valid is None else frac * valid).double().sum()
+        first = acc["first"]
+        first.masked_fill_(skip & (first == self.num_layers), layer)
+        acc["row_skips"] += skip
+        n = (skip if valid is None else skip & valid).sum()
+        acc["full"][layer] += n
+        acc["skipped"][layer] += n
+        if frac is not None:  # partial skips: counted as work, not as exits
+            acc["row_skips"] += frac
+            acc["skipped"][layer] += (frac if valid is None else frac * valid).double().sum()
+
+    def finish(self) -> None:
+        """Fold this forward's per-row results into the running statistics."""
+        L, dev = self.num_layers, self._device
+        acc = self._acc
+        if acc is None:  # no layer skipped anything
+            first = torch.full((self._rows,), L, dtype=torch.int64, device=dev)
+            row_skips = torch.zeros(self._rows, dtype=torch.float32, device=dev)
+        else:
+            first, row_skips = acc["first"], acc["row_skips"]
+        valid = self._valid
         stats = self.stats
         counted_first = first if valid is None else first[valid]
         stats.tokens += counted_first.numel()
         stats.exit_hist += torch.bincount(counted_first, minlength=L + 1)
-        stats.skipped += skipped
-        stats.full_skips += full
+        if acc is not None:
+            stats.skipped += acc["skipped"]
+            stats.full_skips += acc["full"]
         self.last_first_skip = first
         self.last_row_skips = row_skips
-        self._skips = []
-        self._soft_parts = []
+        self._acc = None
+        self._active = None
+        self.forwards += 1
+        self.max_host_reads = max(self.max_host_reads, self.host_reads)
+
+    def end_forward(self, rows: int, device: torch.device, count: bool = True) -> None:
+        """:meth:`finish` for callers that never called :meth:`begin` (a compiled model's
+        ``sedac::finish`` op), then reset for the next forward. ``count=False``: a forward whose
+        rows are not real tokens (a serving engine's warm-up): statistics and per-row results
+        stay as they were."""
+        self._rows, self._device = rows, device
+        if count:
+            self.finish()
+        else:
+            self.forwards += 1
+            self.max_host_reads = max(self.max_host_reads, self.host_reads)
+        self.start(0, device)
 
     def reset_stats(self) -> None:
         self.stats = None
 
+    # -- when to read a plan on the host -----------------------------------
+    def _policy(self, device: torch.device) -> str:
+        if self.host_sync is not None:
+            return self.host_sync
+        return "layer" if torch.device(device).type == "cpu" else "forward"
+
+    def _choose_read_layer(self) -> Optional[int]:
+        """``forward`` policy: the layer whose read saved the most MLP work in past forwards (an
+        estimate from the running statistics: rows skipping there, times the layers a cascade keeps
+        them skipped); ``None`` when no past forward skipped anything."""
+        stats = self.stats
+        if stats is None or int(stats.tokens) == 0:  # CPU/host counters; on a device, one read per forward
+            return None
+        rates = (stats.full_skips.double() / float(stats.tokens)).cpu().tolist()
+        monotone = bool(getattr(self.decider, "monotone", False))
+        best, best_gain = None, 0.0
+        for layer, rate in enumerate(rates):
+            later = sum(1 for r in rates[layer:] if r > 0) if monotone else 1
+            gain = rate * later
+            if gain > best_gain:
+                best, best_gain = layer, gain
+        return best
+
+    def _may_read(self, layer: int) -> bool:
+        policy = self._policy(self._device)
+        if policy == "layer":
+            return True
+        if policy == "forward":
+            return self.host_reads == 0 and layer == self._read_layer
+        return False
+
     # -- the MLP ------------------------------------------------------------
     def mlp(self, layer: int, x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor],
-            truncated: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+            truncated: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
             intermediate: int = 0) -> torch.Tensor:
-        """Run ``full`` (the MLP) on the rows the plan keeps; zeros for the rest.
+        """Run ``full`` (the MLP) on the rows the decider's plan keeps; zeros for the rest.
 
         ``x`` is ``[..., hidden]`` with rows in the order the decider saw them.
-        ``truncated(rows, m)`` computes the MLP with its first ``m`` channels;
-        it is needed only when the plan has ``keep`` < 1.
+        ``truncated(rows, m)`` computes the MLP with its first ``m`` channels
+        (``m`` an int, or an int64 tensor with one count per row); it is needed
+        only when the plan has ``keep`` < 1.
         """
         skip, keep = self.decider.plan(layer)
         if skip is None and keep is None:
             return full(x)
+        if self._protected is not None:
+            if skip is not None:
+                skip = skip & self._allowed
+            if keep is not None:
+                keep = torch.where(self._protected, torch.ones_like(keep), keep)
+        return self.apply(layer, x, skip, keep, full, truncated, intermediate)
+
+    def apply(self, layer: int, x: torch.Tensor, skip: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+              full: Callable[[torch.Tensor], torch.Tensor],
+              truncated: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
+              intermediate: int = 0) -> torch.Tensor:
+        """Execute a plan given as tensors (``skip`` bool[rows], ``keep`` float[rows]; protection
+        already applied). The output equals the MLP on kept rows and zero on skipped rows, whichever
+        path runs; the policy only decides how much work that costs."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         rows = flat.shape[0]
-        if skip is None:
-            skip = torch.zeros(rows, dtype=torch.bool, device=flat.device)
-        if self._protected is not None:
-            skip = skip & self._allowed
-            if keep is not None:
-                keep = torch.where(self._protected, torch.ones_like(keep), keep)
-        if keep is None or truncated is None or intermediate <= 0:
-            if keep is not None:
+        if keep is not None:
+            if truncated is None or intermediate <= 0:
                 raise RuntimeError("a soft-exit plan needs the MLP's truncated form and intermediate size")
-            if not bool(skip.any()):  # the one host sync of a layer without exits
+            if skip is None:
+                skip = torch.zeros(rows, dtype=torch.bool, device=flat.device)
+            return self._soft(layer, flat, skip, keep, full, truncated, intermediate).view(shape)
+        if skip is None:
+            return full(x)
+        if self._may_read(layer):
+            self.host_reads += 1
+            n = int(skip.sum())  # the host read
+            if n == 0:
                 return full(x)  # nothing skipped here: no bookkeeping either
-            self._skips.append((layer, skip))  # counted once per forward, in _finish
+            self._record(layer, skip)
+            if n == rows:
+                if getattr(self.decider, "monotone", False):
+                    self._active = flat.new_zeros(0, dtype=torch.int64)
+                return flat.new_zeros(flat.shape).view(shape)
+            if n < GATHER_MIN_FRACTION * rows:
+                return full(flat).masked_fill_(skip[:, None], 0).view(shape)
             active = (~skip).nonzero().squeeze(1)
-            out = flat.new_zeros(flat.shape)
-            if active.numel():
-                out.index_copy_(0, active, full(flat.index_select(0, active)))
-            return out.view(shape)
-        self._skips.append((layer, skip))
-        return self._soft(layer, flat, skip, keep, full, truncated, intermediate).view(shape)
+            if getattr(self.decider, "monotone", False):
+                self._active = active  # rows skipped now stay skipped in later layers
+            return self._gathered(flat, active, None, full).view(shape)
+        self._record(layer, skip)
+        if self._active is not None:  # a cascade compacted at an earlier layer: run only what was active then
+            return self._gathered(flat, self._active, skip, full).view(shape)
+        return full(flat).masked_fill_(skip[:, None], 0).view(shape)
+
+    @staticmethod
+    def _gathered(flat, active, skip, full):
+        out = flat.new_zeros(flat.shape)
+        if active.numel():
+            y = full(flat.index_select(0, active))
+            if skip is not None:  # rows that skipped since the compaction: computed, then zeroed
+                y.masked_fill_(skip.index_select(0, active)[:, None], 0)
+            out.index_copy_(0, active, y)
+        return out
 
     def _soft(self, layer, flat, skip, keep, full, truncated, intermediate):
         step = max(intermediate // SOFT_GROUPS, 1)
@@ -192,9 +326,15 @@ class SkipRuntime:
         m = torch.clamp(torch.ceil(keep.float() * intermediate / step) * step, max=intermediate).to(torch.int64)
         m = torch.where(skip, torch.zeros_like(m), m)
         frac = torch.where(skip, torch.zeros(1, device=m.device), (intermediate - m).float() / intermediate)
-        self._soft_parts.append((layer, frac))
+        self._record(layer, skip, frac)
+        if not self._may_read(layer):
+            # masked: every row computes every channel, and each row keeps the first m of them
+            return truncated(flat, m)
+        self.host_reads += 1
+        values = torch.unique(m).tolist()  # the host read; at most SOFT_GROUPS + 1 groups
+        if values == [intermediate]:
+            return full(flat)  # no row truncated or skipped: nothing to gather
         out = flat.new_zeros(flat.shape)
-        values = torch.unique(m).tolist()  # one host sync; at most SOFT_GROUPS + 1 groups
         for value in values:
             if value == 0:
                 continue
@@ -257,10 +397,21 @@ def permute_channels(mlp: nn.Module, order: torch.Tensor) -> None:
         down.copy_(down[:, order.to(down.device)])
 
 
-def hf_truncated(mlp: nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``f(x, m)``: the HF gate/up/down MLP computed with its first ``m`` channels."""
+def channel_mask(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Zero, per row, the intermediate channels at and after that row's count ``m`` (int64[rows])."""
+    idx = torch.arange(h.shape[-1], device=h.device)
+    return h * (idx[None, :] < m[:, None]).to(h.dtype)
 
-    def run(x: torch.Tensor, m: int) -> torch.Tensor:
+
+def hf_truncated(mlp: nn.Module) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``f(x, m)``: the HF gate/up/down MLP computed with its first ``m`` channels; ``m`` is an int,
+    or an int64 tensor with one count per row (then every channel is computed and masked per row)."""
+
+    def run(x: torch.Tensor, m: Any) -> torch.Tensor:
+        if isinstance(m, torch.Tensor):
+            h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+            return mlp.down_proj(channel_mask(h, m)) * (m > 0).to(x.dtype)[:, None]
+
         def lin(layer, rows=None):
             w = layer.weight[:m] if rows is None else layer.weight[:, :m]
             b = None if layer.bias is None else (layer.bias[:m] if rows is None else layer.bias)
@@ -284,66 +435,76 @@ def intermediate_size(mlp: nn.Module) -> int:
 # ---------------------------------------------------------------------------
 # class swap: an MLP whose forward goes through the runtime
 
-_SKIP_CLASSES: Dict[type, type] = {}
+_SWAPPED: Dict[Tuple[type, type], type] = {}
 
 
-class _SkippableMLP:
-    """Mixin put in front of the MLP's own class while a runtime is attached.
+def subclass_with(mixin: type, cls: type) -> type:
+    """``class Sedac<cls>(mixin, cls)``, made once per pair and reused (so instances of the same
+    class share one subclass, and ``isinstance`` against ``cls`` still holds)."""
+    made = _SWAPPED.get((mixin, cls))
+    if made is None:
+        made = type(f"Sedac{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+        _SWAPPED[(mixin, cls)] = made
+    return made
 
-    In eager mode the forward calls the runtime directly. Under torch.compile
-    the data-dependent gather -> MLP -> scatter runs inside the registered
-    custom op ``sedac::skip_mlp`` (opaque to the compiler, with a fake
-    implementation for shape propagation); vLLM also treats it as a graph
-    splitting point, so it runs outside captured CUDA graphs.
-    """
+
+class SkippableMLP:
+    """Mixin put in front of the MLP's own class while a runtime is attached: the forward asks the
+    runtime (and through it the decider) which rows run. Hugging Face models run it eagerly;
+    compiled models (sedac-vllm) subclass it and call the ``sedac::skip_mlp`` op instead."""
 
     _sedac_runtime: SkipRuntime
     _sedac_layer: int
 
     def forward(self, x):  # noqa: D401 - same contract as the wrapped MLP
         if torch.compiler.is_compiling():
-            return skip_mlp_op()(x, self._sedac_runtime.key, self._sedac_layer)
-        return self._sedac_call(x)
-
-    def _sedac_call(self, x):
+            raise RuntimeError("SEDAC's Hugging Face accelerator runs eagerly: call torch.compile on the model "
+                               "outside the accelerator's `with` block, or serve with sedac-vllm")
         return self._sedac_runtime.mlp(self._sedac_layer, x, super().forward, self._sedac_truncated,
                                        self._sedac_inter)
 
+    def _sedac_apply(self, x, skip, keep):
+        """Run a plan given as tensors (the custom op's body)."""
+        return self._sedac_runtime.apply(self._sedac_layer, x, skip, keep, super().forward, self._sedac_truncated,
+                                         self._sedac_inter)
+
 
 _RUNTIME_REGISTRY: "weakref.WeakValueDictionary[str, SkipRuntime]" = weakref.WeakValueDictionary()
-_OP = None
 
 
-def skip_mlp_op():
-    """``torch.ops.sedac.skip_mlp(x, runtime_key, layer)``, registered on first use."""
-    global _OP
-    if _OP is None:
-        @torch.library.custom_op("sedac::skip_mlp", mutates_args=())
-        def skip_mlp(x: torch.Tensor, key: str, layer: int) -> torch.Tensor:
-            rt = _RUNTIME_REGISTRY[key]
-            return rt.modules[layer]._sedac_call(x)
+def runtime_for(key: str) -> SkipRuntime:
+    rt = _RUNTIME_REGISTRY.get(key)
+    if rt is None:
+        raise RuntimeError(f"no SEDAC runtime {key!r} in this process (the model that registered it is gone)")
+    return rt
 
-        @skip_mlp.register_fake
-        def _(x, key, layer):
-            return torch.empty_like(x)
 
-        _OP = torch.ops.sedac.skip_mlp
-    return _OP
+# Registered when this module is imported (never while a graph is traced). The op is opaque to the
+# compiler: the data-dependent row selection happens inside, and its output is used, so dead-code
+# elimination keeps it; vLLM on GPU lists it among the graph-splitting ops so it runs outside CUDA graphs.
+@torch.library.custom_op("sedac::skip_mlp", mutates_args=())
+def skip_mlp(x: torch.Tensor, skip: Optional[torch.Tensor], keep: Optional[torch.Tensor], key: str,
+             layer: int) -> torch.Tensor:
+    """The MLP of ``layer`` on ``x`` with the plan (``skip`` rows get zeros, ``keep`` the fraction of
+    channels computed per row) applied by runtime ``key``."""
+    return runtime_for(key).modules[layer]._sedac_apply(x, skip, keep)
+
+
+@skip_mlp.register_fake
+def _skip_mlp_fake(x, skip, keep, key, layer):
+    return torch.empty_like(x)
 
 
 def make_skippable(mlp: nn.Module, runtime: SkipRuntime, layer: int,
-                   truncated: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> type:
+                   truncated: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
+                   mixin: type = SkippableMLP) -> type:
     """Swap ``mlp``'s class for a subclass whose forward goes through ``runtime``.
     Parameter names, state_dict and weights are untouched. Returns the original
     class (give it to :func:`restore_mlp`)."""
     original = type(mlp)
-    if issubclass(original, _SkippableMLP):
+    if issubclass(original, SkippableMLP):
         raise RuntimeError(f"layer {layer}'s MLP is already patched by SEDAC (nested accelerators are not supported)")
-    cls = _SKIP_CLASSES.get(original)
-    if cls is None:
-        cls = type(f"Sedac{original.__name__}", (_SkippableMLP, original), {"__module__": __name__})
-        _SKIP_CLASSES[original] = cls
-    mlp.__class__ = cls
+    mlp.__class__ = subclass_with(mixin, original)
     mlp._sedac_runtime = runtime
     runtime.modules[layer] = mlp
     mlp._sedac_layer = layer

@@ -9,7 +9,7 @@ differ by one ulp (``exp``). Used inside model forwards by the HF runtime
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -97,7 +97,14 @@ class ProbeDecider:
     layers after a checkpoint. ``last_risk`` keeps the risks of the last
     forward (``[rows, checkpoints]``, NaN where not reached) for adaptive
     threshold updates.
+
+    Like :class:`sedac_monitor.decide.MonitorDecider` it has a functional form
+    (``init`` / ``step`` / ``plan_for``, pure torch, compiled into vLLM's graph)
+    and a stateful one (``begin`` / ``after_layer`` / ``plan``) for HF hooks.
+    Exits are a cascade, so ``monotone`` is True.
     """
+
+    monotone = True
 
     def __init__(self, bank, cascade: TorchCascade, num_layers: int, protect_last: int = 0) -> None:
         if len(bank.layers) != cascade.checkpoints:
@@ -110,34 +117,60 @@ class ProbeDecider:
         self.protect_last = int(protect_last)
         self._index = {layer: i for i, layer in enumerate(bank.layers)}
         self._end = self.num_layers - self.protect_last
+        self.state: Optional[Dict[str, Any]] = None
         self.last_risk: Optional[torch.Tensor] = None
 
-    def begin(self, stream: torch.Tensor) -> None:
+    # -- functional ------------------------------------------------------------
+    def init(self, stream: torch.Tensor) -> Dict[str, Any]:
         rows = stream.shape[0]
         dev = stream.device
-        self.acc = torch.zeros(rows, dtype=torch.float32, device=dev)
-        self.exit_layer = torch.full((rows,), -1, dtype=torch.int32, device=dev)
-        self.soft = torch.zeros(rows, dtype=torch.float32, device=dev)
-        self.risk = torch.full((rows, self.cascade.checkpoints), float("nan"), dtype=torch.float32, device=dev)
-        self._seen = -1
+        return {"acc": torch.zeros(rows, dtype=torch.float32, device=dev),
+                "exit_layer": torch.full((rows,), -1, dtype=torch.int32, device=dev),
+                "soft": torch.zeros(rows, dtype=torch.float32, device=dev),
+                "risks": ()}
 
-    def after_layer(self, layer: int, stream: torch.Tensor) -> None:
+    def step(self, layer: int, stream: torch.Tensor, state: Dict[str, Any]) -> Dict[str, Any]:
         i = self._index.get(layer)
         if i is None:
-            return
+            return state
         risk = self.bank.risk_at(i, stream)
-        self.risk[:, i] = risk
-        hit, self.acc, soft = self.cascade.step(i, risk, self.acc)
-        self.exit_layer = torch.where((self.exit_layer < 0) & hit, torch.full_like(self.exit_layer, layer),
-                                      self.exit_layer)
-        self.soft = soft
-        self._seen = layer
-        if i == self.cascade.checkpoints - 1:
-            self.last_risk = self.risk
+        hit, acc, soft = self.cascade.step(i, risk, state["acc"])
+        exit_layer = state["exit_layer"]
+        exit_layer = torch.where((exit_layer < 0) & hit, torch.full_like(exit_layer, layer), exit_layer)
+        return {"acc": acc, "exit_layer": exit_layer, "soft": soft, "risks": state["risks"] + (risk,)}
+
+    def risk_matrix(self, state: Dict[str, Any]) -> torch.Tensor:
+        """``[rows, checkpoints]`` float32 risks of this forward, NaN for checkpoints not reached."""
+        risks = list(state["risks"])
+        rows = state["acc"].shape[0]
+        while len(risks) < self.cascade.checkpoints:
+            risks.append(torch.full((rows,), float("nan"), dtype=torch.float32, device=state["acc"].device))
+        return torch.stack(risks, 1)
+
+    def plan_for(self, layer: int, state: Dict[str, Any]):
+        if layer <= self.bank.layers[0] or layer >= self._end:
+            return None, None  # before the first checkpoint or in the protected tail: nobody skips
+        exit_layer = state["exit_layer"]
+        skip = (exit_layer >= 0) & (exit_layer < layer)
+        keep = 1.0 - state["soft"] if self.cascade.soft_exit else None
+        return skip, keep
+
+    # -- stateful (Hugging Face hooks, tests) ------------------------------------
+    def begin(self, stream: torch.Tensor) -> None:
+        self.state = self.init(stream)
+
+    def after_layer(self, layer: int, stream: torch.Tensor) -> None:
+        self.state = self.step(layer, stream, self.state)
+        if self._index.get(layer) == self.cascade.checkpoints - 1:
+            self.last_risk = self.risk_matrix(self.state)
 
     def plan(self, layer: int):
-        if self._seen < 0 or layer >= self._end:
-            return None, None
-        skip = (self.exit_layer >= 0) & (self.exit_layer < layer)
-        keep = 1.0 - self.soft if self.cascade.soft_exit else None
-        return skip, keep
+        return self.plan_for(layer, self.state)
+
+    @property
+    def risk(self) -> torch.Tensor:
+        return self.risk_matrix(self.state)
+
+    @property
+    def exit_layer(self) -> torch.Tensor:
+        return self.state["exit_layer"]
