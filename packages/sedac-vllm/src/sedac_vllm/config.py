@@ -47,6 +47,8 @@ VARIABLES: Dict[str, str] = {
     "SEDAC_SOFT_EXIT": "0 or 1 (default 0)",
     "SEDAC_LAYER_WEIGHTS": "comma-separated numbers >= 0, one per probe layer (default 0.3,0.4,0.3 for three)",
     "SEDAC_ALPHA": "adaptive EMA step, number in (0, 1] (default 0.1)",
+    "SEDAC_HOST_SYNC": "'layer', 'forward' or 'none': how often a plan may be read on the host "
+                       "(default: layer on CPU, forward on GPU)",
     "SEDAC_LOG_EVERY": "integer >= 0: log exit statistics every N forward steps, 0 = never (default 50)",
     "SEDAC_METRICS_FILE": "path the engine writes its statistics to, read by /metrics (default: a temp file)",
     "SEDAC_TRACE": "path: append per-token decisions of every forward as JSON lines (debugging, tests)",
@@ -153,6 +155,7 @@ class SedacConfig:
     soft_exit: bool = False
     layer_weights: Optional[List[float]] = None
     alpha: float = 0.1
+    host_sync: Optional[str] = None
     # reporting
     log_every: int = 50
     metrics_file: Optional[str] = None
@@ -195,6 +198,7 @@ class SedacConfig:
         cfg.soft_exit = parse_bool(env, "SEDAC_SOFT_EXIT", cfg.soft_exit)
         cfg.layer_weights = parse_list(env, "SEDAC_LAYER_WEIGHTS", float, 0.0)
         cfg.alpha = parse_number(env, "SEDAC_ALPHA", cfg.alpha, 0.0, 1.0, lo_open=True)
+        cfg.host_sync = parse_choice(env, "SEDAC_HOST_SYNC", ("layer", "forward", "none"), None)
         cfg.log_every = parse_int(env, "SEDAC_LOG_EVERY", cfg.log_every)
         cfg.metrics_file = _get(env, "SEDAC_METRICS_FILE")
         cfg.trace = _get(env, "SEDAC_TRACE")

