@@ -118,6 +118,28 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def tests_gpu(session: nox.Session) -> None:
+    """On a machine with an NVIDIA GPU: vLLM's CUDA build, compiled with piecewise CUDA graphs (vLLM's default
+    there), the engine tests on the tiny models in both modes, and the bundled SmolLM2 through the benchmark.
+
+    Not part of `tests` (CI has no GPU). `SEDAC_VLLM_CUDA` overrides the vLLM requirement."""
+    vllm_cuda = os.environ.get("SEDAC_VLLM_CUDA", "vllm==0.32.0")
+    _install_core(session)
+    session.install(*TEST_DEPS, vllm_cuda)  # brings its own CUDA torch
+    session.install("--no-deps", *DATA_PACKAGES)
+    for name in PY_PACKAGES:
+        session.install(str(ROOT / "packages" / name))
+    session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else "
+                "'tests_gpu needs a CUDA GPU: torch.cuda.is_available() is False')")
+    session.run("sedac-bench", "assets", "--cache", str(ASSETS))
+    tests = ROOT / "packages" / "sedac-vllm" / "tests"
+    session.run("pytest", "-v", str(tests / "test_e2e_vllm.py"), str(tests / "test_server.py"), *session.posargs,
+                env={"SEDAC_ASSETS": str(ASSETS)})
+    session.run("sedac-bench", "run", "--cache", str(ASSETS), "--out", str(ROOT / "bench-results-gpu"),
+                env={"SEDAC_CORE_BACKEND": "auto"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff on all Python, rustfmt and clippy (warnings are errors) on the crate."""
     session.install("ruff>=0.5")

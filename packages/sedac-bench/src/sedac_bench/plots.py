@@ -134,23 +134,29 @@ def throughput(results: Dict[str, Any], out: Path) -> List[str]:
     vl = results.get("vllm", {})
     files = []
     for folder, data in vl.items():
-        rows = data["rows"]
+        rows = data.get("compiled", {}).get("rows", [])
+        if not rows:
+            continue
         workloads = list(dict.fromkeys(r["workload"] for r in rows))
         configs = list(dict.fromkeys(r["config"] for r in rows))
         fig, ax = plt.subplots(figsize=(8, 4.5))
         width = 0.8 / len(configs)
         for i, c in enumerate(configs):
-            vals = [next(r["speedup"] for r in rows if r["workload"] == w and r["config"] == c) for w in workloads]
+            picked = [next(r for r in rows if r["workload"] == w and r["config"] == c) for w in workloads]
+            vals = [r["speedup"] for r in picked]
+            err = [[v - r["speedup_min"] for v, r in zip(vals, picked)],
+                   [r["speedup_max"] - v for v, r in zip(vals, picked)]]
             ideal = [next(r["ideal_speedup"] for r in rows if r["workload"] == w and r["config"] == c)
                      for w in workloads]
             xs = np.arange(len(workloads)) + i * width
-            ax.bar(xs, vals, width, label=c)
+            ax.bar(xs, vals, width, label=c, yerr=err, error_kw={"lw": 0.6, "capsize": 1.5})
             ax.scatter(xs, ideal, marker="_", color="k", s=60, zorder=3)
         ax.axhline(1.0, color="k", lw=0.6)
         ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
         ax.set_xticklabels(workloads, fontsize=6, rotation=12)
         ax.set_ylabel("throughput vs vanilla vLLM (x)")
-        ax.set_title(f"vLLM CPU offline throughput, SmolLM2-135M ({folder} folder); black ticks: ideal", fontsize=8)
+        ax.set_title(f"vLLM CPU, compiled, SmolLM2-135M ({folder} folder): median of interleaved rounds "
+                     "[min-max]; black ticks: ideal", fontsize=8)
         ax.legend(fontsize=6)
         _footer(fig, results)
         fig.tight_layout(rect=(0, 0.02, 1, 1))

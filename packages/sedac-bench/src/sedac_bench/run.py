@@ -40,13 +40,22 @@ from .quality import evaluate, greedy_agreement
 Log = Callable[[str], None]
 
 SIZES = {
-    # windows of 512 tokens: calibration, probe training, held-out evaluation; generation prompts x tokens
+    # windows of 512 tokens: calibration, probe training, held-out evaluation; generation prompts x tokens.
+    # vLLM: prompts per batch size, prefill prompt length, decode tokens out, interleaved rounds, the
+    # configurations timed compiled (vLLM's default) and eager, and the batch sizes of the eager table.
     "quick": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
-              "hf_repeats": 2, "vllm_repeats": 2,
-              "vllm": {"prefill": (16, 512), "decode": (16, 32, 64), "batches": (4, 16)}},
+              "hf_repeats": 2,
+              "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 2, 4: 4, 16: 16, 64: 64}, "prefill_len": 128,
+                       "decode_out": 32, "rounds": 4, "eager_batches": (4, 16),
+                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults"),
+                       "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
     "full": {"cal_tokens": 4096, "probe_windows": 16, "eval_windows": 8, "gen_prompts": 8, "gen_tokens": 32,
-             "hf_repeats": 3, "vllm_repeats": 1,
-             "vllm": {"prefill": (64, 1024), "decode": (64, 32, 256), "batches": (64,)}},
+             "hf_repeats": 3,
+             "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 8, 16: 32, 64: 64}, "prefill_len": 512,
+                      "decode_out": 64, "rounds": 8, "eager_batches": (1, 4, 16, 64),
+                      "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V6.0 safety probe",
+                                  "V7 original defaults"),
+                      "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
 }
 MAX_RISK = 0.05
 
@@ -89,7 +98,6 @@ class Bench:
         self.work = self.out / "work"
         self.work.mkdir(exist_ok=True)
         self.results: Dict[str, Any] = {"command": command, "size": size, "machine": machine(),
-                                        "vllm_repeats": SIZES[size]["vllm_repeats"],
                                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "timings": {}}
 
     def timed(self, name: str):
@@ -204,7 +212,7 @@ class Bench:
         ms = [
             monitor_method("V7 calibrated (max risk 5%)", "V7", L, cfg["tau"], cfg["consecutive_k"], cfg["min_layer"],
                            cfg["protect_last"], cfg["mode"], note="sedac-monitor calibrate on enwiki"),
-            monitor_method("V7 seeds' defaults", "V7", L, 0.98, 2, protect_first=0,
+            monitor_method("V7 original defaults", "V7", L, 0.98, 2, protect_first=0,
                            note="tau 0.98, K 2, cascade from layer 0, no protected token"),
             monitor_method("V7 tau 0.995 K 2", "V7", L, 0.995, 2),
             monitor_method("V7 tau 0.99 K 1 min_layer 10", "V7", L, 0.99, 1, 10),
@@ -340,7 +348,7 @@ class Bench:
         short = token_windows(self.tok, text, 512, 4, source="lee_news")
         prompts = token_windows(self.tok, text, 128, 8, source="lee_news")
         chosen = {r["name"]: r for r in self.rows}
-        names = [self.best["name"], "V7 seeds' defaults"]
+        names = [self.best["name"], "V7 original defaults"]
         methods = {m.name: m for m in self.methods()}
         out = {}
         reps = self.size["hf_repeats"]
@@ -388,63 +396,150 @@ class Bench:
 
     def vllm_configs(self) -> List[Dict[str, Any]]:
         cfg_path = self.out / "sedac_config.json"
-        return [
+        configs = [
             {"name": "vanilla", "env": {"SEDAC_ENABLED": "0"}},
-            {"name": "on, no exits (tau 1.0)", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "1.0",
-                                                       "SEDAC_CONSECUTIVE_K": "1"}},
+            {"name": NO_EXITS, "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "1.5", "SEDAC_CONSECUTIVE_K": "1"}},
             {"name": "V7 calibrated", "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(cfg_path)}},
             {"name": "V6.0 safety probe", "env": {"SEDAC_ENABLED": "1",
                                                   "SEDAC_PROBE_DIR": str(self.out / "probes-safety")}},
-            {"name": "V7 seeds' defaults", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.98",
-                                                   "SEDAC_CONSECUTIVE_K": "2",
-                                                   "SEDAC_PROTECT_FIRST": "0"}},
+            {"name": DEFAULTS, "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.98", "SEDAC_CONSECUTIVE_K": "2",
+                                       "SEDAC_PROTECT_FIRST": "0"}},
         ]
+        return [c for c in configs if c["name"] in self.size["vllm"]["configs"]]
 
-    def wallclock_vllm(self, folders=("llama",)) -> None:
+    def vllm_workloads(self, batches, rounds: int) -> List[Dict[str, Any]]:
+        """Prefill-heavy (prompts of ``prefill_len`` tokens, 1 out) and decode-heavy (32-token prompts,
+        ``decode_out`` out) workloads per batch size, each with its own held-out prompts in every round."""
         from sedac_monitor.hf import read_text
 
         v = self.size["vllm"]
-        text = read_text(self.texts["lee_news"])
-        ids = self.tok(text[:400_000], add_special_tokens=False)["input_ids"]
-        n_pre, len_pre = v["prefill"]
-        n_dec, len_dec, out_dec = v["decode"]
-        pre = [ids[i * len_pre:(i + 1) * len_pre] for i in range(n_pre)]
-        dec = [ids[(i + n_pre) * len_dec: (i + n_pre + 1) * len_dec] for i in range(n_dec)]
+        text = read_text(self.texts["lee_news"]) + "\n\n" + read_text(self.texts["pydoc_topics"])
+        stream = HeldOutStream(self.tok(text, add_special_tokens=False)["input_ids"])
         workloads = []
-        for b in v["batches"]:
-            workloads.append({"name": f"prefill-heavy {n_pre}x{len_pre}, 1 out, batch {b}", "prompts": pre,
-                              "max_tokens": 1, "batch": b, "kind": "prefill", "context": mean_context(len_pre)})
-            workloads.append({"name": f"decode-heavy {n_dec}x{len_dec}, {out_dec} out, batch {b}", "prompts": dec,
-                              "max_tokens": out_dec, "batch": b, "kind": "decode", "context": len_dec + out_dec / 2})
+        for b in batches:
+            n = v["prompts"][b]
+            workloads.append({"name": f"prefill-heavy {n}x{v['prefill_len']}, 1 out, batch {b}", "kind": "prefill",
+                              "batch": b, "max_tokens": 1, "context": mean_context(v["prefill_len"]),
+                              "prompt_sets": [stream.take(n, v["prefill_len"]) for _ in range(rounds)]})
+            workloads.append({"name": f"decode-heavy {n}x32, {v['decode_out']} out, batch {b}", "kind": "decode",
+                              "batch": b, "max_tokens": v["decode_out"], "context": 32 + v["decode_out"] / 2,
+                              "prompt_sets": [stream.take(n, 32) for _ in range(rounds)]})
+        return workloads
+
+    def wallclock_vllm(self, folders=("llama",)) -> None:
+        """vLLM throughput, SEDAC configurations against vanilla in the same mode, interleaved
+        (sedac_bench.vllm_bench): compiled (vLLM's default) and eager (``enforce_eager``)."""
+        v = self.size["vllm"]
+        rounds = v["rounds"]
+        configs = self.vllm_configs()
+        eager_configs = [c for c in configs if c["name"] in v["eager_configs"]]
+        workloads = self.vllm_workloads(v["batches"], rounds)
+        eager_names = {w["name"] for w in workloads if w["batch"] in v["eager_batches"]}
         self.results.setdefault("vllm", {})
         for folder in folders:
             model_dir = self.model_dir if folder == "llama" else self.qwen_dir
-            spec = {"model": str(model_dir), "configs": self.vllm_configs(), "repeats": self.size["vllm_repeats"],
-                    "workloads": [{k: w[k] for k in ("name", "prompts", "max_tokens", "batch")} for w in workloads]}
-            spec_path, out_path = self.work / f"vllm-spec-{folder}.json", self.work / f"vllm-out-{folder}.json"
-            spec_path.write_text(json.dumps(spec))
-            with self.timed(f"vLLM throughput ({folder} folder)"):
-                proc = subprocess.run([sys.executable, "-m", "sedac_bench.vllm_bench", str(spec_path), str(out_path)],
-                                      capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"the vLLM benchmark failed:\n{proc.stderr[-5000:]}")
-            raw = json.loads(out_path.read_text())
-            table = []
-            for w in workloads:
-                base = raw["vanilla"]["workloads"][w["name"]]
-                for c in self.vllm_configs()[1:]:
-                    r = raw[c["name"]]["workloads"][w["name"]]
-                    speed = base["seconds"] / r["seconds"]
-                    ideal = compute_summary(self.shape, r["skipped_mlp_fraction"] * self.L, w["context"],
-                                            logits=w["kind"] == "decode")["ideal_speedup"]
-                    table.append({"workload": w["name"], "config": c["name"], "vanilla_s": base["seconds"],
-                                  "sedac_s": r["seconds"], "speedup": speed,
-                                  "vanilla_tokens_per_s": base["tokens_per_s"], "sedac_tokens_per_s": r["tokens_per_s"],
-                                  "skipped_mlp_fraction": r["skipped_mlp_fraction"], "ideal_speedup": ideal,
-                                  **realized_vs_ideal(speed, ideal)})
-                    self.log(f"  {folder} {w['name']:42s} {c['name']:24s} {speed:.3f}x (ideal {ideal:.3f}x, "
-                             f"skipped {r['skipped_mlp_fraction']:.2%})")
-            self.results["vllm"][folder] = {"rows": table, "raw": raw}
+            groups = [{"name": "compiled", "llm": {}, "configs": configs},
+                      {"name": "eager", "llm": {"enforce_eager": True}, "configs": eager_configs}]
+            data: Dict[str, Any] = {}
+            for group in groups:
+                wl = workloads if group["name"] == "compiled" else [w for w in workloads if w["name"] in eager_names]
+                spec = {"model": str(model_dir), "groups": [group], "rounds": rounds,
+                        "workloads": [{k: w[k] for k in ("name", "prompt_sets", "max_tokens", "batch")} for w in wl]}
+                stem = f"vllm-{folder}-{group['name']}"
+                spec_path, out_path = self.work / f"{stem}-spec.json", self.work / f"{stem}-out.json"
+                spec_path.write_text(json.dumps(spec))
+                with self.timed(f"vLLM {group['name']} ({folder} folder, {len(group['configs'])} engines, "
+                                f"{rounds} interleaved rounds)"):
+                    self._run_vllm_bench(spec_path, out_path, self.work / f"{stem}.log")
+                raw = json.loads(out_path.read_text())[group["name"]]
+                data[group["name"]] = {"rows": self._vllm_rows(raw, wl, folder, group["name"]),
+                                       "rounds": rounds, "startup_s": raw["startup_s"]}
+            data["targets"] = vllm_targets(data)
+            for line in targets_lines(data["targets"]):
+                self.log("  " + line)
+            self.results["vllm"][folder] = data
+
+    def _run_vllm_bench(self, spec_path: Path, out_path: Path, log_path: Path) -> None:
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "sedac_bench.vllm_bench", str(spec_path), str(out_path)],
+                                    stdout=subprocess.PIPE, stderr=log_file, text=True)
+            for line in proc.stdout:
+                self.log("  " + line.rstrip())
+            code = proc.wait()
+        if code != 0:
+            tail = log_path.read_text()[-5000:]
+            raise RuntimeError(f"the vLLM benchmark failed (log: {log_path}):\n{tail}")
+
+    def _vllm_rows(self, raw: Dict[str, Any], workloads: List[Dict[str, Any]], folder: str,
+                   mode: str) -> List[Dict[str, Any]]:
+        rows = []
+        for w in workloads:
+            base = raw["runs"]["vanilla"][w["name"]]
+            base_s = [r["seconds"] for r in base]
+            for name in raw["configs"][1:]:
+                runs = raw["runs"][name][w["name"]]
+                secs = [r["seconds"] for r in runs]
+                paired = [b / s for b, s in zip(base_s, secs)]  # same round, same prompts
+                skipped = float(np.median([r["skipped_mlp_fraction"] for r in runs]))
+                speed = float(np.median(paired))
+                ideal = compute_summary(self.shape, skipped * self.L, w["context"],
+                                        logits=w["kind"] == "decode")["ideal_speedup"]
+                rows.append({"workload": w["name"], "kind": w["kind"], "batch": w["batch"], "config": name,
+                             "vanilla_s": float(np.median(base_s)), "sedac_s": float(np.median(secs)),
+                             "speedup": speed, "speedup_min": min(paired), "speedup_max": max(paired),
+                             "rounds": len(paired), "skipped_mlp_fraction": skipped, "ideal_speedup": ideal,
+                             **realized_vs_ideal(speed, ideal)})
+                self.log(f"  {folder} {mode} {w['name']:36s} {name:24s} {speed:.3f}x "
+                         f"[{min(paired):.3f}-{max(paired):.3f}] (ideal {ideal:.3f}x, skipped {skipped:.2%})")
+        return rows
+
+
+NO_EXITS = "on, no exits (tau 1.5)"
+DEFAULTS = "V7 original defaults"
+TARGETS = {"no_exit_overhead_max": 0.02, "gauge_band": 0.03, "realized_ideal_prefill": 0.9,
+           "realized_ideal_decode": 0.8}
+
+
+def vllm_targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The overhead and realized/ideal targets, per mode and workload, as measured (pass or fail)."""
+    out = []
+    for mode in ("compiled", "eager"):
+        for r in data.get(mode, {}).get("rows", []):
+            if r["config"] == NO_EXITS:
+                overhead = 1 / r["speedup"] - 1
+                out.append({"mode": mode, "workload": r["workload"], "target": "no-exit overhead <= 2%",
+                            "value": overhead, "passed": overhead <= TARGETS["no_exit_overhead_max"]})
+            elif r["config"] == DEFAULTS:
+                goal = TARGETS[f"realized_ideal_{r['kind']}"]
+                out.append({"mode": mode, "workload": r["workload"],
+                            "target": f"realized/ideal >= {goal} (original defaults)",
+                            "value": r["speedup_ratio"], "passed": r["speedup_ratio"] >= goal})
+    return out
+
+
+def targets_lines(targets: List[Dict[str, Any]]) -> List[str]:
+    return [f"{t['mode']:8s} {t['workload']:36s} {t['target']:38s} {t['value']:+.3f} "
+            f"{'pass' if t['passed'] else 'FAIL'}" for t in targets]
+
+
+class HeldOutStream:
+    """Consecutive token windows from held-out text. When the text runs out it starts again, shifted by
+    a few tokens, so no window repeats another's prefix blocks (vLLM's prefix cache never hits)."""
+
+    def __init__(self, ids: List[int]) -> None:
+        if len(ids) < 4096:
+            raise ValueError(f"held-out text too short for the vLLM workloads ({len(ids)} tokens)")
+        self.ids, self.pos, self.shift = ids, 0, 0
+
+    def take(self, n: int, length: int) -> List[List[int]]:
+        out = []
+        for _ in range(n):
+            if self.pos + length > len(self.ids):
+                self.shift += 7
+                self.pos = self.shift
+            out.append(self.ids[self.pos:self.pos + length])
+            self.pos += length
+        return out
 
 
 def run(root: Optional[Path] = None, out: Path = Path("bench-results"), size: str = "quick", vllm: bool = True,

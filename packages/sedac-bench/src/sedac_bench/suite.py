@@ -85,7 +85,7 @@ def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Pa
     from sedac_vllm.server import free_port, running_server
 
     port = free_port()
-    args = ["--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len",
+    args = ["--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len",
             "1024", "--served-model-name", "m", "--max-num-seqs", "32"]
     if sedac_config:
         cmd = [str(Path(sys.executable).with_name("sedac-vllm")), "serve", str(model), "--sedac-config",

@@ -72,11 +72,53 @@ class _SedacMLP(SkippableMLP):
 
     _sedac_owner: "rt_mod.VllmSedac"
 
+    _sedac_act: Any = None
+
     def forward(self, x):
         skip, keep = self._sedac_owner.plan(self._sedac_layer)
         if skip is None and keep is None:
             return super(SkippableMLP, self).forward(x)
         return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_runtime.key, self._sedac_layer)
+
+    def _sedac_full(self, x):
+        """The whole MLP as the op runs it (eagerly, outside the compiled graph): vLLM's own layers, with
+        the activation called directly (see :func:`eager_activation`)."""
+        act = self._sedac_act
+        if act is None:
+            return super(SkippableMLP, self).forward(x)
+        h, _ = self.gate_up_proj(x)
+        y, _ = self.down_proj(act(h))
+        return y
+
+    def _sedac_apply(self, x, skip, keep):
+        return self._sedac_runtime.apply(self._sedac_layer, x, skip, keep, self._sedac_full, self._sedac_truncated,
+                                         self._sedac_inter)
+
+
+def eager_activation(mlp: torch.nn.Module):
+    """The MLP's activation as a plain callable for use inside SEDAC's op, or None to use vLLM's forward.
+
+    In compiled mode vLLM disables its custom activation kernels and wraps their torch-native code in
+    ``torch.compile``, for calls from inside opaque ops. Called per layer from SEDAC's op that wrapper costs
+    about 100 µs a call on CPU (guards, recompiles for new shapes) — more than the activation itself for a
+    decode batch — and gives the same values as the native code run directly (checked bit for bit: the
+    e2e tests compare SEDAC without exits to vanilla vLLM). So the native code is called directly; an
+    enabled kernel (eager mode) is called as vLLM calls it. Quantized MLPs (which may fuse the activation
+    with the next layer's input quantization) keep vLLM's forward.
+    """
+    act, down = getattr(mlp, "act_fn", None), getattr(mlp, "down_proj", None)
+    if act is None or down is None or getattr(mlp, "gate_up_proj", None) is None:
+        return None
+    quant = getattr(down, "quant_method", None)
+    if quant is not None and type(quant).__name__ != "UnquantizedLinearMethod":
+        return None
+    method = getattr(act, "_forward_method", None)
+    if method is None:
+        return act
+    if getattr(method, "__self__", None) is act:  # a bound method of the op: an enabled kernel, or native code
+        return method
+    native = getattr(act, "forward_native", None)
+    return native if native is not None else act
 
 
 def _swap_layer(layer: torch.nn.Module, sedac, index: int) -> None:
@@ -100,13 +142,14 @@ def vllm_truncated(mlp: torch.nn.Module):
     def run(x: torch.Tensor, m: Any) -> torch.Tensor:
         w = mlp._sedac_gate_up
         inter = w.shape[0] // 2
+        act = mlp._sedac_act or mlp.act_fn
         if isinstance(m, torch.Tensor):
-            h = mlp.act_fn(torch.nn.functional.linear(x, w))
+            h = act(torch.nn.functional.linear(x, w))
             y = torch.nn.functional.linear(channel_mask(h, m), mlp._sedac_down)
         else:
             gate = torch.nn.functional.linear(x, w[:m])
             up = torch.nn.functional.linear(x, w[inter:inter + m])
-            h = mlp.act_fn(torch.cat([gate, up], dim=-1))
+            h = act(torch.cat([gate, up], dim=-1))
             y = torch.nn.functional.linear(h, mlp._sedac_down[:, :m])
         return tensor_model_parallel_all_reduce(y) if tp > 1 else y
 
@@ -143,6 +186,7 @@ class SedacModelMixin:
             make_skippable(layer.mlp, sedac.runtime, i, vllm_truncated(layer.mlp) if cfg.soft_exit else None,
                            mixin=_SedacMLP)
             layer.mlp._sedac_owner = sedac
+            layer.mlp._sedac_act = eager_activation(layer.mlp)
         self._sedac = sedac
         _adapt_compilation(vllm_config, sedac)
 

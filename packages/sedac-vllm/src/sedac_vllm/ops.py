@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-import sedac_monitor.engine  # noqa: F401 - registers sedac::skip_mlp
+from sedac_monitor.engine import register_op  # importing the engine registers sedac::skip_mlp
 
 from . import runtime as rt_mod
 
@@ -25,13 +25,15 @@ SPLITTING_OPS = ["sedac::skip_mlp", "sedac::finish"]
 CUDA-graph pieces, because their work depends on the data."""
 
 
-@torch.library.custom_op("sedac::finish", mutates_args=("counter",))
-def finish(counter: torch.Tensor, last_hidden: torch.Tensor, positions: torch.Tensor, risk: torch.Tensor,
-           key: str) -> None:
+def _finish(counter: torch.Tensor, last_hidden: torch.Tensor, positions: torch.Tensor, risk: torch.Tensor,
+            key: str) -> None:
     rt_mod.get(key).end_of_forward(positions, risk if risk.numel() else None)
     counter += 1
 
 
-@finish.register_fake
 def _finish_fake(counter, last_hidden, positions, risk, key):
     return None
+
+
+register_op("finish", "(Tensor(a!) counter, Tensor last_hidden, Tensor positions, Tensor risk, str key) -> ()",
+            _finish, _finish_fake)
