@@ -34,6 +34,30 @@ impl Rule {
     }
 }
 
+/// Adaptive confidence decay (the V6.1 roadmap's `adaptive_confidence_decay`):
+/// at checkpoint i a token's decay is
+/// `clamp01(decay * (1 - clamp01(risk_i / thr_i * 0.5)) * (1 + bonus * history))`:
+/// uncertain tokens (risk near or above the threshold) forget their accumulated
+/// confidence, and a history of exits (`history` in [0, 1], kept by the caller)
+/// lets confidence last longer. NaN propagates, as with the fixed decay.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaptiveDecay {
+    pub bonus: f32,
+    pub history: f32,
+}
+
+/// Clamp to [0, 1], keeping NaN (both comparisons fail).
+#[inline(always)]
+pub fn clamp01(x: f32) -> f32 {
+    if x < 0.0 {
+        0.0
+    } else if x > 1.0 {
+        1.0
+    } else {
+        x
+    }
+}
+
 /// The per-checkpoint parameters of a cascade, all of length `checkpoints`.
 #[derive(Clone, Copy, Debug)]
 pub struct Cascade<'a> {
@@ -42,6 +66,8 @@ pub struct Cascade<'a> {
     pub weights: &'a [f32],
     pub decay: f32,
     pub rule: Rule,
+    /// None: the fixed decay of the original formula.
+    pub adaptive: Option<AdaptiveDecay>,
 }
 
 impl<'a> Cascade<'a> {
@@ -65,7 +91,8 @@ impl<'a> Cascade<'a> {
     /// Decide one token. `sink(i, C_i)` receives the accumulated confidence at
     /// every checkpoint (also after the exit); returns the exit checkpoint or -1.
     ///
-    /// conf_i = (thr_i - risk_i) / thr_i;  C_i = C_{i-1} * decay + conf_i * w_i.
+    /// conf_i = (thr_i - risk_i) / thr_i;  C_i = C_{i-1} * gamma_i + conf_i * w_i,
+    /// gamma_i = decay, or the adaptive decay (see [`AdaptiveDecay`]).
     /// A NaN risk never exits: it fails both comparisons, and under the
     /// confidence rule it makes C NaN for the remaining checkpoints.
     // One index walks five parallel slices; an iterator zip would hide that.
@@ -78,7 +105,14 @@ impl<'a> Cascade<'a> {
             let r = risk[i];
             let thr = self.thresholds[i];
             let conf = (thr - r) / thr;
-            acc = acc * self.decay + conf * self.weights[i];
+            let gamma = match self.adaptive {
+                None => self.decay,
+                Some(a) => {
+                    let u = clamp01(r / thr * 0.5);
+                    clamp01(self.decay * (1.0 - u) * (1.0 + a.bonus * a.history))
+                }
+            };
+            acc = acc * gamma + conf * self.weights[i];
             sink(i, acc);
             if exit < 0 {
                 let hit = match self.rule {
@@ -94,16 +128,27 @@ impl<'a> Cascade<'a> {
     }
 }
 
-/// Soft-exit ratio for accumulated confidence `c`: tanh(2c - 1) * 0.5 + 0.5,
-/// computed as the identical logistic form 1 / (1 + exp(2 - 4c)).
+/// The original soft-exit steepness: tanh(2c - 1) * 0.5 + 0.5 is the logistic
+/// 1 / (1 + exp(-4 (c - 0.5))).
+pub const SOFT_K: f32 = 4.0;
+
+/// Soft-exit ratio for accumulated confidence `c` with steepness `k` (the V6.1
+/// roadmap's `1 / (1 + exp(-k (c - 0.5)))`), computed as 1 / (1 + exp(0.5k - k c));
+/// `k = 4` is exactly tanh(2c - 1) * 0.5 + 0.5, as 1 / (1 + exp(2 - 4c)).
 /// Zero unless the token has positive accumulated confidence (NaN gives zero).
 #[inline(always)]
-pub fn soft_ratio(c: f32) -> f32 {
+pub fn soft_ratio_k(c: f32, k: f32) -> f32 {
     if c > 0.0 {
-        1.0 / (1.0 + (2.0 - 4.0 * c).exp())
+        1.0 / (1.0 + (0.5 * k - k * c).exp())
     } else {
         0.0
     }
+}
+
+/// [`soft_ratio_k`] with the original steepness.
+#[inline(always)]
+pub fn soft_ratio(c: f32) -> f32 {
+    soft_ratio_k(c, SOFT_K)
 }
 
 /// Evaluate a cascade for `out_exit.len()` tokens; `risk` is `[tokens, checkpoints]`
@@ -113,6 +158,7 @@ pub fn evaluate(
     cascade: &Cascade,
     risk: &[f32],
     soft: bool,
+    soft_k: f32,
     out_exit: &mut [i32],
     out_conf: &mut [f32],
     out_soft: &mut [f32],
@@ -136,7 +182,7 @@ pub fn evaluate(
             let soft_row = &mut sr[t * c..(t + 1) * c];
             *e = cascade.decide(row, |i, acc| {
                 conf_row[i] = acc;
-                soft_row[i] = if soft { soft_ratio(acc) } else { 0.0 };
+                soft_row[i] = if soft { soft_ratio_k(acc, soft_k) } else { 0.0 };
             });
         }
     };
@@ -387,6 +433,7 @@ mod tests {
             weights: w,
             decay: 0.9,
             rule,
+            adaptive: None,
         }
     }
 
@@ -417,6 +464,44 @@ mod tests {
     }
 
     #[test]
+    fn adaptive_decay_forgets_uncertain_tokens_and_keeps_confident_ones() {
+        let thr = [1.0f32, 1.0];
+        let tgt = [9.0f32, 9.0];
+        let w = [1.0f32, 1.0];
+        let mut cas = cascade(&thr, &tgt, &w, Rule::Confidence);
+        cas.adaptive = Some(AdaptiveDecay {
+            bonus: 0.0,
+            history: 0.0,
+        });
+        let mut seen = vec![];
+        // risk 0 at checkpoint 1: u = 0, gamma = decay
+        cas.decide(&[0.5, 0.0], |i, a| seen.push((i, a)));
+        assert_eq!(seen[1].1, 0.5 * 0.9 + 1.0);
+        // risk >= 2 thr at checkpoint 1: u = 1, gamma = 0, the past is forgotten
+        seen.clear();
+        cas.decide(&[0.5, 3.0], |i, a| seen.push((i, a)));
+        assert_eq!(seen[1].1, (1.0 - 3.0) / 1.0);
+        // a history of exits lengthens memory, bounded by 1
+        cas.adaptive = Some(AdaptiveDecay {
+            bonus: 1.0,
+            history: 1.0,
+        });
+        seen.clear();
+        cas.decide(&[0.5, 0.0], |i, a| seen.push((i, a)));
+        assert_eq!(seen[1].1, 0.5 * 1.0 + 1.0);
+        assert_eq!(clamp01(f32::NAN).is_nan(), true);
+    }
+
+    #[test]
+    fn soft_ratio_k_generalises_the_tanh_form() {
+        for c in [0.1f32, 0.5, 0.9] {
+            assert_eq!(soft_ratio_k(c, SOFT_K), soft_ratio(c));
+            assert!(soft_ratio_k(c, 16.0) <= soft_ratio_k(c, 4.0) || c >= 0.5);
+        }
+        assert_eq!(soft_ratio_k(0.5, 7.0), 0.5);
+    }
+
+    #[test]
     fn soft_ratio_matches_tanh_form() {
         for &c in &[0.01f32, 0.25, 0.5, 0.8, 1.0, 3.0] {
             let expect = ((2.0 * c as f64 - 1.0).tanh() * 0.5 + 0.5) as f32;
@@ -437,7 +522,7 @@ mod tests {
         let (thr, tgt, w) = ([0.8f32, 1.0, 1.2], [0.2f32, 0.6, 0.9], [0.3f32, 0.4, 0.3]);
         let cas = cascade(&thr, &tgt, &w, Rule::Confidence);
         let (mut e, mut cf, mut s) = (vec![0; n], vec![0.0; n * c], vec![0.0; n * c]);
-        evaluate(&cas, &risk, true, &mut e, &mut cf, &mut s).unwrap();
+        evaluate(&cas, &risk, true, SOFT_K, &mut e, &mut cf, &mut s).unwrap();
         for t in (0..n).step_by(997) {
             let mut conf = vec![0.0; c];
             let want = cas.decide(&risk[t * c..(t + 1) * c], |i, a| conf[i] = a);
@@ -452,7 +537,7 @@ mod tests {
         let (thr, tgt, w) = ([1.0f32], [0.5f32], [1.0f32]);
         let cas = cascade(&thr, &tgt, &w, Rule::Threshold);
         let (mut e, mut cf, mut s) = (vec![0; 2], vec![0.0; 2], vec![0.0; 1]);
-        assert!(evaluate(&cas, &[0.0, 0.0], false, &mut e, &mut cf, &mut s).is_err());
+        assert!(evaluate(&cas, &[0.0, 0.0], false, SOFT_K, &mut e, &mut cf, &mut s).is_err());
     }
 
     #[test]

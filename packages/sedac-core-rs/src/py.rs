@@ -113,6 +113,10 @@ fn evaluate(
     decay: f32,
     rule_code: u8,
     soft: bool,
+    soft_k: f32,
+    adaptive_decay: bool,
+    decay_bonus: f32,
+    history: f32,
     out_exit: &Bound<'_, PyAny>,
     out_conf: &Bound<'_, PyAny>,
     out_soft: &Bound<'_, PyAny>,
@@ -137,11 +141,16 @@ fn evaluate(
             weights: unsafe { view(&w) },
             decay,
             rule,
+            adaptive: adaptive_decay.then_some(decide::AdaptiveDecay {
+                bonus: decay_bonus,
+                history,
+            }),
         };
         decide::evaluate(
             &cascade,
             unsafe { view(&risk) },
             soft,
+            soft_k,
             unsafe { view_mut(&e) },
             unsafe { view_mut(&c) },
             unsafe { view_mut(&s) },
@@ -389,6 +398,7 @@ fn replay_probe(
                 weights: &w[i * c..(i + 1) * c],
                 decay: decay[i],
                 rule: self::rule(rules[i])?,
+                adaptive: None,
             },
             protect_last: to_usize(protect[i], "protect_last")?,
         });

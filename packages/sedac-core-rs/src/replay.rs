@@ -300,6 +300,7 @@ mod tests {
             weights: &w,
             decay: 0.9,
             rule: Rule::Threshold,
+            adaptive: None,
         };
         let cfg = ProbeConfig {
             cascade,

@@ -5,7 +5,7 @@ import sedac_core
 
 def test_public_api_is_pinned():
     assert sorted(sedac_core.__all__) == sorted([
-        "MIN_THRESHOLD", "CascadeController", "ExitDecisions", "LayerConfig", "MonitorRule", "ProbeRule",
+        "MIN_THRESHOLD", "SCOPES", "CascadeController", "ExitDecisions", "LayerConfig", "MonitorRule", "ProbeRule",
         "Trace", "__version__", "backend", "calibrate_thresholds", "consecutive_exit", "replay", "set_backend",
     ])
     for name in sedac_core.__all__:

@@ -62,7 +62,7 @@ def test_replay_monitor_matches_a_direct_count(backend):
 
 def test_replay_per_layer_mode_and_missing_labels(backend):
     sim = np.array([[0.99, 0.99, 0.10, 0.99, 0.99, 0.99]], F32)
-    per_layer = sc.MonitorRule(0.98, k=1, mode="per_layer")
+    per_layer = sc.MonitorRule(0.98, k=1, scope="per_layer")
     cascade = sc.MonitorRule(0.98, k=1)
     table = sc.replay(sc.Trace.similarity(sim), [per_layer, cascade])
     # per layer: layer j skipped when S_{j-1} >= tau -> j = 1, 2, 4, 5; cascade exits after layer 0 -> 5 skipped
@@ -104,7 +104,7 @@ def test_replay_empty_trace_and_no_configs(backend):
      "risk has 3 columns but 2 checkpoint layers are configured"),
     (lambda: sc.Trace.similarity(np.zeros((2, 0), F32)), ValueError, "similarity must have at least one layer column"),
     (lambda: sc.ProbeRule([1.0], rule="confidence"), ValueError, "exit_rates are required with rule='confidence'"),
-    (lambda: sc.MonitorRule(0.9, mode="skip"), ValueError, "mode must be one of 'cascade', 'per_layer', got 'skip'"),
+    (lambda: sc.MonitorRule(0.9, scope="skip"), ValueError, "scope must be one of 'cascade', 'per_layer', got 'skip'"),
     (lambda: sc.replay(np.zeros((2, 2)), []), TypeError, "trace must be a Trace, got ndarray"),
 ])
 def test_trace_and_rule_errors(call, exc, message):

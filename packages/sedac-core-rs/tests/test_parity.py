@@ -72,6 +72,55 @@ def test_evaluate_agrees(case, decay, soft, rule):
     assert_same(on_both(lambda: _decisions(layers, risk, confidence_decay=decay, soft_exit=soft, rule=rule)))
 
 
+@given(risk_case(), decays, st.booleans(), st.sampled_from(["confidence", "threshold"]),
+       st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0, 1, width=32)),
+       st.one_of(st.sampled_from([4.0, 1e-3, 1e3]), st.floats(float(F32(0.01)), 64, width=32)),
+       st.integers(0, 3))
+def test_adaptive_decay_and_soft_steepness_agree(case, decay, soft, rule, bonus, soft_k, observed):
+    """The V6.1 roadmap's options: per-token adaptive decay (with the exit-history bonus a few observed
+    batches build up) and the soft-exit steepness k."""
+    risk, layers = case
+
+    def run():
+        ctrl = sc.CascadeController(layers, confidence_decay=decay, soft_exit=soft, rule=rule, adaptive_decay=True,
+                                    decay_bonus=float(bonus), soft_k=float(soft_k), calibration_steps=0)
+        for _ in range(observed):
+            ctrl.observe(risk)
+        out = _decisions_of(ctrl, risk)
+        out["history"] = np.array(ctrl.history)
+        return out
+
+    assert_same(on_both(run), exact=("exit_checkpoint", "history"))
+
+
+def test_soft_k_4_is_the_original_tanh_and_adaptive_decay_is_off_by_default():
+    rng = np.random.default_rng(3)
+    risk = rng.gamma(1.5, 0.7, size=(500, 3)).astype(F32)
+    layers = [sc.LayerConfig(7, 0.2, 0.8, 0.3), sc.LayerConfig(14, 0.6, 1.0, 0.4), sc.LayerConfig(21, 0.9, 1.2, 0.3)]
+    plain = sc.CascadeController(layers).evaluate(risk)
+    same = sc.CascadeController(layers, soft_k=4.0, adaptive_decay=False, decay_bonus=0.5).evaluate(risk)
+    np.testing.assert_array_equal(plain.soft_ratio, same.soft_ratio)
+    np.testing.assert_array_equal(plain.confidence, same.confidence)
+    c = plain.confidence.astype(np.float64)
+    np.testing.assert_allclose(plain.soft_ratio, np.where(c > 0, np.tanh(2 * c - 1) * 0.5 + 0.5, 0), rtol=1e-5)
+    steep = sc.CascadeController(layers, soft_k=16.0).evaluate(risk).soft_ratio
+    assert ((steep > plain.soft_ratio) == (c > 0.5))[c > 0].mean() > 0.99
+    adaptive = sc.CascadeController(layers, adaptive_decay=True).evaluate(risk)
+    assert (adaptive.confidence[:, 1:] != plain.confidence[:, 1:]).any()  # the option changes something
+    with pytest.raises(ValueError, match="soft_k must be in"):
+        sc.CascadeController(layers, soft_k=0.0)
+    with pytest.raises(ValueError, match="decay_bonus must be in"):
+        sc.CascadeController(layers, decay_bonus=2.0)
+    state = sc.CascadeController(layers, adaptive_decay=True, decay_bonus=0.3, soft_k=8.0).state_dict()
+    again = sc.CascadeController.from_state_dict(state)
+    assert again.state_dict() == state
+
+
+def _decisions_of(ctrl, risk):
+    d = ctrl.evaluate(risk)
+    return {"exit_checkpoint": d.exit_checkpoint, "confidence": d.confidence, "soft_ratio": d.soft_ratio}
+
+
 def test_evaluate_agrees_on_the_parallel_path():
     # more tokens than the Rust code handles on one thread
     rng = np.random.default_rng(1)
@@ -126,7 +175,7 @@ def test_replay_monitor_agrees(case, data):
     safe = data.draw(st.one_of(st.none(), hnp.arrays(np.bool_, (n, layers))))
     rules = [sc.MonitorRule(tau=data.draw(st.sampled_from([tau, 0.95, 0.99, 2.0])), k=data.draw(st.integers(1, 3)),
                             min_layer=data.draw(st.integers(0, layers)), protect_last=protect,
-                            mode=data.draw(st.sampled_from(["cascade", "per_layer"])))
+                            scope=data.draw(st.sampled_from(["cascade", "per_layer"])))
              for _ in range(data.draw(st.integers(0, 5)))]
     trace = sc.Trace.similarity(sim, safe=safe, protect_last=protect)
     assert_same(on_both(lambda: sc.replay(trace, rules)), exact=("exits", "skipped_layers", "unsafe_exits"))

@@ -7,6 +7,7 @@ chooses. Both give identical decisions on identical inputs.
 
 from ._api import (
     MIN_THRESHOLD,
+    SCOPES,
     CascadeController,
     ExitDecisions,
     LayerConfig,
@@ -23,6 +24,7 @@ set_backend()
 
 __all__ = [
     "MIN_THRESHOLD",
+    "SCOPES",
     "CascadeController",
     "ExitDecisions",
     "LayerConfig",

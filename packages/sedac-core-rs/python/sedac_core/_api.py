@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -31,7 +32,9 @@ MIN_THRESHOLD = 1e-6
 """Thresholds never go below this (a zero threshold would divide by zero)."""
 
 RULES = {"threshold": 0, "confidence": 1}
-MODES = ("cascade", "per_layer")
+SCOPES = ("cascade", "per_layer")
+"""What a run of K high similarities does: ``cascade`` exits the token (every later MLP skipped),
+``per_layer`` skips each layer's MLP while the run lasts."""
 _STATE_FORMAT = "sedac_core.CascadeController"
 _STATE_VERSION = 1
 
@@ -178,6 +181,14 @@ class CascadeController:
     calibration_steps: observations counted before thresholds start to move.
     rule: ``"confidence"`` (V6.1: exit when C_i >= target_exit_rate_i) or
         ``"threshold"`` (V6.0: exit when risk_i < threshold_i).
+    adaptive_decay: replace gamma by a per-token, per-checkpoint decay (the V6.1 roadmap's
+        adaptive decay): gamma_i = clamp01(confidence_decay * (1 - u_i) * (1 + decay_bonus * history)),
+        u_i = clamp01(risk_i / threshold_i / 2) — uncertain tokens forget their accumulated confidence —
+        and ``history`` an EMA (step ``alpha``) of the exit rate :meth:`observe` sees: a run of exits
+        lets confidence last longer. Off by default.
+    decay_bonus: the bonus factor, in [0, 1].
+    soft_k: steepness of the soft-exit ratio 1 / (1 + exp(-k (C - 0.5))); the default 4 is exactly
+        the original tanh(2C - 1) * 0.5 + 0.5.
 
     ``evaluate`` and ``observe`` may be called from several threads at once.
     The controller uses the backend that was active when it was created.
@@ -185,7 +196,8 @@ class CascadeController:
 
     def __init__(self, layers: Sequence[LayerConfig], *, alpha: float = 0.1, confidence_decay: float = 0.9,
                  soft_exit: bool = True, adaptive: bool = True, calibration_steps: int = 50,
-                 rule: str = "confidence") -> None:
+                 rule: str = "confidence", adaptive_decay: bool = False, decay_bonus: float = 0.0,
+                 soft_k: float = 4.0) -> None:
         if isinstance(layers, LayerConfig) or not isinstance(layers, Iterable):
             raise TypeError("layers must be a sequence of LayerConfig")
         layers = tuple(layers)
@@ -204,6 +216,11 @@ class CascadeController:
         self._adaptive = _bool("adaptive", adaptive)
         self._calibration_steps = _int("calibration_steps", calibration_steps)
         self._rule = _choice("rule", rule, RULES)
+        self._adaptive_decay = _bool("adaptive_decay", adaptive_decay)
+        self._decay_bonus = _real("decay_bonus", decay_bonus, 0, 1)
+        self._soft_k = _real("soft_k", soft_k, 0, 1e6, lo_open=True)
+        self._history = 0.0
+        self._history_lock = threading.Lock()
         self._targets = np.array([layer.target_exit_rate for layer in layers], dtype=np.float32)
         self._weights = np.array([layer.confidence_weight for layer in layers], dtype=np.float32)
         self._kernel = _backend.kernel()
@@ -246,8 +263,15 @@ class CascadeController:
         soft = np.empty((n, c), dtype=np.float32)
         thresholds = np.array(self._state.thresholds(), dtype=np.float32)
         self._kernel.evaluate(risk, thresholds, self._targets, self._weights, float(np.float32(self._decay)),
-                              RULES[self._rule], self._soft, exit_cp, conf, soft)
+                              RULES[self._rule], self._soft, float(np.float32(self._soft_k)), self._adaptive_decay,
+                              float(np.float32(self._decay_bonus)), float(np.float32(self._history)),
+                              exit_cp, conf, soft)
         return ExitDecisions(exit_cp, conf, soft, self.layer_indices)
+
+    @property
+    def history(self) -> float:
+        """EMA of the exit rate :meth:`observe` has seen (the adaptive decay's bonus scales with it)."""
+        return self._history
 
     def observe(self, risk: Any) -> bool:
         """Feed observed risk; after the warm-up, move each threshold towards the
@@ -256,7 +280,12 @@ class CascadeController:
 
         An empty batch is not counted. Returns whether any threshold moved.
         """
-        return bool(self._state.observe(self._risk(risk)))
+        risk = self._risk(risk)
+        if self._adaptive_decay and risk.shape[0]:
+            rate = float(np.mean(self.evaluate(risk).exit_checkpoint >= 0))
+            with self._history_lock:
+                self._history = float(np.float32((1 - self._alpha) * self._history + self._alpha * rate))
+        return bool(self._state.observe(risk))
 
     # -- persistence
     def state_dict(self) -> Dict[str, Any]:
@@ -275,6 +304,10 @@ class CascadeController:
             "adaptive": self._adaptive,
             "calibration_steps": self._calibration_steps,
             "rule": self._rule,
+            "adaptive_decay": self._adaptive_decay,
+            "decay_bonus": self._decay_bonus,
+            "soft_k": self._soft_k,
+            "history": self._history,
             "thresholds": [float(t) for t in self._state.thresholds()],
             "steps": self.steps,
         }
@@ -301,7 +334,11 @@ class CascadeController:
             layers.append(LayerConfig(**layer))
         ctrl = cls(layers, alpha=state["alpha"], confidence_decay=state["confidence_decay"],
                    soft_exit=state["soft_exit"], adaptive=state["adaptive"],
-                   calibration_steps=state["calibration_steps"], rule=state["rule"])
+                   calibration_steps=state["calibration_steps"], rule=state["rule"],
+                   # keys added later: optional, so older states still load
+                   adaptive_decay=state.get("adaptive_decay", False), decay_bonus=state.get("decay_bonus", 0.0),
+                   soft_k=state.get("soft_k", 4.0))
+        ctrl._history = _real("state_dict 'history'", state.get("history", 0.0), 0, 1)
         thresholds = _vector("state_dict 'thresholds'", state["thresholds"], len(layers), 0, lo_open=True)
         ctrl._state.set_thresholds(list(thresholds))
         ctrl._state.set_steps(_int("state_dict 'steps'", state["steps"]))
@@ -352,21 +389,21 @@ def calibrate_thresholds(risk: Any, target_rates: Sequence[float]) -> np.ndarray
 class MonitorRule:
     """A V7 configuration to replay: exit after ``k`` consecutive layers with
     similarity >= ``tau`` (only layers >= ``min_layer`` count); the last
-    ``protect_last`` layers always run their MLP. ``mode="per_layer"`` skips a
+    ``protect_last`` layers always run their MLP. ``scope="per_layer"`` skips a
     layer's MLP only while the run ending at the previous layer is >= k long."""
 
     tau: float
     k: int = 2
     min_layer: int = 0
     protect_last: int = 0
-    mode: str = "cascade"
+    scope: str = "cascade"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", _real("tau", self.tau))
         object.__setattr__(self, "k", _int("k", self.k, 1))
         object.__setattr__(self, "min_layer", _int("min_layer", self.min_layer))
         object.__setattr__(self, "protect_last", _int("protect_last", self.protect_last))
-        _choice("mode", self.mode, MODES)
+        _choice("scope", self.scope, SCOPES)
 
 
 @dataclass(frozen=True)
@@ -466,7 +503,7 @@ def replay(trace: Trace, configs: Sequence[Union[MonitorRule, ProbeRule]]) -> Re
     unsafe), and the rates ``exit_rate`` = exits / tokens, ``skipped_mlp`` =
     skipped_layers / (tokens * num_layers) and ``disagreement`` =
     unsafe_exits / tokens. ``disagreement`` is NaN where the labels say nothing:
-    no labels, or ``mode="per_layer"`` (not a cascade). Rates are NaN for an
+    no labels, or ``scope="per_layer"`` (not a cascade). Rates are NaN for an
     empty trace.
 
     Replay assumes the recorded signals of the unmodified model: for a cascade
@@ -488,7 +525,7 @@ def replay(trace: Trace, configs: Sequence[Union[MonitorRule, ProbeRule]]) -> Re
     for i, cfg in enumerate(configs):
         if not isinstance(cfg, wanted):
             raise TypeError(f"configs[{i}] is a {type(cfg).__name__} but a {trace.kind} trace needs {wanted.__name__}")
-        labelled = trace.safe is not None and not (isinstance(cfg, MonitorRule) and cfg.mode == "per_layer")
+        labelled = trace.safe is not None and not (isinstance(cfg, MonitorRule) and cfg.scope == "per_layer")
         if labelled and cfg.protect_last != trace.protect_last:
             raise ValueError(f"configs[{i}].protect_last={cfg.protect_last} but the trace's safe labels were "
                              f"recorded with protect_last={trace.protect_last}")
@@ -508,9 +545,9 @@ def replay(trace: Trace, configs: Sequence[Union[MonitorRule, ProbeRule]]) -> Re
             np.array([cfg.k for cfg in configs], dtype=np.int64),
             np.array([cfg.min_layer for cfg in configs], dtype=np.int64),
             protect,
-            np.array([cfg.mode == "per_layer" for cfg in configs], dtype=np.uint8),
+            np.array([cfg.scope == "per_layer" for cfg in configs], dtype=np.uint8),
             exits, skipped, unsafe)
-        measurable = np.array([trace.safe is not None and cfg.mode == "cascade" for cfg in configs], dtype=bool)
+        measurable = np.array([trace.safe is not None and cfg.scope == "cascade" for cfg in configs], dtype=bool)
     else:
         c = len(trace.layers)
 

@@ -16,6 +16,10 @@ def evaluate(
     decay: float,
     rule_code: int,  # 0 threshold (V6.0), 1 confidence (V6.1)
     soft: bool,
+    soft_k: float,  # soft-exit steepness; 4 = tanh(2C - 1) * 0.5 + 0.5
+    adaptive_decay: bool,  # decay per token and checkpoint (see CascadeController)
+    decay_bonus: float,
+    history: float,  # in [0, 1]: the recent exit rate the bonus scales
     out_exit: np.ndarray,  # int32 [tokens], written
     out_conf: np.ndarray,  # float32 [tokens, checkpoints], written
     out_soft: np.ndarray,  # float32 [tokens, checkpoints], written

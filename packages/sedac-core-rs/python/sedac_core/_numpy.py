@@ -28,15 +28,27 @@ def _check_out(name, arr, dtype, ndim):
         raise ValueError(f"{name}: output array is read-only")
 
 
-def _accumulate(risk, thresholds, weights, decay):
-    """C_i = C_{i-1} * decay + ((thr_i - r_i) / thr_i) * w_i for every column."""
+def clamp01(x):
+    """Clamp to [0, 1], keeping NaN (as the Rust code: both comparisons fail)."""
+    return np.where(x < 0, _F32(0), np.where(x > 1, _F32(1), x)).astype(_F32)
+
+
+def _accumulate(risk, thresholds, weights, decay, adaptive=None):
+    """C_i = C_{i-1} * gamma_i + ((thr_i - r_i) / thr_i) * w_i for every column; gamma_i = decay, or with
+    ``adaptive = (bonus, history)``: clamp01(decay * (1 - clamp01(r_i / thr_i * 0.5)) * (1 + bonus * history))."""
     n, c = risk.shape
     conf = np.empty((n, c), dtype=_F32)
     acc = np.zeros(n, dtype=_F32)
     with np.errstate(all="ignore"):
         for i in range(c):
             local = (thresholds[i] - risk[:, i]) / thresholds[i]
-            acc = acc * decay + local * weights[i]
+            if adaptive is None:
+                gamma = decay
+            else:
+                bonus, history = adaptive
+                u = clamp01(risk[:, i] / thresholds[i] * _F32(0.5))
+                gamma = clamp01(decay * (_F32(1) - u) * (_F32(1) + bonus * history))
+            acc = acc * gamma + local * weights[i]
             conf[:, i] = acc
     return conf
 
@@ -60,19 +72,22 @@ def _exit_checkpoint(risk, thresholds, targets, conf, rule_code):
     return _first_true(hits)
 
 
-def soft_ratio(conf):
-    """tanh(2C - 1) * 0.5 + 0.5 as 1 / (1 + exp(2 - 4C)); zero unless C > 0."""
+def soft_ratio(conf, k=4.0):
+    """1 / (1 + exp(0.5k - kC)) (k = 4: tanh(2C - 1) * 0.5 + 0.5); zero unless C > 0."""
+    k = _F32(k)
     with np.errstate(all="ignore"):
-        ratio = _F32(1) / (_F32(1) + np.exp(_F32(2) - _F32(4) * conf))
+        ratio = _F32(1) / (_F32(1) + np.exp(_F32(0.5) * k - k * conf))
     return np.where(conf > 0, ratio, _F32(0)).astype(_F32)
 
 
-def evaluate(risk, thresholds, targets, weights, decay, rule_code, soft, out_exit, out_conf, out_soft):
+def evaluate(risk, thresholds, targets, weights, decay, rule_code, soft, soft_k, adaptive_decay, decay_bonus,
+             history, out_exit, out_conf, out_soft):
     decay = _F32(decay)
-    conf = _accumulate(risk, thresholds, weights, decay)
+    adaptive = (_F32(decay_bonus), _F32(history)) if adaptive_decay else None
+    conf = _accumulate(risk, thresholds, weights, decay, adaptive)
     out_exit[:] = _exit_checkpoint(risk, thresholds, targets, conf, rule_code)
     out_conf[...] = conf
-    out_soft[...] = soft_ratio(conf) if soft else 0
+    out_soft[...] = soft_ratio(conf, soft_k) if soft else 0
 
 
 def _consecutive(similarity, tau, k, min_layer):
