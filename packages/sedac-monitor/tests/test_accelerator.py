@@ -113,14 +113,14 @@ def test_tau_above_one_is_bit_identical(tiny):
     assert acc.stats["tokens"] == 66 + 33 + 5 and acc.stats["skipped_mlp_fraction"] == 0.0
 
 
-@pytest.mark.parametrize("mode", ["cascade", "per_layer"])
+@pytest.mark.parametrize("scope", ["cascade", "per_layer"])
 @pytest.mark.parametrize("k,min_layer,protect_last", [(1, 0, 0), (2, 1, 1)])
-def test_exits_equal_a_reference_that_zeroes_exited_rows(tiny, mode, k, min_layer, protect_last):
+def test_exits_equal_a_reference_that_zeroes_exited_rows(tiny, scope, k, min_layer, protect_last):
     x = ids(2, 48)
     tau = tau_in_a_gap(record_sims(tiny, x), 0.4)
-    ref_logits, ref_first = reference_forward(tiny, x, tau, k, min_layer, protect_last, mode)
+    ref_logits, ref_first = reference_forward(tiny, x, tau, k, min_layer, protect_last, scope)
     acc = create_universal_accelerator(tiny, tau=tau, consecutive_k=k, min_layer=min_layer,
-                                       protect_last=protect_last, mode=mode)
+                                       protect_last=protect_last, scope=scope)
     with acc, torch.no_grad():
         out = tiny(input_ids=x).logits
     first = acc.runtime.last_first_skip.numpy()
@@ -247,7 +247,7 @@ def test_unsupported_layout_names_the_class():
     ({"consecutive_k": 2.5}, TypeError, "consecutive_k must be an integer"),
     ({"min_layer": 6}, ValueError, r"min_layer must be in \[0, 5\] \(the model has 6 layers\)"),
     ({"protect_last": -1}, ValueError, "protect_last must be in"),
-    ({"mode": "cascading"}, ValueError, "mode must be one of 'cascade', 'per_layer'"),
+    ({"scope": "cascading"}, ValueError, "scope must be one of 'cascade', 'per_layer'"),
 ])
 def test_bad_arguments_are_named(tiny, kwargs, exc, message):
     with pytest.raises(exc, match=message):

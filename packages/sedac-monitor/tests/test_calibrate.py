@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sedac_monitor import clopper_pearson_upper, create_universal_accelerator, load_config
-from sedac_monitor.calibrate import Grid, calibrate, candidate_list
+from sedac_monitor.calibrate import BUDGET_NOT_MET, Grid, calibrate, candidate_list
 from sedac_monitor.cli import main
-from sedac_monitor.hf import load_model
+from sedac_monitor.runtime import InputError, load_model
 
 TEXT = "\n\n".join(f"Record {i}: rivers carry {i % 13} stones past {i * 3} old mills, and the miller counts them."
                    for i in range(300))
@@ -31,7 +31,7 @@ def result(tiny_dir, text_file):
 
 def test_config_has_the_setting_and_its_evidence(result, text_file):
     assert result["format"] == "sedac_config" and result["status"] == "ok"
-    for key in ("tau", "consecutive_k", "min_layer", "protect_last", "mode", "protect_first"):
+    for key in ("tau", "consecutive_k", "min_layer", "protect_last", "scope", "protect_first"):
         assert key in result
     ev = result["evidence"]
     chosen = ev["chosen"]
@@ -42,7 +42,7 @@ def test_config_has_the_setting_and_its_evidence(result, text_file):
     passing = [m for m in ev["measured"] if m["passes"]]
     assert chosen["skipped_mlp_fraction"] == max(m["skipped_mlp_fraction"] for m in passing)
     assert {"measured_risk", "delta_ppl", "ppl", "ppl_base", "exit_rate"} <= set(chosen)
-    assert ev["seed_defaults"]["tau"] == 0.98
+    assert ev["original_defaults"]["tau"] == 0.98
 
 
 def test_measured_numbers_are_what_the_accelerator_does(result, tiny_dir, text_file):
@@ -72,9 +72,9 @@ def test_confidence_splits_the_text_and_bounds_the_risk(tiny_dir, text_file):
 
 def test_nothing_passing_gives_a_config_without_exits(tiny_dir, text_file):
     r = calibrate(tiny_dir / "llama", text_file, max_risk=0.0, tokens=512, max_length=128,
-                  grid=Grid(taus=(0.5,), ks=(1,), min_layers=(0,), protect=(0,), modes=("cascade",)),
+                  grid=Grid(taus=(0.5,), ks=(1,), min_layers=(0,), protect=(0,), scopes=("cascade",)),
                   budget=2, log=lambda m: None)
-    assert r["tau"] > 1 and "disables exits" in r["status"]
+    assert r["tau"] > 1 and r["status"] == BUDGET_NOT_MET and r["evidence"]["chosen"] is None
 
 
 def test_candidates_skip_more_first_and_are_distinct():
@@ -84,7 +84,7 @@ def test_candidates_skip_more_first_and_are_distinct():
             for t, m, s, e in [(0.9, "cascade", 0.3, 0.5), (0.95, "cascade", 0.2, 0.05), (0.96, "cascade", 0.2, 0.05),
                                (0.97, "per_layer", 0.1, 0.15), (0.99, "cascade", 0.0, 0.0)]]
     out = candidate_list(rows, 0.1)
-    assert [(r["rule"].tau, r["rule"].mode) for r in out] == [(0.95, "cascade"), (0.97, "per_layer")]
+    assert [(r["rule"].tau, r["rule"].scope) for r in out] == [(0.95, "cascade"), (0.97, "per_layer")]
 
 
 def test_clopper_pearson_known_values():
@@ -115,7 +115,7 @@ def test_cli_round_trip_and_errors(tiny_dir, text_file, tmp_path, capsys):
     res = tmp_path / "eval.json"
     assert main(["evaluate", "--model", str(tiny_dir / "qwen2"), "--config", str(out), "--text", str(text_file),
                  "--tokens", "256", "--max-length", "128", "--json", str(res)]) == 0
-    assert set(json.loads(res.read_text())) == {"text", "config", "seed_defaults"}
+    assert set(json.loads(res.read_text())) == {"text", "config", "original_defaults"}
     assert main(["calibrate", "--model", str(tmp_path / "missing"), "--text", str(text_file)]) == 2
     assert "model folder not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -132,12 +132,51 @@ def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_config(bad)
     bad.write_text(json.dumps({"tau": 0.9}))
-    with pytest.raises(ValueError, match="missing consecutive_k, min_layer, protect_last, mode"):
+    with pytest.raises(InputError, match="missing consecutive_k, min_layer, protect_last, scope"):
         load_config(bad)
-    good = {"tau": 0.9, "consecutive_k": 2, "min_layer": 0, "protect_last": 0, "mode": "cascade",
+    good = {"tau": 0.9, "consecutive_k": 2, "min_layer": 0, "protect_last": 0, "scope": "cascade",
             "model": {"num_layers": 30}}
     with pytest.raises(ValueError, match="calibrated for a model with 30 layers, but this model has 6"):
         load_config(good, 6)
     with pytest.raises(ValueError, match="consecutive_k must be in"):
         load_config({**good, "model": {}, "consecutive_k": 0}, 6)
     assert math.isfinite(load_config({**good, "model": {}}, 6)["tau"])
+    # files from before `scope` was named so are read, with a deprecation warning
+    legacy = {k: v for k, v in good.items() if k != "scope"}
+    with pytest.warns(DeprecationWarning, match="'mode' is now called 'scope'"):
+        assert load_config({**legacy, "mode": "per_layer", "model": {}}, 6)["scope"] == "per_layer"
+
+
+def test_deprecated_spellings_warn(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "cfg.json"
+    with pytest.warns(DeprecationWarning, match="--mode is deprecated.*use --strategy"):
+        assert main(["calibrate", "--model", str(tiny_dir / "llama"), "--text", str(text_file), "--tokens", "256",
+                     "--max-length", "128", "--mode", "aggressive", "--budget", "1", "--out", str(out)]) == 0
+    assert "--mode is deprecated and will be removed; use --strategy" in capsys.readouterr().err
+    assert json.loads(out.read_text())["strategy"] == "aggressive"
+    from sedac_monitor import create_universal_accelerator
+    from sedac_monitor.testing import tiny_model
+
+    with pytest.warns(DeprecationWarning, match="use scope="):
+        acc = create_universal_accelerator(tiny_model("llama"), tau=0.9, mode="per_layer")
+    assert acc.rule.scope == "per_layer"
+
+
+def test_measured_search_returns_the_most_aggressive_passing_candidate_or_none():
+    from sedac_monitor.calibrate import measured_search
+
+    calls = []
+
+    def passes_from(first_ok):
+        def passes(i):
+            calls.append(i)
+            return i >= first_ok
+        return passes
+
+    assert measured_search(16, passes_from(5), budget=8) == 5
+    assert measured_search(16, passes_from(99), budget=8) is None  # nothing passes: nothing to use
+    calls.clear()
+    assert measured_search(16, passes_from(5), budget=2) in (None, 7, 11, 15)  # the budget bounds the runs
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        measured_search(3, passes_from(0), budget=0)

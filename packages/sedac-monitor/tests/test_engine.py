@@ -253,3 +253,25 @@ def test_soft_plan_without_host_reads_masks_channels_per_row():
 def test_bad_host_sync_policy_is_refused():
     with pytest.raises(ValueError, match="host_sync must be one of"):
         SkipRuntime(Scripted({}), 6, host_sync="sometimes")
+
+
+def test_activation_calibrated_channel_order_ranks_by_typical_contribution():
+    from sedac_monitor.runtime import activation_magnitudes
+
+    model = tiny_model("llama")
+    layout = find_layout(model)
+    windows = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    acts = activation_magnitudes(layout, windows, 2)
+    assert len(acts) == 6 and acts[0].shape == (256,) and (acts[0] >= 0).all()
+    mlp = mlp_of(model)
+    order = channel_order(mlp, acts[2])
+    imp = acts[2] * mlp.down_proj.weight.norm(dim=0)
+    assert torch.equal(order, torch.sort(-imp, stable=True).indices)
+    assert not torch.equal(order, channel_order(mlp))  # a different order than the data-free one
+    # the attachment takes per-layer orders and restores the model exactly
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    orders = [channel_order(layer.mlp, a) for layer, a in zip(layout.layers, acts)]
+    att = HFAttachment(layout, SkipRuntime(Scripted({3: (None, torch.full((64,), 0.5))}), 6), True, orders)
+    assert torch.equal(layout.layers[2].mlp.gate_proj.weight, state["model.layers.2.mlp.gate_proj.weight"][orders[2]])
+    att.detach()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

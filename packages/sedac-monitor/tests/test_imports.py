@@ -10,6 +10,27 @@ def test_public_api_is_pinned():
     assert all(hasattr(sedac_monitor, name) for name in sedac_monitor.__all__)
 
 
+def test_shared_runtime_surface_is_pinned():
+    """What sibling packages (and integrations) build on: a change here is an API change."""
+    from sedac_monitor import calibrate, runtime
+
+    assert sorted(runtime.__all__) == sorted([
+        "GATHER_MIN_FRACTION", "HOST_SYNC_POLICIES", "SOFT_GROUPS", "DecoderLayout", "ExitStats", "ForcedExitDecider",
+        "HFAttachment", "InputError", "MonitorDecider", "Pass", "RecordingDecider", "SkipRuntime", "SkippableMLP",
+        "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "channel_importance",
+        "channel_mask", "channel_order",
+        "drop_last_position", "find_layout", "hf_truncated", "intermediate_size", "load_config", "load_model",
+        "make_skippable", "model_identity", "monitor_rule", "permute_channels", "progress", "read_text",
+        "register_op", "restore_mlp", "runtime_for", "similarity", "split_windows", "subclass_with",
+        "teacher_forced", "token_windows"])
+    assert all(hasattr(runtime, name) for name in runtime.__all__)
+    assert sorted(calibrate.__all__) == sorted([
+        "BUDGET_NOT_MET", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES", "STRATEGIES", "calibrate",
+        "candidate_list", "measure", "measured_search", "record_trace", "replay_grid", "rule_dict",
+        "signal_histogram", "write_config"])
+    assert all(hasattr(calibrate, name) for name in calibrate.__all__)
+
+
 def test_zero_shot_install_does_not_pull_in_vllm():
     requires = [r.split(";")[0].strip().lower() for r in metadata.requires("sedac-monitor") or []]
     names = {r.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip() for r in requires}

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import numbers
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import sedac_core
 
 from .decide import MonitorDecider
-from .engine import HFAttachment, SkipRuntime
+from .engine import ExitStats, HFAttachment, SkipRuntime
+from .hf import InputError
 from .layouts import find_layout
 
-MODES = ("cascade", "per_layer")
+SCOPES = sedac_core.SCOPES
 
 
 def _int_arg(name: str, value: Any, lo: int, hi: Optional[int] = None, hi_doc: str = "") -> int:
@@ -26,7 +28,7 @@ def _int_arg(name: str, value: Any, lo: int, hi: Optional[int] = None, hi_doc: s
 
 
 def monitor_rule(num_layers: int, tau: Any, consecutive_k: Any, min_layer: Any, protect_last: Any,
-                 mode: Any) -> sedac_core.MonitorRule:
+                 scope: Any) -> sedac_core.MonitorRule:
     """Validate the V7 arguments against a model of ``num_layers`` layers; errors name the argument."""
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or tau != tau or abs(float(tau)) == float("inf"):
         raise ValueError("tau must be a finite number (similarity threshold in [0, 1]; > 1 disables exits), "
@@ -34,9 +36,9 @@ def monitor_rule(num_layers: int, tau: Any, consecutive_k: Any, min_layer: Any, 
     k = _int_arg("consecutive_k", consecutive_k, 1, num_layers, f" (the model has {num_layers} layers)")
     lo = _int_arg("min_layer", min_layer, 0, num_layers - 1, f" (the model has {num_layers} layers)")
     pl = _int_arg("protect_last", protect_last, 0, num_layers, f" (the model has {num_layers} layers)")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    return sedac_core.MonitorRule(float(tau), k, lo, pl, mode)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
+    return sedac_core.MonitorRule(float(tau), k, lo, pl, scope)
 
 
 class UniversalAccelerator:
@@ -76,9 +78,7 @@ class UniversalAccelerator:
         """tokens seen (padding excluded), skipped-MLP fraction, per-layer skip
         rates and the exit-layer histogram."""
         if self.runtime.stats is None:
-            return {"tokens": 0, "skipped_mlp_blocks": 0.0, "skipped_mlp_fraction": 0.0,
-                    "per_layer_skip_rate": [0.0] * self.layout.num_layers,
-                    "exit_layer_histogram": {"none": 0}, "exited_fraction": 0.0}
+            return ExitStats.empty(self.layout.num_layers)
         return self.runtime.stats.as_dict()
 
     def reset_stats(self) -> None:
@@ -87,62 +87,78 @@ class UniversalAccelerator:
     def __repr__(self) -> str:
         r = self.rule
         return (f"UniversalAccelerator(tau={r.tau}, consecutive_k={r.k}, min_layer={r.min_layer}, "
-                f"protect_last={r.protect_last}, mode={r.mode!r}, active={self.active})")
+                f"protect_last={r.protect_last}, scope={r.scope!r}, active={self.active})")
 
 
 def create_universal_accelerator(model: Any, tau: float = 0.98, consecutive_k: int = 2, min_layer: int = 0,
-                                 protect_last: int = 0, mode: str = "cascade", protect_first: int = 1,
-                                 config: Union[None, str, Path, Dict[str, Any]] = None) -> UniversalAccelerator:
+                                 protect_last: int = 0, scope: str = "cascade", protect_first: int = 1,
+                                 config: Union[None, str, Path, Dict[str, Any]] = None,
+                                 mode: Optional[str] = None) -> UniversalAccelerator:
     """A V7 accelerator for ``model`` (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3 layouts).
 
-    The defaults are the seeds' (tau 0.98, K 2, cascade from layer 0); on a
-    small model they skip most MLP work and change most predictions — use
-    ``sedac-monitor calibrate`` and pass its ``sedac_config.json`` as
-    ``config`` (its values replace the keyword arguments). ``protect_first``:
-    the first tokens of every sequence never exit (the attention sink).
+    The defaults are the original SEDAC documents' (tau 0.98, K 2, cascade from
+    layer 0); on a small model they skip most MLP work and change most
+    predictions — use ``sedac-monitor calibrate`` and pass its
+    ``sedac_config.json`` as ``config`` (its values replace the keyword
+    arguments). ``scope``: ``cascade`` (an exited token skips every later MLP)
+    or ``per_layer``. ``protect_first``: the first tokens of every sequence
+    never exit (the attention sink). ``mode`` is the deprecated name of ``scope``.
     """
+    if mode is not None:
+        warnings.warn("create_universal_accelerator(mode=...) is deprecated; use scope=...", DeprecationWarning,
+                      stacklevel=2)
+        scope = mode
     layout = find_layout(model)
     if config is not None:
         cfg = load_config(config, layout.num_layers)
         tau, consecutive_k, min_layer = cfg["tau"], cfg["consecutive_k"], cfg["min_layer"]
-        protect_last, mode = cfg["protect_last"], cfg["mode"]
+        protect_last, scope = cfg["protect_last"], cfg["scope"]
         protect_first = cfg.get("protect_first", 1)
-    rule = monitor_rule(layout.num_layers, tau, consecutive_k, min_layer, protect_last, mode)
+    rule = monitor_rule(layout.num_layers, tau, consecutive_k, min_layer, protect_last, scope)
     if isinstance(protect_first, bool) or not isinstance(protect_first, int) or protect_first < 0:
         raise ValueError(f"protect_first must be an integer >= 0, got {protect_first!r}")
     return UniversalAccelerator(model, rule, protect_first)
 
 
-CONFIG_KEYS = ("tau", "consecutive_k", "min_layer", "protect_last", "mode")
+CONFIG_KEYS = ("tau", "consecutive_k", "min_layer", "protect_last", "scope")
 
 
 def load_config(config: Union[str, Path, Dict[str, Any]], num_layers: Optional[int] = None) -> Dict[str, Any]:
-    """Read and check a ``sedac_config.json`` (path or dict); errors name the file and field."""
+    """Read and check a ``sedac_config.json`` (path or dict); the one loader of this format (sedac-vllm
+    uses it too). Errors are :class:`~sedac_monitor.runtime.InputError` naming the file and field.
+
+    Files written before the ``scope`` key was named so carry it as ``mode``; they are read, with a
+    :class:`DeprecationWarning`."""
     source = "config"
     if isinstance(config, (str, Path)):
         path = Path(config)
         source = str(path)
         if not path.is_file():
-            raise FileNotFoundError(f"SEDAC monitor config not found: {path}")
+            raise InputError(f"SEDAC monitor config not found: {path} (expected a sedac_config.json written by "
+                             "`sedac-monitor calibrate`)")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+            raise InputError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
-        raise ValueError(f"{source} must hold a JSON object")
+        raise InputError(f"{source} must hold a JSON object")
+    if "scope" not in config and config.get("mode") in SCOPES:
+        warnings.warn(f"{source}: the key 'mode' is now called 'scope'; rewrite the file with "
+                      "`sedac-monitor calibrate` to silence this", DeprecationWarning, stacklevel=2)
+        config = {**config, "scope": config["mode"]}
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
-        raise ValueError(f"{source} is missing {', '.join(missing)} (expected a sedac_config.json "
+        raise InputError(f"{source} is missing {', '.join(missing)} (expected a sedac_config.json "
                          "written by `sedac-monitor calibrate`)")
     if config.get("format", "sedac_config") != "sedac_config":
-        raise ValueError(f"{source} is not a sedac_config.json (format {config.get('format')!r})")
+        raise InputError(f"{source} is not a sedac_config.json (format {config.get('format')!r})")
     if num_layers is not None:
         made_for = config.get("model", {}).get("num_layers") if isinstance(config.get("model"), dict) else None
         if made_for is not None and made_for != num_layers:
-            raise ValueError(f"{source} was calibrated for a model with {made_for} layers, "
+            raise InputError(f"{source} was calibrated for a model with {made_for} layers, "
                              f"but this model has {num_layers}")
         try:
             monitor_rule(num_layers, *(config[k] for k in CONFIG_KEYS))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: {exc}") from exc
+            raise InputError(f"{source}: {exc}") from exc
     return config

@@ -4,7 +4,7 @@ Risk is the fraction of tokens whose teacher-forced top-1 prediction differs
 from the unmodified model's. The search has two stages:
 
 1. **Replay** (``sedac_core.replay``) over a grid of tau, K, min_layer,
-   protect_last and mode, on the similarity trace of the unmodified model and
+   protect_last and scope, on the similarity trace of the unmodified model and
    per-token "safe to cascade from layer p" labels (one forced-exit forward
    per layer). This estimates skipped work and risk for every grid point.
 2. **Measurement**: the most promising settings are run for real (the model
@@ -47,9 +47,16 @@ from .hf import (
 )
 from .layouts import DecoderLayout, find_layout, model_identity
 
+__all__ = [
+    "BUDGET_NOT_MET", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES", "STRATEGIES", "calibrate",
+    "candidate_list", "measure", "measured_search", "record_trace", "replay_grid", "rule_dict", "signal_histogram",
+    "write_config",
+]
+
 STRATEGIES = {"conservative": 0.05, "balanced": 0.15, "aggressive": 0.30}
 """Default max-risk per strategy (``--max-risk`` overrides)."""
-SEED_DEFAULTS = {"tau": 0.98, "consecutive_k": 2, "min_layer": 0, "protect_last": 0, "mode": "cascade"}
+ORIGINAL_DEFAULTS = {"tau": 0.98, "consecutive_k": 2, "min_layer": 0, "protect_last": 0, "scope": "cascade"}
+"""The V7 defaults of the original SEDAC documents (no protected first token there)."""
 DEFAULT_TAUS = (0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.9925, 0.995, 0.9975, 0.999)
 DEFAULT_KS = (1, 2, 3)
 DEFAULT_PROTECT = (0, 2)
@@ -64,14 +71,14 @@ class Grid:
     ks: Sequence[int] = DEFAULT_KS
     min_layers: Optional[Sequence[int]] = None  # default: every ~L/10 layers
     protect: Sequence[int] = DEFAULT_PROTECT
-    modes: Sequence[str] = ("cascade", "per_layer")
+    scopes: Sequence[str] = ("cascade", "per_layer")
 
     def rules(self, num_layers: int) -> List[sedac_core.MonitorRule]:
         mins = self.min_layers
         if mins is None:
             mins = sorted(set(range(0, num_layers - 1, max(1, num_layers // 10))))
-        return [monitor_rule(num_layers, t, k, m, p, mode)
-                for mode, p, m, k, t in itertools.product(self.modes, self.protect, mins, self.ks, self.taus)
+        return [monitor_rule(num_layers, t, k, m, p, scope)
+                for scope, p, m, k, t in itertools.product(self.scopes, self.protect, mins, self.ks, self.taus)
                 if m + k <= num_layers - p]
 
 
@@ -130,7 +137,7 @@ def replay_grid(trace: Trace, rules: Sequence[sedac_core.MonitorRule]) -> List[D
 
 def rule_dict(rule: sedac_core.MonitorRule, protect_first: int = 1) -> Dict[str, Any]:
     return {"tau": float(rule.tau), "consecutive_k": rule.k, "min_layer": rule.min_layer,
-            "protect_last": rule.protect_last, "mode": rule.mode, "protect_first": protect_first}
+            "protect_last": rule.protect_last, "scope": rule.scope, "protect_first": protect_first}
 
 
 def measure(layout: DecoderLayout, windows: torch.Tensor, rule: sedac_core.MonitorRule, base_top1: torch.Tensor,
@@ -138,7 +145,7 @@ def measure(layout: DecoderLayout, windows: torch.Tensor, rule: sedac_core.Monit
             protect_first: int = 1) -> Dict[str, Any]:
     """Run the patched model teacher-forced; risk, ΔPPL and skipped work as measured."""
     run = teacher_forced(layout, windows, MonitorDecider(rule, layout.num_layers), batch_size,
-                         desc=f"measure {rule.mode} tau={rule.tau} k={rule.k}", protect_first=protect_first)
+                         desc=f"measure {rule.scope} tau={rule.tau} k={rule.k}", protect_first=protect_first)
     L = layout.num_layers
     n = int(base_top1.numel())
     errors = int((run.top1 != base_top1).sum())
@@ -172,15 +179,40 @@ def candidate_list(rows: Sequence[Dict[str, Any]], max_risk: float) -> List[Dict
     results behave alike and are measured once.
     """
     keep = [r for r in rows if r["skipped_mlp"] > 0 and r["estimated_risk"]
-            <= (max_risk if r["rule"].mode == "cascade" else 2 * max_risk)]
+            <= (max_risk if r["rule"].scope == "cascade" else 2 * max_risk)]
     keep.sort(key=lambda r: (-r["skipped_mlp"], r["estimated_risk"]))
     seen, out = set(), []
     for r in keep:
-        key = (r["rule"].mode, r["skipped_mlp"], r["estimated_risk"], r["exit_rate"])
+        key = (r["rule"].scope, r["skipped_mlp"], r["estimated_risk"], r["exit_rate"])
         if key not in seen:
             seen.add(key)
             out.append(r)
     return out
+
+
+def measured_search(count: int, passes: Callable[[int], bool], budget: int) -> Optional[int]:
+    """The index of the most aggressive candidate that passes, by binary search over ``count`` candidates
+    ordered from most to least aggressive, with at most ``budget`` calls of ``passes`` (each one runs
+    the model). ``None`` when no measured candidate passed — the caller must then not use any of them.
+
+    Shared by ``sedac-monitor calibrate`` and ``sedac-probes calibrate --model``: measured risk falls
+    roughly monotonically along such an order (it is measured, not assumed: a candidate counts only if
+    it passed when run)."""
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    lo, hi, best, runs = 0, count - 1, None, 0
+    while lo <= hi and runs < budget:
+        mid = (lo + hi) // 2
+        runs += 1
+        if passes(mid):
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+BUDGET_NOT_MET = "no setting met the risk budget; exits are disabled"
+"""The ``status`` a calibration writes when nothing it measured met the budget."""
 
 
 def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_risk: Optional[float] = None,
@@ -189,7 +221,7 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
               model_and_tokenizer: Any = None, protect_first: int = 1) -> Dict[str, Any]:
     """Search, measure and return the ``sedac_config.json`` content (see module docstring)."""
     if strategy not in STRATEGIES:
-        raise InputError(f"--mode must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if max_risk is None:
         max_risk = STRATEGIES[strategy]
     if not (0.0 <= max_risk < 1.0) or max_risk != max_risk:
@@ -238,37 +270,31 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
         m["replay_estimated_risk"] = row["estimated_risk"]
         m["passes"] = (m["risk_upper_bound"] if level is not None else m["measured_risk"]) <= max_risk
         measured.append(m)
-        log(f"  {m['mode']:9s} tau={m['tau']:<7g} K={m['consecutive_k']} min_layer={m['min_layer']:<2d} "
+        log(f"  {m['scope']:9s} tau={m['tau']:<7g} K={m['consecutive_k']} min_layer={m['min_layer']:<2d} "
             f"protect_last={m['protect_last']}: skipped {m['skipped_mlp_fraction']:.2%}, risk "
             f"{m['measured_risk']:.2%}" + (f" (bound {m['risk_upper_bound']:.2%})" if level else "")
             + f", ΔPPL {m['delta_ppl']:+.2%} -> {'ok' if m['passes'] else 'over budget'}")
         return m["passes"]
 
-    # binary search for the most aggressive passing candidate (candidates run from most to least skipped
-    # work; measured risk falls roughly monotonically along the list)
-    lo, hi = 0, len(candidates) - 1
-    while lo <= hi and len(measured) < budget:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            hi = mid - 1
-        else:
-            lo = mid + 1
+    # candidates run from most to least skipped work
+    found = measured_search(len(candidates), passes, budget)
     passing = [m for m in measured if m["passes"]]
-    # the seeds' defaults as the seeds define them: no protected first token
-    seeds = measure(layout, certify, monitor_rule(L, **SEED_DEFAULTS), base_top1, base_nll, batch_size, confidence,
-                    protect_first=0)
-    if passing:
+    # the original documents' defaults as they define them: no protected first token
+    original = measure(layout, certify, monitor_rule(L, **ORIGINAL_DEFAULTS), base_top1, base_nll, batch_size,
+                       confidence, protect_first=0)
+    if found is not None:
         best = max(passing, key=lambda m: (m["skipped_mlp_fraction"], -m["measured_risk"]))
         chosen = rule_dict(monitor_rule(L, best["tau"], best["consecutive_k"], best["min_layer"],
-                                        best["protect_last"], best["mode"]), protect_first)
+                                        best["protect_last"], best["scope"]), protect_first)
         status = "ok"
     else:
         # nothing met the budget: a setting that never exits, so that using the file is safe
         best = None
-        chosen = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "mode": "cascade",
+        chosen = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade",
                   "protect_first": protect_first}
-        status = "no setting met the risk budget; this config disables exits"
+        status = BUDGET_NOT_MET
     text_bytes = Path(text_file).read_bytes()
+    histogram = signal_histogram(trace.similarity, int(chosen["min_layer"]))
     return {
         "format": "sedac_config",
         "format_version": FORMAT_VERSION,
@@ -286,11 +312,28 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
             "risk_definition": "fraction of tokens whose teacher-forced top-1 differs from the unmodified model",
             "chosen": best,
             "measured": measured,
-            "seed_defaults": seeds,
+            "original_defaults": original,
             "grid_settings": len(rules),
+            # what the similarity signal looks like on this text (sedac-vllm's drift detector compares with it)
+            "signal_histogram": histogram,
             "seconds": round(time.perf_counter() - t_start, 1),
         },
     }
+
+
+SIGNAL_EDGES = tuple([0.0] + [round(0.9 + 0.0025 * i, 4) for i in range(41)])
+"""Histogram bins of the similarity signal: [0, 0.9) and 40 bins of 0.0025 up to 1.0."""
+
+
+def signal_histogram(similarity: np.ndarray, min_layer: int) -> Dict[str, Any]:
+    """Counts of the similarity signal at layers >= ``min_layer`` of the tokens that may exit (protected
+    tokens carry zeros in the trace and are left out)."""
+    sim = np.asarray(similarity, dtype=np.float64)
+    sim = sim[sim.max(axis=1) > 0] if sim.size else sim
+    values = sim[:, min_layer:].ravel() if sim.size else sim.ravel()
+    values = np.clip(values[np.isfinite(values)], 0.0, 1.0)
+    counts, _ = np.histogram(values, bins=np.asarray(SIGNAL_EDGES))
+    return {"edges": list(SIGNAL_EDGES), "counts": counts.astype(int).tolist(), "min_layer": int(min_layer)}
 
 
 def write_config(config: Dict[str, Any], out: Any) -> Path:

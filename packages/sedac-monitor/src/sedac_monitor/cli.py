@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from .calibrate import STRATEGIES, calibrate, measure, write_config
+from .hf import InputError
+from .layouts import UnsupportedModelError
 
 
 def _float_in(name: str, lo: float, hi: float):
@@ -46,9 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def evaluate(model_dir: Any, text_file: Any, config: Dict[str, Any], tokens: int, max_length: int, batch_size: int,
              timing_tokens: int = 0, model_and_tokenizer: Any = None) -> Dict[str, Any]:
-    """Measure a config (and the seeds' defaults) on ``text_file``; optionally time a prefill."""
+    """Measure a config (and the original documents' defaults) on ``text_file``; optionally time a prefill."""
     from .accelerator import load_config, monitor_rule
-    from .calibrate import SEED_DEFAULTS
+    from .calibrate import ORIGINAL_DEFAULTS
     from .hf import load_model, read_text, teacher_forced, token_windows
     from .layouts import find_layout
 
@@ -59,13 +62,13 @@ def evaluate(model_dir: Any, text_file: Any, config: Dict[str, Any], tokens: int
     windows = token_windows(tokenizer, read_text(text_file), max_length, max(1, tokens // max_length),
                             source=str(text_file))
     base = teacher_forced(layout, windows, None, batch_size, desc="unmodified")
-    keys = ("tau", "consecutive_k", "min_layer", "protect_last", "mode")
+    keys = ("tau", "consecutive_k", "min_layer", "protect_last", "scope")
     result = {
         "text": str(text_file),
         "config": measure(layout, windows, monitor_rule(L, *(cfg[k] for k in keys)), base.top1, base.nll,
                           batch_size, protect_first=cfg.get("protect_first", 1)),
-        # the seeds' defaults as the seeds define them: no protected first token
-        "seed_defaults": measure(layout, windows, monitor_rule(L, **SEED_DEFAULTS), base.top1, base.nll,
+        # the original documents' defaults as they define them: no protected first token
+        "original_defaults": measure(layout, windows, monitor_rule(L, **ORIGINAL_DEFAULTS), base.top1, base.nll,
                                  batch_size, protect_first=0),
     }
     if timing_tokens:
@@ -100,28 +103,52 @@ def time_prefill(layout, tokenizer, text_file, cfg: Dict[str, Any], n_tokens: in
             "torch_threads": torch.get_num_threads()}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+class _Deprecated(argparse.Action):
+    """An old option spelling: still accepted, with a warning naming the new one."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        msg = f"{option_string} is deprecated and will be removed; use {self.new}"
+        warnings.warn(msg, DeprecationWarning, stacklevel=2)
+        print(f"{parser.prog}: warning: {msg}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sedac-monitor", description="SEDAC V7 zero-shot exits for HF models")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("calibrate", help="search tau/K/min_layer/protect_last/mode within a risk budget")
+    p = sub.add_parser("calibrate", help="search tau/K/min_layer/protect_last/scope within a risk budget")
     _common(p)
-    p.add_argument("--mode", choices=sorted(STRATEGIES), default="balanced",
-                   help="strategy: default max risk conservative 0.05, balanced 0.15, aggressive 0.30")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="balanced",
+                   help="default max risk: conservative 0.05, balanced 0.15, aggressive 0.30 (default balanced)")
+    p.add_argument("--mode", dest="strategy", choices=sorted(STRATEGIES), action=_Deprecated, new="--strategy",
+                   help="deprecated spelling of --strategy")
     p.add_argument("--max-risk", type=_float_in("--max-risk", 0.0, 0.999), default=None,
-                   help="largest allowed fraction of tokens whose top-1 changes (overrides --mode's default)")
+                   help="largest allowed fraction of tokens whose top-1 changes (overrides the strategy's default)")
     p.add_argument("--confidence", type=_float_in("--confidence", 0.5, 0.9999), default=None,
                    help="make the risk bound hold with this probability (Clopper-Pearson on held-out tokens)")
-    p.add_argument("--budget", type=_positive("--budget"), default=8, help="settings measured by running the model")
-    p.add_argument("--out", type=Path, default=Path("sedac_config.json"))
-    e = sub.add_parser("evaluate", help="measure a sedac_config.json (and the seeds' defaults) on held-out text")
+    p.add_argument("--budget", type=_positive("--budget"), default=8,
+                   help="settings measured by running the model (default 8)")
+    p.add_argument("--out", type=Path, default=Path("sedac_config.json"),
+                   help="where to write the config (default sedac_config.json)")
+    e = sub.add_parser("evaluate", help="measure a sedac_config.json (and the original documents' defaults) on "
+                                        "held-out text")
     _common(e)
-    e.add_argument("--config", required=True, type=Path)
-    e.add_argument("--timing-tokens", type=int, default=0, help="also time a prefill of this many tokens")
+    e.add_argument("--config", required=True, type=Path, help="a sedac_config.json from `sedac-monitor calibrate`")
+    e.add_argument("--timing-tokens", type=_positive("--timing-tokens"), default=None,
+                   help="also time a prefill of this many tokens, unpatched vs patched")
     e.add_argument("--json", type=Path, default=None, help="write the result here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "calibrate":
-            cfg = calibrate(args.model, args.text, args.mode, args.max_risk, args.confidence, args.tokens,
+            cfg = calibrate(args.model, args.text, args.strategy, args.max_risk, args.confidence, args.tokens,
                             args.max_length, args.batch_size, args.budget,
                             log=lambda m: print(m, file=sys.stderr))
             path = write_config(cfg, args.out)
@@ -129,19 +156,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             chosen = ev["chosen"]
             print(f"wrote {path}: {cfg['status']}")
             if chosen:
-                print(f"  mode={cfg['mode']} tau={cfg['tau']} K={cfg['consecutive_k']} min_layer={cfg['min_layer']} "
-                      f"protect_last={cfg['protect_last']}: skipped MLP {chosen['skipped_mlp_fraction']:.2%}, "
-                      f"risk {chosen['measured_risk']:.2%}, ΔPPL {chosen['delta_ppl']:+.2%} "
-                      f"on {chosen['tokens']} tokens")
-            s = ev["seed_defaults"]
-            print(f"  seeds' defaults (tau 0.98, K 2, cascade): skipped {s['skipped_mlp_fraction']:.2%}, "
+                print(f"  scope={cfg['scope']} tau={cfg['tau']} K={cfg['consecutive_k']} "
+                      f"min_layer={cfg['min_layer']} protect_last={cfg['protect_last']}: skipped MLP "
+                      f"{chosen['skipped_mlp_fraction']:.2%}, risk {chosen['measured_risk']:.2%}, "
+                      f"ΔPPL {chosen['delta_ppl']:+.2%} on {chosen['tokens']} tokens")
+            s = ev["original_defaults"]
+            print(f"  original defaults (tau 0.98, K 2, cascade): skipped {s['skipped_mlp_fraction']:.2%}, "
                   f"risk {s['measured_risk']:.2%}, ΔPPL {s['delta_ppl']:+.2%}")
         else:
             result = evaluate(args.model, args.text, args.config, args.tokens, args.max_length, args.batch_size,
-                              args.timing_tokens)
-            for name in ("config", "seed_defaults"):
+                              args.timing_tokens or 0)
+            for name in ("config", "original_defaults"):
                 m = result[name]
-                print(f"{name:13s} skipped MLP {m['skipped_mlp_fraction']:.2%}  risk {m['measured_risk']:.2%}  "
+                print(f"{name:17s} skipped MLP {m['skipped_mlp_fraction']:.2%}  risk {m['measured_risk']:.2%}  "
                       f"ΔPPL {m['delta_ppl']:+.2%}  ({m['tokens']} tokens of {args.text})")
             if "timing" in result:
                 t = result["timing"]
@@ -149,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{t['patched_s']:.3f} s, speed-up {t['speedup']:.3f}x")
             if args.json:
                 args.json.write_text(json.dumps(result, indent=2) + "\n")
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (InputError, UnsupportedModelError) as exc:  # the project's own errors; anything else is a bug
         print(f"sedac-monitor: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -61,7 +61,7 @@ class MonitorDecider:
     at every later layer that can skip (the runtime may reuse a compaction).
     """
 
-    def __init__(self, rule: sedac_core.MonitorRule, num_layers: int) -> None:
+    def __init__(self, rule: sedac_core.MonitorRule, num_layers: int, tau_tensor: bool = False) -> None:
         if not isinstance(rule, sedac_core.MonitorRule):
             raise TypeError(f"rule must be a sedac_core.MonitorRule, got {type(rule).__name__}")
         if int(num_layers) < 1:
@@ -70,8 +70,11 @@ class MonitorDecider:
         self.num_layers = int(num_layers)
         # plain Python values: what a compiled graph bakes in (sedac_core compares in float32)
         self.tau = float(np.float32(rule.tau))
+        # a tensor instead of a constant: a compiled graph reads it on every call, so tau can be moved at run
+        # time (sedac-vllm's online calibration); same comparisons either way
+        self.tau_t: Optional[torch.Tensor] = torch.tensor(self.tau, dtype=torch.float32) if tau_tensor else None
         self.k, self.min_layer = int(rule.k), int(rule.min_layer)
-        self.cascade = rule.mode == "cascade"
+        self.cascade = rule.scope == "cascade"
         self.monotone = self.cascade
         self._end = max(self.num_layers - int(rule.protect_last), 0)
         self.state: Optional[Dict[str, torch.Tensor]] = None
@@ -92,12 +95,12 @@ class MonitorDecider:
         norm2 = torch.linalg.vecdot(a, a)
         s = similarity(a, state["prev"], state["prev_norm2"], norm2)
         run, exited = self.advance(layer, s, state["run"], state["exited"])
-        return {"prev": a, "prev_norm2": norm2, "run": run, "exited": exited}
+        return {"prev": a, "prev_norm2": norm2, "run": run, "exited": exited, "s": s}
 
     def advance(self, layer: int, s: torch.Tensor, run: torch.Tensor, exited: torch.Tensor):
         """(run, exited) after ``layer`` given that layer's similarity column ``s``."""
         if layer >= self.min_layer:
-            run = (run + 1) * (s >= self.tau)
+            run = (run + 1) * (s >= (self.tau if self.tau_t is None else self.tau_t))
         if self.cascade and layer >= self.min_layer + self.k - 1:
             exited = exited | (run >= self.k)
         return run, exited

@@ -51,6 +51,11 @@ class ExitStats:
         self.skipped = torch.zeros(num_layers, dtype=torch.float64, device=device)
         self.full_skips = torch.zeros(num_layers, dtype=torch.int64, device=device)
 
+    @staticmethod
+    def empty(num_layers: int) -> Dict[str, Any]:
+        """:meth:`as_dict` before any token was seen."""
+        return ExitStats(num_layers, torch.device("cpu")).as_dict()
+
     def as_dict(self) -> Dict[str, Any]:
         tokens = int(self.tokens)
         skipped = self.skipped.tolist()
@@ -123,6 +128,9 @@ class SkipRuntime:
         self._active: Optional[torch.Tensor] = None
         self._read_layer: Optional[int] = None
         self.forwards = 0  # completed forwards (the vLLM start-up check reads it)
+        # called as shadow(layer, rows, skip, mlp) wherever rows skip: lets a caller compute, without applying,
+        # what a sample of them skipped (sedac-vllm's online risk estimate)
+        self.shadow: Optional[Callable[[int, torch.Tensor, torch.Tensor, Callable], None]] = None
         self.host_reads = 0  # reads of a plan on the host, this forward (the policy bounds it)
         self.max_host_reads = 0  # the most host reads any forward needed
         # per row, for the last completed forward: first skipped layer (num_layers: none) and MLP blocks skipped
@@ -140,7 +148,12 @@ class SkipRuntime:
             self._protected = positions.reshape(-1) < self.protect_first
             self._allowed = ~self._protected
         self.start(stream.shape[0], stream.device, valid)
-        self.decider.begin(stream)
+        if getattr(self.decider, "wants_positions", False):  # e.g. a fused probe gate reads positions
+            if positions is None:
+                positions = torch.arange(stream.shape[0], device=stream.device)
+            self.decider.begin(stream, positions.reshape(-1))
+        else:
+            self.decider.begin(stream)
 
     def start(self, rows: int, device: torch.device, valid: Optional[torch.Tensor] = None) -> None:
         """Reset the per-forward bookkeeping (what :meth:`begin` does besides starting the decider)."""
@@ -291,6 +304,8 @@ class SkipRuntime:
             return self._soft(layer, flat, skip, keep, full, truncated, intermediate).view(shape)
         if skip is None:
             return full(x)
+        if self.shadow is not None:
+            self.shadow(layer, flat, skip, full)
         if self._may_read(layer):
             self.host_reads += 1
             n = int(skip.sum())  # the host read
@@ -370,10 +385,18 @@ def channel_importance(mlp: nn.Module) -> torch.Tensor:
         return (gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)).cpu()
 
 
-def channel_order(mlp: nn.Module) -> torch.Tensor:
-    """The order soft exit truncates in: channels by decreasing
-    :func:`channel_importance`, ties by index (stable)."""
-    imp = channel_importance(mlp)
+def channel_order(mlp: nn.Module, activation: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The order soft exit truncates in: channels by decreasing importance, ties by index (stable).
+
+    Without ``activation``: the data-free :func:`channel_importance`. With ``activation`` (the mean
+    ``|act(gate(x)) * up(x)|`` of each intermediate channel on calibration text, see
+    :func:`sedac_monitor.runtime.activation_magnitudes`): ``activation[c] * ||W_down[:, c]||``, the
+    channel's typical contribution to the MLP's output."""
+    if activation is None:
+        imp = channel_importance(mlp)
+    else:
+        with torch.no_grad():
+            imp = activation.float().cpu() * mlp.down_proj.weight.float().norm(dim=0).cpu()
     return torch.sort(-imp, stable=True).indices
 
 
@@ -559,7 +582,8 @@ class HFAttachment:
     channel permutation, leaving the model exactly as it was.
     """
 
-    def __init__(self, layout, runtime: SkipRuntime, soft_exit: bool = False) -> None:
+    def __init__(self, layout, runtime: SkipRuntime, soft_exit: bool = False,
+                 orders: Optional[List[torch.Tensor]] = None) -> None:
         self.layout = layout
         self.runtime = runtime
         self._handles: List[Any] = []
@@ -574,8 +598,8 @@ class HFAttachment:
                 self._handles.append(layer.register_forward_hook(self._after(i)))
                 mlp = layer.mlp
                 order = None
-                if soft_exit:
-                    order = channel_order(mlp)
+                if soft_exit:  # `orders`: one channel permutation per layer (default: the data-free order)
+                    order = orders[i] if orders is not None else channel_order(mlp)
                     permute_channels(mlp, order)
                 self._orders.append(order)
                 self._originals.append(make_skippable(mlp, runtime, i, hf_truncated(mlp) if soft_exit else None))

@@ -156,15 +156,42 @@ class ForcedExitDecider:
         pass
 
 
+def activation_magnitudes(layout: DecoderLayout, windows: torch.Tensor, batch_size: int = 4) -> List[torch.Tensor]:
+    """Per layer, the mean ``|act(gate(x)) * up(x)|`` of every MLP intermediate channel over ``windows``
+    (the input of ``down_proj``): what a data-calibrated soft-exit channel order ranks by."""
+    sums: List[Optional[torch.Tensor]] = [None] * layout.num_layers
+    count = [0]
+    handles = []
+
+    def hook(i):
+        def grab(module, args):
+            h = args[0].detach().abs().reshape(-1, args[0].shape[-1]).double().sum(0)
+            sums[i] = h if sums[i] is None else sums[i] + h
+        return grab
+
+    try:
+        for i, layer in enumerate(layout.layers):
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook(i)))
+        with torch.no_grad():
+            for sl in batches(windows.shape[0], batch_size):
+                layout.model(input_ids=windows[sl], use_cache=False)
+                count[0] += windows[sl].numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [(s / count[0]).float() for s in sums]
+
+
 def teacher_forced(layout: DecoderLayout, windows: torch.Tensor, decider: Any = None, batch_size: int = 4,
                    desc: str = "", on_batch: Optional[Callable[[slice, Any], None]] = None,
-                   protect_first: int = 1, soft_exit: bool = False) -> Pass:
+                   protect_first: int = 1, soft_exit: bool = False,
+                   soft_orders: Optional[List[torch.Tensor]] = None) -> Pass:
     """Run ``windows`` through the model (with ``decider`` attached, if given)
     and collect each position's top-1 and next-token NLL. ``on_batch(slice,
     decider)`` is called after each batch (e.g. to read recorded signals)."""
     model = layout.model
     runtime = SkipRuntime(decider, layout.num_layers, protect_first) if decider is not None else None
-    attachment = HFAttachment(layout, runtime, soft_exit) if runtime is not None else None
+    attachment = HFAttachment(layout, runtime, soft_exit, soft_orders) if runtime is not None else None
     top1, nll, first, skips = [], [], [], []
     try:
         with torch.no_grad():

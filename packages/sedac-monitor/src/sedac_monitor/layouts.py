@@ -101,25 +101,70 @@ def find_layout(model: Any) -> DecoderLayout:
     return DecoderLayout(model, family, layers, norm, lm_head, float(softcap) if softcap else None)
 
 
-def model_identity(model: Any) -> Dict[str, Any]:
-    """What probe files and calibration records say about the model they were made for.
+def model_identity(source: Any) -> Dict[str, Any]:
+    """What probe files and calibration records say about the model they were made for — the one
+    function that computes it, from whatever is at hand:
 
-    ``fingerprint`` hashes the first rows of the input embedding (rounded to
-    float16), so it tells two checkpoints of one architecture apart while
-    being the same for the fp32 and bf16 copies of one checkpoint.
+    * a loaded Hugging Face model: every field;
+    * a local model folder (path): every field, the fingerprint read from its safetensors files;
+    * an HF config (object or dict): the sizes only (``fingerprint``, ``architecture`` None).
+
+    ``fingerprint`` hashes the first 64 rows of the input embedding (rounded to float16), so it tells
+    two checkpoints of one architecture apart while being the same for the fp32 and bf16 copies of one
+    checkpoint.
     """
     import hashlib
+    from pathlib import Path
 
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    emb = model.get_input_embeddings().weight
-    rows = emb[: min(64, emb.shape[0])].detach().to("cpu", torch.float16).contiguous()
+    rows = None
+    architecture = None
+    if isinstance(source, nn.Module):
+        config = source.config
+        architecture = type(source).__name__
+        emb = source.get_input_embeddings().weight
+        rows = emb[: min(64, emb.shape[0])].detach().to("cpu", torch.float16).contiguous()
+    elif isinstance(source, (str, Path)):
+        import json
+
+        folder = Path(source)
+        config = json.loads((folder / "config.json").read_text())
+        architecture = (config.get("architectures") or [None])[0]
+        rows = _embedding_rows(folder)
+    else:
+        config = source
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    elif isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+
+    def size(*keys):
+        for k in keys:
+            v = get(k)
+            if v is not None:
+                return int(v)
+        return None
+
     return {
-        "architecture": type(model).__name__,
-        "model_type": getattr(text, "model_type", None),
-        "hidden_size": int(text.hidden_size),
-        "num_layers": int(text.num_hidden_layers),
-        "intermediate_size": int(text.intermediate_size),
-        "vocab_size": int(text.vocab_size),
-        "fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16],
+        "architecture": architecture,
+        "model_type": get("model_type"),
+        "hidden_size": size("hidden_size"),
+        "num_layers": size("num_hidden_layers", "num_layers"),
+        "intermediate_size": size("intermediate_size"),
+        "vocab_size": size("vocab_size"),
+        "fingerprint": None if rows is None else hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16],
     }
+
+
+def _embedding_rows(folder: Any) -> Optional[torch.Tensor]:
+    """The first 64 rows of the input embedding, read lazily from a folder's safetensors files."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                if name.endswith("embed_tokens.weight"):
+                    return fh.get_slice(name)[:64].to(torch.float16).contiguous()
+    return None

@@ -1,8 +1,7 @@
-"""pytest fixtures shared by the sedac-monitor and sedac-probes test suites.
+"""pytest fixtures shared by the sedac-monitor and sedac-probes test suites (not part of any package).
 
-A suite's ``conftest.py`` imports the fixtures it uses from here (pytest picks up
-fixtures by name from the conftest's namespace). Needs pytest; nothing in the
-library imports this module.
+A suite's ``conftest.py`` puts this folder on ``sys.path`` and imports the fixtures it uses from here
+(pytest picks up fixtures by name from the conftest's namespace).
 """
 
 import os
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .testing import tiny_model
+from sedac_monitor.testing import tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,0 +1,101 @@
+"""The shared torch runtime: what sedac-probes, sedac-vllm, sedac-bench (and your own integration)
+build on. This module is the public surface; everything it exports is part of sedac-monitor's API
+(pinned by its tests), so a change here is an API change. The modules it gathers from
+(``engine``, ``decide``, ``layouts``, ``hf``) are implementation.
+
+* **Skipping MLP work**: :class:`SkipRuntime` applies per-row plans (skip / keep a fraction of the
+  channels) to MLP calls; :func:`make_skippable` / :func:`restore_mlp` swap an MLP's class so its
+  forward goes through a runtime; :class:`HFAttachment` wires a Hugging Face model's forward to one;
+  :func:`register_op` defines ops in the ``sedac`` namespace (``sedac::skip_mlp`` is defined here).
+* **Soft exit**: :func:`channel_order`, :func:`permute_channels`, :func:`hf_truncated`,
+  :func:`channel_mask`.
+* **Deciders**: :class:`MonitorDecider` (V7) and :func:`similarity`; the decider protocol is in
+  :mod:`sedac_monitor.engine`'s docstring.
+* **Models and text**: :func:`find_layout` / :class:`DecoderLayout`, :func:`model_identity`,
+  :func:`load_model`, :func:`read_text`, :func:`token_windows`, :func:`teacher_forced` /
+  :class:`Pass`, :func:`cascade_labels`, :class:`RecordingDecider`, :class:`ForcedExitDecider`.
+* **Errors**: :class:`InputError` (unusable paths, files, values), :class:`UnsupportedModelError`.
+"""
+
+from .accelerator import load_config, monitor_rule
+from .decide import MonitorDecider, similarity
+from .engine import (
+    GATHER_MIN_FRACTION,
+    HOST_SYNC_POLICIES,
+    SOFT_GROUPS,
+    ExitStats,
+    HFAttachment,
+    SkippableMLP,
+    SkipRuntime,
+    channel_importance,
+    channel_mask,
+    channel_order,
+    hf_truncated,
+    intermediate_size,
+    make_skippable,
+    permute_channels,
+    register_op,
+    restore_mlp,
+    runtime_for,
+    subclass_with,
+)
+from .hf import (
+    ForcedExitDecider,
+    InputError,
+    Pass,
+    RecordingDecider,
+    activation_magnitudes,
+    batches,
+    cascade_labels,
+    drop_last_position,
+    load_model,
+    progress,
+    read_text,
+    split_windows,
+    teacher_forced,
+    token_windows,
+)
+from .layouts import DecoderLayout, UnsupportedModelError, find_layout, model_identity
+
+__all__ = [
+    "GATHER_MIN_FRACTION",
+    "HOST_SYNC_POLICIES",
+    "SOFT_GROUPS",
+    "DecoderLayout",
+    "ExitStats",
+    "ForcedExitDecider",
+    "HFAttachment",
+    "InputError",
+    "MonitorDecider",
+    "Pass",
+    "RecordingDecider",
+    "activation_magnitudes",
+    "SkipRuntime",
+    "SkippableMLP",
+    "UnsupportedModelError",
+    "batches",
+    "cascade_labels",
+    "channel_importance",
+    "channel_mask",
+    "channel_order",
+    "drop_last_position",
+    "find_layout",
+    "hf_truncated",
+    "intermediate_size",
+    "load_config",
+    "load_model",
+    "make_skippable",
+    "model_identity",
+    "monitor_rule",
+    "permute_channels",
+    "progress",
+    "read_text",
+    "register_op",
+    "restore_mlp",
+    "runtime_for",
+    "similarity",
+    "split_windows",
+    "subclass_with",
+    "teacher_forced",
+    "token_windows",
+]
