@@ -1,2 +1,6 @@
-# the fixtures are shared with the other suites: see sedac_monitor/fixtures.py
-from sedac_monitor.fixtures import assets, family, tiny, tiny_dir  # noqa: F401
+# fixtures shared with the other suites live outside the packages, in packages/test_support
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "test_support"))
+from sedac_fixtures import assets, family, tiny, tiny_dir  # noqa: E402, F401

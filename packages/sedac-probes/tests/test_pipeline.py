@@ -9,8 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 import sedac_probes
-from sedac_monitor.hf import ForcedExitDecider, load_model, teacher_forced, token_windows
-from sedac_monitor.layouts import find_layout, model_identity
+from sedac_monitor.runtime import (
+    ForcedExitDecider,
+    find_layout,
+    load_model,
+    model_identity,
+    teacher_forced,
+    token_windows,
+)
 from sedac_monitor.testing import tiny_model
 from sedac_probes import ProbeFileError
 from sedac_probes.calibrate import calibrate as calibrate_probes
@@ -164,6 +170,34 @@ def test_calibrate_with_the_model_checks_measured_risk(pipeline, tiny_dir, tmp_p
         calibrate_probes(probes, pipeline / "data", max_risk=0.1, model=other, log=lambda m: None)
 
 
+def test_calibrate_that_meets_no_budget_writes_thresholds_that_never_exit(pipeline, tiny_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Every candidate fails when measured: the file must say so and hold a setting that never exits,
+    not the last candidate tried."""
+    import sedac_core
+    from sedac_monitor.calibrate import BUDGET_NOT_MET
+    from sedac_probes import calibrate as cal
+
+    probes = tmp_path / "p"
+    shutil.copytree(pipeline / "safety", probes)
+    real = cal._Measurer.measure
+    monkeypatch.setattr(cal._Measurer, "measure", lambda self, t: {**real(self, t), "risk": 1.0})
+    assert main(["calibrate", "--probes", str(probes), "--data", str(pipeline / "data"), "--max-risk", "0.1",
+                 "--model", str(tiny_dir / "llama"), "--budget", "3"]) == 0
+    assert f"{BUDGET_NOT_MET} (max risk 0.1)" in capsys.readouterr().err
+    meta = json.loads((probes / "sedac_probes.json").read_text())
+    assert meta["status"] == BUDGET_NOT_MET and meta["exits_disabled"] is True
+    assert meta["thresholds"] == [sedac_core.MIN_THRESHOLD] * 3
+    loaded = sedac_probes.load(probes)
+    assert loaded.exits_disabled and loaded.calibrated
+    # a later calibration that succeeds clears the status
+    monkeypatch.undo()
+    assert main(["calibrate", "--probes", str(probes), "--data", str(pipeline / "data"), "--exit-rates",
+                 "0.2,0.3,0.5"]) == 0
+    meta = json.loads((probes / "sedac_probes.json").read_text())
+    assert meta["status"] == "ok" and meta["exits_disabled"] is False
+
+
 def test_calibrate_rejects_conflicting_choices(pipeline, capsys):
     args = ["calibrate", "--probes", str(pipeline / "entropy"), "--data", str(pipeline / "data")]
     assert main(args + ["--exit-rates", "0.1,0.2,0.3", "--max-risk", "0.1"]) == 2
@@ -276,3 +310,45 @@ def test_metrics_on_known_cases():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert r2([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
     assert r2([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
+
+
+def test_fused_gate_trains_loads_and_decides_in_the_model_as_on_collected_data(pipeline, tiny_dir, tmp_path, capsys):
+    """The V6.1 roadmap's signal fusion: a gate over the safety probe, the similarity, its trend and the
+    position; its risk inside a forward equals its risk on the collected data the gate was fitted on."""
+    from sedac_probes.calibrate import probe_risk
+    from sedac_probes.collect import load_data
+    from sedac_probes.decide import ProbeDecider, TorchCascade
+    from sedac_probes.fusion import evaluate_fusion
+
+    shard = load_file(str(pipeline / "data" / "shard-00000.safetensors"))
+    assert shard["similarity"].shape == (4 * 63, 6) and shard["lens_top1.3"].dtype == torch.int32
+    out = tmp_path / "fused"
+    assert main(["train", "--data", str(pipeline / "data"), "--out", str(out), "--target", "fusion",
+                 "--probes", str(pipeline / "safety")]) == 0
+    meta = json.loads((out / "sedac_probes.json").read_text())
+    assert meta["target"] == "fusion" and meta["fusion"]["features"] == ["probe_logit", "similarity", "trend",
+                                                                         "log_position"]
+    aurocs = meta["fusion"]["per_layer"]["3"]["heldout_auroc"]
+    assert 0 <= aurocs["fused gate"] <= 1 and "similarity S_l" in aurocs and "logit-lens top-1 = previous " \
+        "checkpoint's" in aurocs
+    assert main(["train", "--data", str(pipeline / "data"), "--out", str(tmp_path / "x"), "--target", "fusion"]) == 2
+    assert "--probes DIR" in capsys.readouterr().err
+    fused = sedac_probes.load(out)
+    assert fused.bank.target == "fusion" and fused.bank.gate_std.shape == (3, 4)
+    # risk in a real forward (HF hooks) vs risk computed from the collected data
+    data = load_data(pipeline / "data")
+    rows = torch.arange(63)  # the first window
+    offline = probe_risk(fused.bank, data, rows)
+    model, _ = load_model(tiny_dir / "llama")
+    layout = find_layout(model)
+    decider = ProbeDecider(fused.bank, TorchCascade([1e-6] * 3, "threshold"), 6)
+    windows = data["token_id"].view(12, 63)[:1]
+    teacher_forced(layout, windows, decider, 1)
+    online = decider.last_risk.numpy()[:63]  # teacher_forced drops the last position; the decider saw 63 rows
+    np.testing.assert_allclose(online, offline, rtol=0, atol=2e-2)  # float16 hidden states in the data
+    assert set(evaluate_fusion(out, pipeline / "data", pipeline / "entropy", log=lambda m: None)["3"]) >= {
+        "fused gate", "entropy probe", "safety probe"}
+    # calibration works on fused risk like on any probe's
+    assert main(["calibrate", "--probes", str(out), "--data", str(pipeline / "data"), "--exit-rates",
+                 "0.1,0.2,0.3"]) == 0
+    assert sedac_probes.load(out).thresholds is not None

@@ -62,8 +62,30 @@ def test_torch_cascade_equals_sedac_core(rows, rule, soft, thr, rates, decay):
     np.testing.assert_allclose(ratio.numpy(), ref.soft_ratio, rtol=2e-7, atol=0)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10).flatmap(lambda n: st.lists(st.lists(risks, min_size=3, max_size=3), min_size=n, max_size=n)),
+       st.sampled_from(["threshold", "confidence"]), st.sampled_from([(0.8, 1.0, 1.2), (2.0, 0.3, 1.0)]),
+       st.sampled_from([0.5, 0.9, 1.0]), st.sampled_from([0.0, 0.3, 1.0]), st.sampled_from([0.0, 0.25, 1.0]),
+       st.sampled_from([4.0, 2.0, 8.0, 16.0]))
+def test_torch_adaptive_decay_and_soft_steepness_equal_sedac_core(rows, rule, thr, decay, bonus, history, soft_k):
+    risk = np.array(rows, dtype=np.float32).reshape(-1, 3)
+    rates, weights = (0.2, 0.6, 0.9), (0.3, 0.4, 0.3)
+    ctrl = sedac_core.CascadeController(
+        [sedac_core.LayerConfig(i, rates[i], thr[i], weights[i]) for i in range(3)], confidence_decay=decay,
+        soft_exit=True, adaptive=False, rule=rule, adaptive_decay=True, decay_bonus=bonus, soft_k=soft_k)
+    ctrl._history = float(np.float32(history))  # the EMA observe() keeps; set directly for the comparison
+    ref = ctrl.evaluate(risk)
+    cascade = TorchCascade(thr, rule, rates, weights, decay, True, adaptive_decay=True, decay_bonus=bonus,
+                           soft_k=soft_k)
+    cascade.history.fill_(history)
+    exit_cp, conf, ratio = cascade.evaluate(torch.from_numpy(risk))
+    np.testing.assert_array_equal(exit_cp.numpy(), ref.exit_checkpoint)
+    np.testing.assert_array_equal(conf.numpy(), ref.confidence)
+    np.testing.assert_allclose(ratio.numpy(), ref.soft_ratio, rtol=2e-7, atol=0)
+
+
 def test_probe_decider_drives_the_runtime():
-    from sedac_monitor.engine import SkipRuntime
+    from sedac_monitor.runtime import SkipRuntime
 
     _, bank = make_bank("safety", hidden=16, rank=4, layers=(1, 3))
     h = torch.randn(6, 16)

@@ -22,8 +22,7 @@ def bench(model_dir: Any, probe_dir: Optional[Any] = None, tokens: int = 2048, r
           model_and_tokenizer: Any = None) -> Dict[str, Any]:
     """Time one checkpoint probe (``risk_at``), all probes in one call (``bank(h)``) and decoder layer
     ``L // 2`` (with its attention over the ``tokens``-long prefix) on the same ``[tokens, hidden]`` input."""
-    from sedac_monitor.hf import load_model
-    from sedac_monitor.layouts import find_layout
+    from sedac_monitor.runtime import find_layout, load_model
 
     from .io import load
     from .probe import LREProbe, ProbeBank
@@ -52,11 +51,29 @@ def bench(model_dir: Any, probe_dir: Optional[Any] = None, tokens: int = 2048, r
     flat = h.reshape(-1, H)
     with torch.no_grad():
         layer_ms = _best_ms(lambda: layer(*captured["args"], **captured["kwargs"]), repeats)
-        probe_ms = _best_ms(lambda: bank.risk_at(0, flat), repeats * 3)
+        probe_ms = _best_ms(lambda: bank.logit_at(0, flat), repeats * 3)
         bank_ms = _best_ms(lambda: bank(flat), repeats * 3)
+        # a fused gate's per-checkpoint work: the probe, the similarity of consecutive streams, the gate
+        prev = flat.roll(1, 0)
+        positions = torch.arange(flat.shape[0])
+        fused = ProbeBank(bank.layers, H, bank.rank, "fusion")
+        fused.load_state_dict(bank.state_dict(), strict=False)
+        from sedac_monitor.runtime import similarity
+
+        def gate():
+            s = similarity(flat, prev)
+            return fused.fused_risk_at(0, flat, s, s, positions)
+        gate_ms = _best_ms(gate, repeats * 3)
+    head_dim = getattr(model.config, "head_dim", None) or H // model.config.num_attention_heads
+    lens = (H * model.config.vocab_size) / (H * (2 * model.config.num_attention_heads * head_dim
+                                                  + 2 * model.config.num_key_value_heads * head_dim)
+                                            + 3 * H * model.config.intermediate_size)
     return {"tokens": tokens, "hidden_size": H, "rank": bank.rank, "checkpoints": len(bank.layers),
-            "layer_ms": layer_ms, "probe_ms": probe_ms, "bank_ms": bank_ms,
+            "layer_ms": layer_ms, "probe_ms": probe_ms, "bank_ms": bank_ms, "fused_gate_ms": gate_ms,
             "probe_vs_layer": probe_ms / layer_ms, "bank_vs_layer": bank_ms / layer_ms,
+            "fused_gate_vs_layer": gate_ms / layer_ms,
+            # a logit-lens top-1 per checkpoint (LM head) in MACs relative to a decoder layer's linear work
+            "logit_lens_flops_vs_layer": lens,
             "torch_threads": torch.get_num_threads(),
             "flops_ratio_one_probe": _flops_ratio(model.config, H, bank.rank)}
 

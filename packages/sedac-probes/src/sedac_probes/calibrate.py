@@ -9,7 +9,7 @@ the first checkpoint where risk < threshold):
   (tokens exiting where label (b) says the top-1 would change) stays <= r:
   a ``sedac_core.replay`` search over per-checkpoint exit rates, or, with
   ``--strategy``, over one scale factor of that preset's threshold shape.
-* ``--strategy`` alone — the seeds' presets: thresholds in the preset's
+* ``--strategy`` alone — the original documents' presets: thresholds in the preset's
   proportions, scaled so that the overall exit rate matches the preset's.
 
 Risk here is replay's estimate: it treats tokens independently, while an
@@ -28,28 +28,36 @@ import numpy as np
 import torch
 
 import sedac_core
-from sedac_monitor.hf import InputError
+from sedac_monitor.calibrate import BUDGET_NOT_MET, measured_search
+from sedac_monitor.runtime import InputError
 
 from .collect import load_data, load_probes_for
 from .io import update_meta
 
-# The seeds' strategy table (README of V6): thresholds and the exit rate they gave there.
+# The original SEDAC documents' strategy table (V6): thresholds and the exit rate they gave there.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "conservative": {"thresholds": (0.7, 0.8, 0.9), "exit_rate": 0.10},
     "balanced": {"thresholds": (0.8, 1.0, 1.2), "exit_rate": 0.15},
     "aggressive": {"thresholds": (1.0, 1.3, 1.7), "exit_rate": 0.25},
 }
 RATE_GRID = tuple(round(x, 2) for x in np.arange(0.0, 0.951, 0.05))
-DEFAULT_WEIGHTS = {3: (0.3, 0.4, 0.3)}  # the seeds' SEDAC_LAYER_WEIGHTS for three checkpoints
+DEFAULT_WEIGHTS = {3: (0.3, 0.4, 0.3)}  # the original documents' SEDAC_LAYER_WEIGHTS for three checkpoints
 
 Log = Callable[[str], None]
 
 
 def probe_risk(bank, data: Dict[str, Any], rows: torch.Tensor) -> np.ndarray:
-    """[tokens, checkpoints] float32 risks of the bank's probes on collected hidden states."""
+    """[tokens, checkpoints] float32 risks of the bank's probes (or fused gates) on collected data."""
     cols = []
     with torch.no_grad():
         for i, layer in enumerate(bank.layers):
+            if bank.target == "fusion":
+                from .fusion import checkpoint_features
+
+                f = checkpoint_features(bank, data, i, layer, rows)
+                z = ((f - bank.gate_mean[i]) / bank.gate_std[i]) @ bank.gate_weight[i] + bank.gate_bias[i]
+                cols.append(torch.sigmoid(-z))
+                continue
             x = data["hidden"][layer][rows]
             cols.append(torch.cat([bank.risk_at(i, x[j:j + 8192].float()) for j in range(0, x.shape[0], 8192)]))
     return torch.stack(cols, 1).numpy().astype(np.float32)
@@ -138,15 +146,20 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
             thresholds = cands[j]
             how = f"{strategy} preset: exit rate {target:.0%} with thresholds in proportion {shape.round(3).tolist()}"
 
+    status = "ok"
+    if thresholds is None:  # nothing met the budget: a setting that never exits, and a status saying so
+        status = BUDGET_NOT_MET
+        thresholds = [sedac_core.MIN_THRESHOLD] * c
     thresholds = [float(max(t, sedac_core.MIN_THRESHOLD)) for t in thresholds]
     v60 = sedac_core.replay(trace, [_rule(thresholds, protect_last)])
     marginal = [float(np.mean(risk[:, i] < thresholds[i])) for i in range(c)]
     weights = DEFAULT_WEIGHTS.get(c, tuple([1.0 / c] * c))
     v61_rule = sedac_core.ProbeRule(tuple(thresholds), "confidence", tuple(marginal), weights, 0.9, protect_last)
     v61 = sedac_core.replay(trace, [v61_rule])
-    measured = measurer.measure(thresholds) if measurer is not None else None
+    measured = measurer.measure(thresholds) if measurer is not None and status == "ok" else None
     evidence = {
         "how": how,
+        "status": status,
         "data": str(data["path"]), "text": dmeta["text"], "text_sha256": dmeta["text_sha256"],
         "tokens": int(risk.shape[0]),
         "risk_definition": "replay estimate: fraction of tokens that exit where the collected label says the "
@@ -159,8 +172,13 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         "measured_candidates": measurer.history if measurer is not None else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    update_meta(probe_dir, thresholds=thresholds, exit_rates=marginal, calibration=evidence)
+    update_meta(probe_dir, thresholds=thresholds, exit_rates=marginal, calibration=evidence, status=status,
+                exits_disabled=status != "ok")
     e = evidence["v6_0"]
+    if status != "ok":
+        log(f"{status}: the probe file now holds thresholds that never exit (max risk {max_risk}); "
+            "raise --max-risk, or collect more data, and calibrate again")
+        return evidence
     log(f"thresholds {[round(t, 4) for t in thresholds]} ({how}): exit rate {e['exit_rate']:.2%}, skipped MLP "
         f"{e['skipped_mlp']:.2%}, estimated risk {e['disagreement']:.2%} on {risk.shape[0]} tokens"
         + ("" if measured is None else f"; measured by running the model: risk {measured['risk']:.2%}, skipped "
@@ -173,8 +191,7 @@ class _Measurer:
 
     def __init__(self, model: Any, model_and_tokenizer: Any, data: Dict[str, Any], probes: Any,
                  protect_last: int) -> None:
-        from sedac_monitor.hf import load_model, teacher_forced
-        from sedac_monitor.layouts import find_layout, model_identity
+        from sedac_monitor.runtime import find_layout, load_model, model_identity, teacher_forced
 
         m, _ = model_and_tokenizer or load_model(model)
         ident = model_identity(m)
@@ -190,7 +207,7 @@ class _Measurer:
         self.history: List[Dict[str, Any]] = []
 
     def measure(self, thresholds: Sequence[float]) -> Dict[str, Any]:
-        from sedac_monitor.hf import teacher_forced
+        from sedac_monitor.runtime import teacher_forced
 
         from .decide import ProbeDecider, TorchCascade
 
@@ -210,14 +227,15 @@ class _Measurer:
 
 
 def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, measurer: Optional[_Measurer] = None,
-          budget: int = 6, log: Log = print) -> List[float]:
-    """Most skipped work with replay risk <= max_risk; with a measurer, binary-search the replay-feasible
-    candidates (most to least skipped work) for the most aggressive whose measured risk fits."""
+          budget: int = 6, log: Log = print) -> Optional[List[float]]:
+    """Most skipped work with replay risk <= max_risk; with a measurer, the most aggressive of the
+    replay-feasible candidates (most to least skipped work) whose *measured* risk fits, by binary search.
+    ``None`` when no candidate meets the budget."""
     table = sedac_core.replay(trace, [_rule(t, protect_last) for t in cands])
-    ok = np.flatnonzero(table["disagreement"] <= max_risk)
+    ok = np.flatnonzero((table["disagreement"] <= max_risk) & (table["skipped_mlp"] > 0))
     if ok.size == 0:
-        raise InputError(f"no threshold setting keeps the estimated risk <= {max_risk}; "
-                         f"the smallest is {float(np.nanmin(table['disagreement'])):.4f}")
+        log(f"  no threshold setting that skips any work keeps the estimated risk <= {max_risk}")
+        return None
     ranked = ok[np.lexsort((table["disagreement"][ok], -table["skipped_mlp"][ok]))]
     if measurer is None:
         return list(cands[ranked[0]])
@@ -227,15 +245,12 @@ def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, m
         if key not in seen:
             seen.add(key)
             order.append(int(j))
-    lo, hi, best, runs = 0, len(order) - 1, order[-1], 0
-    while lo <= hi and runs < budget:
-        mid = (lo + hi) // 2
-        m = measurer.measure(cands[order[mid]])
-        runs += 1
-        log(f"  measured thresholds {[round(float(t), 4) for t in cands[order[mid]]]}: risk {m['risk']:.2%}, "
-            f"skipped {m['skipped_mlp']:.2%}")
-        if m["risk"] <= max_risk:
-            best, hi = order[mid], mid - 1
-        else:
-            lo = mid + 1
-    return list(cands[best])
+
+    def passes(i: int) -> bool:
+        m = measurer.measure(cands[order[i]])
+        log(f"  measured thresholds {[round(float(t), 4) for t in cands[order[i]]]}: risk {m['risk']:.2%}, "
+            f"skipped {m['skipped_mlp']:.2%} -> {'ok' if m['risk'] <= max_risk else 'over budget'}")
+        return m["risk"] <= max_risk
+
+    found = measured_search(len(order), passes, budget)
+    return None if found is None else list(cands[order[found]])

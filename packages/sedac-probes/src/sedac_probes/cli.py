@@ -44,52 +44,76 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", required=True, type=Path, help="UTF-8 text file")
     c.add_argument("--out", required=True, type=Path, help="data directory (resumable)")
     c.add_argument("--layers", default=None, help="checkpoint layers, e.g. 7,14,21 (default: evenly spaced)")
-    c.add_argument("--samples", type=_number("--samples", int, 1), default=64, help="windows of text (default 64)")
-    c.add_argument("--max-length", type=_number("--max-length", int, 2), default=512, help="tokens per window")
-    c.add_argument("--batch-size", type=_number("--batch-size", int, 1), default=4)
-    c.add_argument("--shard-windows", type=_number("--shard-windows", int, 1), default=8, help="windows per shard")
+    c.add_argument("--samples", type=_number("--samples", int, 1), default=64,
+                   help="windows of text to collect (default 64)")
+    c.add_argument("--max-length", type=_number("--max-length", int, 2), default=512,
+                   help="tokens per window (default 512)")
+    c.add_argument("--batch-size", type=_number("--batch-size", int, 1), default=4,
+                   help="windows per forward pass (default 4)")
+    c.add_argument("--shard-windows", type=_number("--shard-windows", int, 1), default=8,
+                   help="windows per shard file; a finished shard is never recomputed on resume (default 8)")
     c.add_argument("--protect-last", type=_number("--protect-last", int, 0), default=0,
                    help="last N layers always run their MLP (label b is computed under this setting)")
     c.add_argument("--overwrite", action="store_true", help="discard existing data in --out")
 
     t = sub.add_parser("train", help="train one LREProbe per checkpoint layer")
-    t.add_argument("--data", required=True, type=Path)
+    t.add_argument("--data", required=True, type=Path, help="data directory written by `sedac-probes collect`")
     t.add_argument("--out", required=True, type=Path, help="probe directory to write")
-    t.add_argument("--target", choices=("entropy", "safety"), default="entropy")
-    t.add_argument("--epochs", type=_number("--epochs", int, 1), default=20)
-    t.add_argument("--batch-size", type=_number("--batch-size", int, 1), default=1024)
-    t.add_argument("--rank", type=_number("--rank", int, 1), default=64)
-    t.add_argument("--lr", type=_number("--lr", float, 0.0, lo_open=True), default=1e-3)
-    t.add_argument("--seed", type=_number("--seed", int, 0), default=0)
-    t.add_argument("--val-fraction", type=_number("--val-fraction", float, 0.0, 1.0, lo_open=True), default=0.2)
-    t.add_argument("--patience", type=_number("--patience", int, 1), default=3)
+    t.add_argument("--target", choices=("entropy", "safety", "fusion"), default="entropy",
+                   help="entropy: predict the logit-lens entropy (the original documents' target); safety: "
+                        "predict whether exiting keeps the model's top-1; fusion: a gate over trained safety "
+                        "probes (--probes), the V7 similarity, its trend and the position (default entropy)")
+    t.add_argument("--probes", type=Path, default=None,
+                   help="with --target fusion: the safety probe directory the gate builds on")
+    t.add_argument("--epochs", type=_number("--epochs", int, 1), default=20,
+                   help="most passes over the training split; early stopping may end sooner (default 20)")
+    t.add_argument("--batch-size", type=_number("--batch-size", int, 1), default=1024,
+                   help="tokens per optimizer step (default 1024)")
+    t.add_argument("--rank", type=_number("--rank", int, 1), default=64,
+                   help="width of the probe's low-rank projection (default 64)")
+    t.add_argument("--lr", type=_number("--lr", float, 0.0, lo_open=True), default=1e-3,
+                   help="Adam learning rate (default 0.001)")
+    t.add_argument("--seed", type=_number("--seed", int, 0), default=0,
+                   help="seed for the split, initialisation and batch order; equal seeds give equal probes "
+                        "(default 0)")
+    t.add_argument("--val-fraction", type=_number("--val-fraction", float, 0.0, 1.0, lo_open=True), default=0.2,
+                   help="share of windows held out for early stopping and the reported metrics (default 0.2)")
+    t.add_argument("--patience", type=_number("--patience", int, 1), default=3,
+                   help="epochs without improvement on the held-out split before stopping (default 3)")
 
     v = sub.add_parser("evaluate", help="per-layer R2 / Spearman / AUROC of trained probes on collected data")
-    v.add_argument("--probes", required=True, type=Path)
-    v.add_argument("--data", required=True, type=Path)
+    v.add_argument("--probes", required=True, type=Path, help="probe directory written by `sedac-probes train`")
+    v.add_argument("--data", required=True, type=Path,
+                   help="data directory written by `sedac-probes collect` (ideally not the training text)")
 
     k = sub.add_parser("calibrate", help="choose thresholds and write them (with evidence) into the probe metadata")
-    k.add_argument("--probes", required=True, type=Path)
+    k.add_argument("--probes", required=True, type=Path,
+                   help="probe directory written by `sedac-probes train`; the thresholds are written into it")
     k.add_argument("--data", required=True, type=Path, help="collected data (ideally not the training text)")
-    k.add_argument("--exit-rates", type=_floats("--exit-rates"), default=None)
-    k.add_argument("--max-risk", type=_number("--max-risk", float, 0.0, 0.999), default=None)
-    k.add_argument("--strategy", choices=("conservative", "balanced", "aggressive"), default=None)
+    k.add_argument("--exit-rates", type=_floats("--exit-rates"), default=None,
+                   help="per-checkpoint exit rates, e.g. 0.2,0.6,0.9: each threshold is that quantile of the risks")
+    k.add_argument("--max-risk", type=_number("--max-risk", float, 0.0, 0.999), default=None,
+                   help="largest allowed fraction of tokens whose top-1 changes; the most skipped work within it")
+    k.add_argument("--strategy", choices=("conservative", "balanced", "aggressive"), default=None,
+                   help="the original documents' presets: threshold proportions and an exit rate (with --max-risk: "
+                        "only the proportions)")
     k.add_argument("--model", type=Path, default=None,
                    help="the model the data came from: with --max-risk, candidates are checked by running it "
                         "(replay alone is optimistic)")
     k.add_argument("--budget", type=_number("--budget", int, 1), default=6, help="model runs for --model")
 
     b = sub.add_parser("bench", help="cost of the probes relative to one decoder layer of the model")
-    b.add_argument("--model", required=True, type=Path)
+    b.add_argument("--model", required=True, type=Path, help="local Hugging Face model folder")
     b.add_argument("--probes", type=Path, default=None, help="probe directory (default: random rank-64 probes)")
-    b.add_argument("--tokens", type=_number("--tokens", int, 1), default=2048)
-    b.add_argument("--json", type=Path, default=None)
+    b.add_argument("--tokens", type=_number("--tokens", int, 1), default=2048,
+                   help="tokens in the timed forward (default 2048)")
+    b.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from sedac_monitor.hf import InputError
+    from sedac_monitor.runtime import InputError, UnsupportedModelError
 
     from .io import ProbeFileError
 
@@ -102,11 +126,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           args.batch_size, args.shard_windows, args.protect_last, overwrite=args.overwrite, log=log)
             print(out)
         elif args.command == "train":
-            from .train import train
+            if args.target == "fusion":
+                from .fusion import train_fusion
 
-            meta = train(args.data, args.out, args.target, args.epochs, args.batch_size, args.rank, args.lr,
-                         args.seed, args.val_fraction, args.patience, log=log)
-            print(json.dumps(meta["training"]["per_layer"], indent=2))
+                if args.probes is None:
+                    raise InputError("--target fusion builds on trained safety probes: give --probes DIR")
+                meta = train_fusion(args.data, args.probes, args.out, args.seed, args.val_fraction, log=log)
+                print(json.dumps(meta["fusion"]["per_layer"], indent=2))
+            else:
+                from .train import train
+
+                meta = train(args.data, args.out, args.target, args.epochs, args.batch_size, args.rank, args.lr,
+                             args.seed, args.val_fraction, args.patience, log=log)
+                print(json.dumps(meta["training"]["per_layer"], indent=2))
         elif args.command == "evaluate":
             from .train import evaluate
 
@@ -117,6 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             evidence = calibrate(args.probes, args.data, args.exit_rates, args.max_risk, args.strategy, log=log,
                                  model=args.model, budget=args.budget)
             print(json.dumps(evidence, indent=2))
+            if evidence["status"] != "ok":
+                print(f"sedac-probes: {evidence['status']} (max risk {args.max_risk}); {args.probes} now holds "
+                      "thresholds that never exit", file=sys.stderr)
         else:
             from .bench import bench
 
@@ -127,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{result['bank_ms']:.3f} ms = {result['bank_vs_layer']:.2%}")
             if args.json:
                 args.json.write_text(json.dumps(result, indent=2) + "\n")
-    except (InputError, ProbeFileError, FileNotFoundError) as exc:
+    except (InputError, ProbeFileError, UnsupportedModelError) as exc:  # the project's own errors only
         print(f"sedac-probes: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -35,8 +35,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from sedac_monitor.hf import InputError, cascade_labels, load_model, progress, read_text, token_windows
-from sedac_monitor.layouts import find_layout, model_identity
+from sedac_monitor.runtime import (
+    InputError,
+    cascade_labels,
+    find_layout,
+    load_model,
+    model_identity,
+    progress,
+    read_text,
+    token_windows,
+)
 
 DATA_FORMAT = "sedac_probes_data"
 DATA_VERSION = 1
@@ -168,9 +176,12 @@ def _collect_chunk(layout, windows: torch.Tensor, layers: Sequence[int], protect
     hidden: Dict[int, List[torch.Tensor]] = {layer: [] for layer in layers}
     entropy: Dict[int, List[torch.Tensor]] = {layer: [] for layer in layers}
     lens_top1: Dict[int, List[torch.Tensor]] = {layer: [] for layer in layers}
+    sims: List[torch.Tensor] = []
 
     def on_batch(sl, rec):
         rows = (sl.stop - sl.start)
+        sim = torch.stack(rec.sims, 1).view(rows, length, -1)[:, :-1]
+        sims.append(sim.reshape(-1, sim.shape[-1]).to(torch.float16))
         for layer in layers:
             h = rec.streams[layer].view(rows, length, -1)[:, :-1].reshape(-1, rec.streams[layer].shape[-1])
             hidden[layer].append(h.to(torch.float16))
@@ -185,18 +196,23 @@ def _collect_chunk(layout, windows: torch.Tensor, layers: Sequence[int], protect
         "nll": base.nll.float().contiguous(),
         "token_id": windows[:, :-1].reshape(-1).contiguous(),
         "position": torch.arange(length - 1, dtype=torch.int32).repeat(n).contiguous(),
+        # S_l after every layer (the V7 signal), for fused gates
+        "similarity": torch.cat(sims).contiguous(),
     }
     for j, layer in enumerate(layers):
         out[f"hidden.{layer}"] = torch.cat(hidden[layer]).contiguous()
         out[f"entropy.{layer}"] = torch.cat(entropy[layer]).float().contiguous()
         out[f"lens_match.{layer}"] = (torch.cat(lens_top1[layer]) == base.top1).to(torch.uint8).contiguous()
+        out[f"lens_top1.{layer}"] = torch.cat(lens_top1[layer]).to(torch.int32).contiguous()
         out[f"cascade_safe.{layer}"] = safe[:, j].contiguous()
     return out
 
 
 def load_data(directory: Any, layers: Optional[Sequence[int]] = None, features: bool = True) -> Dict[str, Any]:
     """Read a complete data directory into memory: ``{"meta", "top1", "nll", "position", "token_id",
-    "hidden": {l: float16}, "entropy": {l}, "lens_match": {l}, "cascade_safe": {l}}``."""
+    "hidden": {l: float16}, "entropy": {l}, "lens_match": {l}, "cascade_safe": {l}}``, plus
+    ``"similarity"`` ([tokens, layers]) and ``"lens_top1": {l}`` when the data has them (collected by
+    this version; fused gates need them)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -226,6 +242,9 @@ def load_data(directory: Any, layers: Optional[Sequence[int]] = None, features: 
     data: Dict[str, Any] = {"meta": meta, "path": path}
     for key in ("top1", "nll", "position", "token_id"):
         data[key] = cat[key]
+    data["similarity"] = cat.get("similarity")
+    data["lens_top1"] = ({layer: cat[f"lens_top1.{layer}"] for layer in layers}
+                         if all(f"lens_top1.{layer}" in cat for layer in layers) else None)
     for group in ("hidden", "entropy", "lens_match", "cascade_safe"):
         if group == "hidden" and not features:
             continue

@@ -16,13 +16,19 @@ import torch
 RULES = ("threshold", "confidence")
 
 
+def _clamp01(x: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1], keeping NaN (as sedac_core does)."""
+    return torch.where(x < 0, torch.zeros_like(x), torch.where(x > 1, torch.ones_like(x), x))
+
+
 class TorchCascade:
     """Decision parameters as tensors: ``thresholds`` can be updated in place
     (adaptive mode) without re-creating the object."""
 
     def __init__(self, thresholds: Sequence[float], rule: str = "threshold",
                  exit_rates: Optional[Sequence[float]] = None, weights: Optional[Sequence[float]] = None,
-                 decay: float = 0.9, soft_exit: bool = False, device: Optional[torch.device] = None) -> None:
+                 decay: float = 0.9, soft_exit: bool = False, device: Optional[torch.device] = None,
+                 adaptive_decay: bool = False, decay_bonus: float = 0.0, soft_k: float = 4.0) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         c = len(thresholds)
@@ -43,13 +49,22 @@ class TorchCascade:
                              f"{self.weights.numel()} weights")
         self.decay = torch.tensor(decay, dtype=torch.float32, device=device)
         self.soft_exit = bool(soft_exit)
+        # the V6.1 roadmap's options (see sedac_core.CascadeController): off / the original tanh by default
+        if not (0.0 <= decay_bonus <= 1.0):
+            raise ValueError(f"decay_bonus must be in [0, 1], got {decay_bonus}")
+        if not (soft_k > 0):
+            raise ValueError(f"soft_k must be > 0, got {soft_k}")
+        self.adaptive_decay = bool(adaptive_decay)
+        self.bonus = torch.tensor(decay_bonus, dtype=torch.float32, device=device)
+        self.history = torch.zeros((), dtype=torch.float32, device=device)  # updated in place by the caller
+        self.soft_k = torch.tensor(soft_k, dtype=torch.float32, device=device)
 
     @property
     def checkpoints(self) -> int:
         return int(self.thresholds.numel())
 
     def to(self, device: torch.device) -> "TorchCascade":
-        for name in ("thresholds", "targets", "weights", "decay"):
+        for name in ("thresholds", "targets", "weights", "decay", "bonus", "history", "soft_k"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -59,13 +74,18 @@ class TorchCascade:
         risk = risk.float()
         thr = self.thresholds[i]
         local = (thr - risk) / thr
-        acc = acc * self.decay + local * self.weights[i]
+        if self.adaptive_decay:
+            u = _clamp01(risk / thr * 0.5)
+            gamma = _clamp01(self.decay * (1.0 - u) * (1.0 + self.bonus * self.history))
+        else:
+            gamma = self.decay
+        acc = acc * gamma + local * self.weights[i]
         if self.rule == "threshold":
             hit = risk < thr
         else:
             hit = acc >= self.targets[i]
         if self.soft_exit:
-            ratio = 1.0 / (1.0 + torch.exp(2.0 - 4.0 * acc))
+            ratio = 1.0 / (1.0 + torch.exp(0.5 * self.soft_k - self.soft_k * acc))
             soft = torch.where(acc > 0, ratio, torch.zeros_like(ratio))
         else:
             soft = torch.zeros_like(acc)
@@ -88,7 +108,7 @@ class TorchCascade:
 
 
 class ProbeDecider:
-    """V6 decider for :class:`sedac_monitor.engine.SkipRuntime`: at checkpoint
+    """V6 decider for :class:`sedac_monitor.runtime.SkipRuntime`: at checkpoint
     layers, applies the probe to the residual stream and advances the cascade.
 
     An exited token skips the MLPs of every later layer below
@@ -98,15 +118,20 @@ class ProbeDecider:
     forward (``[rows, checkpoints]``, NaN where not reached) for adaptive
     threshold updates.
 
-    Like :class:`sedac_monitor.decide.MonitorDecider` it has a functional form
+    Like :class:`sedac_monitor.runtime.MonitorDecider` it has a functional form
     (``init`` / ``step`` / ``plan_for``, pure torch, compiled into vLLM's graph)
     and a stateful one (``begin`` / ``after_layer`` / ``plan``) for HF hooks.
     Exits are a cascade, so ``monotone`` is True.
+
+    With a ``"fusion"`` bank the decider also follows the V7 similarity of
+    consecutive residual streams at every layer (``needs_every_layer``) and the
+    tokens' positions (``init(stream, positions)``), which the gate reads.
     """
 
     monotone = True
 
-    def __init__(self, bank, cascade: TorchCascade, num_layers: int, protect_last: int = 0) -> None:
+    def __init__(self, bank, cascade: TorchCascade, num_layers: int, protect_last: int = 0,
+                 exits: bool = True) -> None:
         if len(bank.layers) != cascade.checkpoints:
             raise ValueError(f"{len(bank.layers)} probes but {cascade.checkpoints} thresholds")
         if bank.layers[-1] >= num_layers:
@@ -117,27 +142,55 @@ class ProbeDecider:
         self.protect_last = int(protect_last)
         self._index = {layer: i for i, layer in enumerate(bank.layers)}
         self._end = self.num_layers - self.protect_last
+        self.exits = bool(exits)  # False: never exits, probes not even run (a calibration that failed its budget)
+        self.fused = getattr(bank, "target", None) == "fusion"
+        self.needs_every_layer = self.fused and self.exits
+        self.wants_positions = self.fused
         self.state: Optional[Dict[str, Any]] = None
         self.last_risk: Optional[torch.Tensor] = None
 
     # -- functional ------------------------------------------------------------
-    def init(self, stream: torch.Tensor) -> Dict[str, Any]:
+    def init(self, stream: torch.Tensor, positions: Optional[torch.Tensor] = None) -> Dict[str, Any]:
         rows = stream.shape[0]
         dev = stream.device
-        return {"acc": torch.zeros(rows, dtype=torch.float32, device=dev),
-                "exit_layer": torch.full((rows,), -1, dtype=torch.int32, device=dev),
-                "soft": torch.zeros(rows, dtype=torch.float32, device=dev),
-                "risks": ()}
+        state = {"acc": torch.zeros(rows, dtype=torch.float32, device=dev),
+                 "exit_layer": torch.full((rows,), -1, dtype=torch.int32, device=dev),
+                 "soft": torch.zeros(rows, dtype=torch.float32, device=dev),
+                 "risks": (), "confs": ()}
+        if self.fused:
+            from sedac_monitor.runtime import similarity  # noqa: F401 - fails early if missing
+
+            a = stream.float()
+            if positions is None:
+                raise ValueError("a fused gate needs the tokens' positions")
+            state.update(prev=a, prev_norm2=torch.linalg.vecdot(a, a), s=torch.zeros(rows, device=dev),
+                         positions=positions.reshape(-1))
+        return state
 
     def step(self, layer: int, stream: torch.Tensor, state: Dict[str, Any]) -> Dict[str, Any]:
         i = self._index.get(layer)
-        if i is None:
+        if not self.exits:
             return state
-        risk = self.bank.risk_at(i, stream)
+        if self.fused:
+            from sedac_monitor.runtime import similarity
+
+            a = stream.float()
+            norm2 = torch.linalg.vecdot(a, a)
+            s = similarity(a, state["prev"], state["prev_norm2"], norm2)
+            s_prev = state["s"] if layer > 0 else s
+            state = {**state, "prev": a, "prev_norm2": norm2, "s": s}
+            if i is None:
+                return state
+            risk = self.bank.fused_risk_at(i, stream, s, s_prev, state["positions"])
+        elif i is None:
+            return state
+        else:
+            risk = self.bank.risk_at(i, stream)
         hit, acc, soft = self.cascade.step(i, risk, state["acc"])
         exit_layer = state["exit_layer"]
         exit_layer = torch.where((exit_layer < 0) & hit, torch.full_like(exit_layer, layer), exit_layer)
-        return {"acc": acc, "exit_layer": exit_layer, "soft": soft, "risks": state["risks"] + (risk,)}
+        return {**state, "acc": acc, "exit_layer": exit_layer, "soft": soft, "risks": state["risks"] + (risk,),
+                "confs": state["confs"] + (acc,)}
 
     def risk_matrix(self, state: Dict[str, Any]) -> torch.Tensor:
         """``[rows, checkpoints]`` float32 risks of this forward, NaN for checkpoints not reached."""
@@ -148,7 +201,7 @@ class ProbeDecider:
         return torch.stack(risks, 1)
 
     def plan_for(self, layer: int, state: Dict[str, Any]):
-        if layer <= self.bank.layers[0] or layer >= self._end:
+        if not self.exits or layer <= self.bank.layers[0] or layer >= self._end:
             return None, None  # before the first checkpoint or in the protected tail: nobody skips
         exit_layer = state["exit_layer"]
         skip = (exit_layer >= 0) & (exit_layer < layer)
@@ -156,8 +209,8 @@ class ProbeDecider:
         return skip, keep
 
     # -- stateful (Hugging Face hooks, tests) ------------------------------------
-    def begin(self, stream: torch.Tensor) -> None:
-        self.state = self.init(stream)
+    def begin(self, stream: torch.Tensor, positions: Optional[torch.Tensor] = None) -> None:
+        self.state = self.init(stream, positions)
 
     def after_layer(self, layer: int, stream: torch.Tensor) -> None:
         self.state = self.step(layer, stream, self.state)

@@ -28,7 +28,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from .probe import TARGETS, LREProbe, ProbeBank
+from sedac_monitor.runtime import model_identity
+
+from .probe import FUSION_FEATURES, GATE_TENSORS, TARGETS, LREProbe, ProbeBank
 
 FORMAT = "sedac_probes"
 FORMAT_VERSION = 1
@@ -65,6 +67,16 @@ class ProbeSet:
     @property
     def target(self) -> str:
         return self.meta["target"]
+
+    @property
+    def exits_disabled(self) -> bool:
+        """True when calibration found no setting within its risk budget (``status`` says so): the
+        thresholds it wrote never exit, and sedac-vllm serves these probes without exits."""
+        return bool(self.meta.get("exits_disabled", False))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.meta.get("thresholds") is not None
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -117,25 +129,13 @@ def _require(meta: Dict[str, Any], path: Path, key: str, kind, check=lambda v: T
     return value
 
 
-def identity_of(config: Any) -> Dict[str, Any]:
-    """Model identity fields from an HF config (object or dict), or a model."""
-    if hasattr(config, "config") and not isinstance(config, Mapping):
-        config = config.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
-    out = {"hidden_size": get("hidden_size"), "num_layers": get("num_hidden_layers", get("num_layers")),
-           "intermediate_size": get("intermediate_size"), "vocab_size": get("vocab_size")}
-    return {k: (int(v) if v is not None else None) for k, v in out.items()}
-
-
 def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = None,
          device: Any = "cpu") -> ProbeSet:
     """Read and validate a probe directory.
 
     ``model_config`` (HF config object, dict or model): the probes must have
     been made for a model of the same hidden size, depth, MLP width and
-    vocabulary. ``fingerprint`` (see ``sedac_monitor.layouts.model_identity``):
+    vocabulary. ``fingerprint`` (see ``sedac_monitor.runtime.model_identity``):
     when given, it must match the one recorded, which tells checkpoints of one
     architecture apart. Errors name the file and the problem.
     """
@@ -166,7 +166,7 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
     recorded = meta.get("model") if isinstance(meta.get("model"), dict) else {}
 
     if model_config is not None:
-        model_id = identity_of(model_config)
+        model_id = model_identity(model_config)
         if model_id["hidden_size"] is not None and hidden != model_id["hidden_size"]:
             raise ProbeFileError(f"probe hidden size {hidden} does not match model hidden size "
                                  f"{model_id['hidden_size']} ({path})")
@@ -195,10 +195,14 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
                              f"{exc}") from exc
     shapes = {"down.weight": (rank, hidden), "down.bias": (rank,), "norm.weight": (rank,), "norm.bias": (rank,),
               "head.weight": (1, rank), "head.bias": (1,)}
+    f = len(FUSION_FEATURES)
+    gate_shapes = {"gate.weight": (f,), "gate.bias": (), "gate.mean": (f,), "gate.std": (f,)}
     probes: Dict[int, LREProbe] = {}
+    gates: Dict[str, List[torch.Tensor]] = {name: [] for name in GATE_TENSORS}
     for layer in layers:
         state = {}
-        for name, shape in shapes.items():
+        wanted = {**shapes, **(gate_shapes if target == "fusion" else {})}
+        for name, shape in wanted.items():
             key = f"layer{layer}.{name}"
             if key not in tensors:
                 if not any(k.startswith(f"layer{layer}.") for k in tensors):
@@ -210,9 +214,18 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
                                      f"(hidden_size {hidden}, rank {rank}): {weights_path}")
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise ProbeFileError(f"SEDAC probe tensor {key} must hold finite floats: {weights_path}")
-            state[name] = t.float()
+            if name.startswith("gate."):
+                gates[name[5:]].append(t.float())
+            else:
+                state[name] = t.float()
+        if target == "fusion" and not bool((gates["std"][-1] > 0).all()):
+            raise ProbeFileError(f"SEDAC fusion gate of layer {layer} has a non-positive std: {weights_path}")
         probe = LREProbe(hidden, rank, target)
         probe.load_state_dict(state)
         probes[layer] = probe
-    bank = ProbeBank.from_probes(probes).to(device)
-    return ProbeSet(bank, meta, path)
+    bank = ProbeBank.from_probes(probes)
+    if target == "fusion":
+        with torch.no_grad():
+            for name in GATE_TENSORS:
+                getattr(bank, f"gate_{name}").copy_(torch.stack(gates[name]))
+    return ProbeSet(bank.to(device), meta, path)

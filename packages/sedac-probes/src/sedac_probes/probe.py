@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TARGETS = ("entropy", "safety")
+TARGETS = ("entropy", "safety", "fusion")
+FUSION_FEATURES = ("probe_logit", "similarity", "trend", "log_position")
+"""What a fused gate reads per token at a checkpoint layer l: the safety probe's logit, the V7 signal
+S_l, its trend S_l - S_{l-1} and log(1 + position)."""
+GATE_TENSORS = ("weight", "bias", "mean", "std")
+
+
+def fusion_features(z: torch.Tensor, s: torch.Tensor, s_prev: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[rows, len(FUSION_FEATURES)]`` float32 features of a fused gate."""
+    return torch.stack([z.float(), s.float(), (s - s_prev).float(), torch.log1p(positions.float())], 1)
 
 
 class LREProbe(nn.Module):
@@ -48,6 +57,10 @@ class ProbeBank(nn.Module):
     ``bank.risk_at(i, h)`` applies checkpoint ``i``'s probe only (what a model
     forward does at layer ``layers[i]``). Both compute in the input's dtype
     and return float32.
+
+    A ``"fusion"`` bank also holds a logistic gate per checkpoint over
+    :data:`FUSION_FEATURES` (standardised with the training mean and std);
+    its risk is :meth:`fused_risk_at`, 1 - p(safe).
     """
 
     def __init__(self, layers: Sequence[int], hidden_size: int, rank: int, target: str) -> None:
@@ -64,6 +77,12 @@ class ProbeBank(nn.Module):
         self.head_weight = nn.Parameter(torch.zeros(c, rank), requires_grad=False)
         self.head_bias = nn.Parameter(torch.zeros(c), requires_grad=False)
         self.eps = 1e-5
+        if target == "fusion":
+            f = len(FUSION_FEATURES)
+            self.gate_weight = nn.Parameter(torch.zeros(c, f), requires_grad=False)
+            self.gate_bias = nn.Parameter(torch.zeros(c), requires_grad=False)
+            self.gate_mean = nn.Parameter(torch.zeros(c, f), requires_grad=False)
+            self.gate_std = nn.Parameter(torch.ones(c, f), requires_grad=False)
 
     @classmethod
     def from_probes(cls, probes: Dict[int, LREProbe]) -> "ProbeBank":
@@ -106,7 +125,24 @@ class ProbeBank(nn.Module):
         x = F.layer_norm(x, (r,), eps=self.eps) * self.norm_weight.to(h.dtype) + self.norm_bias.to(h.dtype)
         return self._finish((x * self.head_weight.to(h.dtype)).sum(-1) + self.head_bias.to(h.dtype))
 
+    def logit_at(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Checkpoint ``i``'s probe output before its head's nonlinearity (float32)."""
+        r = self.rank
+        x = F.linear(h, self.down_weight[i * r:(i + 1) * r].to(h.dtype), self.down_bias[i * r:(i + 1) * r].to(h.dtype))
+        x = F.layer_norm(x, (r,), self.norm_weight[i].to(h.dtype), self.norm_bias[i].to(h.dtype), self.eps)
+        return F.linear(x, self.head_weight[i:i + 1].to(h.dtype),
+                        self.head_bias[i:i + 1].to(h.dtype)).squeeze(-1).float()
+
+    def fused_risk_at(self, i: int, h: torch.Tensor, s: torch.Tensor, s_prev: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """A fusion bank's risk at checkpoint ``i``: 1 - sigmoid(gate(features))."""
+        feats = fusion_features(self.logit_at(i, h), s, s_prev, positions)
+        z = ((feats - self.gate_mean[i]) / self.gate_std[i]) @ self.gate_weight[i] + self.gate_bias[i]
+        return torch.sigmoid(-z)
+
     def risk_at(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        if self.target == "fusion":
+            raise RuntimeError("a fusion bank's risk needs its features: use fused_risk_at")
         r = self.rank
         x = F.linear(h, self.down_weight[i * r:(i + 1) * r].to(h.dtype), self.down_bias[i * r:(i + 1) * r].to(h.dtype))
         x = F.layer_norm(x, (r,), self.norm_weight[i].to(h.dtype), self.norm_bias[i].to(h.dtype), self.eps)
@@ -120,4 +156,7 @@ class ProbeBank(nn.Module):
             p = self.probe(i)
             for name, t in p.state_dict().items():
                 out[f"layer{layer}.{name}"] = t.detach().to(torch.float32).contiguous()
+            if self.target == "fusion":
+                for name in GATE_TENSORS:
+                    out[f"layer{layer}.gate.{name}"] = getattr(self, f"gate_{name}")[i].detach().float().contiguous()
         return out

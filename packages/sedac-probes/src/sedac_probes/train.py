@@ -2,7 +2,7 @@
 
 Targets:
 
-* ``entropy`` — the seeds' regression on the logit-lens entropy at the layer
+* ``entropy`` — the original documents' regression on the logit-lens entropy at the layer
   (MSE); the prediction is the risk.
 * ``safety`` — the same low-rank body with a logistic head trained on label
   (b), "the full model's top-1 survives a cascade exit here" (CALM-style);
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sedac_monitor.hf import InputError, progress
+from sedac_monitor.runtime import InputError, progress
 
 from .collect import load_data
 from .io import save
@@ -157,6 +157,10 @@ def evaluate(probe_dir: Any, data_dir: Any, log: Log = print) -> Dict[str, Dict[
     data = load_data(data_dir)
     meta = data["meta"]
     probes = load_probes_for(probe_dir, data)
+    if probes.target == "fusion":
+        from .fusion import evaluate_fusion
+
+        return evaluate_fusion(probe_dir, data_dir, log=log)
     rows = torch.nonzero(data["position"] >= meta.get("protect_first", 0)).squeeze(1)
     out: Dict[str, Dict[str, float]] = {}
     for i, layer in enumerate(probes.layers):
