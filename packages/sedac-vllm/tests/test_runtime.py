@@ -16,12 +16,12 @@ from sedac_vllm.runtime import VllmSedac
 HF = {"hidden_size": 16, "num_hidden_layers": 4, "intermediate_size": 32, "vocab_size": 50}
 
 
-def make_probes(tmp_path):
+def make_probes(tmp_path, target="entropy", name="probes"):
     torch.manual_seed(0)
-    bank = ProbeBank.from_probes({1: LREProbe(16, 4), 2: LREProbe(16, 4)})
-    save(tmp_path / "probes", bank, {"model": {**HF, "num_layers": 4}, "protect_last": 0, "thresholds": None,
-                                     "exit_rates": None})
-    return tmp_path / "probes"
+    bank = ProbeBank.from_probes({1: LREProbe(16, 4, target), 2: LREProbe(16, 4, target)})
+    save(tmp_path / name, bank, {"model": {**HF, "num_layers": 4}, "protect_last": 0, "thresholds": None,
+                                 "exit_rates": None})
+    return tmp_path / name
 
 
 class Identity(torch.nn.Module):
@@ -35,7 +35,7 @@ class Identity(torch.nn.Module):
 
 def attach(sedac):
     """Identity "MLPs" routed through the runtime, as the vLLM model classes route theirs."""
-    from sedac_monitor.engine import make_skippable
+    from sedac_monitor.runtime import make_skippable
 
     mlps = [Identity() for _ in range(4)]
     for i, m in enumerate(mlps):
@@ -59,11 +59,12 @@ def forward(sedac, mlps, rows=32, seed=0):
 
 def test_adaptive_thresholds_move_after_the_warm_up_at_a_bounded_rate(tmp_path):
     cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(make_probes(tmp_path)),
-                                "SEDAC_CALIBRATION_STEPS": "2", "SEDAC_ALPHA": "0.5",
+                                "SEDAC_CALIBRATION_STEPS": "2", "SEDAC_ALPHA": "0.5", "SEDAC_EXIT_RATES": "0.3,0.5",
                                 "SEDAC_METRICS_FILE": str(tmp_path / "m.json"), "SEDAC_TRACE": str(tmp_path / "t")})
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
-    assert cfg.adaptive  # uncalibrated probes: adaptive by default, starting from the seeds' thresholds
+    assert cfg.adaptive  # uncalibrated probes with exit rates: thresholds learned from the traffic
     start = sedac.decider.cascade.thresholds.clone()
+    assert start.tolist() == [pytest.approx(1e-6)] * 2  # nothing exits during the warm-up
     mlps = attach(sedac)
     forward(sedac, mlps, seed=0)
     forward(sedac, mlps, seed=1)
@@ -137,3 +138,39 @@ def test_host_sync_policy_is_read_from_the_environment():
     assert VllmSedac(cfg, HF, 4, 16, torch.device("cpu")).runtime.host_sync == "forward"
     with pytest.raises(ConfigError, match="SEDAC_HOST_SYNC='sometimes' is not valid"):
         SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_HOST_SYNC": "sometimes"})
+
+
+@pytest.mark.parametrize("target", ["entropy", "safety"])
+def test_uncalibrated_probes_are_refused_without_thresholds_or_exit_rates(tmp_path, target):
+    d = make_probes(tmp_path, target)
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d)})
+    with pytest.raises(ConfigError, match=f"not calibrated, so SEDAC has no thresholds for their {target} risk"):
+        VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    # fixed thresholds: served as given, not adaptive
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d), "SEDAC_THRESHOLDS": "0.3,0.4"})
+    sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    assert sedac.controller is None and sedac.decider.cascade.thresholds.tolist() == pytest.approx([0.3, 0.4])
+    # exit rates: adaptive, and no token exits before the thresholds are learned
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d), "SEDAC_EXIT_RATES": "0.5,0.5",
+                                "SEDAC_CALIBRATION_STEPS": "5"})
+    sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    mlps = attach(sedac)
+    for seed in range(3):
+        forward(sedac, mlps, seed=seed)
+    assert sedac.stats()["exited_fraction"] == 0.0 and sedac.controller is not None
+    with pytest.raises(ConfigError, match="not calibrated"):
+        VllmSedac(SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d), "SEDAC_ADAPTIVE": "0",
+                                        "SEDAC_EXIT_RATES": "0.5,0.5"}), HF, 4, 16, torch.device("cpu"))
+
+
+def test_probes_whose_calibration_failed_serve_without_exits(tmp_path, caplog):
+    d = make_probes(tmp_path, "safety")
+    meta = json.loads((d / "sedac_probes.json").read_text())
+    meta.update(thresholds=[1e-6, 1e-6], exit_rates=[0.0, 0.0], status="no setting met the risk budget",
+                exits_disabled=True)
+    (d / "sedac_probes.json").write_text(json.dumps(meta))
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d)})
+    sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    assert "failed their calibration" in caplog.text and not sedac.decider.exits
+    sedac.begin(torch.zeros(2, 16), torch.arange(2))
+    assert sedac.plan(3) == (None, None) and sedac.stream_layers == set()

@@ -13,9 +13,7 @@ import pytest
 import torch
 from test_e2e_vllm import gap_value, run_vllm, vllm_decisions
 
-from sedac_monitor.engine import HFAttachment, SkipRuntime
-from sedac_monitor.hf import RecordingDecider, load_model
-from sedac_monitor.layouts import find_layout
+from sedac_monitor.runtime import HFAttachment, RecordingDecider, SkipRuntime, find_layout, load_model
 from sedac_monitor.testing import tiny_model
 
 L = 6

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ._vllm import BROKEN_EXTRAS, check_vllm
 from .config import ConfigError, SedacConfig
 
 USAGE = """usage: sedac-vllm serve MODEL [--sedac-config FILE|DIR] [any `vllm serve` arguments]
@@ -55,22 +56,6 @@ def read_model_config(model: str) -> Dict:
     return json.loads(path.read_text())
 
 
-def embedding_fingerprint(model: str) -> Optional[str]:
-    """The fingerprint of sedac_monitor.layouts.model_identity, read from the safetensors files."""
-    import hashlib
-
-    import torch
-    from safetensors import safe_open
-
-    for file in sorted(Path(model).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            for name in fh.keys():
-                if name.endswith("embed_tokens.weight"):
-                    rows = fh.get_slice(name)[:64].to(torch.float16).contiguous()
-                    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
-    return None
-
-
 def check(model: str, env: Dict[str, str]) -> List[str]:
     """Validate SEDAC's settings against a local model folder; returns report lines, raises ConfigError."""
     from .plugin import ARCHITECTURES
@@ -86,26 +71,55 @@ def check(model: str, env: Dict[str, str]) -> List[str]:
     cfg.check_model(layers)
     lines = [f"model {model}: {arch}, {layers} layers, hidden {text['hidden_size']}", cfg.describe()]
     if cfg.mode == "monitor":
-        from sedac_monitor.accelerator import monitor_rule
+        from sedac_monitor.runtime import monitor_rule
 
         try:
-            monitor_rule(layers, cfg.tau, cfg.consecutive_k, cfg.min_layer, cfg.protect_last, cfg.monitor_mode)
+            monitor_rule(layers, cfg.tau, cfg.consecutive_k, cfg.min_layer, cfg.protect_last, cfg.scope)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"SEDAC monitor settings are invalid for this model: {exc}") from exc
     else:
+        from sedac_monitor.runtime import model_identity
         from sedac_probes.io import ProbeFileError, load
 
         try:
-            probes = load(cfg.probe_dir, model_config=text, fingerprint=embedding_fingerprint(model))
+            probes = load(cfg.probe_dir, model_config=text, fingerprint=model_identity(model)["fingerprint"])
         except ProbeFileError as exc:
             raise ConfigError(f"SEDAC_PROBE_DIR: {exc}") from exc
         if cfg.probe_layers is not None and cfg.probe_layers != probes.layers:
             raise ConfigError(f"SEDAC_PROBE_LAYERS={','.join(map(str, cfg.probe_layers))} does not match the "
                               f"probe file's layers {','.join(map(str, probes.layers))}")
         thresholds = cfg.thresholds or probes.thresholds
+        if thresholds is None and cfg.exit_rates is None:
+            raise ConfigError(f"the probes in {cfg.probe_dir} are not calibrated: run `sedac-probes calibrate`, or "
+                              "set SEDAC_THRESHOLDS or SEDAC_EXIT_RATES")
+        how = ("never exits: its calibration met no risk budget" if probes.exits_disabled and not cfg.thresholds
+               else thresholds if thresholds else f"learned from traffic towards exit rates {cfg.exit_rates}")
         lines.append(f"probes: {probes.target} target, layers {probes.layers}, rank {probes.bank.rank}, "
-                     f"thresholds {thresholds if thresholds else 'none (adaptive from the seeds defaults)'}")
+                     f"thresholds {how}")
+    lines.append(f"vLLM: {check_vllm()} imports cleanly")
+    import_check()
     return lines
+
+
+def import_check() -> None:
+    """Import what vLLM imports when it starts a model, in a fresh process; a broken install (most often
+    torchvision / torchaudio / torchcodec wheels built for another torch) raises ConfigError saying what
+    to do."""
+    import subprocess
+
+    code = "import vllm.model_executor.models.llama, transformers.models.llama.modeling_llama"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return
+    err = proc.stderr.strip()
+    if any(name in err for name in BROKEN_EXTRAS):
+        raise ConfigError(
+            "vLLM cannot import its models here: "
+            + err.splitlines()[-1]
+            + "\nvllm-cpu pulls in torchvision, torchaudio and torchcodec builds made for another torch, which "
+            "break every import of transformers' models. SEDAC needs none of them: run\n"
+            "    pip uninstall -y " + " ".join(BROKEN_EXTRAS))
+    raise ConfigError(f"vLLM cannot import its models here:\n{err[-3000:]}")
 
 
 def serve_command(model: str, vllm_args: Sequence[str]) -> List[str]:

@@ -9,12 +9,15 @@ are defaults that explicit variables override.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
+
+logger = logging.getLogger("sedac_vllm")
 
 
 class ConfigError(ValueError):
@@ -31,7 +34,8 @@ VARIABLES: Dict[str, str] = {
     "SEDAC_TAU": "similarity threshold, a number (default 0.98; > 1 disables exits)",
     "SEDAC_CONSECUTIVE_K": "integer >= 1 (default 2)",
     "SEDAC_MIN_LAYER": "integer >= 0: no V7 run counts before this layer (default 0)",
-    "SEDAC_MONITOR_MODE": "'cascade' or 'per_layer' (default cascade)",
+    "SEDAC_SCOPE": "'cascade' (an exited token skips every later MLP) or 'per_layer' (default cascade)",
+    "SEDAC_MONITOR_MODE": "deprecated name of SEDAC_SCOPE",
     "SEDAC_PROTECT_LAST": "integer >= 0: the last N layers always run their MLP (default 0)",
     "SEDAC_PROTECT_FIRST": "integer >= 0: tokens at positions < N never exit (default 1: the attention sink)",
     "SEDAC_PROBE_DIR": "directory written by `sedac-probes train` (probe mode)",
@@ -45,10 +49,24 @@ VARIABLES: Dict[str, str] = {
     "SEDAC_CALIBRATION_STEPS": "integer >= 0 (default 50)",
     "SEDAC_CONFIDENCE_DECAY": "number in [0, 1] (default 0.9)",
     "SEDAC_SOFT_EXIT": "0 or 1 (default 0)",
+    "SEDAC_SOFT_K": "soft-exit steepness k of 1 / (1 + exp(-k (C - 0.5))), number > 0 (default 4: the original "
+                    "tanh form)",
+    "SEDAC_ADAPTIVE_DECAY": "0 or 1: per-token adaptive confidence decay, V6.1 (default 0)",
+    "SEDAC_DECAY_BONUS": "adaptive decay's bonus for a history of exits, number in [0, 1] (default 0)",
     "SEDAC_LAYER_WEIGHTS": "comma-separated numbers >= 0, one per probe layer (default 0.3,0.4,0.3 for three)",
     "SEDAC_ALPHA": "adaptive EMA step, number in (0, 1] (default 0.1)",
     "SEDAC_HOST_SYNC": "'layer', 'forward' or 'none': how often a plan may be read on the host "
                        "(default: layer on CPU, forward on GPU)",
+    "SEDAC_DECISION_LOG": "path: append a sampled per-token decision log as JSON lines (default: off)",
+    "SEDAC_DECISION_LOG_RATE": "fraction of tokens logged, number in (0, 1] (default 0.01)",
+    "SEDAC_DECISION_LOG_MAX_MB": "size bound of the decision log in MB, number > 0 (default 64)",
+    "SEDAC_ONLINE": "0 or 1: online calibration with drift detection, monitor mode (default 0)",
+    "SEDAC_SHADOW_RATE": "fraction of rows shadow-checked, number in (0, 1] (default 0.05)",
+    "SEDAC_RISK_TOLERANCE": "top-1 risk to hold, number in (0, 1) (default: the config's max_risk, else 0.05)",
+    "SEDAC_DRIFT_THRESHOLD": "KL divergence that counts as drift, number > 0 (default 0.1)",
+    "SEDAC_ONLINE_WINDOW": "checked rows the running estimate spans, integer >= 1 (default 2000)",
+    "SEDAC_ONLINE_MARGIN": "how far below the calibrated tau online calibration may go, number >= 0 "
+                           "(default 0.005)",
     "SEDAC_LOG_EVERY": "integer >= 0: log exit statistics every N forward steps, 0 = never (default 50)",
     "SEDAC_METRICS_FILE": "path the engine writes its statistics to, read by /metrics (default: a temp file)",
     "SEDAC_TRACE": "path: append per-token decisions of every forward as JSON lines (debugging, tests)",
@@ -137,7 +155,7 @@ class SedacConfig:
     tau: float = 0.98
     consecutive_k: int = 2
     min_layer: int = 0
-    monitor_mode: str = "cascade"
+    scope: str = "cascade"
     config_file: Optional[str] = None
     # shared
     protect_last: int = 0
@@ -153,9 +171,22 @@ class SedacConfig:
     calibration_steps: int = 50
     confidence_decay: float = 0.9
     soft_exit: bool = False
+    soft_k: float = 4.0
+    adaptive_decay: bool = False
+    decay_bonus: float = 0.0
     layer_weights: Optional[List[float]] = None
     alpha: float = 0.1
     host_sync: Optional[str] = None
+    # watching while serving
+    decision_log: Optional[str] = None
+    decision_log_rate: float = 0.01
+    decision_log_max_bytes: int = 64 * 2 ** 20
+    online: bool = False
+    shadow_rate: float = 0.05
+    risk_tolerance: Optional[float] = None
+    drift_threshold: float = 0.1
+    online_window: int = 2000
+    online_margin: float = 0.005
     # reporting
     log_every: int = 50
     metrics_file: Optional[str] = None
@@ -167,7 +198,8 @@ class SedacConfig:
         env = os.environ if env is None else env
         unknown = sorted(k for k in env if k.startswith("SEDAC_") and k not in VARIABLES
                          and k not in ("SEDAC_CORE_BACKEND", "SEDAC_ASSETS", "SEDAC_PROGRESS", "SEDAC_TORCH",
-                                       "SEDAC_HYPOTHESIS_PROFILE", "SEDAC_CARGO_SOURCE"))
+                                       "SEDAC_HYPOTHESIS_PROFILE", "SEDAC_CARGO_SOURCE",
+                                       "SEDAC_INVOKED_AS", "SEDAC_VLLM", "SEDAC_VLLM_CUDA"))
         if unknown and parse_bool(env, "SEDAC_ENABLED", False):
             raise ConfigError(f"unknown SEDAC variable(s): {', '.join(unknown)} (known: {', '.join(VARIABLES)})")
         cfg = cls(enabled=parse_bool(env, "SEDAC_ENABLED", False))
@@ -181,7 +213,11 @@ class SedacConfig:
         cfg.tau = parse_number(env, "SEDAC_TAU", cfg.tau)
         cfg.consecutive_k = parse_int(env, "SEDAC_CONSECUTIVE_K", cfg.consecutive_k, 1)
         cfg.min_layer = parse_int(env, "SEDAC_MIN_LAYER", cfg.min_layer)
-        cfg.monitor_mode = parse_choice(env, "SEDAC_MONITOR_MODE", ("cascade", "per_layer"), cfg.monitor_mode)
+        if _get(env, "SEDAC_MONITOR_MODE") is not None:
+            warnings.warn("SEDAC_MONITOR_MODE is deprecated; use SEDAC_SCOPE", DeprecationWarning, stacklevel=2)
+            logger.warning("SEDAC_MONITOR_MODE is deprecated and will be removed; use SEDAC_SCOPE")
+            cfg.scope = parse_choice(env, "SEDAC_MONITOR_MODE", ("cascade", "per_layer"), cfg.scope)
+        cfg.scope = parse_choice(env, "SEDAC_SCOPE", ("cascade", "per_layer"), cfg.scope)
         cfg.protect_last = parse_int(env, "SEDAC_PROTECT_LAST", cfg.protect_last)
         cfg.protect_first = parse_int(env, "SEDAC_PROTECT_FIRST", cfg.protect_first)
         cfg.probe_layers = parse_list(env, "SEDAC_PROBE_LAYERS", int, 0)
@@ -196,12 +232,29 @@ class SedacConfig:
         cfg.calibration_steps = parse_int(env, "SEDAC_CALIBRATION_STEPS", cfg.calibration_steps)
         cfg.confidence_decay = parse_number(env, "SEDAC_CONFIDENCE_DECAY", cfg.confidence_decay, 0.0, 1.0)
         cfg.soft_exit = parse_bool(env, "SEDAC_SOFT_EXIT", cfg.soft_exit)
+        cfg.soft_k = parse_number(env, "SEDAC_SOFT_K", cfg.soft_k, 0.0, 1e6, lo_open=True)
+        cfg.adaptive_decay = parse_bool(env, "SEDAC_ADAPTIVE_DECAY", cfg.adaptive_decay)
+        cfg.decay_bonus = parse_number(env, "SEDAC_DECAY_BONUS", cfg.decay_bonus, 0.0, 1.0)
         cfg.layer_weights = parse_list(env, "SEDAC_LAYER_WEIGHTS", float, 0.0)
         cfg.alpha = parse_number(env, "SEDAC_ALPHA", cfg.alpha, 0.0, 1.0, lo_open=True)
         cfg.host_sync = parse_choice(env, "SEDAC_HOST_SYNC", ("layer", "forward", "none"), None)
+        cfg.decision_log = _get(env, "SEDAC_DECISION_LOG")
+        cfg.decision_log_rate = parse_number(env, "SEDAC_DECISION_LOG_RATE", cfg.decision_log_rate, 0.0, 1.0,
+                                             lo_open=True)
+        mb = parse_number(env, "SEDAC_DECISION_LOG_MAX_MB", None, 0.0, lo_open=True)
+        if mb is not None:
+            cfg.decision_log_max_bytes = int(mb * 2 ** 20)
+        cfg.online = parse_bool(env, "SEDAC_ONLINE", cfg.online)
+        cfg.shadow_rate = parse_number(env, "SEDAC_SHADOW_RATE", cfg.shadow_rate, 0.0, 1.0, lo_open=True)
+        cfg.risk_tolerance = parse_number(env, "SEDAC_RISK_TOLERANCE", cfg.risk_tolerance, 0.0, 1.0, lo_open=True)
+        cfg.drift_threshold = parse_number(env, "SEDAC_DRIFT_THRESHOLD", cfg.drift_threshold, 0.0, lo_open=True)
+        cfg.online_window = parse_int(env, "SEDAC_ONLINE_WINDOW", cfg.online_window, 1)
+        cfg.online_margin = parse_number(env, "SEDAC_ONLINE_MARGIN", cfg.online_margin, 0.0)
         cfg.log_every = parse_int(env, "SEDAC_LOG_EVERY", cfg.log_every)
         cfg.metrics_file = _get(env, "SEDAC_METRICS_FILE")
         cfg.trace = _get(env, "SEDAC_TRACE")
+        if cfg.online and cfg.mode != "monitor":
+            raise ConfigError("SEDAC_ONLINE=1 works with the V7 monitor (SEDAC_MODE=monitor) only")
         if cfg.mode == "probe":
             if not cfg.probe_dir:
                 raise ConfigError("SEDAC_MODE=probe needs SEDAC_PROBE_DIR: the directory written by "
@@ -234,21 +287,16 @@ class SedacConfig:
                                   f"{n} layers ({','.join(map(str, probes.layers))})")
 
     def _monitor_file(self, path: str) -> None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"SEDAC_CONFIG={path!r}: file not found (expected a sedac_config.json from "
-                              "`sedac-monitor calibrate`)")
+        from sedac_monitor.runtime import InputError, load_config
+
         try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"SEDAC_CONFIG={path!r} is not valid JSON: {exc}") from None
-        need = ("tau", "consecutive_k", "min_layer", "protect_last", "mode")
-        if not isinstance(data, dict) or any(k not in data for k in need):
-            raise ConfigError(f"SEDAC_CONFIG={path!r} is not a sedac_config.json (needs {', '.join(need)})")
+            data = load_config(path)
+        except InputError as exc:
+            raise ConfigError(f"SEDAC_CONFIG={path!r}: {exc}") from None
         self.tau, self.consecutive_k, self.min_layer = data["tau"], data["consecutive_k"], data["min_layer"]
-        self.protect_last, self.monitor_mode = data["protect_last"], data["mode"]
+        self.protect_last, self.scope = data["protect_last"], data["scope"]
         self.protect_first = data.get("protect_first", self.protect_first)
-        self.sources["monitor"] = str(p)
+        self.sources["monitor"] = str(path)
         self.config_json = data
 
     def check_model(self, num_layers: int) -> None:
@@ -271,6 +319,7 @@ class SedacConfig:
             return "SEDAC disabled"
         if self.mode == "monitor":
             return (f"SEDAC monitor: tau={self.tau} K={self.consecutive_k} min_layer={self.min_layer} "
-                    f"mode={self.monitor_mode} protect_last={self.protect_last} protect_first={self.protect_first}")
-        return (f"SEDAC probe: {self.probe_dir} rule={self.rule} soft_exit={self.soft_exit} "
-                f"adaptive={self.adaptive} protect_last={self.protect_last} protect_first={self.protect_first}")
+                    f"scope={self.scope} protect_last={self.protect_last} protect_first={self.protect_first}")
+        return (f"SEDAC probe: {self.probe_dir} rule={self.rule} soft_exit={self.soft_exit} soft_k={self.soft_k} "
+                f"adaptive={self.adaptive} adaptive_decay={self.adaptive_decay} protect_last={self.protect_last} "
+                f"protect_first={self.protect_first}")

@@ -56,6 +56,19 @@ class SedacCollector:
         for layer, count in s["exit_layer_histogram"].items():
             exits.add_metric([layer], count)
         yield exits
+        online = s.get("online")
+        if online:
+            for name, key, doc in (
+                    ("sedac_online_risk_estimate", "risk_estimate", "Shadow-checked estimate of the top-1 risk"),
+                    ("sedac_online_tau", "tau", "Current V7 tau under online calibration"),
+                    ("sedac_drift_kl", "drift_kl", "KL divergence of recent vs calibration signal histograms"),
+                    ("sedac_drift_fallback", "fallback", "1 while drift has disabled exits")):
+                if online.get(key) is not None:
+                    yield GaugeMetricFamily(name, doc, value=float(online[key]))
+            yield CounterMetricFamily("sedac_drift_fallbacks", "Times drift disabled exits",
+                                      value=online.get("fallbacks", 0))
+            yield CounterMetricFamily("sedac_online_checked_rows", "Rows shadow-checked (decayed window)",
+                                      value=online.get("checked_rows", 0.0))
         if "thresholds" in s:
             thr = GaugeMetricFamily("sedac_threshold", "Current probe risk threshold", labels=["layer"])
             for layer, t in zip(s["probe_layers"], s["thresholds"]):

@@ -10,7 +10,7 @@ names, same weight loading):
   last layer it calls the ``sedac::finish`` op (statistics, trace, adaptive
   thresholds);
 * the MLP asks the decider for its layer's plan and, where rows can skip, runs
-  through the ``sedac::skip_mlp`` op (:class:`sedac_monitor.engine.SkipRuntime`:
+  through the ``sedac::skip_mlp`` op (:class:`sedac_monitor.runtime.SkipRuntime`:
   the active rows only, or masked) — the same code the HF accelerator uses.
 
 The decision math is plain torch on tensors that flow from layer to layer, so
@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from sedac_monitor.engine import (
+from sedac_monitor.runtime import (
     SkippableMLP,
     channel_mask,
     channel_order,
@@ -167,6 +167,11 @@ class SedacModelMixin:
         if not cfg.enabled:  # registered in this process but disabled since: behave as vLLM's class
             self._sedac = None
             return
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        if cfg.online and get_tensor_model_parallel_world_size() > 1:
+            raise ConfigError("SEDAC_ONLINE=1 supports tensor_parallel_size=1 only (its shadow check reads the "
+                              "LM head's output on one rank)")
         if get_pp_group().world_size > 1:
             raise ConfigError("SEDAC does not support pipeline parallelism (pipeline_parallel_size > 1): a "
                               "token's exit state would have to cross the stage boundary with the residual "
@@ -188,6 +193,8 @@ class SedacModelMixin:
             layer.mlp._sedac_owner = sedac
             layer.mlp._sedac_act = eager_activation(layer.mlp)
         self._sedac = sedac
+        sedac.final_norm = self.model.norm  # the shadow check's top-1: final norm, then vLLM's own LM head
+        sedac.compute_logits = self.compute_logits
         _adapt_compilation(vllm_config, sedac)
 
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, *args: Any, **kwargs: Any):

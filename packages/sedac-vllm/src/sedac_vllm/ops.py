@@ -4,19 +4,20 @@
 traces the model, so no op is ever registered while a graph is traced.
 
 * ``sedac::skip_mlp(x, skip, keep, key, layer) -> Tensor`` (defined in
-  :mod:`sedac_monitor.engine`, shared with the HF runtime): one layer's MLP with the plan applied.
+  :mod:`sedac_monitor.runtime`, shared with the HF runtime): one layer's MLP with the plan applied.
   Its output feeds the residual stream, so the compiler keeps it.
-* ``sedac::finish(counter!, last_hidden, positions, risk, key) -> ()``: end of a forward —
-  statistics, trace, adaptive thresholds. It has no output anyone uses, so it declares a mutation of
-  ``counter`` (a one-element tensor: the forward count), which dead-code elimination must keep; and it
-  reads the last layer's output, so it runs after every MLP of the forward.
+* ``sedac::finish(counter!, stream, positions, risk, signals, conf, key) -> ()``: end of a forward —
+  statistics, trace, adaptive thresholds, decision log, online calibration. It has no output anyone
+  uses, so it declares a mutation of ``counter`` (a one-element tensor: the forward count), which
+  dead-code elimination must keep; and it reads the residual stream after the last layer, so it runs
+  after every MLP of the forward. ``risk`` / ``signals`` / ``conf`` are empty unless a feature reads them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sedac_monitor.engine import register_op  # importing the engine registers sedac::skip_mlp
+from sedac_monitor.runtime import register_op  # sedac-monitor defines sedac::skip_mlp on import
 
 from . import runtime as rt_mod
 
@@ -25,15 +26,15 @@ SPLITTING_OPS = ["sedac::skip_mlp", "sedac::finish"]
 CUDA-graph pieces, because their work depends on the data."""
 
 
-def _finish(counter: torch.Tensor, last_hidden: torch.Tensor, positions: torch.Tensor, risk: torch.Tensor,
-            key: str) -> None:
-    rt_mod.get(key).end_of_forward(positions, risk if risk.numel() else None)
+def _finish(counter: torch.Tensor, stream: torch.Tensor, positions: torch.Tensor, risk: torch.Tensor,
+            signals: torch.Tensor, conf: torch.Tensor, key: str) -> None:
+    rt_mod.get(key).end_of_forward(positions, risk if risk.numel() else None, stream, signals, conf)
     counter += 1
 
 
-def _finish_fake(counter, last_hidden, positions, risk, key):
+def _finish_fake(counter, stream, positions, risk, signals, conf, key):
     return None
 
 
-register_op("finish", "(Tensor(a!) counter, Tensor last_hidden, Tensor positions, Tensor risk, str key) -> ()",
-            _finish, _finish_fake)
+register_op("finish", "(Tensor(a!) counter, Tensor stream, Tensor positions, Tensor risk, Tensor signals, "
+            "Tensor conf, str key) -> ()", _finish, _finish_fake)

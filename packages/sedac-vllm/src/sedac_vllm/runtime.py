@@ -1,8 +1,8 @@
 """One SEDAC runtime per vLLM model instance: the decider, statistics, trace and adaptive thresholds.
 
-The decision code is sedac-monitor's (V7, :class:`sedac_monitor.decide.MonitorDecider`)
+The decision code is sedac-monitor's (V7, :class:`sedac_monitor.runtime.MonitorDecider`)
 and sedac-probes' (V6, :class:`sedac_probes.decide.ProbeDecider`); the
-gather -> MLP -> scatter is sedac-monitor's :class:`~sedac_monitor.engine.SkipRuntime`.
+gather -> MLP -> scatter is sedac-monitor's :class:`~sedac_monitor.runtime.SkipRuntime`.
 This module only wires them to vLLM's flattened ``[num_tokens, hidden]`` batch.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from sedac_monitor.engine import SkipRuntime
+from sedac_monitor.runtime import ExitStats, SkipRuntime
 
 from .config import ConfigError, SedacConfig
 
@@ -52,7 +52,9 @@ class VllmSedac:
             self.stream_layers = None  # every layer
         else:
             decider = self._probe_decider(hf_config, hidden_size, device)
-            self.stream_layers = set(decider.bank.layers)
+            # a fused gate follows the similarity of every layer; a plain probe reads its checkpoints only
+            self.stream_layers = (None if decider.needs_every_layer else
+                                  set(decider.bank.layers) if decider.exits else set())
         self.decider = decider
         self.runtime = SkipRuntime(decider, num_layers, cfg.protect_first, cfg.host_sync)
         self.runtime.start(0, device)
@@ -61,6 +63,19 @@ class VllmSedac:
         self.warming_up = False  # set per forward by the model (vLLM's dummy runs carry no attention metadata)
         self.counter = torch.zeros(1, dtype=torch.int64, device=device)  # forwards, mutated by sedac::finish
         self._no_risk = torch.zeros(0, dtype=torch.float32, device=device)
+        self.final_norm = self.compute_logits = None  # set by the model: what the shadow check needs
+        self.decision_log = None
+        if cfg.decision_log:
+            from .online import DecisionLog
+
+            path = cfg.decision_log if tp_rank == 0 else None
+            self.decision_log = DecisionLog(path, cfg.decision_log_rate, cfg.decision_log_max_bytes) if path else None
+        self.online = None
+        if cfg.online:
+            self.online = self._online_calibrator(device)
+            self.runtime.shadow = self.online.shadow
+        # keep each layer's signal in the graph's state only when something reads it
+        self.keep_signals = cfg.online or self.decision_log is not None
         with _LOCK:
             self.key = f"m{len(_RUNTIMES)}"
             _RUNTIMES[self.key] = self
@@ -69,16 +84,26 @@ class VllmSedac:
         logger.info("%s (%d layers)", cfg.describe(), num_layers)
 
     # -- building the decider ------------------------------------------------
+    def _online_calibrator(self, device: torch.device):
+        from .online import OnlineCalibrator
+
+        c = self.cfg
+        evidence = getattr(c, "config_json", {}).get("evidence", {}) if hasattr(c, "config_json") else {}
+        tolerance = c.risk_tolerance or getattr(c, "config_json", {}).get("max_risk") or 0.05
+        self.decider.tau_t = self.decider.tau_t.to(device)
+        return OnlineCalibrator(self.decider.tau_t, self.decider.tau, float(tolerance), c.shadow_rate,
+                                c.online_window, c.online_margin, c.drift_threshold,
+                                evidence.get("signal_histogram"), c.min_layer)
+
     def _monitor_decider(self):
-        from sedac_monitor.accelerator import monitor_rule
-        from sedac_monitor.decide import MonitorDecider
+        from sedac_monitor.runtime import MonitorDecider, monitor_rule
 
         c = self.cfg
         try:
-            rule = monitor_rule(self.num_layers, c.tau, c.consecutive_k, c.min_layer, c.protect_last, c.monitor_mode)
+            rule = monitor_rule(self.num_layers, c.tau, c.consecutive_k, c.min_layer, c.protect_last, c.scope)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"SEDAC monitor settings are invalid for this model: {exc}") from exc
-        return MonitorDecider(rule, self.num_layers)
+        return MonitorDecider(rule, self.num_layers, tau_tensor=c.online)
 
     def _probe_decider(self, hf_config: Any, hidden_size: int, device: torch.device):
         import sedac_core
@@ -95,32 +120,47 @@ class VllmSedac:
             logger.warning("probes were calibrated with protect_last=%s, serving with SEDAC_PROTECT_LAST=%s",
                            probes.meta.get("protect_last"), c.protect_last)
         n = len(layers)
+        exits = not (probes.exits_disabled and c.thresholds is None)
+        if not exits:
+            logger.warning("SEDAC: the probes in %s failed their calibration (%s): serving without exits. "
+                           "Recalibrate, or set SEDAC_THRESHOLDS to exit anyway.", c.probe_dir,
+                           probes.meta.get("status"))
         thresholds = c.thresholds or probes.thresholds
+        # the original documents' per-checkpoint exit rates and layer weights, for three checkpoints
         exit_rates = c.exit_rates or probes.exit_rates or ([0.2, 0.6, 0.9] if n == 3 else [0.5] * n)
         weights = c.layer_weights or ([0.3, 0.4, 0.3] if n == 3 else [1.0 / n] * n)
-        adaptive = c.adaptive if c.adaptive is not None else probes.thresholds is None
+        adaptive = c.adaptive if c.adaptive is not None else thresholds is None
         if thresholds is None:
-            if not adaptive:
-                raise ConfigError(f"the probes in {c.probe_dir} are not calibrated: set SEDAC_THRESHOLDS, run "
-                                  "`sedac-probes calibrate`, or use SEDAC_ADAPTIVE=1")
-            thresholds = [0.8, 1.3, 1.7] if n == 3 else [1.0] * n  # the seeds' defaults
-        cascade = TorchCascade(thresholds, c.rule, exit_rates, weights, c.confidence_decay, c.soft_exit, device)
-        if adaptive:
+            # Uncalibrated probes have no threshold on their own risk scale (an entropy in nats, or a
+            # probability in (0, 1)): exit only once thresholds are learned from the traffic.
+            if c.exit_rates is None or not adaptive:
+                raise ConfigError(
+                    f"the probes in {c.probe_dir} are not calibrated, so SEDAC has no thresholds for their "
+                    f"{probes.target} risk. Run `sedac-probes calibrate`, or set SEDAC_THRESHOLDS (fixed "
+                    "thresholds), or SEDAC_EXIT_RATES with SEDAC_ADAPTIVE left on (thresholds learned from "
+                    "traffic; no token exits during the SEDAC_CALIBRATION_STEPS warm-up).")
+            thresholds = [sedac_core.MIN_THRESHOLD] * n
+        cascade = TorchCascade(thresholds, c.rule, exit_rates, weights, c.confidence_decay, c.soft_exit, device,
+                               adaptive_decay=c.adaptive_decay, decay_bonus=c.decay_bonus, soft_k=c.soft_k)
+        if adaptive and exits:
             self.controller = sedac_core.CascadeController(
                 [sedac_core.LayerConfig(layer, exit_rates[i], thresholds[i], weights[i]) for i, layer in
                  enumerate(layers)],
                 alpha=c.alpha, confidence_decay=c.confidence_decay, soft_exit=c.soft_exit, adaptive=True,
-                calibration_steps=c.calibration_steps, rule=c.rule)
+                calibration_steps=c.calibration_steps, rule=c.rule, adaptive_decay=c.adaptive_decay,
+                decay_bonus=c.decay_bonus, soft_k=c.soft_k)
         self.probes = probes
-        c.adaptive = adaptive
-        return ProbeDecider(probes.bank, cascade, self.num_layers, c.protect_last)
+        c.adaptive = adaptive and exits
+        return ProbeDecider(probes.bank, cascade, self.num_layers, c.protect_last, exits=exits)
 
     # -- per forward: in the model's graph (pure torch, no host reads) ----------
     def begin(self, stream: torch.Tensor, positions: torch.Tensor) -> None:
         """Layer 0's input: start the decider's state. ``state`` flows from layer to layer as tensors
         (under torch.compile, dynamo tracks these attribute updates like any other value)."""
         allowed = positions.reshape(-1) >= self.cfg.protect_first if self.cfg.protect_first > 0 else None
-        self.state = {"decider": self.decider.init(stream), "allowed": allowed}
+        d = (self.decider.init(stream, positions) if getattr(self.decider, "wants_positions", False)
+             else self.decider.init(stream))
+        self.state = {"decider": d, "allowed": allowed}
 
     def wants_stream(self, layer: int) -> bool:
         return self.stream_layers is None or layer in self.stream_layers
@@ -139,18 +179,33 @@ class VllmSedac:
 
     def after_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
                     positions: torch.Tensor) -> None:
+        stream = hidden + residual
         if self.wants_stream(layer):
-            self.state = {**self.state,
-                          "decider": self.decider.step(layer, hidden + residual, self.state["decider"])}
+            self.state = {**self.state, "decider": self.decider.step(layer, stream, self.state["decider"])}
+            if self.keep_signals and self.cfg.mode == "monitor":
+                self.state["signals"] = self.state.get("signals", ()) + (self.state["decider"]["s"],)
         if layer == self.num_layers - 1:
-            risk = (self.decider.risk_matrix(self.state["decider"]) if self.controller is not None
-                    else self._no_risk)
-            torch.ops.sedac.finish(self.counter, hidden, positions, risk, self.key)
+            d = self.state["decider"]
+            probe = self.cfg.mode == "probe"
+            risk = self.decider.risk_matrix(d) if probe and (self.controller is not None or self.keep_signals) \
+                else self._no_risk
+            signals, conf = self._no_risk, self._no_risk
+            if self.keep_signals:
+                if probe:
+                    signals = risk
+                    if d["confs"]:
+                        conf = torch.stack(d["confs"], 1)
+                else:
+                    signals = torch.stack(self.state["signals"], 1)
+            torch.ops.sedac.finish(self.counter, stream, positions, risk, signals, conf, self.key)
 
     # -- end of a forward: inside the sedac::finish op (eager Python) ------------
-    def end_of_forward(self, positions: torch.Tensor, risk: Optional[torch.Tensor]) -> None:
+    def end_of_forward(self, positions: torch.Tensor, risk: Optional[torch.Tensor], stream: torch.Tensor,
+                       signals: Optional[torch.Tensor] = None, conf: Optional[torch.Tensor] = None) -> None:
         if self.warming_up:  # vLLM's profiling / compile warm-up forwards: dummy rows, not tokens
             self.runtime.end_forward(positions.shape[0], positions.device, count=False)
+            if self.online is not None:
+                self.online.end_forward(stream, positions, self.num_layers, None, None, None, counted=False)
             return
         self._positions = positions
         self._input_ids = self.pending_input_ids
@@ -159,6 +214,13 @@ class VllmSedac:
         if self.controller is not None and risk is not None and risk.numel():
             self.controller.observe(risk.float().cpu().numpy())
             self.decider.cascade.thresholds.copy_(torch.as_tensor(self.controller.thresholds))
+            self.decider.cascade.history.fill_(self.controller.history)  # the adaptive decay's exit history
+        signals_np = signals.float().cpu().numpy() if signals is not None and signals.numel() else None
+        if self.online is not None:
+            self.online.end_forward(stream, self.runtime.last_first_skip, self.num_layers, signals_np,
+                                    self.final_norm, self.compute_logits, counted=True)
+        if self.decision_log is not None:
+            self._log_decisions(positions, signals_np, conf)
         if self.cfg.trace:
             self._write_trace()
         if self.tp_rank != 0:
@@ -178,8 +240,22 @@ class VllmSedac:
         from sedac_vllm import __version__
 
         return {"version": __version__, "config": self.cfg.describe(), "layers": self.num_layers,
+                "signals": self.keep_signals, "online": self.cfg.online,
                 "rule": repr(getattr(self.decider, "rule", None)),
                 "probes": list(getattr(getattr(self.decider, "bank", None), "layers", ()) or ())}
+
+    def _log_decisions(self, positions: torch.Tensor, signals: Optional[Any], conf: Optional[torch.Tensor]) -> None:
+        if self.cfg.mode == "monitor":
+            layers = list(range(self.num_layers))
+            tau = float(self.decider.tau_t) if self.decider.tau_t is not None else self.decider.tau
+            thresholds, kind = [tau], "monitor (signal: similarity S_l)"
+        else:
+            layers = list(self.decider.bank.layers)
+            thresholds = [float(t) for t in self.decider.cascade.thresholds.tolist()]
+            kind = f"probe {self.decider.cascade.rule} (signal: {self.probes.target} risk)"
+        conf_np = conf.float().cpu().numpy() if conf is not None and conf.numel() else None
+        self.decision_log.write(self.step, positions, self._input_ids, self.runtime.last_first_skip, signals, layers,
+                                thresholds, conf_np, self.num_layers, kind)
 
     def _write_trace(self) -> None:
         rec = {"pos": self._positions.tolist(),
@@ -193,15 +269,16 @@ class VllmSedac:
 
     def stats(self) -> Dict[str, Any]:
         st = self.runtime.stats
-        base: Dict[str, Any] = st.as_dict() if st is not None else {
-            "tokens": 0, "skipped_mlp_blocks": 0.0, "skipped_mlp_fraction": 0.0,
-            "per_layer_skip_rate": [0.0] * self.num_layers, "exit_layer_histogram": {"none": 0},
-            "exited_fraction": 0.0}
+        base: Dict[str, Any] = st.as_dict() if st is not None else ExitStats.empty(self.num_layers)
         base.update(mode=self.cfg.mode, steps=self.step, num_layers=self.num_layers, pid=os.getpid(),
                     time=time.time())
         if self.cfg.mode == "probe":
             base["thresholds"] = [float(t) for t in self.decider.cascade.thresholds.tolist()]
             base["probe_layers"] = list(self.decider.bank.layers)
+        if self.online is not None:
+            base["online"] = self.online.stats()
+        if self.decision_log is not None:
+            base["decision_log_records"] = self.decision_log.records
         return base
 
     def _flush_loop(self) -> None:

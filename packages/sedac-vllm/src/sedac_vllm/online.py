@@ -1,0 +1,210 @@
+"""Watching SEDAC while it serves: a sampled decision log, and online calibration with drift detection.
+
+Both are off by default and run inside SEDAC's ops (eager Python, once per layer or once per forward),
+so they work in vLLM's compiled mode too.
+
+* :class:`DecisionLog` (``SEDAC_DECISION_LOG``): for a sampled fraction of tokens, one JSON line with
+  the token's position, id, exit layer and, per layer, the signal, the threshold and (probes) the
+  accumulated confidence. The file stops growing at ``SEDAC_DECISION_LOG_MAX_MB``.
+* :class:`OnlineCalibrator` (``SEDAC_ONLINE=1``, monitor mode; the V6.1 roadmap's dual-metric
+  calibration):
+
+  - **shadow check**: for a sampled fraction (``SEDAC_SHADOW_RATE``) of rows, every MLP SEDAC skips is
+    also computed, without being applied, and summed; at the end of the forward the model's top-1 from
+    the served residual stream is compared with the top-1 from that stream plus the skipped MLP outputs.
+    It is a first-order estimate (it does not replay how the skipped work would have changed later
+    attention inputs), cheap: the extra work is the shadow fraction of the skipped work plus the LM head
+    on the checked rows. The running risk estimate = changed / checked × the fraction of tokens that
+    exit, over a window of ``SEDAC_ONLINE_WINDOW`` checked rows.
+  - **threshold control**: when the estimate exceeds ``SEDAC_RISK_TOLERANCE``, tau rises (fewer exits);
+    when it is under half the tolerance, tau falls back — never below the calibrated tau minus
+    ``SEDAC_ONLINE_MARGIN`` (the safe bound that lets it seek throughput), never above 1.
+  - **drift detection**: the histogram of the similarity signal of recent tokens is compared with the
+    calibration text's (written by ``sedac-monitor calibrate`` into ``sedac_config.json``) by KL
+    divergence; above ``SEDAC_DRIFT_THRESHOLD`` SEDAC falls back to no exits until the divergence drops
+    below half of it.
+
+Every state change is logged; the statistics file (and so ``/metrics``) carries the running estimate,
+the drift score, the current tau and the number of fallbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("sedac_vllm")
+
+EPS = 1e-4
+
+
+class DecisionLog:
+    """Sampled, size-bounded per-token decision records as JSON lines."""
+
+    def __init__(self, path: str, rate: float, max_bytes: int, seed: int = 0) -> None:
+        self.path, self.rate, self.max_bytes = path, float(rate), int(max_bytes)
+        self.rng = np.random.default_rng(seed)
+        self.written = os.path.getsize(path) if os.path.exists(path) else 0
+        self.full = self.written >= self.max_bytes
+        self.records = 0
+
+    def write(self, step: int, positions: torch.Tensor, tokens: Optional[torch.Tensor], first_skip: torch.Tensor,
+              signals: Optional[np.ndarray], signal_layers: List[int], thresholds: List[float],
+              confidences: Optional[np.ndarray], num_layers: int, kind: str) -> int:
+        """Append records for a sample of this forward's rows; returns how many were written."""
+        if self.full:
+            return 0
+        rows = positions.shape[0]
+        picked = np.flatnonzero(self.rng.random(rows) < self.rate)
+        if picked.size == 0:
+            return 0
+        pos = positions.reshape(-1).tolist()
+        tok = tokens.reshape(-1).tolist() if tokens is not None and tokens.numel() == rows else None
+        first = first_skip.tolist()
+        lines = []
+        for r in picked.tolist():
+            layers = []
+            for j, layer in enumerate(signal_layers):
+                entry: Dict[str, Any] = {"layer": layer, "signal": _num(signals[r, j]) if signals is not None else None,
+                                         "threshold": thresholds[j] if j < len(thresholds) else thresholds[-1]}
+                if confidences is not None:
+                    entry["confidence"] = _num(confidences[r, j])
+                layers.append(entry)
+            exit_layer = first[r] - 1 if first[r] < num_layers else None
+            lines.append(json.dumps({"step": step, "pos": pos[r], "tok": None if tok is None else tok[r],
+                                     "kind": kind, "decision": "exit" if exit_layer is not None else "stay",
+                                     "exit_layer": exit_layer, "layers": layers}))
+        data = "\n".join(lines) + "\n"
+        if self.written + len(data) > self.max_bytes:
+            self.full = True
+            logger.warning("SEDAC decision log %s reached its size bound (%d bytes); no more records",
+                           self.path, self.max_bytes)
+            return 0
+        with open(self.path, "a") as fh:
+            fh.write(data)
+        self.written += len(data)
+        self.records += len(lines)
+        return len(lines)
+
+
+def _num(x: Any) -> Optional[float]:
+    x = float(x)
+    return None if math.isnan(x) else round(x, 6)
+
+
+def kl_divergence(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
+    """KL(p || q) of two histograms over the same bins, both smoothed by EPS (never infinite)."""
+    p = np.asarray(p_counts, dtype=np.float64) + EPS
+    q = np.asarray(q_counts, dtype=np.float64) + EPS
+    p /= p.sum()
+    q /= q.sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+class OnlineCalibrator:
+    """Shadow-checked risk estimate, bounded tau control and drift fallback for the V7 monitor."""
+
+    def __init__(self, tau_t: torch.Tensor, tau: float, tolerance: float, shadow_rate: float, window: int,
+                 margin: float, drift_threshold: float, histogram: Optional[Dict[str, Any]], min_layer: int,
+                 seed: int = 0, step: float = 0.0005) -> None:
+        self.tau_t, self.tau_calibrated = tau_t, float(tau)
+        self.tau = float(tau)
+        self.lo, self.hi = max(0.0, self.tau - margin), 1.0
+        self.tolerance, self.shadow_rate, self.window = float(tolerance), float(shadow_rate), int(window)
+        self.drift_threshold, self.step, self.min_layer = float(drift_threshold), float(step), int(min_layer)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)  # same draws on every TP rank
+        self.edges = np.asarray(histogram["edges"], dtype=np.float64) if histogram else None
+        self.reference = np.asarray(histogram["counts"], dtype=np.float64) if histogram else None
+        if histogram is None:
+            logger.warning("SEDAC online calibration: the config carries no signal histogram (recalibrate with "
+                           "sedac-monitor calibrate), so drift detection is off")
+        self.recent = None if self.edges is None else np.zeros(len(self.edges) - 1)
+        self.checked = self.changed = 0.0  # decayed counts over about `window` checked rows
+        self.exit_fraction = 0.0
+        self.risk_estimate: Optional[float] = None
+        self.drift_kl: Optional[float] = None
+        self.fallback = False
+        self.fallbacks = 0
+        self.adjustments = 0
+        self._sampled: Optional[torch.Tensor] = None
+        self._delta: Optional[torch.Tensor] = None
+        self._touched: Optional[torch.Tensor] = None
+
+    # -- inside sedac::skip_mlp ----------------------------------------------------
+    def shadow(self, layer: int, flat: torch.Tensor, skip: torch.Tensor, full: Callable) -> None:
+        """Compute, without applying, the MLP of sampled rows that skip this layer."""
+        rows = flat.shape[0]
+        if self._sampled is None or self._sampled.shape[0] != rows:
+            self._sampled = (torch.rand(rows, generator=self.generator) < self.shadow_rate).to(flat.device)
+            self._delta = torch.zeros_like(flat, dtype=torch.float32)
+            self._touched = torch.zeros(rows, dtype=torch.bool, device=flat.device)
+        idx = (skip & self._sampled).nonzero().squeeze(1)
+        if idx.numel():
+            self._delta.index_add_(0, idx, full(flat.index_select(0, idx)).float())
+            self._touched[idx] = True
+
+    # -- inside sedac::finish --------------------------------------------------------
+    def end_forward(self, stream: torch.Tensor, first_skip: torch.Tensor, num_layers: int,
+                    signals: Optional[np.ndarray], final_norm: Callable, compute_logits: Callable,
+                    counted: bool) -> None:
+        delta, touched = self._delta, self._touched
+        self._sampled = self._delta = self._touched = None
+        if not counted:
+            return
+        rows = first_skip.shape[0]
+        if rows:
+            exited = float((first_skip < num_layers).float().mean())
+            self.exit_fraction = 0.95 * self.exit_fraction + 0.05 * exited if self.checked else exited
+        if touched is not None and bool(touched.any()):
+            idx = touched.nonzero().squeeze(1)
+            served = stream.index_select(0, idx)
+            full = served.float() + delta.index_select(0, idx)
+            with torch.no_grad():
+                top_served = compute_logits(final_norm(served)).argmax(-1)
+                top_full = compute_logits(final_norm(full.to(served.dtype))).argmax(-1)
+            n, changed = float(idx.numel()), float((top_served != top_full).sum())
+            keep = max(0.0, 1.0 - n / self.window)
+            self.checked = self.checked * keep + n
+            self.changed = self.changed * keep + changed
+        if self.checked > 0:
+            self.risk_estimate = self.changed / self.checked * self.exit_fraction
+        if signals is not None and self.edges is not None and signals.size:
+            s = signals[:, self.min_layer:] if signals.shape[1] > self.min_layer else signals
+            counts, _ = np.histogram(np.clip(s[np.isfinite(s)], self.edges[0], self.edges[-1]), bins=self.edges)
+            keep = max(0.0, 1.0 - counts.sum() / (self.window * 30.0))
+            self.recent = self.recent * keep + counts
+            self.drift_kl = kl_divergence(self.recent, self.reference)
+        self._control()
+
+    def _control(self) -> None:
+        if self.drift_kl is not None:
+            if not self.fallback and self.drift_kl > self.drift_threshold:
+                self.fallback = True
+                self.fallbacks += 1
+                logger.warning("SEDAC drift detected: KL %.3f > %.3f between recent and calibration signal "
+                               "histograms; exits disabled until it drops below %.3f", self.drift_kl,
+                               self.drift_threshold, self.drift_threshold / 2)
+            elif self.fallback and self.drift_kl < self.drift_threshold / 2:
+                self.fallback = False
+                logger.warning("SEDAC drift over (KL %.3f): exits enabled again at tau %.4f", self.drift_kl, self.tau)
+        if self.risk_estimate is not None and self.checked >= min(self.window, 50):
+            if self.risk_estimate > self.tolerance and self.tau < self.hi:
+                self.tau = min(self.hi, self.tau + 2 * self.step)
+                self.adjustments += 1
+            elif self.risk_estimate < self.tolerance / 2 and self.tau > self.lo:
+                self.tau = max(self.lo, self.tau - self.step)
+                self.adjustments += 1
+        self.tau_t.fill_(1.5 if self.fallback else self.tau)
+
+    def stats(self) -> Dict[str, Any]:
+        return {"risk_estimate": self.risk_estimate, "checked_rows": self.checked, "changed_rows": self.changed,
+                "tolerance": self.tolerance, "drift_kl": self.drift_kl, "drift_threshold": self.drift_threshold,
+                "fallback": self.fallback, "fallbacks": self.fallbacks, "tau": self.tau,
+                "tau_calibrated": self.tau_calibrated, "tau_bounds": [self.lo, self.hi],
+                "adjustments": self.adjustments}

@@ -1,0 +1,109 @@
+"""Decision log and online calibration, without an engine (the e2e and bench runs use the real one)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_runtime import HF, attach, forward
+
+from sedac_vllm import (
+    ConfigError,
+    SedacConfig,
+    ops,  # noqa: F401 - registers the custom ops
+)
+from sedac_vllm.online import DecisionLog, OnlineCalibrator, kl_divergence
+from sedac_vllm.runtime import VllmSedac
+
+
+def test_decision_log_is_sampled_and_bounded(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1",
+                                "SEDAC_DECISION_LOG": str(path), "SEDAC_DECISION_LOG_RATE": "1"})
+    sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    mlps = attach(sedac)
+    forward(sedac, mlps, rows=8, seed=0)
+    records = [json.loads(line) for line in open(path)]
+    assert len(records) == 8 and {r["pos"] for r in records} == set(range(1, 9))
+    first = records[0]
+    assert [e["layer"] for e in first["layers"]] == [0, 1, 2, 3]
+    assert all(set(e) == {"layer", "signal", "threshold"} and e["threshold"] == 0.5 for e in first["layers"])
+    assert first["decision"] in ("exit", "stay") and first["tok"] == 0
+    assert (first["exit_layer"] is None) == (first["decision"] == "stay")
+    # the bound: a file already near its limit takes no more records
+    small = DecisionLog(str(tmp_path / "small.jsonl"), 1.0, max_bytes=300)
+    n = small.write(0, torch.arange(8), None, torch.full((8,), 4), np.zeros((8, 4)), [0, 1, 2, 3], [0.5], None, 4,
+                    "monitor")
+    assert n == 0 and small.full and not (tmp_path / "small.jsonl").exists()
+    sampled = DecisionLog(str(tmp_path / "s.jsonl"), 0.1, max_bytes=10 ** 7, seed=1)
+    total = sum(sampled.write(0, torch.arange(100), None, torch.full((100,), 4), None, [0], [0.5], None, 4, "m")
+                for _ in range(20))
+    assert 100 < total < 300  # about 10% of 2,000 rows
+
+
+def test_kl_divergence_is_zero_for_equal_histograms_and_finite_for_disjoint_ones():
+    a = np.array([10, 20, 30, 0])
+    assert kl_divergence(a, a * 3) == pytest.approx(0.0, abs=1e-9)
+    assert 1 < kl_divergence(np.array([100, 0]), np.array([0, 100])) < 20
+
+
+def calibrator(tau_t, histogram=None, tolerance=0.05, window=100):
+    return OnlineCalibrator(tau_t, 0.9, tolerance, shadow_rate=1.0, window=window, margin=0.01, drift_threshold=0.1,
+                            histogram=histogram, min_layer=0, step=0.01)
+
+
+def test_shadow_check_raises_tau_when_skipped_work_changes_the_top1():
+    tau_t = torch.tensor(0.9)
+    online = calibrator(tau_t)
+    head = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3, 4))
+    flat = torch.zeros(6, 4)
+    flat[:, 0] = 1.0  # the served top-1 is class 0
+    skip = torch.tensor([True, True, True, False, False, False])
+    big = lambda x: torch.zeros_like(x).index_fill_(1, torch.tensor([1]), 5.0)  # noqa: E731 - skipped work -> class 1
+    for _ in range(60):
+        online.shadow(3, flat, skip, big)
+        online.end_forward(flat, torch.tensor([1, 1, 1, 4, 4, 4]), 4, None, lambda x: x, head, counted=True)
+    st = online.stats()
+    assert st["risk_estimate"] == pytest.approx(0.5, rel=0.05)  # all checked rows changed x half the rows exited
+    assert st["tau"] > 0.9 and float(tau_t) == st["tau"] and st["adjustments"] > 0
+    # skipped work that changes nothing: tau comes back down, but never below its bound
+    online.checked = online.changed = 0.0
+    for _ in range(200):
+        online.shadow(3, flat, skip, torch.zeros_like)
+        online.end_forward(flat, torch.tensor([1, 1, 1, 4, 4, 4]), 4, None, lambda x: x, head, counted=True)
+    assert online.stats()["risk_estimate"] == 0.0 and online.tau == pytest.approx(0.89)
+
+
+def test_drift_falls_back_to_no_exits_and_recovers():
+    edges = [0.0, 0.9, 0.95, 1.0]
+    tau_t = torch.tensor(0.9)
+    online = calibrator(tau_t, {"edges": edges, "counts": [0, 2, 98]})
+    ident = torch.nn.Identity()
+    similar = np.full((50, 4), 0.97)
+    online.end_forward(torch.zeros(50, 4), torch.full((50,), 4), 4, similar, ident, ident, counted=True)
+    assert not online.fallback and online.drift_kl < 0.1
+    shifted = np.full((50, 4), 0.5)  # a text whose signal looks nothing like the calibration text's
+    for _ in range(40):
+        online.end_forward(torch.zeros(50, 4), torch.full((50,), 4), 4, shifted, ident, ident, counted=True)
+    assert online.fallback and online.fallbacks == 1 and float(tau_t) == 1.5  # no exits while drifting
+    for _ in range(400):
+        online.end_forward(torch.zeros(50, 4), torch.full((50,), 4), 4, similar, ident, ident, counted=True)
+    assert not online.fallback and float(tau_t) == pytest.approx(online.tau)
+
+
+def test_online_needs_the_monitor_and_is_exported(tmp_path):
+    with pytest.raises(ConfigError, match="SEDAC_ONLINE=1 works with the V7 monitor"):
+        SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_ONLINE": "1", "SEDAC_MODE": "probe",
+                              "SEDAC_PROBE_DIR": str(tmp_path)})
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1",
+                                "SEDAC_ONLINE": "1", "SEDAC_SHADOW_RATE": "1"})
+    sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    sedac.final_norm, sedac.compute_logits = torch.nn.Identity(), torch.nn.Linear(16, 5)
+    mlps = attach(sedac)
+    for seed in range(3):
+        forward(sedac, mlps, rows=8, seed=seed)
+    online = sedac.stats()["online"]
+    assert online["checked_rows"] > 0 and online["risk_estimate"] is not None
+    assert online["drift_kl"] is None  # no calibration histogram in an env-only config: drift detection off
