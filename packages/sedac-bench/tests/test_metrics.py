@@ -30,8 +30,7 @@ from sedac_bench.metrics import (
 )
 from sedac_bench.quality import evaluate, greedy_agreement
 from sedac_bench.report import END, START, headline, update_readme
-from sedac_monitor.hf import teacher_forced
-from sedac_monitor.layouts import find_layout
+from sedac_monitor.runtime import find_layout, teacher_forced
 from sedac_monitor.testing import tiny_model
 
 SHAPE = ModelShape(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10)
@@ -156,8 +155,36 @@ def test_headline_table_and_readme_block(tmp_path):
     assert "old table" not in text and "| V7 calibrated (max risk 5%) | 1.00%" in text
     assert text.startswith("intro\n") and text.endswith("outro\n")
     readme.write_text("no markers")
-    with pytest.raises(ValueError, match="has no results block"):
+    with pytest.raises(ValueError, match="has no sedac-bench block"):
         update_readme(res, readme)
+
+
+def test_every_block_is_generated_and_the_command_shows_no_local_paths(tmp_path, monkeypatch):
+    from sedac_bench.cli import display_path
+    from sedac_bench.report import BLOCKS
+
+    results = _results()
+    results["monitor_calibration"] = {"scope": "cascade", "tau": 0.99, "consecutive_k": 2, "min_layer": 10,
+                                      "protect_last": 2, "status": "ok",
+                                      "evidence": {"chosen": {"tokens": 2044, "skipped_mlp_fraction": 0.01,
+                                                              "measured_risk": 0.04, "delta_ppl": 0.05}}}
+    results["quality"]["tokens"] = 2044
+    results["probes"] = {"entropy": {"heldout_metrics": {"7": {"spearman": 0.4, "auroc_unsafe": 0.7}}},
+                         "safety": {"heldout_metrics": {"7": {"auroc_unsafe": 0.75, "safe_fraction": 0.01}}}}
+    results["invoked_as"] = "nox -s demo"
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"<!-- sedac-bench:{n}:start -->\nold\n<!-- sedac-bench:{n}:end -->\n" for n in BLOCKS))
+    assert update_readme(res, readme) == list(BLOCKS)
+    text = readme.read_text()
+    assert "old" not in text and "made by `nox -s demo` (`sedac-bench run`)" in text
+    assert "| calibrated (cascade, tau 0.99, K 2, min_layer 10, protect_last 2) | calibration" in text
+    assert "| 7 | 0.40 | 0.70 | 0.75 | 1.0% |" in text
+    monkeypatch.chdir(tmp_path)
+    assert display_path(str(tmp_path / "bench-results")) == "bench-results"
+    assert display_path("/tmp/tmp.abc123/x/.sedac-cache") == "…/x/.sedac-cache"
+    assert display_path("--size") == "--size"
 
 
 def test_vllm_targets_pass_or_fail_as_measured():
@@ -182,3 +209,18 @@ def test_held_out_stream_never_repeats_a_window():
     assert len({w[:16] for w in windows}) == len(windows)  # not even a first block in common
     with pytest.raises(ValueError, match="too short"):
         HeldOutStream(list(range(100)))
+
+
+def test_speculative_speedup_formula_and_prompt_lookup():
+    from sedac_bench.spec import implied_speedup, ngram_proposals, required_alpha
+
+    # Leviathan et al.: alpha 0.8, gamma 4, c 0.1 -> (1 - 0.8^5) / (0.2 * 1.4)
+    assert implied_speedup(0.8, 0.1, max_gamma=4)["speedup"] == pytest.approx((1 - 0.8 ** 5) / (0.2 * 1.4))
+    assert implied_speedup(0.0, 0.5) == {"speedup": 1.0, "gamma": 0}  # a useless draft is never used
+    assert implied_speedup(1.0, 0.0, max_gamma=3)["speedup"] == 4.0
+    a = [required_alpha(c) for c in (0.2, 0.5, 0.8)]
+    assert a == sorted(a) and all(0 < x < 1 for x in a)
+    assert implied_speedup(a[1], 0.5)["speedup"] == pytest.approx(1.1, abs=1e-3)
+    ids = np.array([5, 6, 7, 5, 6, 9, 5, 6])
+    # at t=4 (tokens 5 6) the last "5 6" ended at t=1, followed by 7; at t=7 it ended at t=4, followed by 9
+    assert ngram_proposals(ids).tolist() == [-1, -1, -1, -1, 7, -1, -1, 9]

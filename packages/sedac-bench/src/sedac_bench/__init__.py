@@ -3,7 +3,7 @@
 ``sedac-bench assets`` builds the real model and text every package's
 integration tests use; ``sedac-bench run`` measures quality, compute and
 wall-clock of SEDAC against baselines and writes ``bench-results/report.md``;
-``sedac-bench suite`` runs the seeds' test suite; ``sedac-bench readme``
+``sedac-bench suite`` runs the original SEDAC documents' test suite; ``sedac-bench readme``
 regenerates the README's results table from the report.
 """
 

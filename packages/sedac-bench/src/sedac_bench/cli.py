@@ -11,6 +11,18 @@ from typing import Optional, Sequence
 from . import assets
 
 
+def display_path(arg: str) -> str:
+    """An argument as a command line to show others: absolute paths under the working directory become
+    relative, other absolute paths (temporary folders of one machine) keep only their last two parts."""
+    if not arg.startswith("/"):
+        return arg
+    path, cwd = Path(arg), Path.cwd()
+    try:
+        return str(path.relative_to(cwd))
+    except ValueError:
+        return str(Path("…", *path.parts[-2:]))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="sedac-bench", description="SEDAC benchmarks and their assets")
@@ -24,23 +36,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="where report.md, results.json and the PNGs go (default: bench-results)")
     r.add_argument("--size", choices=("quick", "full"), default="quick",
-                   help="quick: the demo's sizes (~17 min on 2 cores); full: the issue's vLLM workloads")
+                   help="quick: the demo's sizes (about half an hour on 2 cores); full: larger vLLM workloads, "
+                        "more rounds")
     r.add_argument("--no-vllm", action="store_true", help="skip the vLLM throughput part")
     r.add_argument("--folders", default="llama", help="model folders for vLLM: llama, qwen2 or llama,qwen2")
-    s = sub.add_parser("suite", help="the seeds' test suite: quality, robustness, distribution shift, latency")
+    s = sub.add_parser("suite", help="the original SEDAC documents' test suite: quality, robustness, "
+                                             "distribution shift, latency")
     s.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
     s.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="where suite.md and suite.json go (default: bench-results)")
     s.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
     s.add_argument("--no-server", action="store_true", help="skip the latency-under-load part")
-    m = sub.add_parser("readme", help="regenerate the README's results table from a results.json")
+    m = sub.add_parser("readme", help="regenerate the READMEs' marked results blocks from a results.json")
     m.add_argument("--results", type=Path, default=Path("bench-results/results.json"),
-                   help="results.json of a `sedac-bench run`")
-    m.add_argument("--readme", type=Path, default=Path("README.md"),
-                   help="README whose marked results block is replaced")
+                   help="results.json of a `sedac-bench run` (default bench-results/results.json)")
+    m.add_argument("--root", type=Path, default=Path("."),
+                   help="repository root: README.md and packages/*/README.md are updated (default .)")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    command = "sedac-bench " + " ".join(shlex.quote(a) for a in argv)
+    command = "sedac-bench " + " ".join(shlex.quote(display_path(a)) for a in argv)
     try:
         if args.command == "assets":
             print(assets.build(args.cache, force=args.force))
@@ -63,8 +77,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not args.results.is_file():
                 print(f"sedac-bench: error: {args.results} not found; run `sedac-bench run` first", file=sys.stderr)
                 return 2
-            update_readme(args.results, args.readme)
-            print(f"updated {args.readme} from {args.results}")
+            readmes = [args.root / "README.md", *sorted(args.root.glob("packages/*/README.md"))]
+            for readme in readmes:
+                try:
+                    names = update_readme(args.results, readme)
+                except ValueError:
+                    continue  # no block in this README
+                print(f"updated {readme} ({', '.join(names)}) from {args.results}")
     except (assets.AssetError, ValueError, FileNotFoundError) as exc:
         print(f"sedac-bench: error: {exc}", file=sys.stderr)
         return 2

@@ -130,32 +130,36 @@ class Method:
     protect_first: int = 1
     soft_exit: bool = False
     note: str = ""
+    soft_orders: Optional[List[Any]] = None  # per-layer channel order for soft exit (default: data-free)
 
 
 def monitor_method(name: str, family: str, num_layers: int, tau: float, k: int, min_layer: int = 0,
-                   protect_last: int = 0, mode: str = "cascade", protect_first: int = 1, note: str = "") -> Method:
-    from sedac_monitor.accelerator import monitor_rule
-    from sedac_monitor.decide import MonitorDecider
+                   protect_last: int = 0, scope: str = "cascade", protect_first: int = 1, note: str = "") -> Method:
+    from sedac_monitor.runtime import MonitorDecider, monitor_rule
 
-    rule = monitor_rule(num_layers, tau, k, min_layer, protect_last, mode)
+    rule = monitor_rule(num_layers, tau, k, min_layer, protect_last, scope)
     return Method(name, family, lambda: MonitorDecider(rule, num_layers),
                   {"tau": tau, "consecutive_k": k, "min_layer": min_layer, "protect_last": protect_last,
-                   "mode": mode}, protect_first, note=note)
+                   "scope": scope}, protect_first, note=note)
 
 
 def probe_method(name: str, family: str, probes: Any, num_layers: int, thresholds: Sequence[float],
                  rule: str = "threshold", exit_rates: Optional[Sequence[float]] = None,
                  weights: Optional[Sequence[float]] = None, decay: float = 0.9, soft_exit: bool = False,
-                 protect_last: int = 0, note: str = "") -> Method:
+                 protect_last: int = 0, note: str = "", adaptive_decay: bool = False, soft_k: float = 4.0,
+                 soft_orders: Optional[List[Any]] = None) -> Method:
     from sedac_probes.decide import ProbeDecider, TorchCascade
 
     thresholds = [float(t) for t in thresholds]
 
     def make():
-        return ProbeDecider(probes.bank, TorchCascade(thresholds, rule, exit_rates, weights, decay, soft_exit),
-                            num_layers, protect_last)
+        cascade = TorchCascade(thresholds, rule, exit_rates, weights, decay, soft_exit,
+                               adaptive_decay=adaptive_decay, soft_k=soft_k)
+        return ProbeDecider(probes.bank, cascade, num_layers, protect_last)
 
     return Method(name, family, make, {"target": probes.target, "thresholds": [round(t, 5) for t in thresholds],
                                        "rule": rule, "soft_exit": soft_exit, "layers": probes.layers,
-                                       "exit_rates": None if exit_rates is None else list(exit_rates)},
-                  soft_exit=soft_exit, note=note)
+                                       "exit_rates": None if exit_rates is None else list(exit_rates),
+                                       "adaptive_decay": adaptive_decay, "soft_k": soft_k,
+                                       "channel_order": "activation" if soft_orders is not None else "weight"},
+                  soft_exit=soft_exit, note=note, soft_orders=soft_orders)

@@ -35,7 +35,8 @@ def _frontier(points: List[Dict[str, float]], x: str, y: str):
     return xs[::-1], ys[::-1]
 
 
-COLORS = {"V7": "tab:blue", "V6.0": "tab:orange", "V6.1": "tab:red", "preset": "tab:purple", "baseline": "tab:gray"}
+COLORS = {"V7": "tab:blue", "V6.0": "tab:orange", "V6.1": "tab:red", "preset": "tab:purple", "baseline": "tab:gray",
+          "V6.1 roadmap": "tab:green"}
 
 
 def pareto(results: Dict[str, Any], out: Path) -> List[str]:
@@ -56,6 +57,14 @@ def pareto(results: Dict[str, Any], out: Path) -> List[str]:
         ax.scatter(r["skipped_mlp_fraction"] * 100, r["risk"] * 100, color=COLORS.get(r["family"], "k"), s=28, zorder=3)
         ax.annotate(r["name"], (r["skipped_mlp_fraction"] * 100, r["risk"] * 100), fontsize=6, xytext=(3, 2),
                     textcoords="offset points")
+    target = results["quality"].get("pareto_target")
+    if target:  # the best setting within the budget, and random skipping at its per-layer rates
+        by_name = {r["name"]: r for r in rows}
+        for name, marker in ((target["best"], "*"), (target["random"], "X")):
+            r = by_name[name]
+            ax.scatter(r["skipped_mlp_fraction"] * 100, r["risk"] * 100, marker=marker, s=160, facecolors="none",
+                       edgecolors="k", zorder=4, label=("best within 5% risk: " if marker == "*" else "") + name)
+        ax.axhline(5.0, color="k", lw=0.5, ls="--")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("skipped MLP work (%)")

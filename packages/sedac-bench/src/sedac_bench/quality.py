@@ -7,8 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from sedac_monitor.engine import HFAttachment, SkipRuntime
-from sedac_monitor.hf import Pass, teacher_forced
+from sedac_monitor.runtime import HFAttachment, Pass, SkipRuntime, teacher_forced
 
 from .methods import Method
 from .metrics import ModelShape, compute_summary, delta_ppl, identical_prefix, mean_context, perplexity
@@ -18,7 +17,8 @@ def evaluate(layout, windows: torch.Tensor, method: Method, base: Pass, shape: M
              batch_size: int = 4) -> Dict[str, Any]:
     """Run ``method`` teacher-forced on ``windows`` and compare with the unmodified pass ``base``."""
     run = teacher_forced(layout, windows, method.make(), batch_size, desc=method.name,
-                         protect_first=method.protect_first, soft_exit=method.soft_exit)
+                         protect_first=method.protect_first, soft_exit=method.soft_exit,
+                         soft_orders=method.soft_orders)
     n = int(base.top1.numel())
     risk = float((run.top1 != base.top1).double().mean())
     skipped_per_token = float(run.row_skips.double().mean())
@@ -49,7 +49,7 @@ def greedy_agreement(layout, prompts: Sequence[torch.Tensor], method: Optional[M
     att = None
     if method is not None:
         runtime = SkipRuntime(method.make(), layout.num_layers, method.protect_first)
-        att = HFAttachment(layout, runtime, method.soft_exit)
+        att = HFAttachment(layout, runtime, method.soft_exit, method.soft_orders)
     outs: List[List[int]] = []
     try:
         with torch.no_grad():

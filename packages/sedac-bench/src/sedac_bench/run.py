@@ -47,17 +47,21 @@ SIZES = {
               "hf_repeats": 2,
               "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 2, 4: 4, 16: 16, 64: 64}, "prefill_len": 128,
                        "decode_out": 32, "rounds": 4, "eager_batches": (4, 16),
-                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults"),
+                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
+                                   "V7 calibrated + online calibration"),
                        "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
     "full": {"cal_tokens": 4096, "probe_windows": 16, "eval_windows": 8, "gen_prompts": 8, "gen_tokens": 32,
              "hf_repeats": 3,
              "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 8, 16: 32, 64: 64}, "prefill_len": 512,
                       "decode_out": 64, "rounds": 8, "eager_batches": (1, 4, 16, 64),
                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V6.0 safety probe",
-                                  "V7 original defaults"),
+                                  "V7 original defaults", "V7 calibrated + online calibration"),
                       "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
 }
 MAX_RISK = 0.05
+PARETO_GOAL = {"skipped": 0.021, "delta_ppl": 0.05}
+"""At <= 5% held-out risk: at least 3x the 0.70% of MLP work the calibrated V7 monitor skipped before the
+V6.1 roadmap's options, with ΔPPL <= 5% (and lower risk and ΔPPL than random skipping at equal rates)."""
 
 
 def machine() -> Dict[str, Any]:
@@ -98,6 +102,8 @@ class Bench:
         self.work = self.out / "work"
         self.work.mkdir(exist_ok=True)
         self.results: Dict[str, Any] = {"command": command, "size": size, "machine": machine(),
+                                        # e.g. "nox -s demo", set by the noxfile: what a reader would run
+                                        "invoked_as": os.environ.get("SEDAC_INVOKED_AS"),
                                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "timings": {}}
 
     def timed(self, name: str):
@@ -116,8 +122,7 @@ class Bench:
 
     # ------------------------------------------------------------------ setup
     def load(self) -> None:
-        from sedac_monitor.hf import load_model, read_text, token_windows
-        from sedac_monitor.layouts import find_layout
+        from sedac_monitor.runtime import find_layout, load_model, read_text, token_windows
 
         self.model_dir = self.root / assets_mod.LLAMA
         self.qwen_dir = self.root / assets_mod.QWEN2
@@ -164,6 +169,22 @@ class Bench:
                 self.probes[target] = load(d)
                 report[target] = {"calibration": ev, "heldout_metrics": held,
                                   "training": self.probes[target].meta["training"]["per_layer"]}
+            # the V6.1 roadmap's signal fusion: a gate over the safety probe, the similarity, its trend and the
+            # position, fitted on the training text; calibrated and judged like the probes
+            from sedac_probes.fusion import evaluate_fusion, train_fusion
+
+            d = self.out / "probes-fusion"
+            train_fusion(self.work / "probe-data-enwiki", self.out / "probes-safety", d, log=self.log)
+            ev = calibrate_probes(d, self.work / "probe-data-enwiki", max_risk=MAX_RISK, log=self.log,
+                                  model_and_tokenizer=mt)
+            held = evaluate_fusion(d, self.work / "probe-data-news", self.out / "probes-entropy", log=self.log)
+            self.probes["fusion"] = load(d)
+            from sedac_probes.bench import bench as probe_bench
+
+            report["fusion"] = {"calibration": ev, "heldout_aurocs": held,
+                                "training": self.probes["fusion"].meta["fusion"]["per_layer"],
+                                "cost": probe_bench(self.model_dir, self.out / "probes-safety", 2048,
+                                                    model_and_tokenizer=mt)}
             for strategy in ("conservative", "balanced", "aggressive"):
                 d = self.work / f"probes-safety-{strategy}"
                 if d.exists():
@@ -182,7 +203,7 @@ class Bench:
     def held_out_trace(self) -> None:
         """Unmodified pass on the held-out text, with similarities, probe risks and cascade labels for every
         layer (protect_last 0): what replay sweeps and the oracle need."""
-        from sedac_monitor.hf import cascade_labels, drop_last_position
+        from sedac_monitor.runtime import cascade_labels, drop_last_position
 
         sims, risks = [], {t: [] for t in ("entropy", "safety")}
         layers = self.probes["safety"].layers
@@ -211,7 +232,7 @@ class Bench:
         cfg = self.monitor_cfg
         ms = [
             monitor_method("V7 calibrated (max risk 5%)", "V7", L, cfg["tau"], cfg["consecutive_k"], cfg["min_layer"],
-                           cfg["protect_last"], cfg["mode"], note="sedac-monitor calibrate on enwiki"),
+                           cfg["protect_last"], cfg["scope"], note="sedac-monitor calibrate on enwiki"),
             monitor_method("V7 original defaults", "V7", L, 0.98, 2, protect_first=0,
                            note="tau 0.98, K 2, cascade from layer 0, no protected token"),
             monitor_method("V7 tau 0.995 K 2", "V7", L, 0.995, 2),
@@ -231,7 +252,37 @@ class Bench:
         for strategy in ("conservative", "balanced", "aggressive"):
             q = self.probes[f"preset_{strategy}"]
             ms.append(probe_method(f"preset {strategy} (V6.0 safety probe)", "preset", q, L, q.thresholds))
+        ms += self.roadmap_methods()
         return ms
+
+    def roadmap_methods(self) -> List[Method]:
+        """The V6.1 roadmap's options, each against the same setting without it (family "V6.1 roadmap")."""
+        L = self.L
+        out = []
+        f = self.probes["fusion"]
+        out.append(probe_method("V6.0 fused gate (max risk 5%)", "V6.0", f, L, f.thresholds,
+                                note="sedac-probes train --target fusion; calibrate --max-risk 0.05 on enwiki"))
+        p = self.probes["safety"]
+        weights = (0.3, 0.4, 0.3)
+        out.append(probe_method("V6.1 safety probe, adaptive decay", "V6.1 roadmap", p, L, p.thresholds,
+                                "confidence", p.exit_rates, weights, 0.9, False, adaptive_decay=True,
+                                note="vs 'V6.1 safety probe, soft exit off'"))
+        if not hasattr(self, "_activation_orders"):
+            from sedac_monitor.runtime import activation_magnitudes, channel_order, read_text, token_windows
+
+            cal = token_windows(self.tok, read_text(self.texts["enwiki"]), 512, 2, source="enwiki")
+            acts = activation_magnitudes(self.layout, cal, 2)
+            self._activation_orders = [channel_order(layer.mlp, a) for layer, a in zip(self.layout.layers, acts)]
+        for k in (2.0, 8.0, 16.0):
+            out.append(probe_method(f"V6.1 safety probe, soft exit k={k:g}", "V6.1 roadmap", p, L, p.thresholds,
+                                    "confidence", p.exit_rates, weights, 0.9, True, soft_k=k,
+                                    note="vs soft exit on (k=4, the original tanh)"))
+        for k in (4.0, 16.0):
+            out.append(probe_method(f"V6.1 safety probe, soft exit k={k:g}, activation order", "V6.1 roadmap", p, L,
+                                    p.thresholds, "confidence", p.exit_rates, weights, 0.9, True, soft_k=k,
+                                    soft_orders=self._activation_orders,
+                                    note="channels ordered by mean |activation| x |W_down| on enwiki"))
+        return out
 
     def quality(self) -> None:
         rows = []
@@ -247,9 +298,31 @@ class Bench:
         self.best = best
         with self.timed("baselines at equal compute"):
             rows += self.baselines(best)
+        # the best any SEDAC setting did within the risk budget on the held-out text (chosen on it, so an
+        # optimistic reading), and random skipping at its per-layer rates
+        within = [r for r in rows if r["family"] != "baseline" and r["risk"] <= MAX_RISK
+                  and r["skipped_mlp_fraction"] > 0]
+        target = None
+        if within:
+            top = max(within, key=lambda r: r["skipped_mlp_fraction"])
+            twin = rows[[r["name"] for r in rows].index("random tokens, same per-layer skip rates")]
+            if top is not best:
+                twin = evaluate(self.layout, self.eval_windows, Method(
+                    f"random tokens, {top['name']}'s per-layer rates", "baseline",
+                    lambda: RandomSkipDecider(top["per_layer_skip_rate"], seed=0), {"matched_to": top["name"]},
+                    protect_first=1), self.base, self.shape)
+                rows.append(twin)
+            target = {"best": top["name"], "skipped_mlp_fraction": top["skipped_mlp_fraction"], "risk": top["risk"],
+                      "delta_ppl": top["delta_ppl"], "random": twin["name"], "random_risk": twin["risk"],
+                      "random_delta_ppl": twin["delta_ppl"], "goal_skipped": PARETO_GOAL["skipped"],
+                      "goal_delta_ppl": PARETO_GOAL["delta_ppl"],
+                      "met": {"skipped": top["skipped_mlp_fraction"] >= PARETO_GOAL["skipped"],
+                              "delta_ppl": top["delta_ppl"] <= PARETO_GOAL["delta_ppl"],
+                              "beats_random": top["risk"] < twin["risk"] and top["delta_ppl"] < twin["delta_ppl"]}}
         self.rows = rows
         self.results["quality"] = {"text": "lee_news", "tokens": int(self.base.top1.numel()),
-                                   "ppl_base": rows[0]["ppl_base"], "best_sedac": best["name"], "rows": rows}
+                                   "ppl_base": rows[0]["ppl_base"], "best_sedac": best["name"], "rows": rows,
+                                   "pareto_target": target}
 
     def baselines(self, best: Dict[str, Any]) -> List[Dict[str, Any]]:
         L = self.L
@@ -286,7 +359,7 @@ class Bench:
 
     def monitor_layer_similarity(self) -> List[float]:
         """Mean cosine between each layer's input and output residual stream on calibration text (enwiki)."""
-        from sedac_monitor.hf import RecordingDecider, read_text, teacher_forced, token_windows
+        from sedac_monitor.runtime import RecordingDecider, read_text, teacher_forced, token_windows
 
         windows = token_windows(self.tok, read_text(self.texts["enwiki"]), 512, 2, source="enwiki")
         sims = []
@@ -309,6 +382,14 @@ class Bench:
             drop["generation"] = {k: g[k] for k in ("identical_prefix_mean", "fully_identical")}
         self.results["generation"] = {"prompts": len(prompts), "prompt_tokens": 48, "new_tokens": n}
 
+    def speculative(self) -> None:
+        """SEDAC's exits as a self-speculative draft vs prompt lookup (see sedac_bench.spec)."""
+        from . import spec
+
+        with self.timed("speculative drafts (acceptance and implied speed-up)"):
+            self.results["speculative"] = spec.measure(self.layout, self.eval_windows, self.base.top1,
+                                                       (7, 14, 21, 25), log=self.log)
+
     def sweeps(self) -> None:
         """Replay Pareto fronts on the held-out trace (estimated risk; tokens judged independently)."""
         from sedac_monitor.calibrate import Grid
@@ -316,7 +397,7 @@ class Bench:
         with self.timed("replay sweeps"):
             rules = Grid(protect=(0,)).rules(self.L)
             t = sedac_core.Trace.similarity(self.trace_sim, safe=self.trace_safe, protect_last=0)
-            cascade = [r for r in rules if r.mode == "cascade"]
+            cascade = [r for r in rules if r.scope == "cascade"]
             table = sedac_core.replay(t, cascade)
             v7 = [{"tau": r.tau, "k": r.k, "min_layer": r.min_layer, "skipped_mlp": float(s), "risk": float(d)}
                   for r, s, d in zip(cascade, table["skipped_mlp"], table["disagreement"])]
@@ -340,8 +421,7 @@ class Bench:
     def wallclock_hf(self) -> None:
         """HF eager: prefill (1 x 2048 and 4 x 512 tokens) and greedy decode (batch 1 and 8, 64 tokens),
         SEDAC off vs on, alternating, best of N."""
-        from sedac_monitor.engine import HFAttachment, SkipRuntime
-        from sedac_monitor.hf import read_text, token_windows
+        from sedac_monitor.runtime import HFAttachment, SkipRuntime, read_text, token_windows
 
         text = read_text(self.texts["lee_news"])
         long = token_windows(self.tok, text, 2048, 1, source="lee_news")
@@ -404,13 +484,15 @@ class Bench:
                                                   "SEDAC_PROBE_DIR": str(self.out / "probes-safety")}},
             {"name": DEFAULTS, "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.98", "SEDAC_CONSECUTIVE_K": "2",
                                        "SEDAC_PROTECT_FIRST": "0"}},
+            {"name": ONLINE, "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(cfg_path), "SEDAC_ONLINE": "1",
+                                     "SEDAC_RISK_TOLERANCE": str(MAX_RISK)}},
         ]
         return [c for c in configs if c["name"] in self.size["vllm"]["configs"]]
 
     def vllm_workloads(self, batches, rounds: int) -> List[Dict[str, Any]]:
         """Prefill-heavy (prompts of ``prefill_len`` tokens, 1 out) and decode-heavy (32-token prompts,
         ``decode_out`` out) workloads per batch size, each with its own held-out prompts in every round."""
-        from sedac_monitor.hf import read_text
+        from sedac_monitor.runtime import read_text
 
         v = self.size["vllm"]
         text = read_text(self.texts["lee_news"]) + "\n\n" + read_text(self.texts["pydoc_topics"])
@@ -429,6 +511,8 @@ class Bench:
     def wallclock_vllm(self, folders=("llama",)) -> None:
         """vLLM throughput, SEDAC configurations against vanilla in the same mode, interleaved
         (sedac_bench.vllm_bench): compiled (vLLM's default) and eager (``enforce_eager``)."""
+        from sedac_monitor.runtime import read_text
+
         v = self.size["vllm"]
         rounds = v["rounds"]
         configs = self.vllm_configs()
@@ -438,7 +522,10 @@ class Bench:
         self.results.setdefault("vllm", {})
         for folder in folders:
             model_dir = self.model_dir if folder == "llama" else self.qwen_dir
-            groups = [{"name": "compiled", "llm": {}, "configs": configs},
+            # the drift test: held-out news windows, top-1 of every engine against vanilla (prompt logprobs)
+            news = self.tok(read_text(self.texts["lee_news"]), add_special_tokens=False)["input_ids"]
+            check = [news[-(i + 1) * 256 - 1:-i * 256 - 1] for i in range(16)]  # the end of the news text
+            groups = [{"name": "compiled", "llm": {}, "configs": configs, "top1_check": {"prompts": check}},
                       {"name": "eager", "llm": {"enforce_eager": True}, "configs": eager_configs}]
             data: Dict[str, Any] = {}
             for group in groups:
@@ -454,6 +541,9 @@ class Bench:
                 raw = json.loads(out_path.read_text())[group["name"]]
                 data[group["name"]] = {"rows": self._vllm_rows(raw, wl, folder, group["name"]),
                                        "rounds": rounds, "startup_s": raw["startup_s"]}
+                if "top1_check" in raw:
+                    data["top1_check"] = raw["top1_check"]
+                    data["drift_test"] = drift_verdict(raw["top1_check"], MAX_RISK)
             data["targets"] = vllm_targets(data)
             for line in targets_lines(data["targets"]):
                 self.log("  " + line)
@@ -495,9 +585,27 @@ class Bench:
 
 
 NO_EXITS = "on, no exits (tau 1.5)"
+ONLINE = "V7 calibrated + online calibration"
 DEFAULTS = "V7 original defaults"
 TARGETS = {"no_exit_overhead_max": 0.02, "gauge_band": 0.03, "realized_ideal_prefill": 0.9,
            "realized_ideal_decode": 0.8}
+
+
+def drift_verdict(check: Dict[str, Any], tolerance: float) -> Optional[Dict[str, Any]]:
+    """Calibrated on Wikipedia, served news through vLLM with online calibration: did the drift detector fire,
+    and did the held-out risk stay within the tolerance? As measured; pass or fail."""
+    online = check.get(ONLINE)
+    if not online or not online.get("online"):
+        return None
+    st = online["online"]
+    off = check.get("V7 calibrated", {})
+    return {"tolerance": tolerance, "measured_risk": online["measured_risk"],
+            "measured_risk_without_online": off.get("measured_risk"),
+            "risk_within_tolerance": online["measured_risk"] <= tolerance,
+            "drift_fired": st.get("fallbacks", 0) > 0, "drift_kl": st.get("drift_kl"),
+            "drift_threshold": st.get("drift_threshold"), "risk_estimate": st.get("risk_estimate"),
+            "tau": st.get("tau"), "tau_calibrated": st.get("tau_calibrated"),
+            "skipped_mlp_fraction": online.get("skipped_mlp_fraction")}
 
 
 def vllm_targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -557,12 +665,15 @@ def run(root: Optional[Path] = None, out: Path = Path("bench-results"), size: st
     b.held_out_trace()
     b.quality()
     b.generation()
+    b.speculative()
     b.sweeps()
     b.wallclock_hf()
     if vllm:
         b.wallclock_vllm(folders)
     b.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results = _jsonable(b.results)
+    # saved before plotting, so a failure there loses no measurement (the report rewrites it)
+    (b.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     figures = plots.all_figures(results, b.out)
     path = report.write(results, b.out, figures)
     log("\n" + "\n".join(report.headline(results)))

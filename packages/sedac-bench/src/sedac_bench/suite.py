@@ -1,8 +1,10 @@
-"""``sedac-bench suite``: the seeds' test suite, run on SmolLM2 with a V7 config, pass or fail as measured.
+"""``sedac-bench suite``: the original SEDAC documents' test suite, run on SmolLM2 with a V7 config, pass
+or fail as measured (their thresholds).
 
 * **quality** — ΔPPL < 1% on held-out news text;
 * **robustness** — decisions consistent (> 90% of tokens with the same exit layer) when the same text is
-  re-batched with padding, and under a light paraphrase (tokens aligned by difflib, compared where equal);
+  re-batched as a server would (different lengths, left padding, other neighbours), and under a light
+  paraphrase (tokens aligned by difflib, compared where equal);
 * **distribution shift** — calibrated on Wikipedia, the spread (max − min) of exit rates across Wikipedia,
   news and Python documentation < 0.2;
 * **performance** — P50 / P99 request latency from `sedac-vllm serve` under 32 concurrent requests, against
@@ -44,39 +46,68 @@ def paraphrase(text: str) -> str:
     return out
 
 
-def _first_skips(layout, ids: torch.Tensor, cfg: Dict[str, Any], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    from sedac_monitor import create_universal_accelerator
+def _first_skips(layout, ids: torch.Tensor, make_decider: Callable[[], Any], protect_first: int,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """First skipped layer per token of one forward (a fresh decider from ``make_decider``). With a mask,
+    positions count real tokens only, as a server's would (left padding shifts nothing)."""
+    from sedac_monitor.runtime import HFAttachment, SkipRuntime
 
-    acc = create_universal_accelerator(layout.model, config=cfg)
-    with acc, torch.no_grad():
-        layout.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return acc.runtime.last_first_skip.view(ids.shape)
+    rt = SkipRuntime(make_decider(), layout.num_layers, protect_first)
+    att = HFAttachment(layout, rt)
+    pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
+    try:
+        with torch.no_grad():
+            layout.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    finally:
+        att.detach()
+    return rt.last_first_skip.view(ids.shape)
 
 
-def robustness(layout, tok, text: str, cfg: Dict[str, Any], windows: int = 4, length: int = 256) -> Dict[str, float]:
-    from sedac_monitor.hf import token_windows
+def robustness(layout, tok, text: str, cfg: Dict[str, Any], windows: int = 4, length: int = 256,
+               make_decider: Optional[Callable[[], Any]] = None) -> Dict[str, float]:
+    """Re-batching and paraphrase consistency of the exit decisions (``make_decider``: the decider to
+    check; default the V7 rule of ``cfg``).
 
+    Re-batching as a server batches: every window alone, then the windows cut to different lengths and
+    batched together left-padded, in two compositions (all of them; then the last ones first, without
+    the first). A token's decision may depend on its own sequence only, so it must not change.
+    """
+    from sedac_monitor.runtime import MonitorDecider, monitor_rule, token_windows
+
+    L = layout.num_layers
+    if make_decider is None:
+        rule = monitor_rule(L, cfg["tau"], cfg["consecutive_k"], cfg["min_layer"], cfg["protect_last"], cfg["scope"])
+
+        def make_decider():
+            return MonitorDecider(rule, L)
+    protect_first = cfg.get("protect_first", 1)
     ids = token_windows(tok, text, length, windows)
-    alone = torch.stack([_first_skips(layout, w[None], cfg)[0] for w in ids])
-    # re-batched: the windows together, each cut to a different length and right-padded
+    alone = torch.stack([_first_skips(layout, w[None], make_decider, protect_first)[0] for w in ids])
     lengths = [length - 37 * i for i in range(windows)]
-    batch = torch.zeros_like(ids)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        batch[i, :n] = ids[i, :n]
-        mask[i, :n] = 1
-    together = _first_skips(layout, batch, cfg, mask)
-    same = [bool(alone[i, j] == together[i, j]) for i, n in enumerate(lengths) for j in range(n)]
+    compositions = [list(range(windows)), list(range(windows - 1, 0, -1))]
+    same: List[bool] = []
+    for comp in compositions:
+        batch = torch.zeros((len(comp), length), dtype=ids.dtype)
+        mask = torch.zeros_like(batch)
+        for row, i in enumerate(comp):
+            n = lengths[i]
+            batch[row, length - n:] = ids[i, :n]
+            mask[row, length - n:] = 1
+        together = _first_skips(layout, batch, make_decider, protect_first, mask)
+        for row, i in enumerate(comp):
+            n = lengths[i]
+            same += [bool(a == b) for a, b in zip(alone[i, :n].tolist(), together[row, length - n:].tolist())]
     # paraphrase: decisions on tokens that survive the paraphrase unchanged (difflib alignment)
     para_same: List[bool] = []
     for i, w in enumerate(ids):
         para = tok(paraphrase(tok.decode(w)), add_special_tokens=False, return_tensors="pt").input_ids[:, :length]
-        fp = _first_skips(layout, para, cfg)[0]
+        fp = _first_skips(layout, para, make_decider, protect_first)[0]
         matcher = difflib.SequenceMatcher(a=w.tolist(), b=para[0].tolist(), autojunk=False)
         for block in matcher.get_matching_blocks():
             para_same += [bool(alone[i, block.a + k] == fp[block.b + k]) for k in range(block.size)]
     return {"rebatch_consistency": float(np.mean(same)), "paraphrase_consistency": float(np.mean(para_same)),
             "rebatch_tokens": len(same), "paraphrase_tokens": len(para_same)}
+
 
 
 def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Path], prompts: List[str],
@@ -114,10 +145,8 @@ def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Pa
 
 def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool = True, log: Log = print,
           command: str = "sedac-bench suite") -> Path:
-    from sedac_monitor.accelerator import load_config
     from sedac_monitor.calibrate import calibrate, measure, write_config
-    from sedac_monitor.hf import load_model, read_text, teacher_forced, token_windows
-    from sedac_monitor.layouts import find_layout
+    from sedac_monitor.runtime import find_layout, load_config, load_model, read_text, teacher_forced, token_windows
 
     from .run import machine
 
@@ -135,9 +164,9 @@ def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool 
         write_config(calibrate(model_dir, texts["enwiki"], "conservative", 0.05, tokens=2048, log=log,
                                model_and_tokenizer=(model, tok)), config)
     cfg = load_config(config, L)
-    from sedac_monitor.accelerator import monitor_rule
+    from sedac_monitor.runtime import monitor_rule
 
-    rule = monitor_rule(L, cfg["tau"], cfg["consecutive_k"], cfg["min_layer"], cfg["protect_last"], cfg["mode"])
+    rule = monitor_rule(L, cfg["tau"], cfg["consecutive_k"], cfg["min_layer"], cfg["protect_last"], cfg["scope"])
     results: Dict[str, Any] = {"command": command, "machine": machine(), "config": str(config),
                                "thresholds": THRESHOLDS, "tests": {}}
     # quality
@@ -178,7 +207,8 @@ def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool 
                                            "pass": ratio <= THRESHOLDS["p99_ratio"]}
         log(f"performance: P99 {ps['p99']:.2f} s vs vanilla {pv['p99']:.2f} s -> "
             f"{'PASS' if ratio <= THRESHOLDS['p99_ratio'] else 'FAIL'}")
-    lines = ["# SEDAC seeds' test suite", "", f"Made by `{command}`; config `{config}`; machine "
+    lines = ["# SEDAC test suite (the original documents' tests and thresholds)", "",
+             f"Made by `{command}`; config `{config}`; machine "
              f"{results['machine'].get('cpu_model', '')}, {results['machine']['cpu_count']} cores.", "",
              "| test | measured | threshold | result |", "|---|---|---|---|"]
     t = results["tests"]

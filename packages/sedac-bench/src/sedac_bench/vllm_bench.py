@@ -114,6 +114,39 @@ def timed_run(engine: Dict[str, Any], prompts: List[List[int]], max_tokens: int,
             "skipped_mlp_fraction": skipped / (tokens * layers) if tokens else 0.0}
 
 
+def prompt_top1(engine: Dict[str, Any], prompts: List[List[int]]) -> List[List[int]]:
+    """The engine's top-1 prediction at every prompt position (teacher-forced, from prompt logprobs)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    outs = engine["llm"].generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    top1 = []
+    for o in outs:
+        row = []
+        for pos in (o.prompt_logprobs or [])[1:]:  # position 0 has no prediction
+            row.append(next(t for t, lp in pos.items() if lp.rank == 1))
+        top1.append(row)
+    return top1
+
+
+def top1_check(engines: Dict[str, Any], prompts: List[List[int]], names: List[str]) -> Dict[str, Any]:
+    """Held-out top-1 risk of every engine against vanilla on the same prompts, and each engine's SEDAC
+    statistics afterwards (online calibration state included)."""
+    time.sleep(IDLE_S)
+    ref = prompt_top1(engines["vanilla"], prompts)
+    out: Dict[str, Any] = {}
+    for name in names[1:]:
+        time.sleep(IDLE_S)
+        got = prompt_top1(engines[name], prompts)
+        pairs = [(a, b) for ra, rb in zip(ref, got) for a, b in zip(ra, rb)]
+        risk = sum(a != b for a, b in pairs) / max(1, len(pairs))
+        stats = _wait_stats(engines[name]["metrics"], -1, 1.0)
+        out[name] = {"measured_risk": risk, "positions": len(pairs), "online": stats.get("online"),
+                     "skipped_mlp_fraction": stats.get("skipped_mlp_fraction")}
+        progress(f"[top-1 check] {name}: held-out top-1 risk {risk:.2%} over {len(pairs)} positions")
+    return out
+
+
 def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[str, Any]:
     engines = start_engines(spec, group, work)
     names = [c["name"] for c in group["configs"]]
@@ -137,6 +170,9 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
                          f"{res['seconds']:.2f} s, skipped MLP {res['skipped_mlp_fraction']:.1%}")
     out = {"configs": names, "rounds": rounds, "order": "snake: reversed for every workload and every round",
            "startup_s": {n: engines[n]["startup_s"] for n in names}, "runs": runs}
+    check = group.get("top1_check")
+    if check:
+        out["top1_check"] = top1_check(engines, check["prompts"], names)
     for name in names:
         del engines[name]["llm"]
     engines.clear()
