@@ -19,10 +19,10 @@ def test_disabled_reads_nothing_else():
     assert not SedacConfig.from_env({"SEDAC_ENABLED": "0", "SEDAC_TAU": "x"}).enabled
 
 
-def test_defaults_are_the_seeds_monitor():
+def test_defaults_are_the_original_monitor():
     cfg = SedacConfig.from_env(env())
-    assert (cfg.mode, cfg.tau, cfg.consecutive_k, cfg.monitor_mode, cfg.protect_first) == ("monitor", 0.98, 2,
-                                                                                             "cascade", 1)
+    assert (cfg.mode, cfg.tau, cfg.consecutive_k, cfg.scope, cfg.protect_first) == ("monitor", 0.98, 2,
+                                                                                     "cascade", 1)
 
 
 @pytest.mark.parametrize("name,value", [

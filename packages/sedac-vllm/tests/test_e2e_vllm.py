@@ -62,8 +62,8 @@ class RecordingProbe(ProbeDecider):
         if layer in self._index:
             self.seen.append((self._index[layer], self.risk[:, self._index[layer]].clone()))
 
-    def begin(self, stream):
-        super().begin(stream)
+    def begin(self, stream, positions=None):
+        super().begin(stream, positions)
         self.seen = getattr(self, "seen", [])
 
 
@@ -166,27 +166,13 @@ def e2e(request, tmp_path_factory):
     collect(model_dir, text, tmp / "data", "1,3", samples=8, max_length=64, log=lambda m: None)
     train(tmp / "data", tmp / "probes", "safety", epochs=3, batch_size=64, rank=8, log=lambda m: None)
     probes = load_probes(tmp / "probes")
-    streams = [_streams(model, p, (1, 3)) for p in prompt_ids]
-    thresholds = [gap_value(torch.cat([probes.bank.risk_at(i, s[i]) for s in streams]).numpy(), 0.3)
-                  for i in range(2)]
+    thresholds, pseqs, probe_factory = probe_setup(model, prompt_ids, probes.bank)
+    # the V6.1 roadmap's fused gate over those probes, the similarity, its trend and the position
+    from sedac_probes.fusion import train_fusion
 
-    def probe_factory():
-        return RecordingProbe(probes.bank, TorchCascade(thresholds, "threshold"), L)
-
-    for _ in range(12):
-        pseqs = [greedy(model, probe_factory, p) for p in prompt_ids]
-        seen = {0: [], 1: []}
-        for s in pseqs:
-            d = probe_factory()
-            patched_pass(model, d, s[:-1])
-            for i, r in d.seen:
-                seen[i].append(r)
-        margins = [np.min(np.abs(torch.cat(seen[i]).numpy() - thresholds[i])) for i in range(2)]
-        if min(margins) > 5e-5:
-            break
-        thresholds = [gap_value(torch.cat(seen[i]).numpy(), None, centre=thresholds[i]) for i in range(2)]
-    else:
-        raise AssertionError("no probe thresholds with a safe margin found")
+    train_fusion(tmp / "data", tmp / "probes", tmp / "fusion", log=lambda m: None)
+    fused = load_probes(tmp / "fusion")
+    fused_thresholds, fseqs, fused_factory = probe_setup(model, prompt_ids, fused.bank)
 
     monitor_env = {"SEDAC_ENABLED": "1", "SEDAC_TAU": repr(tau), "SEDAC_CONSECUTIVE_K": "1", "SEDAC_MIN_LAYER": "1"}
     probe_env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "probes"),
@@ -210,6 +196,8 @@ def e2e(request, tmp_path_factory):
                  "enable_prefix_caching": True, "block_size": 32}},
         {"name": "probe", "env": probe_env},
         {"name": "online", "env": online_env},
+        {"name": "fusion", "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "fusion"), "SEDAC_ADAPTIVE": "0",
+                                   "SEDAC_THRESHOLDS": ",".join(repr(t) for t in fused_thresholds)}},
         {"name": "probe_soft", "env": {**probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
                                        "SEDAC_EXIT_RATES": "0.9,0.9", "SEDAC_LAYER_WEIGHTS": "0.5,0.5"}},
     ]
@@ -227,17 +215,37 @@ def e2e(request, tmp_path_factory):
         {"name": "bad_probe_layers", "env": {**probe_env, "SEDAC_PROBE_LAYERS": "1,2"}},
     ], tmp / "bad")
     return {"family": family, "tmp": tmp, "model": model, "tau": tau, "seqs": seqs, "probe_seqs": pseqs,
-            "probe_factory": probe_factory, "results": results, "bad": bad, "bad_stderr": bad_stderr}
+            "probe_factory": probe_factory, "fused_seqs": fseqs, "fused_factory": fused_factory,
+            "results": results, "bad": bad, "bad_stderr": bad_stderr}
 
 
-def _streams(model, ids, layers):
-    rec = RecordingDecider(L, keep_layers=layers)
-    layout = find_layout(model)
-    att = HFAttachment(layout, SkipRuntime(rec, L))
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids]))
-    att.detach()
-    return [rec.streams[layer] for layer in layers]
+def probe_setup(model, prompt_ids, bank, quantile=0.3):
+    """Threshold-rule probe thresholds no risk lies close to, on the prompts and on the greedy continuations
+    they lead to: (thresholds, HF greedy sequences, decider factory)."""
+    n = len(bank.layers)
+
+    def factory_for(thr):
+        return lambda: RecordingProbe(bank, TorchCascade(thr, "threshold"), L)
+
+    def risks(factory, seqs):
+        seen = {i: [] for i in range(n)}
+        for s in seqs:
+            d = factory()
+            patched_pass(model, d, s)
+            for i, r in d.seen:
+                seen[i].append(r)
+        return [torch.cat(seen[i]).numpy() for i in range(n)]
+
+    start = risks(factory_for([1e-6] * n), prompt_ids)  # (almost) never exits: the unpatched model's risks
+    thresholds = [gap_value(start[i], quantile) for i in range(n)]
+    for _ in range(12):
+        factory = factory_for(thresholds)
+        seqs = [greedy(model, factory, p) for p in prompt_ids]
+        seen = risks(factory, [s[:-1] for s in seqs])
+        if min(np.min(np.abs(seen[i] - thresholds[i])) for i in range(n)) > 5e-5:
+            return thresholds, seqs, factory
+        thresholds = [gap_value(seen[i], None, centre=thresholds[i]) for i in range(n)]
+    raise AssertionError("no probe thresholds with a safe margin found")
 
 
 def runs_in(e2e, mode):
@@ -287,6 +295,18 @@ def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
     assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs
     got = vllm_decisions(run["trace"])
     assert got == decisions(e2e["model"], e2e["probe_factory"], seqs)
+    assert any(f < L for (_, _, f) in got)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_gate_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
+    """The fused gate (probe logit, similarity, its trend, position) decides inside vLLM's batched forward as
+    the HF reference does."""
+    run = runs_in(e2e, mode)["fusion"]["together"]
+    seqs = e2e["fused_seqs"]
+    assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs
+    got = vllm_decisions(run["trace"])
+    assert got == decisions(e2e["model"], e2e["fused_factory"], seqs)
     assert any(f < L for (_, _, f) in got)
 
 

@@ -99,12 +99,16 @@ def _num(x: Any) -> Optional[float]:
 
 
 def kl_divergence(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
-    """KL(p || q) of two histograms over the same bins, both smoothed by EPS (never infinite)."""
-    p = np.asarray(p_counts, dtype=np.float64) + EPS
-    q = np.asarray(q_counts, dtype=np.float64) + EPS
-    p /= p.sum()
-    q /= q.sum()
-    return float(np.sum(p * np.log(p / q)))
+    """KL(p || q) of two histograms over the same bins: each normalised, then smoothed by EPS per bin (never
+    infinite; histograms of the same shape at any scale give 0)."""
+    return float(np.sum((p := _smoothed(p_counts)) * np.log(p / _smoothed(q_counts))))
+
+
+def _smoothed(counts: Any) -> np.ndarray:
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    c = (c / total if total > 0 else np.full(c.shape, 1.0 / c.size)) + EPS
+    return c / c.sum()
 
 
 class OnlineCalibrator:
