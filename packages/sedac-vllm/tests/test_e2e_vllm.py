@@ -195,15 +195,17 @@ def e2e(request, tmp_path_factory):
          "llm": {"enable_chunked_prefill": True, "max_num_batched_tokens": 32, "max_num_seqs": 32,
                  "enable_prefix_caching": True, "block_size": 32}},
         {"name": "probe", "env": probe_env},
-        {"name": "online", "env": online_env},
-        {"name": "fusion", "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "fusion"), "SEDAC_ADAPTIVE": "0",
-                                   "SEDAC_THRESHOLDS": ",".join(repr(t) for t in fused_thresholds)}},
+        # the V6.1 roadmap's serving features: in vLLM's default (compiled) mode only, to keep the suite short
+        {"name": "online", "env": online_env, "modes": ("compiled",)},
+        {"name": "fusion", "modes": ("compiled",),
+         "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "fusion"), "SEDAC_ADAPTIVE": "0",
+                 "SEDAC_THRESHOLDS": ",".join(repr(t) for t in fused_thresholds)}},
         {"name": "probe_soft", "env": {**probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
                                        "SEDAC_EXIT_RATES": "0.9,0.9", "SEDAC_LAYER_WEIGHTS": "0.5,0.5"}},
     ]
     # every configuration twice: vLLM's default (compiled: dynamo + inductor on CPU) and enforce_eager
     runs = [{**r, "name": f"{r['name']}@{mode}", "llm": {**r.get("llm", {}), "enforce_eager": mode == "eager"}}
-            for mode in MODES for r in base]
+            for mode in MODES for r in base if mode in r.get("modes", MODES)]
     for r in runs:
         if r["name"].startswith("online@"):
             r["env"] = {**r["env"], "SEDAC_DECISION_LOG": str(tmp / f"decisions-{r['name'].split('@')[1]}.jsonl")}
@@ -298,7 +300,7 @@ def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
     assert any(f < L for (_, _, f) in got)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["compiled"])
 def test_fused_gate_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
     """The fused gate (probe logit, similarity, its trend, position) decides inside vLLM's batched forward as
     the HF reference does."""
@@ -360,7 +362,7 @@ def test_soft_exit_runs_truncated_mlps_inside_vllm(e2e, mode):
     assert all(len(t) == MAX_TOKENS for t in run["together"]["tokens"])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["compiled"])
 def test_online_calibration_and_decision_log_act_inside_the_served_graph(e2e, mode):
     """SEDAC_ONLINE=1 with a calibration histogram the model's signals cannot match: the first forward
     decides as the plain monitor does, the drift detector fires at its end, and from then on the graph
