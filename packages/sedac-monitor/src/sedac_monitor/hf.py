@@ -160,7 +160,7 @@ def activation_magnitudes(layout: DecoderLayout, windows: torch.Tensor, batch_si
     """Per layer, the mean ``|act(gate(x)) * up(x)|`` of every MLP intermediate channel over ``windows``
     (the input of ``down_proj``): what a data-calibrated soft-exit channel order ranks by."""
     sums: List[Optional[torch.Tensor]] = [None] * layout.num_layers
-    count = [0]
+    count = 0
     handles = []
 
     def hook(i):
@@ -175,11 +175,11 @@ def activation_magnitudes(layout: DecoderLayout, windows: torch.Tensor, batch_si
         with torch.no_grad():
             for sl in batches(windows.shape[0], batch_size):
                 layout.model(input_ids=windows[sl], use_cache=False)
-                count[0] += windows[sl].numel()
+                count += windows[sl].numel()
     finally:
         for h in handles:
             h.remove()
-    return [(s / count[0]).float() for s in sums]
+    return [(s / count).float() for s in sums]
 
 
 def teacher_forced(layout: DecoderLayout, windows: torch.Tensor, decider: Any = None, batch_size: int = 4,
