@@ -54,9 +54,7 @@ def probe_risk(bank, data: Dict[str, Any], rows: torch.Tensor) -> np.ndarray:
             if bank.target == "fusion":
                 from .fusion import checkpoint_features
 
-                f = checkpoint_features(bank, data, i, layer, rows)
-                z = ((f - bank.gate_mean[i]) / bank.gate_std[i]) @ bank.gate_weight[i] + bank.gate_bias[i]
-                cols.append(torch.sigmoid(-z))
+                cols.append(bank.gate_risk(i, checkpoint_features(bank, data, i, layer, rows)))
                 continue
             x = data["hidden"][layer][rows]
             cols.append(torch.cat([bank.risk_at(i, x[j:j + 8192].float()) for j in range(0, x.shape[0], 8192)]))

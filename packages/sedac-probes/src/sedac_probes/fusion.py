@@ -165,8 +165,7 @@ def evaluate_fusion(fusion_dir: Any, data_dir: Any, entropy_dir: Any = None, log
     for i, layer in enumerate(fusion.layers):
         feats = checkpoint_features(fusion.bank, data, i, layer, rows)
         with torch.no_grad():
-            z = ((feats - fusion.bank.gate_mean[i]) / fusion.bank.gate_std[i]) @ fusion.bank.gate_weight[i]
-            fused = torch.sigmoid(-(z + fusion.bank.gate_bias[i]))
+            fused = fusion.bank.gate_risk(i, feats)
         extra = {}
         if entropy is not None and layer in entropy.layers:
             j = entropy.layers.index(layer)

@@ -136,7 +136,10 @@ class ProbeBank(nn.Module):
     def fused_risk_at(self, i: int, h: torch.Tensor, s: torch.Tensor, s_prev: torch.Tensor,
                       positions: torch.Tensor) -> torch.Tensor:
         """A fusion bank's risk at checkpoint ``i``: 1 - sigmoid(gate(features))."""
-        feats = fusion_features(self.logit_at(i, h), s, s_prev, positions)
+        return self.gate_risk(i, fusion_features(self.logit_at(i, h), s, s_prev, positions))
+
+    def gate_risk(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """The fused gate at checkpoint ``i`` on its ``[rows, features]`` inputs: 1 - p(safe)."""
         z = ((feats - self.gate_mean[i]) / self.gate_std[i]) @ self.gate_weight[i] + self.gate_bias[i]
         return torch.sigmoid(-z)
 
