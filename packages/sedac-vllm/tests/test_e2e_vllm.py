@@ -315,12 +315,14 @@ def test_monitor_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
 
 @pytest.mark.parametrize("e2e,mode", BOTH, indirect=["e2e"])
 def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
-    r = runs_in(e2e, mode)
-    run = r["probe"]["together"]
-    seqs = e2e["probe_seqs"]
+    assert_equals_hf_probe_run(e2e, runs_in(e2e, mode)["probe"]["together"], e2e["probe_seqs"], e2e["probe_factory"])
+
+
+def assert_equals_hf_probe_run(e2e, run, seqs, factory):
+    """vLLM's greedy outputs and per-token decisions equal the HF reference decider's; some tokens exit."""
     assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs
     got = vllm_decisions(run["trace"])
-    assert got == decisions(e2e["model"], e2e["probe_factory"], seqs)
+    assert got == decisions(e2e["model"], factory, seqs)
     assert any(f < L for (_, _, f) in got)
 
 
@@ -328,12 +330,7 @@ def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
 def test_fused_gate_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
     """The fused gate (probe logit, similarity, its trend, position) decides inside vLLM's batched forward as
     the HF reference does."""
-    run = runs_in(e2e, mode)["fusion"]["together"]
-    seqs = e2e["fused_seqs"]
-    assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs
-    got = vllm_decisions(run["trace"])
-    assert got == decisions(e2e["model"], e2e["fused_factory"], seqs)
-    assert any(f < L for (_, _, f) in got)
+    assert_equals_hf_probe_run(e2e, runs_in(e2e, mode)["fusion"]["together"], e2e["fused_seqs"], e2e["fused_factory"])
 
 
 @pytest.mark.parametrize("e2e,mode", QWEN2, indirect=["e2e"])

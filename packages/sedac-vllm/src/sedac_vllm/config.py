@@ -192,6 +192,7 @@ class SedacConfig:
     metrics_file: Optional[str] = None
     trace: Optional[str] = None
     sources: Dict[str, str] = field(default_factory=dict)
+    config_json: Dict[str, Any] = field(default_factory=dict)  # the SEDAC_CONFIG file as read (empty: none)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "SedacConfig":
@@ -304,7 +305,7 @@ class SedacConfig:
         if self.protect_last >= num_layers:
             raise ConfigError(f"SEDAC_PROTECT_LAST={self.protect_last} leaves no layer for a {num_layers}-layer model")
         if self.mode == "monitor":
-            made_for = getattr(self, "config_json", {}).get("model", {}).get("num_layers")
+            made_for = self.config_json.get("model", {}).get("num_layers")
             if made_for is not None and made_for != num_layers:
                 raise ConfigError(f"SEDAC_CONFIG={self.config_file!r} was calibrated for a {made_for}-layer model, "
                                   f"this model has {num_layers} layers")

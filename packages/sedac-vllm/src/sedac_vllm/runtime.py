@@ -88,8 +88,8 @@ class VllmSedac:
         from .online import OnlineCalibrator
 
         c = self.cfg
-        evidence = getattr(c, "config_json", {}).get("evidence", {}) if hasattr(c, "config_json") else {}
-        tolerance = c.risk_tolerance or getattr(c, "config_json", {}).get("max_risk") or 0.05
+        evidence = c.config_json.get("evidence", {})
+        tolerance = c.risk_tolerance or c.config_json.get("max_risk") or 0.05
         self.decider.tau_t = self.decider.tau_t.to(device)
         return OnlineCalibrator(self.decider.tau_t, self.decider.tau, float(tolerance), c.shadow_rate,
                                 c.online_window, c.online_margin, c.drift_threshold,
@@ -179,12 +179,15 @@ class VllmSedac:
 
     def after_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
                     positions: torch.Tensor) -> None:
+        last = layer == self.num_layers - 1
+        if not (last or self.wants_stream(layer)):
+            return  # nothing reads this layer's residual stream: don't form it
         stream = hidden + residual
         if self.wants_stream(layer):
             self.state = {**self.state, "decider": self.decider.step(layer, stream, self.state["decider"])}
             if self.keep_signals and self.cfg.mode == "monitor":
                 self.state["signals"] = self.state.get("signals", ()) + (self.state["decider"]["s"],)
-        if layer == self.num_layers - 1:
+        if last:
             d = self.state["decider"]
             probe = self.cfg.mode == "probe"
             risk = self.decider.risk_matrix(d) if probe and (self.controller is not None or self.keep_signals) \
