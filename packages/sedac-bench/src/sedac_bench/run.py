@@ -46,7 +46,7 @@ SIZES = {
     "quick": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
               "hf_repeats": 2,
               "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 2, 4: 4, 16: 16, 64: 64}, "prefill_len": 128,
-                       "decode_out": 32, "rounds": 4, "eager_batches": (4, 16),
+                       "decode_out": 32, "rounds": 3, "eager_batches": (4, 16),
                        "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
                                    "V7 calibrated + online calibration"),
                        "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
