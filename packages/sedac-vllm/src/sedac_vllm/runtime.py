@@ -179,11 +179,11 @@ class VllmSedac:
 
     def after_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
                     positions: torch.Tensor) -> None:
-        last = layer == self.num_layers - 1
-        if not (last or self.wants_stream(layer)):
+        last, wanted = layer == self.num_layers - 1, self.wants_stream(layer)
+        if not (last or wanted):
             return  # nothing reads this layer's residual stream: don't form it
         stream = hidden + residual
-        if self.wants_stream(layer):
+        if wanted:
             self.state = {**self.state, "decider": self.decider.step(layer, stream, self.state["decider"])}
             if self.keep_signals and self.cfg.mode == "monitor":
                 self.state["signals"] = self.state.get("signals", ()) + (self.state["decider"]["s"],)
