@@ -18,6 +18,16 @@ import time
 import traceback
 
 
+def generate_together(llm, prompts, params):
+    """All prompts in one batch from the first step on. ``llm.generate`` sends its requests to the engine
+    process one by one, and that process may schedule a step before the last one arrives, so which prompts
+    share the first forward would be a race; vLLM's own recipe is to pause scheduling while enqueueing."""
+    llm.sleep(level=0)
+    llm.enqueue(prompts, params, use_tqdm=False)
+    llm.wake_up(tags=["scheduling"])
+    return llm.wait_for_completion(use_tqdm=False)
+
+
 def main(spec_path, out_path):
     spec = json.load(open(spec_path))
     base_env = dict(os.environ)
@@ -52,14 +62,14 @@ def main(spec_path, out_path):
                 if os.path.exists(path):
                     os.remove(path)
             if phase == "together":
-                outs = llm.generate(prompts, params, use_tqdm=False)
+                outs = generate_together(llm, prompts, params)
             elif phase == "separate":
                 outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
             elif phase == "repeat":  # the same prompts again: with prefix caching their prefixes are cached
-                llm.generate(prompts, params, use_tqdm=False)
+                generate_together(llm, prompts, params)
                 if os.path.exists(trace):
                     os.remove(trace)
-                outs = llm.generate(prompts, params, use_tqdm=False)
+                outs = generate_together(llm, prompts, params)
             else:
                 raise ValueError(phase)
             rows = [json.loads(line) for line in open(trace)] if os.path.exists(trace) else []
