@@ -80,12 +80,20 @@ class _SedacMLP(SkippableMLP):
             return super(SkippableMLP, self).forward(x)
         return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_runtime.key, self._sedac_layer)
 
+    _sedac_direct: Any = None
+
     def _sedac_full(self, x):
         """The whole MLP as the op runs it (eagerly, outside the compiled graph): vLLM's own layers, with
-        the activation called directly (see :func:`eager_activation`)."""
+        the activation called directly (see :func:`eager_activation`), and on CPU their GEMM kernels
+        called directly too (see :func:`direct_mlp`)."""
         act = self._sedac_act
         if act is None:
             return super(SkippableMLP, self).forward(x)
+        direct = self._sedac_direct
+        if direct is None:
+            direct = self._sedac_direct = direct_mlp(self, act) or False
+        if direct:
+            return direct(x)
         h, _ = self.gate_up_proj(x)
         y, _ = self.down_proj(act(h))
         return y
@@ -119,6 +127,31 @@ def eager_activation(mlp: torch.nn.Module):
         return method
     native = getattr(act, "forward_native", None)
     return native if native is not None else act
+
+
+def direct_mlp(mlp: torch.nn.Module, act):
+    """``f(x)``: the MLP with the GEMM kernels vLLM's CPU backend picked for its two linear layers
+    (``cpu_linear``, set when the weights are loaded) called directly, or None where that is not the
+    same computation as the layers' forward: not on CPU, tensor parallel (the down projection's
+    all-reduce), quantized weights.
+
+    The op runs the MLP once per layer per forward outside the compiled graph, where the layers'
+    Python (module call, quantization method, GEMM dispatch) is paid eagerly; at decode batch sizes on
+    CPU that is a visible share of the MLP's time. The kernels, inputs and bias are the layers' own,
+    so the values are the same (the e2e tests compare SEDAC without exits to vanilla vLLM bit for bit).
+    """
+    gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    for lin in (gate_up, down):
+        if (getattr(lin, "cpu_linear", None) is None or getattr(lin, "tp_size", 1) != 1
+                or type(getattr(lin, "quant_method", None)).__name__ != "UnquantizedLinearMethod"):
+            return None
+    gate_up_mm, down_mm = gate_up.cpu_linear, down.cpu_linear
+
+    def run(x):
+        h = gate_up_mm(x, gate_up.weight, None if gate_up.skip_bias_add else gate_up.bias)
+        return down_mm(act(h), down.weight, None if down.skip_bias_add else down.bias)
+
+    return run
 
 
 def _swap_layer(layer: torch.nn.Module, sedac, index: int) -> None:
