@@ -103,6 +103,13 @@ class _SedacMLP(SkippableMLP):
                                          self._sedac_inter)
 
 
+def quantization(linear: torch.nn.Module) -> Optional[str]:
+    """The class name of a vLLM linear layer's quantization method, or None for unquantized weights."""
+    quant = getattr(linear, "quant_method", None)
+    name = type(quant).__name__
+    return None if quant is None or name == "UnquantizedLinearMethod" else name
+
+
 def eager_activation(mlp: torch.nn.Module):
     """The MLP's activation as a plain callable for use inside SEDAC's op, or None to use vLLM's forward.
 
@@ -117,8 +124,7 @@ def eager_activation(mlp: torch.nn.Module):
     act, down = getattr(mlp, "act_fn", None), getattr(mlp, "down_proj", None)
     if act is None or down is None or getattr(mlp, "gate_up_proj", None) is None:
         return None
-    quant = getattr(down, "quant_method", None)
-    if quant is not None and type(quant).__name__ != "UnquantizedLinearMethod":
+    if quantization(down):
         return None
     method = getattr(act, "_forward_method", None)
     if method is None:
@@ -142,8 +148,7 @@ def direct_mlp(mlp: torch.nn.Module, act):
     """
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
     for lin in (gate_up, down):
-        if (getattr(lin, "cpu_linear", None) is None or getattr(lin, "tp_size", 1) != 1
-                or type(getattr(lin, "quant_method", None)).__name__ != "UnquantizedLinearMethod"):
+        if getattr(lin, "cpu_linear", None) is None or getattr(lin, "tp_size", 1) != 1 or quantization(lin):
             return None
     gate_up_mm, down_mm = gate_up.cpu_linear, down.cpu_linear
 
@@ -216,9 +221,9 @@ class SedacModelMixin:
                                  get_tensor_model_parallel_rank())
         sedac.pending_input_ids = None
         if cfg.soft_exit:
-            quant = getattr(layers[0].mlp.gate_up_proj, "quant_method", None)
-            if quant is not None and type(quant).__name__ != "UnquantizedLinearMethod":
-                raise ConfigError(f"SEDAC_SOFT_EXIT=1 needs unquantized MLP weights ({type(quant).__name__} found)")
+            quant = quantization(layers[0].mlp.gate_up_proj)
+            if quant:
+                raise ConfigError(f"SEDAC_SOFT_EXIT=1 needs unquantized MLP weights ({quant} found)")
         for i, layer in enumerate(layers):
             _swap_layer(layer, sedac, i)
             make_skippable(layer.mlp, sedac.runtime, i, vllm_truncated(layer.mlp) if cfg.soft_exit else None,
