@@ -23,6 +23,7 @@ so a row never computes fewer channels than asked).
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -119,7 +120,10 @@ class SkipRuntime:
         self._protected: Optional[torch.Tensor] = None
         self.stats: Optional[ExitStats] = None
         self.modules: Dict[int, nn.Module] = {}  # patched MLPs by layer (for the custom op)
-        self.key = f"rt{id(self):x}"
+        # a name the custom op finds this runtime by; compiled graphs carry it as a constant, so it is the same
+        # in every process that builds its runtimes in the same order (a graph from a compile cache then still
+        # finds its runtime)
+        self.key = f"rt{next(_RUNTIME_NUMBERS)}"
         _RUNTIME_REGISTRY[self.key] = self
         self._valid: Optional[torch.Tensor] = None
         self._rows, self._device = 0, torch.device("cpu")
@@ -495,6 +499,7 @@ class SkippableMLP:
 
 
 _RUNTIME_REGISTRY: "weakref.WeakValueDictionary[str, SkipRuntime]" = weakref.WeakValueDictionary()
+_RUNTIME_NUMBERS = itertools.count()
 
 
 def runtime_for(key: str) -> SkipRuntime:
