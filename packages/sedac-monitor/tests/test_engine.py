@@ -275,3 +275,42 @@ def test_activation_calibrated_channel_order_ranks_by_typical_contribution():
     assert torch.equal(layout.layers[2].mlp.gate_proj.weight, state["model.layers.2.mlp.gate_proj.weight"][orders[2]])
     att.detach()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_once_every_row_of_a_cascade_exited_later_layers_neither_compute_nor_read(monkeypatch):
+    model = tiny_model("llama")
+    mlps = [layer.mlp for layer in model.model.layers]
+    calls = []
+    original = type(mlps[0]).forward
+
+    def counting(self, x):
+        calls.append((mlps.index(self), x.shape[0]))
+        return original(self, x)
+    monkeypatch.setattr(type(mlps[0]), "forward", counting)
+    x = torch.randn(12, 128)
+    exit_at = [1] * 8 + [2] * 4  # 8 rows skip from layer 2 on, the other 4 from layer 3 on
+    valid = torch.tensor([True] * 11 + [False])  # one padding row: not counted
+    outs, seen = {}, {}
+    for policy in ("none", "layer"):  # "none": every layer masked, the reference
+        rt = SkipRuntime(Cascade(exit_at), 6, protect_first=0, host_sync=policy)
+        originals = [make_skippable(m, rt, i) for i, m in enumerate(mlps)]
+        calls.clear()
+        with torch.no_grad():
+            rt.begin(torch.zeros_like(x), valid=valid)
+            outs[policy] = [m(x) for m in mlps]
+            rt.after_layer(5, torch.zeros_like(x))
+        for m, o in zip(mlps, originals):
+            restore_mlp(m, o)
+        seen[policy] = (rt, list(calls))
+    ref, rt = seen["none"][0], seen["layer"][0]
+    # layer 2 computed the 4 rows still active; layer 3 read its plan, found every row skipped and computed
+    # nothing; layers 4 and 5 neither computed nor read
+    assert seen["layer"][1] == [(0, 12), (1, 12), (2, 4)]
+    assert rt.max_host_reads == 3  # layers 1, 2 and 3
+    for a, b in zip(outs["none"], outs["layer"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert all(not o.any() for o in outs["layer"][3:])
+    assert rt.stats.as_dict() == ref.stats.as_dict()
+    assert rt.stats.as_dict()["per_layer_skip_rate"] == [0, 0, 8 / 11, 1, 1, 1]
+    assert torch.equal(rt.last_first_skip, ref.last_first_skip)
+    assert torch.equal(rt.last_row_skips, ref.last_row_skips)

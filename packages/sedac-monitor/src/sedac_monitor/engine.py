@@ -198,6 +198,16 @@ class SkipRuntime:
             acc["row_skips"] += frac
             acc["skipped"][layer] += (frac if valid is None else frac * valid).double().sum()
 
+    def _record_everything_skipped(self, layer: int) -> None:
+        """:meth:`_record` for a plan that skips every row, each of which already skipped an earlier layer
+        (so no row's first skipped layer changes): three additions instead of a pass over the plan."""
+        acc = self._acc
+        valid = self._valid
+        n = acc["row_skips"].shape[0] if valid is None else valid.sum()
+        acc["row_skips"] += 1
+        acc["full"][layer] += n
+        acc["skipped"][layer] += n
+
     def finish(self) -> None:
         """Fold this forward's per-row results into the running statistics."""
         L, dev = self.num_layers, self._device
@@ -310,6 +320,10 @@ class SkipRuntime:
             return full(x)
         if self.shadow is not None:
             self.shadow(layer, flat, skip, full)
+        if self._active is not None and self._active.numel() == 0:
+            # a cascade whose every row exited at an earlier layer skips everything here too: no read needed
+            self._record_everything_skipped(layer)
+            return flat.new_zeros(flat.shape).view(shape)
         if self._may_read(layer):
             self.host_reads += 1
             n = int(skip.sum())  # the host read
