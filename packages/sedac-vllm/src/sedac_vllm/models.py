@@ -67,8 +67,15 @@ class _SedacDecoderLayer:
 
 
 class _SedacMLP(SkippableMLP):
-    """vLLM's MLP with the plan taken from the in-graph decider state; rows that may skip go through
-    the ``sedac::skip_mlp`` op, layers where no row can skip run vLLM's MLP untouched."""
+    """vLLM's MLP with the plan taken from the in-graph decider state. Layers where no row can skip run
+    vLLM's MLP untouched; rows that may skip go through the ``sedac::skip_mlp`` op.
+
+    In a compiled graph on CPU (whole-graph dynamo + inductor) the op sits in one branch of a
+    ``torch.cond`` on "does any row skip or truncate here": the other branch is vLLM's own MLP, compiled
+    into the graph like vanilla's, so a layer that skips nothing pays only for its decision (no eager
+    Python, no unfused activation; ``.item()`` of a CPU tensor is not a synchronisation). On GPU, where
+    vLLM splits the graph at SEDAC's ops and replays the pieces as CUDA graphs, a data-dependent branch
+    cannot be captured, so the op is called at every layer that can skip and decides inside."""
 
     _sedac_owner: "rt_mod.VllmSedac"
 
@@ -78,7 +85,19 @@ class _SedacMLP(SkippableMLP):
         skip, keep = self._sedac_owner.plan(self._sedac_layer)
         if skip is None and keep is None:
             return super(SkippableMLP, self).forward(x)
+        if torch.compiler.is_compiling() and x.device.type == "cpu":
+            acts = skip.any() if skip is not None else None
+            if keep is not None:  # a soft exit computes fewer channels for rows with keep < 1
+                truncates = (keep < 1).any()
+                acts = truncates if acts is None else acts | truncates
+            return torch.cond(acts, self._sedac_op, self._sedac_vanilla, (x, skip, keep))
+        return self._sedac_op(x, skip, keep)
+
+    def _sedac_op(self, x, skip, keep):
         return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_runtime.key, self._sedac_layer)
+
+    def _sedac_vanilla(self, x, skip, keep):
+        return super(SkippableMLP, self).forward(x)
 
     _sedac_direct: Any = None
 
@@ -217,6 +236,10 @@ class SedacModelMixin:
         text_config = vllm_config.model_config.hf_config.get_text_config()
         layers = list(self.model.layers)
         device = next(iter(self.parameters())).device
+        if device.type == "cpu":
+            from .allocator import keep_freed_memory
+
+            logger.info("SEDAC: glibc malloc %s", keep_freed_memory())
         sedac = rt_mod.VllmSedac(cfg, text_config, len(layers), int(text_config.hidden_size), device,
                                  get_tensor_model_parallel_rank())
         sedac.pending_input_ids = None

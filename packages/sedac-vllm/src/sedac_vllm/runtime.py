@@ -58,6 +58,10 @@ class VllmSedac:
         self.decider = decider
         self.runtime = SkipRuntime(decider, num_layers, cfg.protect_first, cfg.host_sync)
         self.runtime.start(0, device)
+        # this forward's decider state, flowing from layer to layer inside the compiled graph. Always this one
+        # dict, changed item by item and never rebound: dynamo (torch 2.13) loses a rebinding of an object's
+        # attribute made after a torch.cond in the same graph (the MLPs branch with torch.cond), and later
+        # layers would read the state of the first layer; item assignments are tracked correctly
         self.state: Dict[str, Any] = {}
         self.pending_input_ids: Optional[torch.Tensor] = None
         self.warming_up = False  # set per forward by the model (vLLM's dummy runs carry no attention metadata)
@@ -156,11 +160,13 @@ class VllmSedac:
     # -- per forward: in the model's graph (pure torch, no host reads) ----------
     def begin(self, stream: torch.Tensor, positions: torch.Tensor) -> None:
         """Layer 0's input: start the decider's state. ``state`` flows from layer to layer as tensors
-        (under torch.compile, dynamo tracks these attribute updates like any other value)."""
+        (under torch.compile, dynamo tracks these dict updates like any other value)."""
         allowed = positions.reshape(-1) >= self.cfg.protect_first if self.cfg.protect_first > 0 else None
         d = (self.decider.init(stream, positions) if getattr(self.decider, "wants_positions", False)
              else self.decider.init(stream))
-        self.state = {"decider": d, "allowed": allowed}
+        state = self.state
+        state.clear()
+        state["decider"], state["allowed"] = d, allowed
 
     def wants_stream(self, layer: int) -> bool:
         return self.stream_layers is None or layer in self.stream_layers
@@ -184,7 +190,7 @@ class VllmSedac:
             return  # nothing reads this layer's residual stream: don't form it
         stream = hidden + residual
         if wanted:
-            self.state = {**self.state, "decider": self.decider.step(layer, stream, self.state["decider"])}
+            self.state["decider"] = self.decider.step(layer, stream, self.state["decider"])
             if self.keep_signals and self.cfg.mode == "monitor":
                 self.state["signals"] = self.state.get("signals", ()) + (self.state["decider"]["s"],)
         if last:
@@ -274,7 +280,9 @@ class VllmSedac:
         st = self.runtime.stats
         base: Dict[str, Any] = st.as_dict() if st is not None else ExitStats.empty(self.num_layers)
         base.update(mode=self.cfg.mode, steps=self.step, num_layers=self.num_layers, pid=os.getpid(),
-                    time=time.time())
+                    time=time.time(),
+                    # the most plans any forward read on the host inside sedac::skip_mlp (0: the op never ran)
+                    max_host_reads=self.runtime.max_host_reads)
         if self.cfg.mode == "probe":
             base["thresholds"] = [float(t) for t in self.decider.cascade.thresholds.tolist()]
             base["probe_layers"] = list(self.decider.bank.layers)
