@@ -164,7 +164,7 @@ def throughput(results: Dict[str, Any], out: Path) -> List[str]:
         ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
         ax.set_xticklabels(workloads, fontsize=6, rotation=12)
         ax.set_ylabel("throughput vs vanilla vLLM (x)")
-        ax.set_title(f"vLLM CPU, compiled, SmolLM2-135M ({folder} folder): median of interleaved rounds "
+        ax.set_title(f"vLLM CPU, compiled, SmolLM2-135M ({folder} folder): median of rounds, engines in lockstep "
                      "[min-max]; black ticks: ideal", fontsize=8)
         ax.legend(fontsize=6)
         _footer(fig, results)

