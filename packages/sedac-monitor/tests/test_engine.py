@@ -179,7 +179,8 @@ def test_every_host_sync_policy_gives_the_same_outputs_and_statistics(policy):
     assert rt.max_host_reads == bound
 
 
-def test_forward_policy_reads_once_at_the_layer_that_saved_most_and_reuses_the_compaction(monkeypatch):
+def counted_mlps(monkeypatch):
+    """A tiny llama's MLPs, and the list every MLP forward appends (layer, rows) to."""
     model = tiny_model("llama")
     mlps = [layer.mlp for layer in model.model.layers]
     calls = []
@@ -189,6 +190,11 @@ def test_forward_policy_reads_once_at_the_layer_that_saved_most_and_reuses_the_c
         calls.append((mlps.index(self), x.shape[0]))
         return original(self, x)
     monkeypatch.setattr(type(mlps[0]), "forward", counting)
+    return mlps, calls
+
+
+def test_forward_policy_reads_once_at_the_layer_that_saved_most_and_reuses_the_compaction(monkeypatch):
+    mlps, calls = counted_mlps(monkeypatch)
     x = torch.randn(40, 128)
     exit_at = [1] * 30 + [-1] * 10  # 30 rows exit after layer 1: a compaction at layer 2 saves 4 layers
     rt = SkipRuntime(Cascade(exit_at), 6, protect_first=0, host_sync="forward")
@@ -278,15 +284,7 @@ def test_activation_calibrated_channel_order_ranks_by_typical_contribution():
 
 
 def test_once_every_row_of_a_cascade_exited_later_layers_neither_compute_nor_read(monkeypatch):
-    model = tiny_model("llama")
-    mlps = [layer.mlp for layer in model.model.layers]
-    calls = []
-    original = type(mlps[0]).forward
-
-    def counting(self, x):
-        calls.append((mlps.index(self), x.shape[0]))
-        return original(self, x)
-    monkeypatch.setattr(type(mlps[0]), "forward", counting)
+    mlps, calls = counted_mlps(monkeypatch)
     x = torch.randn(12, 128)
     exit_at = [1] * 8 + [2] * 4  # 8 rows skip from layer 2 on, the other 4 from layer 3 on
     valid = torch.tensor([True] * 11 + [False])  # one padding row: not counted
