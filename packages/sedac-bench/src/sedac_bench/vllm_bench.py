@@ -159,7 +159,7 @@ class Engine:
 
     def __init__(self, name: str, env: Dict[str, str], kwargs: Dict[str, Any], warm: List[List[List[int]]]) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.name, self.metrics = name, env["SEDAC_METRICS_FILE"]
+        self.name = name
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_engine_main, args=(child, env, kwargs, warm), name=f"engine {name}",
                                 daemon=False)
@@ -213,6 +213,7 @@ def warm_up_batches(spec: Dict[str, Any], budget: int = MAX_BATCHED_TOKENS) -> L
 def start_engines(spec: Dict[str, Any], group: Dict[str, Any], work: str, round_: int = 0) -> Dict[str, Engine]:
     engines: Dict[str, Engine] = {}
     warm = warm_up_batches(spec)
+    cuda = _cuda()
     try:
         for cfg in group["configs"]:
             name = cfg["name"]
@@ -223,7 +224,7 @@ def start_engines(spec: Dict[str, Any], group: Dict[str, Any], work: str, round_
                    "SEDAC_METRICS_FILE": metrics, "SEDAC_LOG_EVERY": "0", **ENGINE_ENV, **cfg.get("env", {})}
             kwargs = dict(model=spec["model"], dtype="float32", max_model_len=2048, seed=0, max_num_seqs=128,
                           max_num_batched_tokens=MAX_BATCHED_TOKENS)
-            if _cuda():  # engines side by side share the GPU's memory
+            if cuda:  # engines side by side share the GPU's memory
                 kwargs["gpu_memory_utilization"] = 0.8 / len(group["configs"])
             kwargs.update(spec.get("llm", {}))
             kwargs.update(group.get("llm", {}))
@@ -337,10 +338,10 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     work = os.path.dirname(os.path.abspath(out_path))
     results: Dict[str, Any] = {}
-    for group in spec["groups"]:
+    for group in spec["groups"]:  # written after every group, so a failure later keeps what was measured
         results[group["name"]] = run_group(spec, group, work)
-        json.dump(results, open(out_path, "w"), indent=1)
-    json.dump(results, open(out_path, "w"), indent=1)
+        with open(out_path, "w") as fh:
+            json.dump(results, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,8 @@ is not glibc.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from typing import Dict
-
-logger = logging.getLogger("sedac_vllm")
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
