@@ -67,3 +67,23 @@ def test_engines_run_vllm_in_process_and_set_no_malloc_variables():
     assert ENGINE_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     # MALLOC_* set after a process started do nothing, and would make sedac-vllm leave malloc alone
     assert not any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in ENGINE_ENV)
+
+
+def test_warm_up_fills_a_step_and_the_largest_batch_with_prompts_no_timed_run_shares():
+    from sedac_bench.vllm_bench import warm_up_batches
+
+    decode = [[[1, 2, 3, 4]] * 4]
+    prefill = [[list(range(100, 228))] * 2]  # one round: two prompts of 128 tokens
+    spec = {"workloads": [{"batch": 4, "prompt_sets": decode}, {"batch": 16, "prompt_sets": prefill}]}
+    long, wide = warm_up_batches(spec, budget=1000)
+    assert len(long) == 8 and all(len(p) == 128 for p in long)  # 8 x 128 >= 1000 tokens: one full step
+    assert len(wide) == 16 and all(len(p) == 16 for p in wide)  # the largest batch
+    timed = {tuple(p[:16]) for w in spec["workloads"] for p in w["prompt_sets"][0]}
+    assert not any(tuple(p[:16]) in timed for p in long + wide)
+
+
+def test_warm_up_without_prompt_tokens_is_a_clear_error():
+    from sedac_bench.vllm_bench import warm_up_batches
+
+    with pytest.raises(ValueError, match="no prompt tokens"):
+        warm_up_batches({"workloads": [{"batch": 1, "prompt_sets": [[]]}]})
