@@ -47,6 +47,7 @@ def test_lockstep_sums_each_engines_own_calls():
     assert res["vanilla"]["seconds"] == pytest.approx(2 * (0.002 + 3 * 0.010))
     assert res["sedac"]["seconds"] == pytest.approx(2 * (0.002 + 3 * 0.012))
     assert res["other"]["steps"] == 6
+    assert res["sedac"]["step_seconds"] == pytest.approx([0.012] * 6)
     assert res["sedac"]["generated_tokens"] == 4
     assert res["sedac"]["skipped_mlp_fraction"] == 0.5 and res["vanilla"]["skipped_mlp_fraction"] == 0.0
 

@@ -243,12 +243,13 @@ def lockstep_run(engines: Dict[str, Engine], order: List[str], prompts: List[Lis
     """The same prompts on every engine, ``batch`` at a time, in lockstep: each engine in turn adds the batch,
     then each takes one engine step (one forward) in turn, always in the same cyclic order, until all are
     done. A configuration's time is the sum of its own calls (adding the prompts, every step: scheduling,
-    the model, output processing). Consecutive steps of different engines are milliseconds apart, so the
+    the model, output processing); every step's own time is kept too (``step_seconds``).
+    Consecutive steps of different engines are milliseconds apart, so the
     machine's drift in speed (on a shared 2-core machine, ±10% at every time scale from a second up) falls
     on all alike; and no engine ever takes two steps in a row, which would find its weights still in the
     CPU's caches (reversing the order at every step gave the engines at either end that advantage: an
     engine identical to vanilla measured 7% slower in the middle)."""
-    res = {n: {"seconds": 0.0, "generated_tokens": 0, "steps": 0} for n in order}
+    res = {n: {"seconds": 0.0, "generated_tokens": 0, "steps": 0, "step_seconds": []} for n in order}
     for name in order:
         engines[name].ask({"op": "begin"})
     for i in range(0, len(prompts), batch):
@@ -265,6 +266,7 @@ def lockstep_run(engines: Dict[str, Engine], order: List[str], prompts: List[Lis
                 r["seconds"] += reply["seconds"]
                 r["generated_tokens"] += reply["generated"]
                 r["steps"] += 1
+                r["step_seconds"].append(reply["seconds"])
                 if not reply["more"]:
                     finished.add(name)
             live = [n for n in live if n not in finished]
