@@ -36,6 +36,12 @@ class Scripted:
         pass
 
 
+# An MLP over a subset of the rows can take a different BLAS kernel than over all of them, which sums in a
+# different order: float32 results then differ in the last digits (1.4e-5 seen on one CI machine, 0 here).
+# Rows that the runtime computes on a gathered subset are compared with this tolerance, never bit for bit.
+SUBSET = dict(atol=1e-4, rtol=1e-4)
+
+
 def mlp_of(model, i=2):
     return model.model.layers[i].mlp
 
@@ -104,7 +110,7 @@ def test_rows_outside_the_plan_are_bit_identical_and_padding_is_not_counted():
     assert torch.equal(y[0], full[0])  # position 0 is protected: computed although the plan said skip
     assert torch.equal(y[3], torch.zeros(128))
     for r in (1, 2, 4, 5):
-        torch.testing.assert_close(y[r], full[r], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(y[r], full[r], **SUBSET)
     stats = rt.stats.as_dict()
     assert stats["tokens"] == 5 and stats["skipped_mlp_blocks"] == 1.0
 
@@ -172,7 +178,7 @@ def test_every_host_sync_policy_gives_the_same_outputs_and_statistics(policy):
         got = [run_layers(rt, x, mlps) for _ in range(2)]
     for a, b in zip(ref, got):
         for ya, yb in zip(a, b):
-            torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(ya, yb, **SUBSET)
     assert rt.stats.as_dict() == ref_rt.stats.as_dict()
     assert torch.equal(rt.last_first_skip, ref_rt.last_first_skip)
     bound = {"layer": 5, "forward": 1, "none": 0}[policy]  # layer 0 has no plan
@@ -306,7 +312,7 @@ def test_once_every_row_of_a_cascade_exited_later_layers_neither_compute_nor_rea
     assert seen["layer"][1] == [(0, 12), (1, 12), (2, 4)]
     assert rt.max_host_reads == 3  # layers 1, 2 and 3
     for a, b in zip(outs["none"], outs["layer"]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a, b, **SUBSET)
     assert all(not o.any() for o in outs["layer"][3:])
     assert rt.stats.as_dict() == ref.stats.as_dict()
     assert rt.stats.as_dict()["per_layer_skip_rate"] == [0, 0, 8 / 11, 1, 1, 1]
