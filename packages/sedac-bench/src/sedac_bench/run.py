@@ -44,11 +44,12 @@ SIZES = {
     # vLLM: decode-heavy and prefill-heavy prompts per batch size (prefill-heavy runs take more prompts: their
     # steps are long, and a run needs several steps to interleave; at batch 1, 8 prompts made runs of 8 steps
     # under a second, whose no-exit gauge ranged 0.79-1.00x over 4 rounds, while 32 stayed within
-    # 0.99-1.00x), prefill prompt length, decode tokens out,
+    # 0.99-1.00x; likewise decode at batch 4: 4 prompts read 1.000-1.022x over 4 rounds, 16 read 0.996-1.011x),
+    # prefill prompt length, decode tokens out,
     # rounds, the configurations timed compiled (vLLM's default) and eager, and the eager table's batch sizes.
     "quick": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
               "hf_repeats": 2,
-              "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 2, 4: 4, 16: 16, 64: 64},
+              "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 16, 16: 16, 64: 64},
                        "prefill_prompts": {1: 32, 4: 64, 16: 64, 64: 128}, "prefill_len": 128,
                        "decode_out": 32, "rounds": 4, "eager_batches": (4, 16),
                        "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
@@ -56,7 +57,7 @@ SIZES = {
                        "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
     "full": {"cal_tokens": 4096, "probe_windows": 16, "eval_windows": 8, "gen_prompts": 8, "gen_tokens": 32,
              "hf_repeats": 3,
-             "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 8, 16: 32, 64: 64},
+             "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 16, 16: 32, 64: 64},
                       "prefill_prompts": {1: 16, 4: 32, 16: 64, 64: 128}, "prefill_len": 512,
                       "decode_out": 64, "rounds": 8, "eager_batches": (1, 4, 16, 64),
                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V6.0 safety probe",
