@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="where report.md, results.json and the PNGs go (default: bench-results)")
     r.add_argument("--size", choices=("quick", "full"), default="quick",
-                   help="quick: the demo's sizes (50 to 80 minutes on 2 cores, 10 to 20 of them before vLLM, which "
+                   help="quick: the demo's sizes (45 to 80 minutes on 2 cores, 10 to 20 of them before vLLM, which "
                         "--no-vllm skips); full: larger vLLM workloads, more rounds")
     r.add_argument("--no-vllm", action="store_true", help="skip the vLLM throughput part")
     r.add_argument("--folders", default="llama", help="model folders for vLLM: llama, qwen2 or llama,qwen2")
