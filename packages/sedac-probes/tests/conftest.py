@@ -3,4 +3,4 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "test_support"))
-from sedac_fixtures import assets, family, tiny, tiny_dir  # noqa: E402, F401
+from sedac_fixtures import assets, family, tiny, tiny_dir, warm_torch  # noqa: E402, F401
