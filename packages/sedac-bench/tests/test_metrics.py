@@ -150,7 +150,9 @@ def _spread(kind, batch):
 
 def test_headline_table_and_readme_block(tmp_path):
     lines = headline(_results())
-    assert lines[0].startswith("| method | skipped MLP | top-1 risk | ΔPPL")
+    assert lines[0].startswith("| method | skipped MLP | top-1 risk | ΔPPL") and "compiled (batch 4) |" in lines[0]
+    no_vllm = {k: v for k, v in _results().items() if k != "vllm"}  # sedac-bench run --no-vllm
+    assert "compiled (not run) |" in headline(no_vllm)[0]
     assert "| V7 calibrated (max risk 5%) | 1.00% | 4.00% | +5.00% | 50% | 1.010x | 0.990x |" in lines
     assert any(line.startswith("| V7 original defaults | 75.00% | 99.00% | ×1e+06") for line in lines)
     res = tmp_path / "results.json"

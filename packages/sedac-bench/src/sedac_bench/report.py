@@ -51,8 +51,9 @@ def headline(results: Dict[str, Any]) -> List[str]:
         names.append("V7 original defaults")
     rows_v = _compiled_rows(results)
     bs = sorted({r["batch"] for r in rows_v if r["batch"] in HEADLINE_BATCHES})
+    batches = f" (batch {' / '.join(map(str, bs))})" if bs else " (not run)"  # --no-vllm: no vLLM rows
     lines = ["| method | skipped MLP | top-1 risk | ΔPPL | greedy tokens identical | vLLM prefill-heavy speed-up, "
-             f"compiled (batch {' / '.join(map(str, bs))}) | vLLM decode-heavy speed-up |",
+             f"compiled{batches} | vLLM decode-heavy speed-up |",
              "|---|---|---|---|---|---|---|"]
     for n in names:
         r = rows[n]
