@@ -16,12 +16,13 @@ def test_shared_runtime_surface_is_pinned():
 
     assert sorted(runtime.__all__) == sorted([
         "GATHER_MIN_FRACTION", "HOST_SYNC_POLICIES", "SOFT_GROUPS", "DecoderLayout", "ExitStats", "ForcedExitDecider",
-        "HFAttachment", "InputError", "MonitorDecider", "Pass", "RecordingDecider", "SkipRuntime", "SkippableMLP",
+        "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "RecordingDecider", "SkipRuntime",
+        "SkippableMLP",
         "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "channel_importance",
         "channel_mask", "channel_order",
         "drop_last_position", "find_layout", "hf_truncated", "intermediate_size", "load_config", "load_model",
         "make_skippable", "model_identity", "monitor_rule", "permute_channels", "progress", "read_text",
-        "register_op", "restore_mlp", "runtime_for", "similarity", "split_windows", "subclass_with",
+        "register_op", "restore_mlp", "runtime_for", "similarity", "soft_channels", "split_windows", "subclass_with",
         "teacher_forced", "token_windows"])
     assert all(hasattr(runtime, name) for name in runtime.__all__)
     assert sorted(calibrate.__all__) == sorted([

@@ -127,6 +127,7 @@ def test_a_forward_that_never_reaches_the_ops_stops_with_a_clear_error(monkeypat
     torch.nn.Module.__init__(model)
     cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1"})
     model._sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    model._sedac.cost = False  # no MLP to time in this stand-in (a real model's is timed before its first forward)
     model.forward(None, torch.arange(3))  # reaches the ops: fine
     model.reach = False
     with pytest.raises(RuntimeError, match="never reached its ops.*compile cache"):

@@ -128,6 +128,11 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
                 layers = after.get("num_layers") or 1
                 conn.send({"sedac_tokens": tokens,
                            "skipped_mlp_fraction": skipped / (tokens * layers) if tokens else 0.0,
+                           # the engine's cost model (MLP time measured at start-up): MLP seconds of the run's
+                           # forwards, what their plans could save counting weight reads (byte-aware ideal),
+                           # and how many layer calls took the gather path
+                           **{k: after.get(k, 0) - before.get(k, 0)
+                              for k in ("mlp_seconds", "ideal_saved_seconds", "gathers")},
                            "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
             elif op == "top1":
                 conn.send({"top1": _prompt_top1(llm, cmd["prompts"]), "stats": _wait_stats(metrics, -1, 1.0)})

@@ -135,6 +135,9 @@ class SkipRuntime:
         # called as shadow(layer, rows, skip, mlp) wherever rows skip: lets a caller compute, without applying,
         # what a sample of them skipped (sedac-vllm's online risk estimate)
         self.shadow: Optional[Callable[[int, torch.Tensor, torch.Tensor, Callable], None]] = None
+        # False: the caller keeps this forward's per-row results itself (sedac-vllm computes them inside the
+        # compiled graph, whichever path a layer takes) and hands them to finish(); True: apply() records them
+        self.records = True
         self.host_reads = 0  # reads of a plan on the host, this forward (the policy bounds it)
         self.max_host_reads = 0  # the most host reads any forward needed
         # per row, for the last completed forward: first skipped layer (num_layers: none) and MLP blocks skipped
@@ -180,6 +183,8 @@ class SkipRuntime:
         """Fold one layer's plan into this forward's per-row results at once. Nothing of the plan is
         kept: inside a compiled graph the tensors an op receives are the compiler's buffers, which it
         reuses for later values once the op returns."""
+        if not self.records:
+            return
         acc = self._acc
         if acc is None:
             L, dev, rows = self.num_layers, skip.device, skip.shape[0]
@@ -201,12 +206,22 @@ class SkipRuntime:
     def _record_everything_skipped(self, layer: int) -> None:
         """:meth:`_record` for a plan that skips every row, each of which already skipped an earlier layer
         (so no row's first skipped layer changes): three additions instead of a pass over the plan."""
+        if not self.records:
+            return
         acc = self._acc
         valid = self._valid
         n = acc["row_skips"].shape[0] if valid is None else valid.sum()
         acc["row_skips"] += 1
         acc["full"][layer] += n
         acc["skipped"][layer] += n
+
+    def set_results(self, first: torch.Tensor, row_skips: torch.Tensor, skipped: torch.Tensor,
+                    full: torch.Tensor) -> None:
+        """This forward's per-row results as the caller kept them (``records`` False): first skipped layer
+        per row (``num_layers``: none), MLP blocks skipped per row, and per layer the MLP blocks skipped
+        (soft exits fractionally) and the rows that skipped the whole MLP. :meth:`finish` folds them in."""
+        self._acc = {"first": first.to(torch.int64), "row_skips": row_skips.float(), "skipped": skipped.double(),
+                     "full": full.to(torch.int64)}
 
     def finish(self) -> None:
         """Fold this forward's per-row results into the running statistics."""
@@ -356,11 +371,7 @@ class SkipRuntime:
         return out
 
     def _soft(self, layer, flat, skip, keep, full, truncated, intermediate):
-        step = max(intermediate // SOFT_GROUPS, 1)
-        # channels to compute per row, rounded up to a multiple of `step`; skipped rows compute 0
-        m = torch.clamp(torch.ceil(keep.float() * intermediate / step) * step, max=intermediate).to(torch.int64)
-        m = torch.where(skip, torch.zeros_like(m), m)
-        frac = torch.where(skip, torch.zeros(1, device=m.device), (intermediate - m).float() / intermediate)
+        m, frac = soft_channels(skip, keep, intermediate)
         self._record(layer, skip, frac)
         if not self._may_read(layer):
             # masked: every row computes every channel, and each row keeps the first m of them
@@ -378,6 +389,17 @@ class SkipRuntime:
             y = full(part) if value >= intermediate else truncated(part, int(value))
             out.index_copy_(0, rows, y)
         return out
+
+
+def soft_channels(skip: torch.Tensor, keep: torch.Tensor, intermediate: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A soft-exit plan as channel counts: ``m`` (int64[rows], channels each row computes: ``keep`` of them
+    rounded up to a multiple of ``intermediate / SOFT_GROUPS``, 0 for skipped rows) and ``frac`` (float[rows],
+    the fraction of the MLP each row skips partially: 0 for skipped and full rows). Pure torch (compiles)."""
+    step = max(intermediate // SOFT_GROUPS, 1)
+    m = torch.clamp(torch.ceil(keep.float() * intermediate / step) * step, max=intermediate).to(torch.int64)
+    m = torch.where(skip, torch.zeros_like(m), m)
+    frac = torch.where(skip, torch.zeros(1, device=m.device), (intermediate - m).float() / intermediate)
+    return m, frac
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@ build on. This module is the public surface; everything it exports is part of se
   channels) to MLP calls; :func:`make_skippable` / :func:`restore_mlp` swap an MLP's class so its
   forward goes through a runtime; :class:`HFAttachment` wires a Hugging Face model's forward to one;
   :func:`register_op` defines ops in the ``sedac`` namespace (``sedac::skip_mlp`` is defined here).
-* **Soft exit**: :func:`channel_order`, :func:`permute_channels`, :func:`hf_truncated`,
+* **What skipping costs**: :class:`MlpCost` (a layer's MLP time at every batch size on this machine,
+  the gather path's overhead, the fewest skipped rows at which gathering pays, the byte-aware saving).
+* **Soft exit**: :func:`soft_channels`, :func:`channel_order`, :func:`permute_channels`, :func:`hf_truncated`,
   :func:`channel_mask`.
 * **Deciders**: :class:`MonitorDecider` (V7) and :func:`similarity`; the decider protocol is in
   :mod:`sedac_monitor.engine`'s docstring.
@@ -18,6 +20,7 @@ build on. This module is the public surface; everything it exports is part of se
 """
 
 from .accelerator import load_config, monitor_rule
+from .cost import MlpCost
 from .decide import MonitorDecider, similarity
 from .engine import (
     GATHER_MIN_FRACTION,
@@ -37,6 +40,7 @@ from .engine import (
     register_op,
     restore_mlp,
     runtime_for,
+    soft_channels,
     subclass_with,
 )
 from .hf import (
@@ -66,6 +70,7 @@ __all__ = [
     "ForcedExitDecider",
     "HFAttachment",
     "InputError",
+    "MlpCost",
     "MonitorDecider",
     "Pass",
     "RecordingDecider",
@@ -94,6 +99,7 @@ __all__ = [
     "restore_mlp",
     "runtime_for",
     "similarity",
+    "soft_channels",
     "split_windows",
     "subclass_with",
     "teacher_forced",

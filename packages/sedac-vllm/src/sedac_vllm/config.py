@@ -57,6 +57,9 @@ VARIABLES: Dict[str, str] = {
     "SEDAC_ALPHA": "adaptive EMA step, number in (0, 1] (default 0.1)",
     "SEDAC_HOST_SYNC": "'layer', 'forward' or 'none': how often a plan may be read on the host "
                        "(default: layer on CPU, forward on GPU)",
+    "SEDAC_GATHER": "'auto', 'always' or 'never': when a layer where some rows skip runs the MLP on the active rows "
+                    "only (gather) instead of on every row with the skipped rows zeroed (masked) (default auto: "
+                    "where the MLP time measured at start-up says gathering pays)",
     "SEDAC_DECISION_LOG": "path: append a sampled per-token decision log as JSON lines (default: off)",
     "SEDAC_DECISION_LOG_RATE": "fraction of tokens logged, number in (0, 1] (default 0.01)",
     "SEDAC_DECISION_LOG_MAX_MB": "size bound of the decision log in MB, number > 0 (default 64)",
@@ -177,6 +180,7 @@ class SedacConfig:
     layer_weights: Optional[List[float]] = None
     alpha: float = 0.1
     host_sync: Optional[str] = None
+    gather: str = "auto"
     # watching while serving
     decision_log: Optional[str] = None
     decision_log_rate: float = 0.01
@@ -239,6 +243,7 @@ class SedacConfig:
         cfg.layer_weights = parse_list(env, "SEDAC_LAYER_WEIGHTS", float, 0.0)
         cfg.alpha = parse_number(env, "SEDAC_ALPHA", cfg.alpha, 0.0, 1.0, lo_open=True)
         cfg.host_sync = parse_choice(env, "SEDAC_HOST_SYNC", ("layer", "forward", "none"), None)
+        cfg.gather = parse_choice(env, "SEDAC_GATHER", ("auto", "always", "never"), cfg.gather)
         cfg.decision_log = _get(env, "SEDAC_DECISION_LOG")
         cfg.decision_log_rate = parse_number(env, "SEDAC_DECISION_LOG_RATE", cfg.decision_log_rate, 0.0, 1.0,
                                              lo_open=True)

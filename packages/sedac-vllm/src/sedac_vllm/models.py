@@ -67,37 +67,29 @@ class _SedacDecoderLayer:
 
 
 class _SedacMLP(SkippableMLP):
-    """vLLM's MLP with the plan taken from the in-graph decider state. Layers where no row can skip run
-    vLLM's MLP untouched; rows that may skip go through the ``sedac::skip_mlp`` op.
-
-    In a compiled graph on CPU (whole-graph dynamo + inductor) the op sits in one branch of a
-    ``torch.cond`` on "does any row skip or truncate here": the other branch is vLLM's own MLP, compiled
-    into the graph like vanilla's, so a layer that skips nothing pays only for its decision (no eager
-    Python, no unfused activation; ``.item()`` of a CPU tensor is not a synchronisation). On GPU, where
-    vLLM splits the graph at SEDAC's ops and replays the pieces as CUDA graphs, a data-dependent branch
-    cannot be captured, so the op is called at every layer that can skip and decides inside."""
+    """vLLM's MLP with the plan taken from the in-graph decider state: layers where no row can skip run
+    vLLM's MLP untouched; elsewhere :meth:`VllmSedac.run_mlp <sedac_vllm.runtime.VllmSedac.run_mlp>` picks
+    the masked path (in the graph) or the gather path (the ``sedac::skip_mlp`` op) by what each costs."""
 
     _sedac_owner: "rt_mod.VllmSedac"
 
     _sedac_act: Any = None
 
     def forward(self, x):
-        skip, keep = self._sedac_owner.plan(self._sedac_layer)
-        if skip is None and keep is None:
-            return super(SkippableMLP, self).forward(x)
-        if torch.compiler.is_compiling() and x.device.type == "cpu":
-            acts = skip.any() if skip is not None else None
-            if keep is not None:  # a soft exit computes fewer channels for rows with keep < 1
-                truncates = (keep < 1).any()
-                acts = truncates if acts is None else acts | truncates
-            return torch.cond(acts, self._sedac_op, self._sedac_vanilla, (x, skip, keep))
-        return self._sedac_op(x, skip, keep)
+        return self._sedac_owner.run_mlp(self, x)
 
-    def _sedac_op(self, x, skip, keep):
-        return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_runtime.key, self._sedac_layer)
-
-    def _sedac_vanilla(self, x, skip, keep):
+    def _sedac_vanilla(self, x):
         return super(SkippableMLP, self).forward(x)
+
+    def _sedac_masked(self, x, skip, keep, m):
+        """Every row through vLLM's MLP, skipped rows zeroed; with a soft exit every channel computed and
+        each row's first ``m`` kept. Out of place (a ``torch.cond`` branch)."""
+        if m is not None:
+            return self._sedac_truncated(x, m)
+        return super(SkippableMLP, self).forward(x).masked_fill(skip[:, None], 0)
+
+    def _sedac_op(self, x, skip, keep, m):
+        return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_runtime.key, self._sedac_layer)
 
     _sedac_direct: Any = None
 
@@ -117,7 +109,14 @@ class _SedacMLP(SkippableMLP):
         y, _ = self.down_proj(act(h))
         return y
 
+    def _sedac_local(self):
+        """``f(x)``: this rank's shard of the MLP without the all-reduce (for timing: no collective, so each
+        rank can time it on its own), or None where vLLM's kernels cannot be called directly."""
+        act = self._sedac_act
+        return direct_mlp(self, act, shard=True) if act is not None else None
+
     def _sedac_apply(self, x, skip, keep):
+        self._sedac_owner.gathers += 1
         return self._sedac_runtime.apply(self._sedac_layer, x, skip, keep, self._sedac_full, self._sedac_truncated,
                                          self._sedac_inter)
 
@@ -154,11 +153,11 @@ def eager_activation(mlp: torch.nn.Module):
     return native if native is not None else act
 
 
-def direct_mlp(mlp: torch.nn.Module, act):
+def direct_mlp(mlp: torch.nn.Module, act, shard: bool = False):
     """``f(x)``: the MLP with the GEMM kernels vLLM's CPU backend picked for its two linear layers
     (``cpu_linear``, set when the weights are loaded) called directly, or None where that is not the
     same computation as the layers' forward: not on CPU, tensor parallel (the down projection's
-    all-reduce), quantized weights.
+    all-reduce; ``shard=True`` accepts that and computes this rank's partial sum), quantized weights.
 
     The op runs the MLP once per layer per forward outside the compiled graph, where the layers'
     Python (module call, quantization method, GEMM dispatch) is paid eagerly; at decode batch sizes on
@@ -167,7 +166,8 @@ def direct_mlp(mlp: torch.nn.Module, act):
     """
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
     for lin in (gate_up, down):
-        if getattr(lin, "cpu_linear", None) is None or getattr(lin, "tp_size", 1) != 1 or quantization(lin):
+        if getattr(lin, "cpu_linear", None) is None or (getattr(lin, "tp_size", 1) != 1 and not shard) \
+                or quantization(lin):
             return None
     gate_up_mm, down_mm = gate_up.cpu_linear, down.cpu_linear
 
@@ -240,8 +240,13 @@ class SedacModelMixin:
             from .allocator import keep_freed_memory
 
             logger.info("SEDAC: glibc malloc %s", keep_freed_memory())
+        sched = getattr(vllm_config, "scheduler_config", None)
+        max_rows = max(int(getattr(sched, "max_num_batched_tokens", 0) or 0),
+                       int(getattr(sched, "max_num_seqs", 0) or 0), 1)
         sedac = rt_mod.VllmSedac(cfg, text_config, len(layers), int(text_config.hidden_size), device,
-                                 get_tensor_model_parallel_rank())
+                                 get_tensor_model_parallel_rank(), max_rows=max_rows)
+        self._sedac_dtype = vllm_config.model_config.dtype
+        self._sedac_hidden = int(text_config.hidden_size)
         sedac.pending_input_ids = None
         if cfg.soft_exit:
             quant = quantization(layers[0].mlp.gate_up_proj)
@@ -262,6 +267,8 @@ class SedacModelMixin:
         sedac = self._sedac
         if sedac is None:
             return super().forward(input_ids, positions, *args, **kwargs)
+        if sedac.cost is None and positions.device.type == "cpu":
+            _measure_cost(self, sedac)
         sedac.pending_input_ids = input_ids
         sedac.warming_up = _is_dummy_run()
         before = sedac.runtime.forwards
@@ -289,6 +296,24 @@ class SedacModelMixin:
             logger.info("SEDAC soft exit: MLP channels ordered by importance in %d layers (and copied for "
                         "truncated computation)", len(self.model.layers))
         return loaded
+
+
+def _measure_cost(model: Any, sedac: "rt_mod.VllmSedac") -> None:
+    """Before the first forward (weights loaded and repacked by then): time one layer's MLP, which decides
+    where gathering pays (see :meth:`VllmSedac.measure_cost <sedac_vllm.runtime.VllmSedac.measure_cost>`)."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
+    mlp = model.model.layers[0].mlp
+    local = mlp._sedac_local()
+    tp = get_tensor_model_parallel_world_size()
+    if local is None and tp > 1:
+        logger.warning("SEDAC: this MLP's kernels cannot be timed per rank (quantized or not vLLM's CPU linear "
+                       "layers): layers where some rows skip run masked (SEDAC_GATHER=always to gather anyway)")
+        sedac.cost = False
+        return
+    device = next(model.parameters()).device
+    sedac.measure_cost(local or mlp._sedac_full, model._sedac_hidden, model._sedac_dtype, device,
+                       get_tp_group().broadcast_object if tp > 1 else None)
 
 
 def _is_dummy_run() -> bool:

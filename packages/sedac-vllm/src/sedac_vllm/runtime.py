@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from sedac_monitor.runtime import ExitStats, SkipRuntime
+from sedac_monitor.runtime import ExitStats, MlpCost, SkipRuntime, soft_channels
 
 from .config import ConfigError, SedacConfig
 
@@ -35,7 +35,7 @@ class VllmSedac:
     """Built by the patched model's ``__init__``; looked up by key from the custom ops."""
 
     def __init__(self, cfg: SedacConfig, hf_config: Any, num_layers: int, hidden_size: int, device: torch.device,
-                 tp_rank: int = 0) -> None:
+                 tp_rank: int = 0, max_rows: int = 8192) -> None:
         cfg.check_model(num_layers)
         self.cfg = cfg
         self.num_layers = num_layers
@@ -57,7 +57,18 @@ class VllmSedac:
                                   set(decider.bank.layers) if decider.exits else set())
         self.decider = decider
         self.runtime = SkipRuntime(decider, num_layers, cfg.protect_first, cfg.host_sync)
+        self.runtime.records = False  # this forward's per-row results are kept in the graph (see plan())
         self.runtime.start(0, device)
+        # need[rows]: the fewest skipped rows at which a layer's gather path pays (see MlpCost); read by the
+        # compiled graph at every call, filled once the MLP's cost is measured (before the first forward).
+        # Until then nothing gathers; SEDAC_GATHER=always / never fix it at 1 / rows + 1.
+        self.max_rows = int(max_rows)
+        rows = torch.arange(self.max_rows + 1, dtype=torch.float64)
+        self.need = (torch.full_like(rows, 1e-6) if cfg.gather == "always" else rows + 1).to(device)
+        self.cost: Any = None  # MlpCost once measured; False where it cannot be
+        self.mlp_seconds = 0.0  # the MLP time of every counted forward, as the cost model predicts it
+        self.ideal_saved_seconds = 0.0  # what the plans could have saved of it (weight reads counted)
+        self.gathers = 0  # layer calls that took the gather path (the op)
         # this forward's decider state, flowing from layer to layer inside the compiled graph. Always this one
         # dict, changed item by item and never rebound: dynamo (torch 2.13) loses a rebinding of an object's
         # attribute made after a torch.cond in the same graph (the MLPs branch with torch.cond), and later
@@ -167,6 +178,11 @@ class VllmSedac:
         state = self.state
         state.clear()
         state["decider"], state["allowed"] = d, allowed
+        rows = stream.shape[0]
+        # this forward's per-row results (what SkipRuntime records when it runs the plans itself), kept here
+        # so that they hold whichever path a layer takes: first skipped layer per row, MLP blocks skipped
+        state["first"] = torch.full((rows,), self.num_layers, dtype=torch.int64, device=stream.device)
+        state["row_skips"] = torch.zeros(rows, dtype=torch.float32, device=stream.device)
 
     def wants_stream(self, layer: int) -> bool:
         return self.stream_layers is None or layer in self.stream_layers
@@ -182,6 +198,80 @@ class VllmSedac:
             if keep is not None:
                 keep = torch.where(allowed, keep, torch.ones_like(keep))
         return skip, keep
+
+    def note(self, layer: int, skip: torch.Tensor, frac: Optional[torch.Tensor]) -> torch.Tensor:
+        """Fold one layer's plan into this forward's results (in the graph); returns the MLP rows it skips
+        (a soft exit's partial rows fractionally)."""
+        state = self.state
+        first = state["first"]
+        state["first"] = torch.where(skip & (first == self.num_layers), layer, first)
+        full = skip.sum()
+        skipped = full.double() if frac is None else full.double() + frac.double().sum()
+        state["row_skips"] = state["row_skips"] + (skip.float() if frac is None else skip.float() + frac)
+        state[f"full{layer}"], state[f"skipped{layer}"] = full, skipped
+        return skipped
+
+    def run_mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        """One layer's MLP under its plan. Rows that skip are zero in the output, rows with ``keep`` < 1
+        compute that fraction of the channels; which path computes that is chosen by what it costs:
+
+        * masked, in the graph: vLLM's own MLP on every row, skipped rows zeroed (a soft exit: every channel
+          computed, each row's own count kept). Costs what a layer without exits costs;
+        * gathered, in the ``sedac::skip_mlp`` op: the active rows only (grouped by channel count for a
+          soft exit), where the rows it removes save more than the op's own cost (``need``, measured).
+
+        On CPU the choice is a ``torch.cond`` on the plan (compiled) or a Python branch (eager). On GPU,
+        where vLLM splits the graph at SEDAC's ops and replays the pieces as CUDA graphs, a data-dependent
+        branch cannot be captured, so the op is called at every layer that can skip and decides inside."""
+        layer = mlp._sedac_layer
+        skip, keep = self.plan(layer)
+        if skip is None and keep is None:
+            return mlp._sedac_vanilla(x)
+        m = None
+        if keep is not None:
+            if skip is None:
+                skip = torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device)
+            m, frac = soft_channels(skip, keep, mlp._sedac_inter)
+            skipped = self.note(layer, skip, frac)
+        else:
+            skipped = self.note(layer, skip, None)
+        if x.device.type != "cpu":
+            return mlp._sedac_op(x, skip, keep, m)
+        rows = x.shape[0]
+        pays = skipped >= self.need[torch.sym_min(rows, self.max_rows)]
+        if self.online is not None:  # the shadow check runs inside the op: every layer where rows skip goes there
+            pays = skipped > 0
+        if torch.compiler.is_compiling():
+            return torch.cond(pays, mlp._sedac_op, mlp._sedac_masked, (x, skip, keep, m))
+        return mlp._sedac_op(x, skip, keep, m) if bool(pays) else mlp._sedac_masked(x, skip, keep, m)
+
+    def measure_cost(self, local: Any, hidden: int, dtype: torch.dtype, device: torch.device,
+                     broadcast: Any = None) -> MlpCost:
+        """Measure the MLP's cost on this machine (``local``: one layer's MLP, ``[rows, hidden]`` in and out;
+        all layers share its shape) and fill ``need``.
+
+        With tensor parallelism every rank times its own shard and rank 0's measurement is ``broadcast`` to
+        all, so every rank takes the same path at every layer (the paths' all-reduces must match)."""
+
+        def gather(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+            # what the op does for such a plan: read it on the host, gather the active rows, scatter back
+            if int(skip.sum()) == 0:
+                return local(x)
+            return SkipRuntime._gathered(x, (~skip).nonzero().squeeze(1), None, local)
+
+        cost = MlpCost.measure(local, hidden, min(self.max_rows, 1024), dtype, device, gather)
+        if broadcast is not None:
+            cost = MlpCost.from_json(broadcast(cost.to_json()))
+        self.cost = cost
+        if self.cfg.gather == "auto":
+            self.need.copy_(torch.from_numpy(cost.need(self.max_rows)).double())
+        logger.info("SEDAC: MLP %.0f us at 1 row, %.0f us at %d rows; gather path +%.0f us +%.2f us/row; "
+                    "gathering pays from %s skipped rows at batch 1/4/16/64/256 (SEDAC_GATHER=%s)",
+                    1e6 * float(cost.seconds(1)), 1e6 * float(cost.seconds(cost.max_rows)), cost.max_rows,
+                    1e6 * cost.fixed, 1e6 * cost.per_row,
+                    "/".join(str(int(self.need[r])) if r <= self.max_rows else "-" for r in (1, 4, 16, 64, 256)),
+                    self.cfg.gather)
+        return cost
 
     def after_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
                     positions: torch.Tensor) -> None:
@@ -206,11 +296,22 @@ class VllmSedac:
                         conf = torch.stack(d["confs"], 1)
                 else:
                     signals = torch.stack(self.state["signals"], 1)
-            torch.ops.sedac.finish(self.counter, stream, positions, risk, signals, conf, self.key)
+            state = self.state
+            zero_i = torch.zeros((), dtype=torch.int64, device=stream.device)
+            zero_d = torch.zeros((), dtype=torch.float64, device=stream.device)
+            full = torch.stack([state.get(f"full{i}", zero_i) for i in range(self.num_layers)])
+            skipped = torch.stack([state.get(f"skipped{i}", zero_d) for i in range(self.num_layers)])
+            torch.ops.sedac.finish(self.counter, stream, positions, risk, signals, conf, state["first"],
+                                   state["row_skips"], skipped, full, self.key)
 
     # -- end of a forward: inside the sedac::finish op (eager Python) ------------
     def end_of_forward(self, positions: torch.Tensor, risk: Optional[torch.Tensor], stream: torch.Tensor,
-                       signals: Optional[torch.Tensor] = None, conf: Optional[torch.Tensor] = None) -> None:
+                       signals: Optional[torch.Tensor] = None, conf: Optional[torch.Tensor] = None,
+                       results: Optional[tuple] = None) -> None:
+        """``results``: (first skipped layer per row, MLP blocks skipped per row, MLP rows skipped per layer,
+        rows that skipped the whole MLP per layer), as the graph kept them."""
+        if results is not None:
+            self.runtime.set_results(*results)
         if self.warming_up:  # vLLM's profiling / compile warm-up forwards: dummy rows, not tokens
             self.runtime.end_forward(positions.shape[0], positions.device, count=False)
             if self.online is not None:
@@ -218,6 +319,10 @@ class VllmSedac:
             return
         self._positions = positions
         self._input_ids = self.pending_input_ids
+        if self.cost and results is not None:
+            rows = positions.shape[0]
+            self.mlp_seconds += self.num_layers * float(self.cost.seconds(rows))
+            self.ideal_saved_seconds += float(self.cost.saved(rows, results[2].cpu().numpy()).sum())
         self.runtime.end_forward(positions.shape[0], positions.device)
         self.step += 1
         if self.controller is not None and risk is not None and risk.numel():
@@ -282,7 +387,12 @@ class VllmSedac:
         base.update(mode=self.cfg.mode, steps=self.step, num_layers=self.num_layers, pid=os.getpid(),
                     time=time.time(),
                     # the most plans any forward read on the host inside sedac::skip_mlp (0: the op never ran)
-                    max_host_reads=self.runtime.max_host_reads)
+                    max_host_reads=self.runtime.max_host_reads,
+                    # the cost model's view: MLP seconds of the counted forwards, and what their plans could
+                    # have saved with a free gather path (weight reads counted: the byte-aware ideal)
+                    mlp_seconds=self.mlp_seconds, ideal_saved_seconds=self.ideal_saved_seconds,
+                    gathers=self.gathers, gather=self.cfg.gather,
+                    cost=self.cost.to_json() if self.cost else None)
         if self.cfg.mode == "probe":
             base["thresholds"] = [float(t) for t in self.decider.cascade.thresholds.tolist()]
             base["probe_layers"] = list(self.decider.bank.layers)

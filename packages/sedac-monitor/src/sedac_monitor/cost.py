@@ -1,0 +1,161 @@
+"""What one layer's MLP costs on this machine, and when skipping some of its rows pays.
+
+Skipping a row of the MLP saves that row's FLOPs, but not the MLP's weight reads: the weights are read
+once per call whatever the number of rows, so at decode batch sizes (weight-read bound) the MLP on 3 rows
+costs about what it costs on 4. Only a layer where every row skips saves the reads. The gather path that
+runs the MLP on the active rows only (leave the compiled graph, gather, MLP, scatter) has a cost of its
+own, so it pays only where ``t(rows) - t(rows - skipped)`` exceeds that cost. Both are measured here:
+
+* ``seconds[r]``: the MLP on ``r`` rows, measured at powers of two and interpolated linearly between
+  them (``seconds[0] = 0``: nothing to compute), made non-decreasing;
+* ``fixed + per_row * rows``: what the gather path costs on top of the MLP on its active rows
+  (dispatch, the host read of the plan, the copies), fitted from timing the path itself.
+
+From them :meth:`MlpCost.need` tabulates, for every batch size, the fewest skipped rows at which the gather
+path pays (with a safety ``margin`` on its cost); a compiled model compares a layer's skipped-row count
+with that table inside the graph and otherwise runs the MLP on every row and zeroes the skipped rows (the
+masked path, whose cost equals the plain MLP's). :meth:`MlpCost.saved` is the ideal saving of a plan,
+counting weight reads as well as FLOPs: the "byte-aware ideal" the benchmark reports speed-ups against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+MARGIN = 1.5
+"""The gather path is taken only where its predicted saving exceeds ``MARGIN`` times its predicted
+cost: timings on a shared machine move by ±10%, and a wrong "pays" costs time where a wrong "does not
+pay" only forgoes a small gain."""
+
+
+def _time(fn: Callable[[], object], budget: float = 0.004, batches: int = 3) -> float:
+    """Seconds per call of ``fn``: the fastest of ``batches`` batches of calls, each about ``budget`` s."""
+    fn()  # first call: allocations, kernel selection
+    t = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t, 1e-7)
+    n = max(1, int(budget / once))
+    best = float("inf")
+    for _ in range(batches):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+
+
+def grid(max_rows: int) -> List[int]:
+    """The batch sizes measured: 1, 2, 4, ... up to ``max_rows`` (which is included)."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    out, r = [], 1
+    while r < max_rows:
+        out.append(r)
+        r *= 2
+    return out + [max_rows]
+
+
+@dataclass(frozen=True)
+class MlpCost:
+    """Measured MLP cost at every batch size up to ``max_rows`` and the gather path's overhead."""
+
+    points: Dict[int, float]
+    """rows -> seconds of one MLP call, as measured."""
+    fixed: float = 0.0
+    """seconds the gather path adds per call, whatever the batch."""
+    per_row: float = 0.0
+    """seconds the gather path adds per row of the batch (gather and scatter copies)."""
+    margin: float = MARGIN
+
+    def __post_init__(self) -> None:
+        if not self.points or min(self.points) < 1:
+            raise ValueError("MlpCost needs measured seconds for batch sizes >= 1")
+        if self.fixed < 0 or self.per_row < 0 or self.margin <= 0:
+            raise ValueError("MlpCost: fixed and per_row must be >= 0 and margin > 0")
+
+    @property
+    def max_rows(self) -> int:
+        return max(self.points)
+
+    def seconds(self, rows: "float | np.ndarray") -> np.ndarray:
+        """Seconds of one MLP call on ``rows`` rows (fractional rows allowed: a soft exit's partial rows),
+        linear between measured sizes and beyond the largest, zero at zero rows, never decreasing."""
+        xs = np.array([0.0] + sorted(self.points), dtype=np.float64)
+        ys = np.maximum.accumulate(np.array([0.0] + [self.points[r] for r in sorted(self.points)]))
+        r = np.asarray(rows, dtype=np.float64)
+        inside = np.interp(r, xs, ys)
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 2 else ys[-1] / xs[-1]
+        return np.where(r > xs[-1], ys[-1] + (r - xs[-1]) * slope, inside)
+
+    def overhead(self, rows: "int | np.ndarray") -> np.ndarray:
+        return self.fixed + self.per_row * np.asarray(rows, dtype=np.float64)
+
+    def saved(self, rows: "int | np.ndarray", skipped: "float | np.ndarray") -> np.ndarray:
+        """Ideal seconds saved by not computing ``skipped`` of ``rows`` rows (no path overhead)."""
+        rows = np.asarray(rows, dtype=np.float64)
+        return self.seconds(rows) - self.seconds(rows - np.asarray(skipped, dtype=np.float64))
+
+    def pays(self, rows: int, skipped: float) -> bool:
+        """Does the gather path beat the masked path for a plan skipping ``skipped`` of ``rows`` rows?"""
+        return bool(skipped > 0 and self.saved(rows, skipped) > self.margin * self.overhead(rows))
+
+    def need(self, max_rows: Optional[int] = None) -> np.ndarray:
+        """``need[rows]``: the fewest skipped rows at which the gather path pays, for rows = 0..max_rows
+        (``rows + 1`` where it never does). Monotone in the skipped count, so one comparison decides."""
+        n = self.max_rows if max_rows is None else int(max_rows)
+        rows = np.arange(n + 1)
+        t = self.seconds(rows)
+        # pays  <=>  t[rows - skipped] < t[rows] - margin * overhead(rows); t is non-decreasing in rows
+        target = t - self.margin * self.overhead(rows)
+        below = np.searchsorted(t, target, side="left") - 1  # the most active rows that still pay
+        need = np.where(target > 0, rows - below, rows + 1)
+        return np.clip(need, 1, rows + 1).astype(np.int64)
+
+    def to_json(self) -> Dict[str, object]:
+        return {"points": {str(k): v for k, v in sorted(self.points.items())}, "fixed": self.fixed,
+                "per_row": self.per_row, "margin": self.margin}
+
+    @classmethod
+    def from_json(cls, data: Dict[str, object]) -> "MlpCost":
+        points = data["points"]
+        if not isinstance(points, dict):
+            raise ValueError("MlpCost JSON: 'points' must map batch sizes to seconds")
+        return cls({int(k): float(v) for k, v in points.items()}, float(data.get("fixed", 0.0)),  # type: ignore[arg-type]
+                   float(data.get("per_row", 0.0)), float(data.get("margin", MARGIN)))  # type: ignore[arg-type]
+
+    @classmethod
+    def measure(cls, mlp: Callable[[torch.Tensor], torch.Tensor], hidden: int, max_rows: int,
+                dtype: torch.dtype = torch.float32, device: "torch.device | str" = "cpu",
+                gather: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                sizes: Optional[Sequence[int]] = None, margin: float = MARGIN) -> "MlpCost":
+        """Time ``mlp`` (one layer's MLP, ``[rows, hidden] -> [rows, hidden]``) at ``sizes`` rows (default
+        :func:`grid` up to ``max_rows``), and, given ``gather(x, skip)`` (the gather path on a plan), fit its
+        overhead from two batch sizes with half the rows skipped."""
+        gen = torch.Generator().manual_seed(0)
+        inputs = {r: torch.randn(r, hidden, generator=gen).to(device=device, dtype=dtype)
+                  for r in (sizes or grid(max_rows))}
+        with torch.no_grad():
+            points = {r: _time(lambda x=x: mlp(x)) for r, x in inputs.items()}
+            fixed = per_row = 0.0
+            if gather is not None:
+                small, large = 2, min(256, max(4, max_rows))
+                extra = []
+                for r in (small, large):
+                    x = inputs.get(r)
+                    if x is None:
+                        x = torch.randn(r, hidden, generator=gen).to(device=device, dtype=dtype)
+                    skip = torch.zeros(r, dtype=torch.bool, device=device)
+                    skip[::2] = True
+                    active = r - r // 2
+                    t_path = _time(lambda x=x, s=skip: gather(x, s))
+                    t_active = _time(lambda x=x[:active]: mlp(x))
+                    extra.append((r, max(t_path - t_active, 0.0)))
+                (r0, e0), (r1, e1) = extra
+                per_row = max((e1 - e0) / (r1 - r0), 0.0)
+                fixed = max(e0 - per_row * r0, 0.0)
+        return cls(points, fixed, per_row, margin)
