@@ -43,6 +43,11 @@ def test_config_has_the_setting_and_its_evidence(result, text_file):
     assert chosen["skipped_mlp_fraction"] == max(m["skipped_mlp_fraction"] for m in passing)
     assert {"measured_risk", "delta_ppl", "ppl", "ppl_base", "exit_rate"} <= set(chosen)
     assert ev["original_defaults"]["tau"] == 0.98
+    # what the chosen setting is expected to gain on this machine, and what the user is told
+    assert set(ev["expected_speedup"]) == {"prefill", "decode_b1", "decode_b4", "decode_b16", "decode_b64"}
+    assert all(v >= 1.0 for v in ev["expected_speedup"].values())
+    assert ev["recommendation"].startswith("expected speed-up on this machine")
+    assert len(chosen["per_layer_skip_rate"]) == 6 and ev["mlp_cost"]["points"]
 
 
 def test_measured_numbers_are_what_the_accelerator_does(result, tiny_dir, text_file):
@@ -109,7 +114,8 @@ def test_cli_round_trip_and_errors(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "cfg.json"
     assert main(["calibrate", "--model", str(tiny_dir / "qwen2"), "--text", str(text_file), "--tokens", "512",
                  "--max-length", "128", "--max-risk", "0.3", "--budget", "3", "--out", str(out)]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "expected speed-up on this machine" in printed
     cfg = load_config(out, 6)
     assert cfg["model"]["architecture"] == "Qwen2ForCausalLM"
     res = tmp_path / "eval.json"

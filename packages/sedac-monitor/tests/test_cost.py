@@ -80,3 +80,25 @@ def test_measure_times_a_real_mlp_and_fits_the_gather_overhead():
     assert sorted(cost.points) == [1, 2, 4, 8, 16, 32, 64]
     assert all(t > 0 for t in cost.points.values()) and cost.fixed >= 0 and cost.per_row >= 0
     assert cost.need(64).shape == (65,)
+
+
+def test_expected_speedup_and_recommendation_for_a_setting_that_pays_and_one_that_does_not():
+    from sedac_monitor.cost import expected_speedup, recommendation
+
+    cost = weight_bound()
+    layers = 30
+    forward = layers * 2 * float(cost.seconds(1))  # the MLP is half of a decode step at batch 1
+    few = [0.007] * layers  # the calibrated setting's rate: 0.7% of tokens skip each layer
+    many = [0.75] * layers  # the original defaults'
+    # decode batch 1: a skip saves the whole MLP, so the expected saving is the rate times half the step
+    assert expected_speedup(cost, many, forward, 1) == pytest.approx(1 / (1 - 0.5 * 0.75), rel=0.05)
+    # batch 4 is weight-read bound: only the layers where all 4 rows skip save anything (0.75^4 of them)
+    b4 = expected_speedup(cost, many, layers * 2 * float(cost.seconds(4)), 4)
+    assert 1.0 < b4 < 1 / (1 - 0.5 * 0.75 ** 4) + 1e-9
+    low = {"prefill": expected_speedup(cost, few, 2 * layers * float(cost.seconds(512)), 512),
+           "decode_b1": expected_speedup(cost, few, forward, 1)}
+    assert max(low.values()) < 1.01
+    line = recommendation(low, [{"measured_risk": 0.4, "expected_speedup": {"decode_b1": 1.3}}])
+    assert "will not pay on this model at this budget" in line and "--max-risk 0.400" in line and "1.30x" in line
+    high = {"decode_b1": expected_speedup(cost, many, forward, 1)}
+    assert "SEDAC pays here" in recommendation(high)

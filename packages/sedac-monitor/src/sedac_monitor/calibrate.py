@@ -33,6 +33,7 @@ import sedac_core
 
 from .accelerator import monitor_rule
 from .bound import clopper_pearson_upper
+from .cost import expected_speedups, measure_model, recommendation
 from .decide import MonitorDecider
 from .hf import (
     InputError,
@@ -161,6 +162,7 @@ def measure(layout: DecoderLayout, windows: torch.Tensor, rule: sedac_core.Monit
         "ppl_base": ppl_base,
         "ppl": run.ppl,
         "delta_ppl": run.ppl / ppl_base - 1.0,
+        "per_layer_skip_rate": list(run.stats["per_layer_skip_rate"]) if run.stats else [0.0] * L,
     }
     if confidence is not None:
         out["risk_upper_bound"] = clopper_pearson_upper(errors, n, confidence)
@@ -293,6 +295,14 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
         chosen = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade",
                   "protect_first": protect_first}
         status = BUDGET_NOT_MET
+    # what the setting would gain on this machine: the MLP's cost and the forward's time, measured here
+    log("timing the MLP and the forward on this machine (expected speed-up) ...")
+    costs = measure_model(layout)
+    for m in measured + [original]:
+        m["expected_speedup"] = expected_speedups(costs, m["per_layer_skip_rate"])
+    expected = best["expected_speedup"] if best is not None else {k: 1.0 for k in original["expected_speedup"]}
+    advice = recommendation(expected, [m for m in measured if not m["passes"]])
+    log(advice)
     text_bytes = Path(text_file).read_bytes()
     histogram = signal_histogram(trace.similarity, int(chosen["min_layer"]))
     return {
@@ -316,6 +326,12 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
             "grid_settings": len(rules),
             # what the similarity signal looks like on this text (sedac-vllm's drift detector compares with it)
             "signal_histogram": histogram,
+            # expected speed-up of the chosen setting on the machine that calibrated (prefill of 512 tokens,
+            # decode at batch 1/4/16/64), from its per-layer skip rates and the MLP and forward times measured
+            "expected_speedup": expected,
+            "recommendation": advice,
+            "mlp_cost": costs["cost"].to_json(),  # type: ignore[union-attr]
+            "forward_seconds": costs["forward_seconds"],
             "seconds": round(time.perf_counter() - t_start, 1),
         },
     }

@@ -163,6 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s = ev["original_defaults"]
             print(f"  original defaults (tau 0.98, K 2, cascade): skipped {s['skipped_mlp_fraction']:.2%}, "
                   f"risk {s['measured_risk']:.2%}, ΔPPL {s['delta_ppl']:+.2%}")
+            print(f"  {ev['recommendation']}")
         else:
             result = evaluate(args.model, args.text, args.config, args.tokens, args.max_length, args.batch_size,
                               args.timing_tokens or 0)

@@ -159,3 +159,95 @@ class MlpCost:
                 per_row = max((e1 - e0) / (r1 - r0), 0.0)
                 fixed = max(e0 - per_row * r0, 0.0)
         return cls(points, fixed, per_row, margin)
+
+
+DECODE_BATCHES = (1, 4, 16, 64)
+PREFILL_ROWS = 512
+
+
+def expected_gain(cost: MlpCost, rows: int, rate: float) -> float:
+    """Expected seconds one layer saves on a batch of ``rows`` rows when each row skips its MLP with
+    probability ``rate`` (independently: the rows of a batch are different sequences), taking the gather
+    path only where it pays and paying its overhead there."""
+    if rate <= 0 or rows < 1:
+        return 0.0
+
+    def gain(k: float) -> float:
+        return float(cost.saved(rows, k) - cost.overhead(rows)) if cost.pays(rows, k) else 0.0
+
+    if rows > 64:  # the skipped count concentrates around its mean
+        return gain(rate * rows)
+    from math import comb
+
+    return sum(comb(rows, k) * rate ** k * (1 - rate) ** (rows - k) * gain(k) for k in range(1, rows + 1))
+
+
+def expected_speedup(cost: MlpCost, rates: Sequence[float], forward_seconds: float, rows: int) -> float:
+    """Expected speed-up of a forward over ``rows`` rows that takes ``forward_seconds`` unpatched, given each
+    layer's skip rate (the fraction of tokens skipping that layer's MLP)."""
+    saved = sum(expected_gain(cost, rows, float(r)) for r in rates)
+    return forward_seconds / max(forward_seconds - saved, 1e-12)
+
+
+def measure_model(layout, max_rows: int = PREFILL_ROWS, context: int = 64) -> Dict[str, object]:
+    """What :func:`expected_speedups` needs, measured on a Hugging Face model on this machine: one layer's
+    MLP cost (:class:`MlpCost`, with the gather path SEDAC's runtime runs), the time of a prefill forward of
+    ``max_rows`` tokens and of a decode step at each of :data:`DECODE_BATCHES` (``context`` tokens cached)."""
+    from .engine import SkipRuntime
+
+    model = layout.model
+    mlp = layout.layers[0].mlp
+    param = next(model.parameters())
+    hidden = int(model.config.hidden_size)
+
+    def gather(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if int(skip.sum()) == 0:
+            return mlp(x)
+        return SkipRuntime._gathered(x, (~skip).nonzero().squeeze(1), None, mlp)
+
+    cost = MlpCost.measure(mlp, hidden, max_rows, param.dtype, param.device, gather)
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    forward: Dict[str, float] = {}
+    with torch.no_grad():
+        ids = torch.randint(0, vocab, (1, max_rows), generator=gen).to(param.device)
+        forward["prefill"] = _time(lambda: model(input_ids=ids), budget=0.0, batches=2)
+        for b in DECODE_BATCHES:
+            ctx = torch.randint(0, vocab, (b, context), generator=gen).to(param.device)
+            step = torch.randint(0, vocab, (b, 1), generator=gen).to(param.device)
+            past = model(input_ids=ctx, use_cache=True).past_key_values
+            # each call appends one position to the cache: a few calls at ~`context` tokens
+            forward[f"decode_b{b}"] = _time(
+                lambda step=step, past=past: model(input_ids=step, past_key_values=past, use_cache=True),
+                budget=0.0, batches=3)
+    return {"cost": cost, "forward_seconds": forward, "prefill_rows": max_rows}
+
+
+def expected_speedups(measured: Dict[str, object], rates: Sequence[float]) -> Dict[str, float]:
+    """Expected speed-up of a setting with per-layer skip ``rates`` at prefill and at each decode batch."""
+    cost = measured["cost"]
+    forward = measured["forward_seconds"]
+    assert isinstance(cost, MlpCost) and isinstance(forward, dict)
+    out = {"prefill": expected_speedup(cost, rates, forward["prefill"], int(measured["prefill_rows"]))}  # type: ignore[arg-type]
+    for b in DECODE_BATCHES:
+        out[f"decode_b{b}"] = expected_speedup(cost, rates, forward[f"decode_b{b}"], b)
+    return out
+
+
+def recommendation(expected: Dict[str, float], alternatives: Sequence[Dict[str, object]] = ()) -> str:
+    """One line: whether the chosen setting pays on this machine, and if not what would.
+
+    ``alternatives``: measured settings (``measured_risk``, ``expected_speedup``) outside the budget."""
+    best = max(expected.values()) if expected else 1.0
+    shown = ", ".join(f"{k.replace('_b', ' batch ')} {v:.3f}x" for k, v in expected.items())
+    if best >= 1.01:
+        return f"expected speed-up on this machine: {shown}. SEDAC pays here."
+    line = (f"expected speed-up on this machine: {shown}. SEDAC will not pay on this model at this budget: "
+            "too little MLP work is safe to skip")
+    paying = sorted((a for a in alternatives if max(a.get("expected_speedup", {}).values() or [1.0]) >= 1.05),  # type: ignore[union-attr]
+                    key=lambda a: float(a["measured_risk"]))  # type: ignore[arg-type]
+    if paying:
+        a = paying[0]
+        line += (f"; a looser budget would (--max-risk {float(a['measured_risk']):.3f}: "  # type: ignore[arg-type]
+                 f"up to {max(a['expected_speedup'].values()):.2f}x with top-1 risk {float(a['measured_risk']):.1%})")  # type: ignore[union-attr,arg-type]
+    return line + ". On a larger model the signal may find more (not measured here)."

@@ -77,6 +77,9 @@ def check(model: str, env: Dict[str, str]) -> List[str]:
             monitor_rule(layers, cfg.tau, cfg.consecutive_k, cfg.min_layer, cfg.protect_last, cfg.scope)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"SEDAC monitor settings are invalid for this model: {exc}") from exc
+        advice = cfg.config_json.get("evidence", {}).get("recommendation")
+        if advice:  # what `sedac-monitor calibrate` measured on the machine that calibrated
+            lines.append(f"calibrated setting: {advice}")
     else:
         from sedac_monitor.runtime import model_identity
         from sedac_probes.io import ProbeFileError, load
