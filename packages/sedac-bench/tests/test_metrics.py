@@ -258,3 +258,21 @@ def test_speculative_speedup_formula_and_prompt_lookup():
     ids = np.array([5, 6, 7, 5, 6, 9, 5, 6])
     # at t=4 (tokens 5 6) the last "5 6" ended at t=1, followed by 7; at t=7 it ended at t=4, followed by 9
     assert ngram_proposals(ids).tolist() == [-1, -1, -1, -1, 7, -1, -1, 9]
+
+
+def test_expected_speedup_is_set_beside_the_measured_one():
+    from sedac_bench.report import expected_section, expected_vs_measured
+
+    calibration = {"evidence": {"expected_speedup": {"prefill": 1.0, "decode_b4": 1.01},
+                                "original_defaults": {"expected_speedup": {"prefill": 2.0, "decode_b4": 1.2}},
+                                "recommendation": "expected speed-up on this machine: ..."}}
+    data = {"compiled": {"rows": [
+        {"workload": "prefill b4", "kind": "prefill", "batch": 4, "config": "V7 calibrated", "speedup": 0.99},
+        {"workload": "decode b4", "kind": "decode", "batch": 4, "config": "V7 original defaults", "speedup": 1.08},
+        {"workload": "decode b4", "kind": "decode", "batch": 4, "config": "on, no exits (tau 1.5)", "speedup": 1.0}]}}
+    rows = expected_vs_measured(calibration, data)
+    assert [(r["config"], r["expected"]) for r in rows] == [("V7 calibrated", 1.0), ("V7 original defaults", 1.2)]
+    assert [round(r["error"], 3) for r in rows] == [-0.01, -0.1]
+    text = "\n".join(expected_section(calibration, data))
+    assert "| decode b4 | V7 original defaults | 1.200x | 1.080x | -10.0% |" in text and "largest 10.0%" in text
+    assert expected_section({}, data) == []

@@ -118,6 +118,7 @@ def write(results: Dict[str, Any], out: Path, figures: List[str]) -> Path:
         L.append("")
     for folder, data in results.get("vllm", {}).items():
         L += vllm_section(folder, data)
+        L += expected_section(results.get("monitor_calibration", {}), data)
     L += roadmap_section(results)
     L += ["## Timings of this run", "", *[f"- {k}: {v:.0f} s" for k, v in results["timings"].items()], ""]
     path = out / "report.md"
@@ -288,6 +289,43 @@ def vllm_section(folder: str, data: Dict[str, Any]) -> List[str]:
             L.append(f"| {t['mode']} | {t['workload']} | {t['target']} | {value} | "
                      f"{'pass' if t['passed'] else '**fail**'} |")
         L.append("")
+    return L
+
+
+def expected_vs_measured(calibration: Dict[str, Any], data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """`sedac-monitor calibrate`'s expected speed-up (per-layer skip rates, MLP and forward times measured on
+    this machine) beside vLLM's measured one, compiled: prefill-heavy workloads against its prefill figure,
+    decode-heavy at batch b against its decode batch b figure."""
+    ev = calibration.get("evidence", {})
+    expected = {"V7 calibrated": ev.get("expected_speedup"),
+                "V7 original defaults": (ev.get("original_defaults") or {}).get("expected_speedup")}
+    out = []
+    for r in data.get("compiled", {}).get("rows", []):
+        exp = expected.get(r["config"])
+        if not exp:
+            continue
+        key = "prefill" if r["kind"] == "prefill" else f"decode_b{r['batch']}"
+        if key in exp:
+            out.append({"workload": r["workload"], "config": r["config"], "expected": exp[key],
+                        "measured": r["speedup"], "error": r["speedup"] / exp[key] - 1})
+    return out
+
+
+def expected_section(calibration: Dict[str, Any], data: Dict[str, Any]) -> List[str]:
+    rows = expected_vs_measured(calibration, data)
+    if not rows:
+        return []
+    L = ["### Expected speed-up (`sedac-monitor calibrate`) against measured (vLLM compiled)", "",
+         "calibrate's estimate: from the setting's per-layer skip rates on the calibration text, one MLP's time "
+         "at every batch size, a 512-token prefill and decode steps timed with Hugging Face on this machine "
+         "(rows skip independently; the gather path only where it pays). Error = measured / expected − 1.", "",
+         f"Calibrate's line: {calibration['evidence'].get('recommendation', 'n/a')}", "",
+         "| workload | configuration | expected | measured | error |", "|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['workload']} | {r['config']} | {r['expected']:.3f}x | {r['measured']:.3f}x | "
+                 f"{r['error']:+.1%} |")
+    errs = [abs(r["error"]) for r in rows]
+    L += ["", f"Mean absolute error {sum(errs) / len(errs):.1%}, largest {max(errs):.1%}.", ""]
     return L
 
 
