@@ -22,7 +22,7 @@ def test_shared_runtime_surface_is_pinned():
         "channel_mask", "channel_order",
         "drop_last_position", "find_layout", "hf_truncated", "intermediate_size", "load_config", "load_model",
         "make_skippable", "model_identity", "monitor_rule", "permute_channels", "progress", "read_text",
-        "register_op", "restore_mlp", "runtime_for", "similarity", "soft_channels", "split_windows", "subclass_with",
+        "restore_mlp", "similarity", "soft_channels", "split_windows", "subclass_with",
         "teacher_forced", "token_windows"])
     assert all(hasattr(runtime, name) for name in runtime.__all__)
     assert sorted(calibrate.__all__) == sorted([

@@ -36,24 +36,26 @@ class Identity(torch.nn.Module):
 def attach(sedac):
     """Identity "MLPs" routed through the runtime, as the vLLM model classes route theirs."""
     from sedac_monitor.runtime import make_skippable
+    from sedac_vllm.models import _SedacMLP
 
     mlps = [Identity() for _ in range(4)]
     for i, m in enumerate(mlps):
-        make_skippable(m, sedac.runtime, i)
+        make_skippable(m, sedac.runtime, i, mixin=_SedacMLP)
+        m._sedac_owner = sedac
+        sedac.mlps[i] = m
     return mlps
 
 
 def forward(sedac, mlps, rows=32, seed=0):
-    """What the patched decoder layers do, without vLLM: begin, per layer plan -> op -> step, finish."""
+    """What the patched decoder layers do, without vLLM: begin, per layer the MLP (plan, then the masked
+    or the gather path) -> step, finish."""
     g = torch.Generator().manual_seed(seed)
     stream = torch.randn(rows, 16, generator=g)
     positions = torch.arange(rows) + 1
     sedac.pending_input_ids = torch.arange(rows)
     sedac.begin(stream, positions)
     for layer in range(4):
-        skip, keep = sedac.plan(layer)
-        out = mlps[layer](stream) if skip is None and keep is None else torch.ops.sedac.skip_mlp(
-            stream, skip, keep, sedac.runtime.key, layer)
+        out = mlps[layer](stream)
         sedac.after_layer(layer, out, stream + 0.1 * layer, positions)
 
 
@@ -175,3 +177,30 @@ def test_probes_whose_calibration_failed_serve_without_exits(tmp_path, caplog):
     assert "failed their calibration" in caplog.text and not sedac.decider.exits
     sedac.begin(torch.zeros(2, 16), torch.arange(2))
     assert sedac.plan(3) == (None, None) and sedac.stream_layers == set()
+
+
+@pytest.mark.parametrize("scope", ["cascade", "per_layer"])
+def test_masked_and_gather_paths_give_the_same_outputs_and_statistics(tmp_path, scope):
+    """Which path a layer with skipped rows takes (SEDAC_GATHER) changes the cost, never the result: same
+    MLP outputs (kept rows computed, skipped rows zero), same per-row results and statistics."""
+    got = {}
+    for gather in ("never", "always"):
+        cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.6", "SEDAC_CONSECUTIVE_K": "1",
+                                    "SEDAC_MIN_LAYER": "0", "SEDAC_SCOPE": scope, "SEDAC_GATHER": gather,
+                                    "SEDAC_TRACE": str(tmp_path / f"trace-{scope}-{gather}")})
+        sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+        mlps = attach(sedac)
+        outs = []
+        for m in mlps:
+            m.register_forward_hook(lambda mod, args, out: outs.append(out.clone()))
+        forward(sedac, mlps, rows=64, seed=3)
+        got[gather] = (outs, sedac.stats(), open(tmp_path / f"trace-{scope}-{gather}").read())
+    (never_outs, never_stats, never_trace), (always_outs, always_stats, always_trace) = got["never"], got["always"]
+    assert len(never_outs) == len(always_outs) == 4
+    for a, b in zip(never_outs, always_outs):
+        assert torch.equal(a, b)
+    assert never_trace == always_trace
+    assert 0 < never_stats["skipped_mlp_fraction"] < 1
+    for key in ("tokens", "skipped_mlp_fraction", "per_layer_skip_rate", "exit_layer_histogram"):
+        assert never_stats[key] == always_stats[key], key
+    assert never_stats["gathers"] == 0 and always_stats["gathers"] > 0

@@ -23,8 +23,6 @@ so a row never computes fewer channels than asked).
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -102,8 +100,8 @@ class SkipRuntime:
 
     Two ways in: :meth:`mlp` asks the (stateful) decider for the layer's plan,
     which is how the Hugging Face hooks use it; :meth:`apply` takes the plan as
-    tensors, which is how a compiled model (vLLM) calls it from inside the
-    ``sedac::skip_mlp`` custom op. ``host_sync`` is one of
+    tensors, which is how a compiled model (sedac-vllm) calls it from inside its
+    gather op. ``host_sync`` is one of
     :data:`HOST_SYNC_POLICIES` (default: ``layer`` on CPU, ``forward`` elsewhere).
     """
 
@@ -120,11 +118,6 @@ class SkipRuntime:
         self._protected: Optional[torch.Tensor] = None
         self.stats: Optional[ExitStats] = None
         self.modules: Dict[int, nn.Module] = {}  # patched MLPs by layer (for the custom op)
-        # a name the custom op finds this runtime by; compiled graphs carry it as a constant, so it is the same
-        # in every process that builds its runtimes in the same order (a graph from a compile cache then still
-        # finds its runtime)
-        self.key = f"rt{next(_RUNTIME_NUMBERS)}"
-        _RUNTIME_REGISTRY[self.key] = self
         self._valid: Optional[torch.Tensor] = None
         self._rows, self._device = 0, torch.device("cpu")
         self._mode = self._policy(self._device)
@@ -516,7 +509,7 @@ def subclass_with(mixin: type, cls: type) -> type:
 class SkippableMLP:
     """Mixin put in front of the MLP's own class while a runtime is attached: the forward asks the
     runtime (and through it the decider) which rows run. Hugging Face models run it eagerly;
-    compiled models (sedac-vllm) subclass it and call the ``sedac::skip_mlp`` op instead."""
+    compiled models (sedac-vllm) subclass it and run the plan their own way (:meth:`SkipRuntime.apply`)."""
 
     _sedac_runtime: SkipRuntime
     _sedac_layer: int
@@ -527,58 +520,6 @@ class SkippableMLP:
                                "outside the accelerator's `with` block, or serve with sedac-vllm")
         return self._sedac_runtime.mlp(self._sedac_layer, x, super().forward, self._sedac_truncated,
                                        self._sedac_inter)
-
-    def _sedac_apply(self, x, skip, keep):
-        """Run a plan given as tensors (the custom op's body)."""
-        return self._sedac_runtime.apply(self._sedac_layer, x, skip, keep, super().forward, self._sedac_truncated,
-                                         self._sedac_inter)
-
-
-_RUNTIME_REGISTRY: "weakref.WeakValueDictionary[str, SkipRuntime]" = weakref.WeakValueDictionary()
-_RUNTIME_NUMBERS = itertools.count()
-
-
-def runtime_for(key: str) -> SkipRuntime:
-    rt = _RUNTIME_REGISTRY.get(key)
-    if rt is None:
-        raise RuntimeError(f"no SEDAC runtime {key!r} in this process (the model that registered it is gone)")
-    return rt
-
-
-SEDAC_LIBRARY = torch.library.Library("sedac", "FRAGMENT")
-"""The ``sedac`` op namespace (sedac-vllm adds ``sedac::finish`` to it)."""
-
-
-def register_op(name: str, schema: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> None:
-    """Define ``sedac::<name>`` with a schema, a CPU/CUDA implementation and a fake (shape) implementation.
-
-    Registered on a ``torch.library.Library`` directly, as vLLM registers its own ops
-    (``direct_register_custom_op``): a call costs about 6 µs, against about 23 µs for a
-    ``torch.library.custom_op`` (which adds Python wrappers and alias checks on every call) — this op
-    runs once per layer per forward. The schema declares every mutated argument (``Tensor(a!)``), which
-    is what keeps an op without used outputs from being dead-code eliminated.
-    """
-    SEDAC_LIBRARY.define(f"{name}{schema}")
-    SEDAC_LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"sedac::{name}", fake, lib=SEDAC_LIBRARY)
-
-
-def _skip_mlp(x: torch.Tensor, skip: Optional[torch.Tensor], keep: Optional[torch.Tensor], key: str,
-              layer: int) -> torch.Tensor:
-    """The MLP of ``layer`` on ``x`` with the plan (``skip`` rows get zeros, ``keep`` the fraction of
-    channels computed per row) applied by runtime ``key``. Never returns (a view of) ``x``."""
-    return runtime_for(key).modules[layer]._sedac_apply(x, skip, keep)
-
-
-def _skip_mlp_fake(x, skip, keep, key, layer):
-    return torch.empty_like(x)
-
-
-# Registered when this module is imported (never while a graph is traced). The op is opaque to the
-# compiler: the data-dependent row selection happens inside, and its output is used, so dead-code
-# elimination keeps it; vLLM on GPU lists it among the graph-splitting ops so it runs outside CUDA graphs.
-register_op("skip_mlp", "(Tensor x, Tensor? skip, Tensor? keep, str key, int layer) -> Tensor", _skip_mlp,
-            _skip_mlp_fake)
 
 
 def make_skippable(mlp: nn.Module, runtime: SkipRuntime, layer: int,

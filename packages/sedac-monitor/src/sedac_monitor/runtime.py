@@ -5,8 +5,7 @@ build on. This module is the public surface; everything it exports is part of se
 
 * **Skipping MLP work**: :class:`SkipRuntime` applies per-row plans (skip / keep a fraction of the
   channels) to MLP calls; :func:`make_skippable` / :func:`restore_mlp` swap an MLP's class so its
-  forward goes through a runtime; :class:`HFAttachment` wires a Hugging Face model's forward to one;
-  :func:`register_op` defines ops in the ``sedac`` namespace (``sedac::skip_mlp`` is defined here).
+  forward goes through a runtime; :class:`HFAttachment` wires a Hugging Face model's forward to one.
 * **What skipping costs**: :class:`MlpCost` (a layer's MLP time at every batch size on this machine,
   the gather path's overhead, the fewest skipped rows at which gathering pays, the byte-aware saving).
 * **Soft exit**: :func:`soft_channels`, :func:`channel_order`, :func:`permute_channels`, :func:`hf_truncated`,
@@ -37,9 +36,7 @@ from .engine import (
     intermediate_size,
     make_skippable,
     permute_channels,
-    register_op,
     restore_mlp,
-    runtime_for,
     soft_channels,
     subclass_with,
 )
@@ -95,9 +92,7 @@ __all__ = [
     "permute_channels",
     "progress",
     "read_text",
-    "register_op",
     "restore_mlp",
-    "runtime_for",
     "similarity",
     "soft_channels",
     "split_windows",

@@ -9,9 +9,9 @@ names, same weight loading):
   residual``: vLLM fuses the residual add into the next RMSNorm); after the
   last layer it calls the ``sedac::finish`` op (statistics, trace, adaptive
   thresholds);
-* the MLP asks the decider for its layer's plan and, where rows can skip, runs
-  through the ``sedac::skip_mlp`` op (:class:`sedac_monitor.runtime.SkipRuntime`:
-  the active rows only, or masked) — the same code the HF accelerator uses.
+* the MLP asks the decider for its layer's plan and, where rows skip, runs masked
+  in the graph or, where the rows removed pay for it, through the ``sedac::skip_mlp``
+  op (the active rows only, with the gather -> MLP -> scatter the HF accelerator uses).
 
 The decision math is plain torch on tensors that flow from layer to layer, so
 vLLM's compiler (dynamo + inductor on CPU, piecewise CUDA graphs on GPU) puts
@@ -89,7 +89,7 @@ class _SedacMLP(SkippableMLP):
         return super(SkippableMLP, self).forward(x).masked_fill(skip[:, None], 0)
 
     def _sedac_op(self, x, skip, keep, m):
-        return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_runtime.key, self._sedac_layer)
+        return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_owner.key, self._sedac_layer)
 
     _sedac_direct: Any = None
 
@@ -115,10 +115,6 @@ class _SedacMLP(SkippableMLP):
         act = self._sedac_act
         return direct_mlp(self, act, shard=True) if act is not None else None
 
-    def _sedac_apply(self, x, skip, keep):
-        self._sedac_owner.gathers += 1
-        return self._sedac_runtime.apply(self._sedac_layer, x, skip, keep, self._sedac_full, self._sedac_truncated,
-                                         self._sedac_inter)
 
 
 def quantization(linear: torch.nn.Module) -> Optional[str]:
@@ -257,6 +253,7 @@ class SedacModelMixin:
             make_skippable(layer.mlp, sedac.runtime, i, vllm_truncated(layer.mlp) if cfg.soft_exit else None,
                            mixin=_SedacMLP)
             layer.mlp._sedac_owner = sedac
+            sedac.mlps[i] = layer.mlp
             layer.mlp._sedac_act = eager_activation(layer.mlp)
         self._sedac = sedac
         sedac.final_norm = self.model.norm  # the shadow check's top-1: final norm, then vLLM's own LM head

@@ -1,9 +1,10 @@
 """One SEDAC runtime per vLLM model instance: the decider, statistics, trace and adaptive thresholds.
 
 The decision code is sedac-monitor's (V7, :class:`sedac_monitor.runtime.MonitorDecider`)
-and sedac-probes' (V6, :class:`sedac_probes.decide.ProbeDecider`); the
-gather -> MLP -> scatter is sedac-monitor's :class:`~sedac_monitor.runtime.SkipRuntime`.
-This module only wires them to vLLM's flattened ``[num_tokens, hidden]`` batch.
+and sedac-probes' (V6, :class:`sedac_probes.decide.ProbeDecider`); the gather path's
+gather -> MLP -> scatter is sedac-monitor's :class:`~sedac_monitor.runtime.SkipRuntime` (shared with
+the Hugging Face accelerator). This module wires them to vLLM's flattened ``[num_tokens, hidden]``
+batch: one lookup per forward (``get(key)`` from the ops), the MLPs by layer (``mlps``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class VllmSedac:
         self.mlp_seconds = 0.0  # the MLP time of every counted forward, as the cost model predicts it
         self.ideal_saved_seconds = 0.0  # what the plans could have saved of it (weight reads counted)
         self.gathers = 0  # layer calls that took the gather path (the op)
+        self.mlps: Dict[int, Any] = {}  # the patched MLPs by layer (set by the model)
         # this forward's decider state, flowing from layer to layer inside the compiled graph. Always this one
         # dict, changed item by item and never rebound: dynamo (torch 2.13) loses a rebinding of an object's
         # attribute made after a torch.cond in the same graph (the MLPs branch with torch.cond), and later
@@ -244,6 +246,13 @@ class VllmSedac:
         if torch.compiler.is_compiling():
             return torch.cond(pays, mlp._sedac_op, mlp._sedac_masked, (x, skip, keep, m))
         return mlp._sedac_op(x, skip, keep, m) if bool(pays) else mlp._sedac_masked(x, skip, keep, m)
+
+    def gather(self, layer: int, x: torch.Tensor, skip: Optional[torch.Tensor],
+               keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """The gather path (the ``sedac::skip_mlp`` op's body, eager): the MLP on the active rows only."""
+        mlp = self.mlps[layer]
+        self.gathers += 1
+        return self.runtime.apply(layer, x, skip, keep, mlp._sedac_full, mlp._sedac_truncated, mlp._sedac_inter)
 
     def measure_cost(self, local: Any, hidden: int, dtype: torch.dtype, device: torch.device,
                      broadcast: Any = None) -> MlpCost:
