@@ -9,6 +9,12 @@ import pytest
 from sedac_vllm import ConfigError, _vllm, plugin
 
 
+@pytest.fixture(autouse=True)
+def fresh_process(monkeypatch):
+    """Each test as a new process would see it: no configuration parsed yet."""
+    monkeypatch.setattr(plugin, "_CONFIG", None)
+
+
 def test_unsupported_vllm_stops_start_up_naming_both_versions(monkeypatch):
     monkeypatch.setenv("SEDAC_ENABLED", "1")
     monkeypatch.setattr(_vllm, "installed_vllm", lambda: ("vllm", "0.99.1"))
@@ -26,8 +32,31 @@ def test_missing_vllm_stops_start_up(monkeypatch):
 
 def test_disabled_plugin_does_nothing_even_with_an_unsupported_vllm(monkeypatch):
     monkeypatch.delenv("SEDAC_ENABLED", raising=False)
+    monkeypatch.delenv("SEDAC_METRICS_FILE", raising=False)
     monkeypatch.setattr(_vllm, "installed_vllm", lambda: ("vllm", "0.1.0"))
-    plugin.register()  # no error, nothing registered
+    monkeypatch.setattr(plugin, "_registered", False)
+    plugin.register()  # no error (the vLLM check would raise), nothing registered, the environment untouched
+    assert not plugin._registered and "SEDAC_METRICS_FILE" not in plugin.os.environ
+
+
+def test_the_running_configuration_is_parsed_once_and_never_changes(monkeypatch, tmp_path):
+    """The plugin parses the environment when it loads; what changes in the environment afterwards does not
+    reach the model (it is built from the same frozen object)."""
+    import dataclasses
+
+    monkeypatch.setenv("SEDAC_ENABLED", "1")
+    monkeypatch.setenv("SEDAC_TAU", "0.97")
+    monkeypatch.setenv("SEDAC_METRICS_FILE", str(tmp_path / "m.json"))
+    monkeypatch.setattr(plugin, "_registered", True)  # the ops and model classes are registered already
+    plugin.register()
+    cfg = plugin.active_config()
+    assert cfg.tau == 0.97 and cfg.metrics_file == str(tmp_path / "m.json")
+    monkeypatch.setenv("SEDAC_TAU", "0.5")
+    monkeypatch.setenv("SEDAC_GATHER", "never")
+    monkeypatch.setenv("SEDAC_METRICS_FILE", str(tmp_path / "other.json"))
+    assert plugin.active_config() is cfg and cfg.tau == 0.97 and cfg.gather == "auto"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.tau = 0.5
 
 
 def test_the_installed_vllm_is_supported():

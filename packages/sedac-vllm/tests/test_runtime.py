@@ -64,7 +64,7 @@ def test_adaptive_thresholds_move_after_the_warm_up_at_a_bounded_rate(tmp_path):
                                 "SEDAC_CALIBRATION_STEPS": "2", "SEDAC_ALPHA": "0.5", "SEDAC_EXIT_RATES": "0.3,0.5",
                                 "SEDAC_METRICS_FILE": str(tmp_path / "m.json"), "SEDAC_TRACE": str(tmp_path / "t")})
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
-    assert cfg.adaptive  # uncalibrated probes with exit rates: thresholds learned from the traffic
+    assert sedac.adaptive  # uncalibrated probes with exit rates: thresholds learned from the traffic
     start = sedac.decider.cascade.thresholds.clone()
     assert start.tolist() == [pytest.approx(1e-6)] * 2  # nothing exits during the warm-up
     mlps = attach(sedac)
@@ -192,7 +192,7 @@ def test_masked_and_gather_paths_give_the_same_outputs_and_statistics(tmp_path, 
         mlps = attach(sedac)
         outs = []
         for m in mlps:
-            m.register_forward_hook(lambda mod, args, out: outs.append(out.clone()))
+            m.register_forward_hook(lambda mod, args, out, outs=outs: outs.append(out.clone()))
         forward(sedac, mlps, rows=64, seed=3)
         got[gather] = (outs, sedac.stats(), open(tmp_path / f"trace-{scope}-{gather}").read())
     (never_outs, never_stats, never_trace), (always_outs, always_stats, always_trace) = got["never"], got["always"]
@@ -204,3 +204,34 @@ def test_masked_and_gather_paths_give_the_same_outputs_and_statistics(tmp_path, 
     for key in ("tokens", "skipped_mlp_fraction", "per_layer_skip_rate", "exit_layer_histogram"):
         assert never_stats[key] == always_stats[key], key
     assert never_stats["gathers"] == 0 and always_stats["gathers"] > 0
+
+
+def test_a_probe_directory_is_read_once_per_process(tmp_path, monkeypatch):
+    """Start-up validates the probe directory (configuration) and builds the decider from it (model): each of
+    its two files is read from disk once; a rewritten file is read again."""
+    import safetensors.torch
+
+    from sedac_probes import io
+
+    d = make_probes(tmp_path, name="once")
+    reads = {"weights": 0, "meta": 0}
+    load_file, read_meta = safetensors.torch.load_file, io._read_meta_file
+
+    def count_weights(*a, **k):
+        reads["weights"] += 1
+        return load_file(*a, **k)
+
+    def count_meta(*a, **k):
+        reads["meta"] += 1
+        return read_meta(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", count_weights)
+    monkeypatch.setattr(io, "_read_meta_file", count_meta)
+    env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d), "SEDAC_THRESHOLDS": "0.3,0.4"}
+    cfg = SedacConfig.from_env(env)
+    VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    VllmSedac(SedacConfig.from_env(env), HF, 4, 16, torch.device("cpu"))
+    assert reads == {"weights": 1, "meta": 1}
+    io.update_meta(d, note="rewritten")  # a changed file is read anew
+    VllmSedac(SedacConfig.from_env(env), HF, 4, 16, torch.device("cpu"))
+    assert reads["meta"] == 2 and reads["weights"] == 1

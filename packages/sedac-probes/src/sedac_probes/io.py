@@ -106,7 +106,46 @@ def update_meta(directory: Any, **fields: Any) -> Dict[str, Any]:
     return meta
 
 
+_READ: Dict[Any, Any] = {}
+"""File contents already read in this process, by path and the files' (mtime, size): a serving process
+validates its probe directory at start-up and builds its model from it, and reads each file once."""
+
+
+def _stamp(path: Path) -> Any:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
 def _read_meta(path: Path) -> Dict[str, Any]:
+    key = ("meta", str(path.resolve()), _stamp(path))
+    if key[2] is not None and key in _READ:
+        return dict(_READ[key])
+    meta = _read_meta_file(path)
+    _READ[key] = meta
+    return dict(meta)
+
+
+def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """The probe tensors (a shared, read-only dict: callers copy what they keep)."""
+    key = ("weights", str(path.resolve()), _stamp(path))
+    if key in _READ:
+        return _READ[key]
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ProbeFileError(f"SEDAC probe weights unreadable (truncated or not safetensors): {path}: "
+                             f"{exc}") from exc
+    _READ[key] = tensors
+    return tensors
+
+
+def _read_meta_file(path: Path) -> Dict[str, Any]:
     if not path.parent.is_dir():
         raise ProbeFileError(f"SEDAC probe directory not found: {path.parent}")
     if not path.is_file():
@@ -185,14 +224,7 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
     weights_path = path / WEIGHTS
     if not weights_path.is_file():
         raise ProbeFileError(f"SEDAC probe weights missing: {weights_path}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ProbeFileError(f"SEDAC probe weights unreadable (truncated or not safetensors): {weights_path}: "
-                             f"{exc}") from exc
+    tensors = _read_weights(weights_path)
     shapes = {"down.weight": (rank, hidden), "down.bias": (rank,), "norm.weight": (rank,), "norm.bias": (rank,),
               "head.weight": (1, rank), "head.bias": (1,)}
     f = len(FUSION_FEATURES)
@@ -215,7 +247,7 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise ProbeFileError(f"SEDAC probe tensor {key} must hold finite floats: {weights_path}")
             if name.startswith("gate."):
-                gates[name[5:]].append(t.float())
+                gates[name[5:]].append(t.float().clone())
             else:
                 state[name] = t.float()
         if target == "fusion" and not bool((gates["std"][-1] > 0).all()):

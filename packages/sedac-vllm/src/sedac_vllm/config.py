@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -147,10 +147,24 @@ def parse_choice(env: Mapping[str, str], name: str, choices, default: Optional[s
     return value
 
 
-@dataclass
+class _Draft:
+    """A mutable copy of a dataclass's defaults, filled in by :meth:`SedacConfig.from_env`, then frozen."""
+
+    def __init__(self, cls: type, **values: Any) -> None:
+        for f in fields(cls):
+            self.__dict__[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+        self.__dict__.update(values)
+        self.__dict__["_cls"] = cls
+
+    def freeze(self) -> Any:
+        return self._cls(**{k: v for k, v in self.__dict__.items() if k != "_cls"})
+
+
+@dataclass(frozen=True)
 class SedacConfig:
     """Everything the vLLM plugin needs, parsed and range-checked (model-independent checks only;
-    the model-dependent ones run when the model is built, see :meth:`check_model`)."""
+    the model-dependent ones run when the model is built, see :meth:`check_model`). Frozen: parsed once
+    per process (:func:`sedac_vllm.plugin.active_config`), then handed to the model as it is."""
 
     enabled: bool = False
     mode: str = "monitor"
@@ -207,14 +221,14 @@ class SedacConfig:
                                        "SEDAC_INVOKED_AS", "SEDAC_VLLM", "SEDAC_VLLM_CUDA"))
         if unknown and parse_bool(env, "SEDAC_ENABLED", False):
             raise ConfigError(f"unknown SEDAC variable(s): {', '.join(unknown)} (known: {', '.join(VARIABLES)})")
-        cfg = cls(enabled=parse_bool(env, "SEDAC_ENABLED", False))
+        cfg: Any = _Draft(cls, enabled=parse_bool(env, "SEDAC_ENABLED", False))
         if not cfg.enabled:
-            return cfg
+            return cfg.freeze()
         cfg.probe_dir = _get(env, "SEDAC_PROBE_DIR")
         cfg.config_file = _get(env, "SEDAC_CONFIG")
         cfg.mode = parse_choice(env, "SEDAC_MODE", ("monitor", "probe"), "probe" if cfg.probe_dir else "monitor")
         if cfg.mode == "monitor" and cfg.config_file:
-            cfg._monitor_file(cfg.config_file)
+            _monitor_file(cfg, cfg.config_file)
         cfg.tau = parse_number(env, "SEDAC_TAU", cfg.tau)
         cfg.consecutive_k = parse_int(env, "SEDAC_CONSECUTIVE_K", cfg.consecutive_k, 1)
         cfg.min_layer = parse_int(env, "SEDAC_MIN_LAYER", cfg.min_layer)
@@ -267,43 +281,8 @@ class SedacConfig:
                                   "`sedac-probes train`")
             if not Path(cfg.probe_dir).is_dir():
                 raise ConfigError(f"SEDAC_PROBE_DIR={cfg.probe_dir!r} is not a directory")
-            cfg._check_probe_file()
-        return cfg
-
-    def _check_probe_file(self) -> None:
-        """What can be checked without the model: the probe file reads, and the variables that
-        describe it agree with it (hidden size, depth and identity are checked when the model is built)."""
-        from sedac_probes.io import ProbeFileError, load
-
-        try:
-            probes = load(self.probe_dir)
-        except ProbeFileError as exc:
-            raise ConfigError(f"SEDAC_PROBE_DIR: {exc}") from exc
-        if self.probe_layers is not None and self.probe_layers != probes.layers:
-            raise ConfigError(f"SEDAC_PROBE_LAYERS={','.join(map(str, self.probe_layers))} does not match the "
-                              f"probe file's layers {','.join(map(str, probes.layers))} ({self.probe_dir})")
-        if self.probe_rank is not None and self.probe_rank != probes.bank.rank:
-            raise ConfigError(f"SEDAC_PROBE_RANK={self.probe_rank} does not match the probe file's rank "
-                              f"{probes.bank.rank} ({self.probe_dir})")
-        n = len(probes.layers)
-        for name, values in (("SEDAC_THRESHOLDS", self.thresholds), ("SEDAC_EXIT_RATES", self.exit_rates),
-                             ("SEDAC_LAYER_WEIGHTS", self.layer_weights)):
-            if values is not None and len(values) != n:
-                raise ConfigError(f"{name} has {len(values)} values but the probes in {self.probe_dir} have "
-                                  f"{n} layers ({','.join(map(str, probes.layers))})")
-
-    def _monitor_file(self, path: str) -> None:
-        from sedac_monitor.runtime import InputError, load_config
-
-        try:
-            data = load_config(path)
-        except InputError as exc:
-            raise ConfigError(f"SEDAC_CONFIG={path!r}: {exc}") from None
-        self.tau, self.consecutive_k, self.min_layer = data["tau"], data["consecutive_k"], data["min_layer"]
-        self.protect_last, self.scope = data["protect_last"], data["scope"]
-        self.protect_first = data.get("protect_first", self.protect_first)
-        self.sources["monitor"] = str(path)
-        self.config_json = data
+            _check_probe_file(cfg)
+        return cfg.freeze()
 
     def check_model(self, num_layers: int) -> None:
         """Model-dependent checks (run when the model is built)."""
@@ -329,3 +308,40 @@ class SedacConfig:
         return (f"SEDAC probe: {self.probe_dir} rule={self.rule} soft_exit={self.soft_exit} soft_k={self.soft_k} "
                 f"adaptive={self.adaptive} adaptive_decay={self.adaptive_decay} protect_last={self.protect_last} "
                 f"protect_first={self.protect_first}")
+
+
+def _check_probe_file(self: Any) -> None:  # on the draft, in from_env
+    """What can be checked without the model: the probe file reads, and the variables that
+    describe it agree with it (hidden size, depth and identity are checked when the model is built)."""
+    from sedac_probes.io import ProbeFileError, load
+
+    try:
+        probes = load(self.probe_dir)
+    except ProbeFileError as exc:
+        raise ConfigError(f"SEDAC_PROBE_DIR: {exc}") from exc
+    if self.probe_layers is not None and self.probe_layers != probes.layers:
+        raise ConfigError(f"SEDAC_PROBE_LAYERS={','.join(map(str, self.probe_layers))} does not match the "
+                          f"probe file's layers {','.join(map(str, probes.layers))} ({self.probe_dir})")
+    if self.probe_rank is not None and self.probe_rank != probes.bank.rank:
+        raise ConfigError(f"SEDAC_PROBE_RANK={self.probe_rank} does not match the probe file's rank "
+                          f"{probes.bank.rank} ({self.probe_dir})")
+    n = len(probes.layers)
+    for name, values in (("SEDAC_THRESHOLDS", self.thresholds), ("SEDAC_EXIT_RATES", self.exit_rates),
+                         ("SEDAC_LAYER_WEIGHTS", self.layer_weights)):
+        if values is not None and len(values) != n:
+            raise ConfigError(f"{name} has {len(values)} values but the probes in {self.probe_dir} have "
+                              f"{n} layers ({','.join(map(str, probes.layers))})")
+
+
+def _monitor_file(self: Any, path: str) -> None:  # on the draft, in from_env
+    from sedac_monitor.runtime import InputError, load_config
+
+    try:
+        data = load_config(path)
+    except InputError as exc:
+        raise ConfigError(f"SEDAC_CONFIG={path!r}: {exc}") from None
+    self.tau, self.consecutive_k, self.min_layer = data["tau"], data["consecutive_k"], data["min_layer"]
+    self.protect_last, self.scope = data["protect_last"], data["scope"]
+    self.protect_first = data.get("protect_first", self.protect_first)
+    self.sources["monitor"] = str(path)
+    self.config_json = data

@@ -45,7 +45,8 @@ from sedac_monitor.runtime import (
 
 from . import ops
 from . import runtime as rt_mod
-from .config import ConfigError, SedacConfig
+from .config import ConfigError
+from .plugin import active_config
 
 logger = logging.getLogger("sedac_vllm")
 
@@ -216,7 +217,7 @@ class SedacModelMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 
-        cfg = SedacConfig.from_env()
+        cfg = active_config()
         if not cfg.enabled:  # registered in this process but disabled since: behave as vLLM's class
             self._sedac = None
             return

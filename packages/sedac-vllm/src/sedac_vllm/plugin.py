@@ -28,17 +28,30 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "sedac_vllm.models:SedacQwen3ForCausalLM",
 }
 _registered = False
+_CONFIG: "tuple[int, SedacConfig] | None" = None
+
+
+def active_config() -> SedacConfig:
+    """This process's SEDAC configuration: parsed from the environment once, when the plugin loads (or on the
+    first call), and never again, so what the model runs with cannot change under it. Keyed by process: a
+    process forked after another configuration was parsed (vLLM may fork its engine) parses its own."""
+    global _CONFIG
+    if _CONFIG is None or _CONFIG[0] != os.getpid():
+        _CONFIG = (os.getpid(), SedacConfig.from_env())  # raises ConfigError on any bad value, enabled or not
+    return _CONFIG[1]
 
 
 def register() -> None:
     global _registered
-    cfg = SedacConfig.from_env()  # raises ConfigError on any bad value, enabled or not
+    enabled = SedacConfig.from_env({k: v for k, v in os.environ.items() if k == "SEDAC_ENABLED"}).enabled
+    if enabled and not os.environ.get("SEDAC_METRICS_FILE"):
+        # set before vLLM spawns the engine (and before the configuration is parsed), so every process agrees
+        # on the file
+        os.environ["SEDAC_METRICS_FILE"] = os.path.join(tempfile.gettempdir(), f"sedac-metrics-{os.getpid()}.json")
+    cfg = active_config()
     if not cfg.enabled:
         return
     check_vllm()  # raises (stopping start-up) for a missing or untested vLLM
-    if not os.environ.get("SEDAC_METRICS_FILE"):
-        # set before vLLM spawns the engine, so every process agrees on the file
-        os.environ["SEDAC_METRICS_FILE"] = os.path.join(tempfile.gettempdir(), f"sedac-metrics-{os.getpid()}.json")
     if _registered:
         return
     from vllm import ModelRegistry
@@ -49,6 +62,6 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     from .metrics import install_collector
 
-    install_collector(os.environ["SEDAC_METRICS_FILE"])
+    install_collector(cfg.metrics_file)
     _registered = True
     logger.info("SEDAC enabled: %s (%s)", cfg.describe(), ", ".join(ARCHITECTURES))

@@ -43,6 +43,7 @@ class VllmSedac:
         self.tp_rank = tp_rank
         self.controller = None
         self.probes = None
+        self.adaptive = False
         self.step = 0
         self._dirty = False
         self._writer: Optional[threading.Thread] = None
@@ -96,8 +97,6 @@ class VllmSedac:
         with _LOCK:
             self.key = f"m{len(_RUNTIMES)}"
             _RUNTIMES[self.key] = self
-        if cfg.metrics_file is None:
-            cfg.metrics_file = os.environ.get("SEDAC_METRICS_FILE")
         logger.info("%s (%d layers)", cfg.describe(), num_layers)
 
     # -- building the decider ------------------------------------------------
@@ -167,7 +166,7 @@ class VllmSedac:
                 calibration_steps=c.calibration_steps, rule=c.rule, adaptive_decay=c.adaptive_decay,
                 decay_bonus=c.decay_bonus, soft_k=c.soft_k)
         self.probes = probes
-        c.adaptive = adaptive and exits
+        self.adaptive = adaptive and exits  # the configuration's value, resolved against the probe file
         return ProbeDecider(probes.bank, cascade, self.num_layers, c.protect_last, exits=exits)
 
     # -- per forward: in the model's graph (pure torch, no host reads) ----------
