@@ -161,6 +161,9 @@ def test_calibrate_with_the_model_checks_measured_risk(pipeline, tiny_dir, tmp_p
                  "--model", str(tiny_dir / "llama"), "--budget", "4"]) == 0
     ev = json.loads((probes / "sedac_probes.json").read_text())["calibration"]
     assert ev["measured"]["risk"] <= 0.1 and ev["measured"]["tokens"] == 12 * 62
+    # the thresholds' expected speed-up on this machine, and whether SEDAC pays with them
+    assert set(ev["expected_speedup"]) == {"prefill", "decode_b1", "decode_b4", "decode_b16", "decode_b64"}
+    assert ev["recommendation"].startswith("expected speed-up on this machine")
     assert 1 <= len(ev["measured_candidates"]) <= 5
     meta = json.loads((probes / "sedac_probes.json").read_text())
     assert ev["measured"]["thresholds"] == pytest.approx(meta["thresholds"])

@@ -155,6 +155,17 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
     v61_rule = sedac_core.ProbeRule(tuple(thresholds), "confidence", tuple(marginal), weights, 0.9, protect_last)
     v61 = sedac_core.replay(trace, [v61_rule])
     measured = measurer.measure(thresholds) if measurer is not None and status == "ok" else None
+    expected, advice = None, None
+    if measured is not None:  # what the thresholds would gain on this machine (MLP and forward timed here)
+        from sedac_monitor.cost import expected_speedups, measure_model, recommendation
+
+        costs = measure_model(measurer.layout)
+        for h in measurer.history:
+            h["expected_speedup"] = expected_speedups(costs, h["per_layer_skip_rate"])
+        expected = measured["expected_speedup"]
+        over = [{"measured_risk": h["risk"], "expected_speedup": h["expected_speedup"]} for h in measurer.history
+                if max_risk is not None and h["risk"] > max_risk]
+        advice = recommendation(expected, over)
     evidence = {
         "how": how,
         "status": status,
@@ -168,6 +179,10 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         "per_checkpoint_exit_rate": marginal,
         "measured": measured,
         "measured_candidates": measurer.history if measurer is not None else None,
+        # expected speed-up of the thresholds on the machine that calibrated (prefill of 512 tokens, decode
+        # at batch 1/4/16/64), from their measured per-layer skip rates; None without --model
+        "expected_speedup": expected,
+        "recommendation": advice,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     update_meta(probe_dir, thresholds=thresholds, exit_rates=marginal, calibration=evidence, status=status,
@@ -181,6 +196,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         f"{e['skipped_mlp']:.2%}, estimated risk {e['disagreement']:.2%} on {risk.shape[0]} tokens"
         + ("" if measured is None else f"; measured by running the model: risk {measured['risk']:.2%}, skipped "
                                        f"{measured['skipped_mlp']:.2%}, ΔPPL {measured['delta_ppl']:+.2%}"))
+    log(advice or "expected speed-up: not timed (give --model to time the MLP and the forward on this machine)")
     return evidence
 
 
@@ -219,7 +235,8 @@ class _Measurer:
         res = {"thresholds": wanted, "tokens": int(base.top1.numel()),
                "risk": float((run.top1 != base.top1).double().mean()),
                "skipped_mlp": float(run.row_skips.double().mean()) / self.layout.num_layers,
-               "delta_ppl": run.ppl / base.ppl - 1.0}
+               "delta_ppl": run.ppl / base.ppl - 1.0,
+               "per_layer_skip_rate": list(run.stats["per_layer_skip_rate"]) if run.stats else []}
         self.history.append(res)
         return res
 
