@@ -22,6 +22,8 @@ from sedac_monitor.testing import tiny_model
 from sedac_probes import ProbeDecider, TorchCascade
 from sedac_probes import load as load_probes
 
+pytestmark = pytest.mark.engine  # starts the real vLLM engine
+
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 PROMPTS = [
     "The river ran past the old mill and",

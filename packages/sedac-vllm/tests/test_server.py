@@ -14,6 +14,8 @@ import pytest
 from sedac_monitor.testing import tiny_model
 from sedac_vllm.server import free_port, running_server
 
+pytestmark = pytest.mark.engine  # starts the real vLLM engine
+
 
 def get(url, timeout=5):
     with urllib.request.urlopen(url, timeout=timeout) as r:

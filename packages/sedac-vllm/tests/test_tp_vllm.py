@@ -16,6 +16,8 @@ from test_e2e_vllm import gap_value, run_vllm, vllm_decisions
 from sedac_monitor.runtime import HFAttachment, RecordingDecider, SkipRuntime, find_layout, load_model
 from sedac_monitor.testing import tiny_model
 
+pytestmark = pytest.mark.engine  # starts the real vLLM engine
+
 L = 6
 MODES = ("compiled", "eager")
 PROMPTS = ["The river ran past the old mill and", "def add(a, b):\n    return", "Q: What colour is the sky? A:",
