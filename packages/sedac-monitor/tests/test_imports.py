@@ -19,7 +19,7 @@ def test_shared_runtime_surface_is_pinned():
         "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "RecordingDecider", "SkipRuntime",
         "SkippableMLP",
         "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "channel_importance",
-        "channel_mask", "channel_order",
+        "channel_mask", "channel_order", "expected_speedups", "measure_model", "recommendation",
         "drop_last_position", "find_layout", "hf_truncated", "intermediate_size", "load_config", "load_model",
         "make_skippable", "model_identity", "monitor_rule", "permute_channels", "progress", "read_text",
         "restore_mlp", "similarity", "soft_channels", "split_windows", "subclass_with",

@@ -7,7 +7,8 @@ build on. This module is the public surface; everything it exports is part of se
   channels) to MLP calls; :func:`make_skippable` / :func:`restore_mlp` swap an MLP's class so its
   forward goes through a runtime; :class:`HFAttachment` wires a Hugging Face model's forward to one.
 * **What skipping costs**: :class:`MlpCost` (a layer's MLP time at every batch size on this machine,
-  the gather path's overhead, the fewest skipped rows at which gathering pays, the byte-aware saving).
+  the gather path's overhead, the fewest skipped rows at which gathering pays, the byte-aware saving);
+  :func:`measure_model`, :func:`expected_speedups`, :func:`recommendation` (what a setting would gain).
 * **Soft exit**: :func:`soft_channels`, :func:`channel_order`, :func:`permute_channels`, :func:`hf_truncated`,
   :func:`channel_mask`.
 * **Deciders**: :class:`MonitorDecider` (V7) and :func:`similarity`; the decider protocol is in
@@ -19,7 +20,7 @@ build on. This module is the public surface; everything it exports is part of se
 """
 
 from .accelerator import load_config, monitor_rule
-from .cost import MlpCost
+from .cost import MlpCost, expected_speedups, measure_model, recommendation
 from .decide import MonitorDecider, similarity
 from .engine import (
     GATHER_MIN_FRACTION,
@@ -77,6 +78,7 @@ __all__ = [
     "UnsupportedModelError",
     "batches",
     "cascade_labels",
+    "expected_speedups",
     "channel_importance",
     "channel_mask",
     "channel_order",
@@ -87,11 +89,13 @@ __all__ = [
     "load_config",
     "load_model",
     "make_skippable",
+    "measure_model",
     "model_identity",
     "monitor_rule",
     "permute_channels",
     "progress",
     "read_text",
+    "recommendation",
     "restore_mlp",
     "similarity",
     "soft_channels",

@@ -157,7 +157,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
     measured = measurer.measure(thresholds) if measurer is not None and status == "ok" else None
     expected, advice = None, None
     if measured is not None:  # what the thresholds would gain on this machine (MLP and forward timed here)
-        from sedac_monitor.cost import expected_speedups, measure_model, recommendation
+        from sedac_monitor.runtime import expected_speedups, measure_model, recommendation
 
         costs = measure_model(measurer.layout)
         for h in measurer.history:
