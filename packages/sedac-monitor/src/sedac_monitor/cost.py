@@ -128,6 +128,20 @@ class MlpCost:
         return cls({int(k): float(v) for k, v in points.items()}, float(data.get("fixed", 0.0)),  # type: ignore[arg-type]
                    float(data.get("per_row", 0.0)), float(data.get("margin", MARGIN)))  # type: ignore[arg-type]
 
+    @staticmethod
+    def gather_path(mlp: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``gather(x, skip)``: what SEDAC's gather path does with ``mlp`` for a plan (read it on the host, run
+        the MLP on the active rows, scatter them back), for :meth:`measure` to time."""
+        from .engine import SkipRuntime
+
+        def gather(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+            if int(skip.sum()) == 0:
+                return mlp(x)
+            return SkipRuntime._gathered(x, (~skip).nonzero().squeeze(1), None, mlp)
+
+        return gather
+
     @classmethod
     def measure(cls, mlp: Callable[[torch.Tensor], torch.Tensor], hidden: int, max_rows: int,
                 dtype: torch.dtype = torch.float32, device: "torch.device | str" = "cpu",
@@ -193,19 +207,12 @@ def measure_model(layout, max_rows: int = PREFILL_ROWS, context: int = 64) -> Di
     """What :func:`expected_speedups` needs, measured on a Hugging Face model on this machine: one layer's
     MLP cost (:class:`MlpCost`, with the gather path SEDAC's runtime runs), the time of a prefill forward of
     ``max_rows`` tokens and of a decode step at each of :data:`DECODE_BATCHES` (``context`` tokens cached)."""
-    from .engine import SkipRuntime
-
     model = layout.model
     mlp = layout.layers[0].mlp
     param = next(model.parameters())
     hidden = int(model.config.hidden_size)
 
-    def gather(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if int(skip.sum()) == 0:
-            return mlp(x)
-        return SkipRuntime._gathered(x, (~skip).nonzero().squeeze(1), None, mlp)
-
-    cost = MlpCost.measure(mlp, hidden, max_rows, param.dtype, param.device, gather)
+    cost = MlpCost.measure(mlp, hidden, max_rows, param.dtype, param.device, MlpCost.gather_path(mlp))
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
     forward: Dict[str, float] = {}

@@ -261,13 +261,7 @@ class VllmSedac:
         With tensor parallelism every rank times its own shard and rank 0's measurement is ``broadcast`` to
         all, so every rank takes the same path at every layer (the paths' all-reduces must match)."""
 
-        def gather(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-            # what the op does for such a plan: read it on the host, gather the active rows, scatter back
-            if int(skip.sum()) == 0:
-                return local(x)
-            return SkipRuntime._gathered(x, (~skip).nonzero().squeeze(1), None, local)
-
-        cost = MlpCost.measure(local, hidden, min(self.max_rows, 1024), dtype, device, gather)
+        cost = MlpCost.measure(local, hidden, min(self.max_rows, 1024), dtype, device, MlpCost.gather_path(local))
         if broadcast is not None:
             cost = MlpCost.from_json(broadcast(cost.to_json()))
         self.cost = cost
