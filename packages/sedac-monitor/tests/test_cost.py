@@ -82,6 +82,33 @@ def test_measure_times_a_real_mlp_and_fits_the_gather_overhead():
     assert cost.need(64).shape == (65,)
 
 
+def test_measure_calls_every_layer_in_turn():
+    """A forward reads each layer's weights once, out of cache: timing one layer again and again would
+    time cache reads (the small-batch cost read low), so every layer given is called, in turn."""
+    from sedac_monitor.cost import in_turn
+
+    calls = []
+
+    def layer(i):
+        def mlp(x):
+            calls.append(i)
+            return x * 2
+        return mlp
+
+    mlps = [layer(i) for i in range(3)]
+    cost = MlpCost.measure(mlps, 8, 4, gather=MlpCost.gather_path(mlps))
+    assert sorted(cost.points) == [1, 2, 4]
+    assert set(calls) == {0, 1, 2}
+    calls.clear()
+    one = in_turn(mlps)
+    for _ in range(4):
+        one(torch.ones(1, 8))
+    assert calls == [0, 1, 2, 0]
+    assert in_turn(mlps[0]) is mlps[0]
+    with pytest.raises(ValueError, match="non-empty"):
+        in_turn([])
+
+
 def test_expected_speedup_and_recommendation_for_a_setting_that_pays_and_one_that_does_not():
     from sedac_monitor.cost import expected_speedup, recommendation
 

@@ -7,7 +7,9 @@ runs the MLP on the active rows only (leave the compiled graph, gather, MLP, sca
 own, so it pays only where ``t(rows) - t(rows - skipped)`` exceeds that cost. Both are measured here:
 
 * ``seconds[r]``: the MLP on ``r`` rows, measured at powers of two and interpolated linearly between
-  them (``seconds[0] = 0``: nothing to compute), made non-decreasing;
+  them (``seconds[0] = 0``: nothing to compute), made non-decreasing. Every layer's MLP is called in
+  turn, as a forward calls them: one layer called again and again keeps its weights in the CPU's cache
+  and reads them faster than a forward ever does, which made small batches look cheap;
 * ``fixed + per_row * rows``: what the gather path costs on top of the MLP on its active rows
   (dispatch, the host read of the plan, the copies), fitted from timing the path itself.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -47,6 +49,29 @@ def _time(fn: Callable[[], object], budget: float = 0.004, batches: int = 3) -> 
             fn()
         best = min(best, (time.perf_counter() - t) / n)
     return best
+
+
+Mlp = Callable[[torch.Tensor], torch.Tensor]
+Mlps = Union[Mlp, Sequence[Mlp]]
+
+
+def in_turn(mlps: Mlps) -> Mlp:
+    """One callable that calls the given layers' MLPs one after the other, a layer per call (a single
+    callable is returned as it is): what timing it measures is an average over the layers, each called
+    with its weights out of cache as in a forward."""
+    if callable(mlps):
+        return mlps
+    layers = list(mlps)
+    if not layers or not all(callable(m) for m in layers):
+        raise ValueError("in_turn needs one MLP callable or a non-empty sequence of them")
+    turn = [0]
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        i = turn[0]
+        turn[0] = (i + 1) % len(layers)
+        return layers[i](x)
+
+    return call
 
 
 def grid(max_rows: int) -> List[int]:
@@ -129,11 +154,13 @@ class MlpCost:
                    float(data.get("per_row", 0.0)), float(data.get("margin", MARGIN)))  # type: ignore[arg-type]
 
     @staticmethod
-    def gather_path(mlp: Callable[[torch.Tensor], torch.Tensor]
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``gather(x, skip)``: what SEDAC's gather path does with ``mlp`` for a plan (read it on the host, run
-        the MLP on the active rows, scatter them back), for :meth:`measure` to time."""
+    def gather_path(mlp: Mlps) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``gather(x, skip)``: what SEDAC's gather path does with ``mlp`` (one MLP, or every layer's, called
+        in turn) for a plan (read it on the host, run the MLP on the active rows, scatter them back), for
+        :meth:`measure` to time."""
         from .engine import SkipRuntime
+
+        mlp = in_turn(mlp)
 
         def gather(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
             if int(skip.sum()) == 0:
@@ -143,13 +170,15 @@ class MlpCost:
         return gather
 
     @classmethod
-    def measure(cls, mlp: Callable[[torch.Tensor], torch.Tensor], hidden: int, max_rows: int,
+    def measure(cls, mlp: Mlps, hidden: int, max_rows: int,
                 dtype: torch.dtype = torch.float32, device: "torch.device | str" = "cpu",
                 gather: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                 sizes: Optional[Sequence[int]] = None, margin: float = MARGIN) -> "MlpCost":
-        """Time ``mlp`` (one layer's MLP, ``[rows, hidden] -> [rows, hidden]``) at ``sizes`` rows (default
-        :func:`grid` up to ``max_rows``), and, given ``gather(x, skip)`` (the gather path on a plan), fit its
-        overhead from two batch sizes with half the rows skipped."""
+        """Time ``mlp`` (a layer's MLP, ``[rows, hidden] -> [rows, hidden]``, or a sequence of every layer's,
+        called in turn: see :func:`in_turn`) at ``sizes`` rows (default :func:`grid` up to ``max_rows``), and,
+        given ``gather(x, skip)`` (the gather path on a plan), fit its overhead from two batch sizes with half
+        the rows skipped."""
+        mlp = in_turn(mlp)
         gen = torch.Generator().manual_seed(0)
         inputs = {r: torch.randn(r, hidden, generator=gen).to(device=device, dtype=dtype)
                   for r in (sizes or grid(max_rows))}
@@ -208,7 +237,7 @@ def measure_model(layout, max_rows: int = PREFILL_ROWS, context: int = 64) -> Di
     MLP cost (:class:`MlpCost`, with the gather path SEDAC's runtime runs), the time of a prefill forward of
     ``max_rows`` tokens and of a decode step at each of :data:`DECODE_BATCHES` (``context`` tokens cached)."""
     model = layout.model
-    mlp = layout.layers[0].mlp
+    mlp = in_turn([layer.mlp for layer in layout.layers])
     param = next(model.parameters())
     hidden = int(model.config.hidden_size)
 

@@ -297,20 +297,22 @@ class SedacModelMixin:
 
 
 def _measure_cost(model: Any, sedac: "rt_mod.VllmSedac") -> None:
-    """Before the first forward (weights loaded and repacked by then): time one layer's MLP, which decides
-    where gathering pays (see :meth:`VllmSedac.measure_cost <sedac_vllm.runtime.VllmSedac.measure_cost>`)."""
+    """Before the first forward (weights loaded and repacked by then): time the layers' MLPs, called in turn
+    as a forward calls them, which decides where gathering pays (see :meth:`VllmSedac.measure_cost
+    <sedac_vllm.runtime.VllmSedac.measure_cost>`)."""
     from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
-    mlp = model.model.layers[0].mlp
-    local = mlp._sedac_local()
+    mlps = [layer.mlp for layer in model.model.layers]
+    local = [mlp._sedac_local() for mlp in mlps]
     tp = get_tensor_model_parallel_world_size()
-    if local is None and tp > 1:
+    if any(f is None for f in local) and tp > 1:
         logger.warning("SEDAC: this MLP's kernels cannot be timed per rank (quantized or not vLLM's CPU linear "
                        "layers): layers where some rows skip run masked (SEDAC_GATHER=always to gather anyway)")
         sedac.cost = False
         return
     device = next(model.parameters()).device
-    sedac.measure_cost(local or mlp._sedac_full, model._sedac_hidden, model._sedac_dtype, device,
+    timed = [f if f is not None else mlp._sedac_full for f, mlp in zip(local, mlps)]
+    sedac.measure_cost(timed, model._sedac_hidden, model._sedac_dtype, device,
                        get_tp_group().broadcast_object if tp > 1 else None)
 
 
