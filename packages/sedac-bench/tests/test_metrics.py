@@ -81,15 +81,15 @@ def test_baseline_building_blocks():
 
 def test_planned_and_static_deciders():
     d = PlannedExitDecider([0, -1, 2, 1], num_layers=4, protect_last=1)
-    d.begin(torch.zeros(2, 3))
-    assert d.plan(1)[0].tolist() == [True, False] and d.plan(3) == (None, None)
-    d.begin(torch.zeros(2, 3))
-    assert d.plan(2)[0].tolist() == [False, True]
+    state = d.start(torch.zeros(2, 3))
+    assert d.plan(1, state)[0].tolist() == [True, False] and d.plan(3, state) == (None, None)
+    state = d.step(1, torch.zeros(2, 3), d.start(torch.zeros(2, 3)))
+    assert d.plan(2, state)[0].tolist() == [False, True]
     with pytest.raises(RuntimeError, match="the exit plan has 4 rows"):
-        d.begin(torch.zeros(1, 3))
+        d.start(torch.zeros(1, 3))
     s = StaticDropDecider([1])
-    s.begin(torch.zeros(3, 2))
-    assert s.plan(1)[0].all() and s.plan(0) == (None, None)
+    state = s.start(torch.zeros(3, 2))
+    assert s.plan(1, state)[0].all() and s.plan(0, state) == (None, None)
 
 
 def test_a_model_where_skipping_changes_nothing_scores_zero():

@@ -1,5 +1,7 @@
 """Parts of the test suite that need no real model."""
 
+import torch
+
 from sedac_bench.suite import THRESHOLDS, paraphrase, robustness
 from sedac_monitor.runtime import find_layout, load_model
 from sedac_monitor.testing import tiny_model
@@ -32,15 +34,19 @@ class BatchDependent:
     """A deliberately wrong rule: a row skips while its stream norm is above the batch's median, so its
     decisions depend on its neighbours."""
 
-    def begin(self, stream):
-        self._rows = stream.shape[0]
+    monotone = False
+    wants_positions = False
+    step_layers = None
 
-    def after_layer(self, layer, stream):
+    def start(self, stream):
+        return torch.zeros(stream.shape[0], dtype=torch.bool)
+
+    def step(self, layer, stream, state):
         n = stream.float().norm(dim=-1)
-        self._skip = n > n.median()
+        return n > n.median()
 
-    def plan(self, layer):
-        return (self._skip, None) if layer >= 2 else (None, None)
+    def plan(self, layer, state):
+        return (state, None) if layer >= 2 else (None, None)
 
 
 def test_the_rebatching_check_fails_a_batch_dependent_rule(tmp_path):

@@ -27,15 +27,18 @@ def cases(draw):
 def run_decider(sim, rule):
     n, layers = sim.shape
     d = MonitorDecider(rule, layers)
-    d.start(n)
+    state = {"run": torch.zeros(n, dtype=torch.int32), "exited": torch.zeros(n, dtype=torch.bool)}
+    exit_layer = torch.full((n,), -1, dtype=torch.int32)
     skipped = np.zeros(n, dtype=np.int64)
     for layer in range(layers):
-        skip, keep = d.plan(layer)
+        skip, keep = d.plan(layer, state)
         assert keep is None
         if skip is not None:
             skipped += skip.numpy()
-        d.update(layer, torch.from_numpy(sim[:, layer]))
-    return d.exit_layer.numpy(), skipped
+        run, exited = d.advance(layer, torch.from_numpy(sim[:, layer]), state["run"], state["exited"])
+        exit_layer = exit_layer.masked_fill(exited & ~state["exited"], layer)
+        state = {"run": run, "exited": exited}
+    return exit_layer.numpy(), skipped
 
 
 @settings(max_examples=300, deadline=None)
@@ -77,3 +80,41 @@ def test_decider_rejects_bad_arguments():
         MonitorDecider({"tau": 0.9}, 4)
     with pytest.raises(ValueError, match="num_layers must be >= 1"):
         MonitorDecider(sedac_core.MonitorRule(0.9), 0)
+
+
+def test_every_decider_follows_one_protocol():
+    """The HF hooks and vLLM's compiled forward drive deciders the same way (start / step / plan, the state
+    kept by the caller); a decider that does not declare the protocol is refused with a clear error."""
+    import pytest
+
+    from sedac_monitor.runtime import Decider, ForcedExitDecider, RecordingDecider, SkipRuntime
+
+    rule = sedac_core.MonitorRule(0.9, 1, 1, 0, "cascade")
+    for d in (MonitorDecider(rule, 4), RecordingDecider(4), ForcedExitDecider(4, 1)):
+        assert isinstance(d, Decider), type(d).__name__
+
+    class Stateful:  # the pre-protocol shape: begin / plan(layer) / after_layer
+        def begin(self, stream): ...
+
+        def plan(self, layer): ...
+
+        def after_layer(self, layer, stream): ...
+
+    with pytest.raises(TypeError, match="Stateful is not a decider.*start\\(stream\\)"):
+        SkipRuntime(Stateful(), 4)
+
+    # driven by the runtime (HF hooks) or by hand (as vLLM's graph does): the same plans
+    torch.manual_seed(0)
+    streams = [torch.randn(5, 8)]
+    for _ in range(4):
+        streams.append(streams[-1] + 0.05 * torch.randn(5, 8))
+    d = MonitorDecider(rule, 4)
+    rt = SkipRuntime(d, 4, protect_first=0)
+    rt.begin(streams[0])
+    state = d.start(streams[0])
+    for layer in range(4):
+        a, b = d.plan(layer, rt.state), d.plan(layer, state)
+        assert (a[0] is None) == (b[0] is None) and (a[0] is None or torch.equal(a[0], b[0]))
+        rt.after_layer(layer, streams[layer + 1])
+        state = d.step(layer, streams[layer + 1], state)
+    assert bool(state["exited"].any())  # the case exercises exits

@@ -23,17 +23,21 @@ from sedac_monitor.testing import tiny_model
 class Scripted:
     """A decider that returns fixed plans per layer."""
 
+    monotone = False
+    wants_positions = False
+    step_layers = frozenset()
+
     def __init__(self, plans):
         self.plans = plans
 
-    def begin(self, stream):
-        pass
+    def start(self, stream):
+        return None
 
-    def plan(self, layer):
+    def plan(self, layer, state):
         return self.plans.get(layer, (None, None))
 
-    def after_layer(self, layer, stream):
-        pass
+    def step(self, layer, stream, state):
+        return state
 
 
 # An MLP over a subset of the rows can take a different BLAS kernel than over all of them, which sums in a
@@ -136,20 +140,22 @@ class Cascade:
     """Scripted cascade plans: row r skips every layer after ``exit_at[r]`` (-1: never)."""
 
     monotone = True
+    wants_positions = False
+    step_layers = frozenset()
 
     def __init__(self, exit_at):
         self.exit_at = torch.tensor(exit_at)
 
-    def begin(self, stream):
-        pass
+    def start(self, stream):
+        return None
 
-    def plan(self, layer):
+    def plan(self, layer, state):
         if layer == 0:
             return None, None
         return (self.exit_at >= 0) & (self.exit_at < layer), None
 
-    def after_layer(self, layer, stream):
-        pass
+    def step(self, layer, stream, state):
+        return state
 
 
 def run_layers(rt, x, mlps):

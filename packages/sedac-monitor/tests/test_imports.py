@@ -15,9 +15,9 @@ def test_shared_runtime_surface_is_pinned():
     from sedac_monitor import calibrate, runtime
 
     assert sorted(runtime.__all__) == sorted([
-        "GATHER_MIN_FRACTION", "HOST_SYNC_POLICIES", "SOFT_GROUPS", "DecoderLayout", "ExitStats", "ForcedExitDecider",
-        "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "RecordingDecider", "SkipRuntime",
-        "SkippableMLP",
+        "GATHER_MIN_FRACTION", "HOST_SYNC_POLICIES", "SOFT_GROUPS", "Decider", "DecoderLayout", "ExitStats",
+        "ForcedExitDecider", "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "Plan",
+        "RecordingDecider", "SkipRuntime", "SkippableMLP",
         "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "channel_importance",
         "channel_mask", "channel_order", "expected_speedups", "measure_model", "recommendation",
         "drop_last_position", "find_layout", "hf_truncated", "intermediate_size", "load_config", "load_model",

@@ -344,7 +344,13 @@ def test_fused_gate_trains_loads_and_decides_in_the_model_as_on_collected_data(p
     offline = probe_risk(fused.bank, data, rows)
     model, _ = load_model(tiny_dir / "llama")
     layout = find_layout(model)
-    decider = ProbeDecider(fused.bank, TorchCascade([1e-6] * 3, "threshold"), 6)
+    class LastRisk(ProbeDecider):
+        def step(self, layer, stream, state):
+            state = super().step(layer, stream, state)
+            self.last_risk = self.risk_matrix(state)
+            return state
+
+    decider = LastRisk(fused.bank, TorchCascade([1e-6] * 3, "threshold"), 6)
     windows = data["token_id"].view(12, 63)[:1]
     teacher_forced(layout, windows, decider, 1)
     online = decider.last_risk.numpy()[:63]  # teacher_forced drops the last position; the decider saw 63 rows

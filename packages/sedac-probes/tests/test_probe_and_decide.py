@@ -105,7 +105,7 @@ def test_probe_decider_drives_the_runtime():
     assert [n for layer, n in calls if layer in (2, 3, 4)] == [6 - exited] * 3
     assert [n for layer, n in calls if layer in (0, 1, 5)] == [6, 6, 6]
     assert rt.stats.as_dict()["skipped_mlp_blocks"] == 3 * exited
-    assert torch.isfinite(decider.last_risk).all()
+    assert torch.isfinite(decider.risk_matrix(rt.state)).all()
 
 
 def test_probe_decider_rejects_mismatched_parts():
@@ -118,3 +118,30 @@ def test_probe_decider_rejects_mismatched_parts():
         TorchCascade([1.0], "confidence")
     with pytest.raises(ValueError, match="thresholds must be > 0"):
         TorchCascade([0.0])
+
+
+def test_adaptive_thresholds_have_one_owner():
+    """Adaptive: the controller owns the thresholds; the cascade's tensors (what a compiled graph reads)
+    follow it only when they move, and decide as the controller does."""
+    layers = [sedac_core.LayerConfig(i, rate, 0.5, w) for i, rate, w in ((1, 0.2, 0.3), (3, 0.6, 0.4), (4, 0.9, 0.3))]
+    controller = sedac_core.CascadeController(layers, alpha=0.5, calibration_steps=2, rule="confidence",
+                                              adaptive_decay=True, decay_bonus=0.5)
+    cascade = TorchCascade.following(controller)
+    assert cascade.controller is controller
+    np.testing.assert_array_equal(cascade.thresholds.numpy(), controller.thresholds)
+    rng = np.random.default_rng(0)
+    moves = []
+    for _ in range(4):
+        risk = rng.uniform(0, 2, size=(64, 3)).astype(np.float32)
+        before = cascade.thresholds.clone()
+        moved = cascade.observe(risk)
+        moves.append(moved)
+        assert moved == (not torch.equal(before, cascade.thresholds))
+        np.testing.assert_array_equal(cascade.thresholds.numpy(), controller.thresholds)
+        assert float(cascade.history) == pytest.approx(controller.history)
+        want = controller.evaluate(risk)
+        exit_cp, _conf, _soft = cascade.evaluate(torch.from_numpy(risk))
+        np.testing.assert_array_equal(exit_cp.numpy(), want.exit_checkpoint)
+    assert moves[:2] == [False, False] and any(moves[2:])  # nothing moves during the warm-up
+    with pytest.raises(RuntimeError, match="fixed"):
+        TorchCascade([0.5, 0.5]).observe(np.zeros((1, 2), np.float32))

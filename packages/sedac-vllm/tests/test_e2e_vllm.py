@@ -54,9 +54,9 @@ def run_vllm(model_dir, runs, tmp, prompts=PROMPTS):
 
 
 class RecordingMonitor(MonitorDecider):
-    def begin(self, stream):
-        super().begin(stream)
+    def start(self, stream):
         self.seen = []
+        return super().start(stream)
 
     def advance(self, layer, s, run, exited):
         if layer >= self.rule.min_layer:
@@ -65,14 +65,15 @@ class RecordingMonitor(MonitorDecider):
 
 
 class RecordingProbe(ProbeDecider):
-    def after_layer(self, layer, stream):
-        super().after_layer(layer, stream)
+    def step(self, layer, stream, state):
+        state = super().step(layer, stream, state)
         if layer in self._index:
-            self.seen.append((self._index[layer], self.risk[:, self._index[layer]].clone()))
+            self.seen.append((self._index[layer], self.risk_matrix(state)[:, self._index[layer]].clone()))
+        return state
 
-    def begin(self, stream, positions=None):
-        super().begin(stream, positions)
+    def start(self, stream, positions=None):
         self.seen = getattr(self, "seen", [])
+        return super().start(stream, positions)
 
 
 def patched_pass(model, decider, seq):

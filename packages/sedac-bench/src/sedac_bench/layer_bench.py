@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Optional
 
 import torch
 
@@ -47,19 +47,19 @@ class FixedRateDecider:
 
     monotone = False
     wants_positions = False
-    needs_every_layer = False
+    step_layers: FrozenSet[int] = frozenset()  # reads no stream after layer 0
 
     def __init__(self, rate: float) -> None:
         self.threshold = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - rate))) if rate > 0 \
             else float("inf")
 
-    def init(self, stream: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def start(self, stream: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {"skip": stream[:, 0] > self.threshold}
 
     def step(self, layer: int, stream: torch.Tensor, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return state
 
-    def plan_for(self, layer: int, state: Dict[str, torch.Tensor]):
+    def plan(self, layer: int, state: Dict[str, torch.Tensor]):
         return (None, None) if layer == 0 else (state["skip"], None)
 
 
@@ -75,7 +75,7 @@ def sedac_stack(layers: int, rate: float, gather: str, max_rows: int) -> Callabl
     hf = {"hidden_size": HIDDEN, "num_hidden_layers": layers, "intermediate_size": INTERMEDIATE}
     sedac = VllmSedac(cfg, hf, layers, HIDDEN, torch.device("cpu"), max_rows=max_rows)
     sedac.decider = sedac.runtime.decider = FixedRateDecider(rate)
-    sedac.stream_layers = set()  # the stand-in decider reads no stream after layer 0
+    sedac.stream_layers = sedac.decider.step_layers
     mlps = []
     for i in range(layers):
         m = Mlp()
@@ -83,7 +83,7 @@ def sedac_stack(layers: int, rate: float, gather: str, max_rows: int) -> Callabl
         m._sedac_owner = sedac
         sedac.mlps[i] = m
         mlps.append(m)
-    sedac.measure_cost(mlps[0]._sedac_full, HIDDEN, torch.float32, torch.device("cpu"))
+    sedac.measure_cost([m._sedac_full for m in mlps], HIDDEN, torch.float32, torch.device("cpu"))
 
     def run(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         sedac.begin(x, positions)

@@ -17,7 +17,7 @@ SEDAC methods use the packages' own decision code (``MonitorDecider``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,66 +26,78 @@ import torch
 class StaticDropDecider:
     """Every row skips the MLP of the layers in ``drop``."""
 
+    monotone = False
+    wants_positions = False
+    step_layers: FrozenSet[int] = frozenset()  # decides from the layer index alone
+
     def __init__(self, drop: Sequence[int]) -> None:
         self.drop = set(int(x) for x in drop)
 
-    def begin(self, stream):
-        self._rows, self._device = stream.shape[0], stream.device
+    def start(self, stream: torch.Tensor) -> torch.Tensor:
+        return torch.ones(stream.shape[0], dtype=torch.bool, device=stream.device)
 
-    def plan(self, layer):
-        if layer in self.drop:
-            return torch.ones(self._rows, dtype=torch.bool, device=self._device), None
-        return None, None
+    def plan(self, layer: int, state: torch.Tensor):
+        return (state, None) if layer in self.drop else (None, None)
 
-    def after_layer(self, layer, stream):
-        pass
+    def step(self, layer: int, stream: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return state
 
 
 class PlannedExitDecider:
     """Per-token cascade exits given in advance: row ``i`` of the ``k``-th forward skips the MLPs of layers
     ``> exit_layers[offset + i]`` (and ``< num_layers - protect_last``); -1 = no exit. Forwards must come in
-    the order the plan was made for."""
+    the order the plan was made for (each :meth:`start` takes the next rows of the plan)."""
+
+    monotone = False  # a cascade, but declared False: the runtime then never reuses a compaction
+    wants_positions = False
+    step_layers: FrozenSet[int] = frozenset()
 
     def __init__(self, exit_layers: Sequence[int], num_layers: int, protect_last: int = 0) -> None:
         self.exit_layers = torch.as_tensor(np.asarray(exit_layers), dtype=torch.int64)
         self.end = num_layers - protect_last
         self.offset = 0
 
-    def begin(self, stream):
+    def start(self, stream: torch.Tensor) -> torch.Tensor:
         n = stream.shape[0]
-        self._exit = self.exit_layers[self.offset:self.offset + n].to(stream.device)
-        if self._exit.numel() != n:
+        exits = self.exit_layers[self.offset:self.offset + n].to(stream.device)
+        if exits.numel() != n:
             raise RuntimeError(f"the exit plan has {self.exit_layers.numel()} rows; forward asked for row "
                                f"{self.offset + n}")
         self.offset += n
+        return exits
 
-    def plan(self, layer):
+    def plan(self, layer: int, state: torch.Tensor):
         if layer >= self.end:
             return None, None
-        return (self._exit >= 0) & (self._exit < layer), None
+        return (state >= 0) & (state < layer), None
 
-    def after_layer(self, layer, stream):
-        pass
+    def step(self, layer: int, stream: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return state
 
 
 class RandomSkipDecider:
-    """Row r skips layer l's MLP with probability ``rates[l]``, independently (seeded)."""
+    """Row r skips layer l's MLP with probability ``rates[l]``, independently (seeded: the generator
+    advances with every plan, so a run is reproducible, not each forward on its own)."""
+
+    monotone = False
+    wants_positions = False
+    step_layers: FrozenSet[int] = frozenset()
 
     def __init__(self, rates: Sequence[float], seed: int = 0) -> None:
         self.rates = [float(r) for r in rates]
         self.gen = torch.Generator().manual_seed(seed)
 
-    def begin(self, stream):
-        self._rows, self._device = stream.shape[0], stream.device
+    def start(self, stream: torch.Tensor) -> torch.Tensor:
+        return torch.empty(stream.shape[0], 0, device=stream.device)  # the rows and their device
 
-    def plan(self, layer):
+    def plan(self, layer: int, state: torch.Tensor):
         rate = self.rates[layer]
         if rate <= 0:
             return None, None
-        return (torch.rand(self._rows, generator=self.gen) < rate).to(self._device), None
+        return (torch.rand(state.shape[0], generator=self.gen) < rate).to(state.device), None
 
-    def after_layer(self, layer, stream):
-        pass
+    def step(self, layer: int, stream: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return state
 
 
 def shortgpt_order(layer_similarity: Sequence[float]) -> List[int]:

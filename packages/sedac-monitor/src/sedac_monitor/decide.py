@@ -14,7 +14,7 @@ previous layer is at least ``k`` long.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 import torch
@@ -43,23 +43,51 @@ def similarity(stream: torch.Tensor, previous: torch.Tensor, previous_norm2: Opt
     return cos * 0.5 + 0.5
 
 
+@runtime_checkable
+class Decider(Protocol):
+    """What SEDAC's runtimes ask of a decider (the V7 monitor, the V6 probes, the benchmark's baselines).
+
+    One protocol, functional: the state of a forward is a value the caller keeps and passes back, so the
+    Hugging Face hooks (:class:`sedac_monitor.runtime.SkipRuntime`) and vLLM's compiled forward
+    (sedac-vllm) drive a decider the same way::
+
+        state = decider.start(stream)              # the stream entering layer 0, [rows, hidden]
+        for layer in range(num_layers):
+            skip, keep = decider.plan(layer, state)    # before the layer's MLP
+            ...                                        # the layer, its MLP under the plan
+            if decider.step_layers is None or layer in decider.step_layers:
+                state = decider.step(layer, stream, state)  # the stream the layer produced
+
+    For a compiled forward, ``start``, ``step`` and ``plan`` must be pure torch on tensors: no host reads,
+    no data-dependent shapes. Declared properties:
+
+    * ``monotone``: a row skipped at a layer stays skipped at every later layer that can skip (a cascade);
+    * ``wants_positions``: ``start(stream, positions)`` takes the rows' sequence positions (int64 ``[rows]``);
+    * ``step_layers``: the layers after which ``step`` must see the stream (None: every layer); a compiled
+      forward forms the residual stream only there.
+    """
+
+    monotone: bool
+    wants_positions: bool
+    step_layers: Optional[FrozenSet[int]]
+
+    def start(self, stream: torch.Tensor, *positions: torch.Tensor) -> Any: ...
+
+    def step(self, layer: int, stream: torch.Tensor, state: Any) -> Any: ...
+
+    def plan(self, layer: int, state: Any) -> Plan: ...
+
+
 class MonitorDecider:
-    """The V7 rule over the rows (tokens) of one forward pass.
-
-    Two ways to drive it, one rule:
-
-    * functional, for code that compiles the forward (sedac-vllm): ``state =
-      init(stream)``, then per layer ``plan(layer, state)`` before its MLP and
-      ``state = step(layer, stream, state)`` after it. Pure torch on tensors,
-      no data-dependent shapes and no host reads, so the whole rule compiles
-      into the model's graph;
-    * stateful, for Hugging Face hooks: :meth:`begin`, :meth:`plan` (one
-      argument), :meth:`after_layer` keep the state on the object.
-      :meth:`update` takes a similarity column directly (tests, replay parity).
+    """The V7 rule over the rows (tokens) of one forward pass, as a :class:`Decider`.
 
     ``monotone`` is True in cascade mode: a row skipped at a layer stays skipped
     at every later layer that can skip (the runtime may reuse a compaction).
+    :meth:`advance` takes a similarity column directly (tests, replay parity).
     """
+
+    wants_positions = False
+    step_layers: Optional[FrozenSet[int]] = None  # the similarity of every layer
 
     def __init__(self, rule: sedac_core.MonitorRule, num_layers: int, tau_tensor: bool = False) -> None:
         if not isinstance(rule, sedac_core.MonitorRule):
@@ -77,11 +105,8 @@ class MonitorDecider:
         self.cascade = rule.scope == "cascade"
         self.monotone = self.cascade
         self._end = max(self.num_layers - int(rule.protect_last), 0)
-        self.state: Optional[Dict[str, torch.Tensor]] = None
-        self.exit_layer: Optional[torch.Tensor] = None  # stateful use: layer each row exited at (-1: none)
 
-    # -- functional ------------------------------------------------------------
-    def init(self, stream: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def start(self, stream: torch.Tensor) -> Dict[str, torch.Tensor]:
         """State before layer 0, from the stream entering it (``[rows, hidden]``)."""
         a = stream.float()
         rows = a.shape[0]
@@ -90,7 +115,7 @@ class MonitorDecider:
                 "exited": torch.zeros(rows, dtype=torch.bool, device=a.device)}
 
     def step(self, layer: int, stream: torch.Tensor, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """State after ``layer``, given the stream it produced."""
+        """State after ``layer``, given the stream it produced (``s``: that layer's similarity column)."""
         a = stream.float()
         norm2 = torch.linalg.vecdot(a, a)
         s = similarity(a, state["prev"], state["prev_norm2"], norm2)
@@ -105,7 +130,7 @@ class MonitorDecider:
             exited = exited | (run >= self.k)
         return run, exited
 
-    def plan_for(self, layer: int, state: Dict[str, torch.Tensor]) -> Plan:
+    def plan(self, layer: int, state: Dict[str, torch.Tensor]) -> Plan:
         """Rows whose MLP at ``layer`` is skipped (decided from layers < ``layer``); ``(None, None)``
         where no row can skip, known without looking at the data."""
         if layer >= self._end or layer < self.min_layer + self.k:
@@ -113,40 +138,3 @@ class MonitorDecider:
         if self.cascade:
             return state["exited"], None  # exits decided at layers < `layer`
         return state["run"] >= self.k, None
-
-    # -- stateful (Hugging Face hooks, tests) ------------------------------------
-    def begin(self, stream: torch.Tensor) -> None:
-        self.state = self.init(stream)
-        self.exit_layer = torch.full((stream.shape[0],), -1, dtype=torch.int32, device=stream.device)
-
-    def start(self, rows: int, device: Optional[torch.device] = None) -> None:
-        """Begin without a stream (drive the rule with :meth:`update`)."""
-        self.state = {"run": torch.zeros(rows, dtype=torch.int32, device=device),
-                      "exited": torch.zeros(rows, dtype=torch.bool, device=device)}
-        self.exit_layer = torch.full((rows,), -1, dtype=torch.int32, device=device)
-
-    def after_layer(self, layer: int, stream: torch.Tensor) -> None:
-        before = self.state["exited"]
-        self.state = self.step(layer, stream, self.state)
-        self._note_exits(layer, before)
-
-    def update(self, layer: int, s: torch.Tensor) -> None:
-        """Advance the rule by one layer given that layer's similarity column."""
-        before = self.state["exited"]
-        run, exited = self.advance(layer, s, self.state["run"], before)
-        self.state = {**self.state, "run": run, "exited": exited}
-        self._note_exits(layer, before)
-
-    def _note_exits(self, layer: int, before: torch.Tensor) -> None:
-        self.exit_layer = self.exit_layer.masked_fill(self.state["exited"] & ~before, layer)
-
-    @property
-    def run(self) -> Optional[torch.Tensor]:
-        return None if self.state is None else self.state["run"]
-
-    @property
-    def exited(self) -> Optional[torch.Tensor]:
-        return None if self.state is None else self.state["exited"]
-
-    def plan(self, layer: int) -> Plan:
-        return self.plan_for(layer, self.state)

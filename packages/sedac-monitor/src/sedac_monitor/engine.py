@@ -9,11 +9,9 @@ skipped rows get a zero MLP output, so nothing is added to their residual.
 When no row skips, the MLP is called on the untouched input, so a run without
 exits is bit-identical to the unpatched model.
 
-Decider protocol (duck-typed)::
-
-    begin(stream0: Tensor[rows, hidden])      # stream entering layer 0; resets state
-    plan(layer) -> (skip: bool[rows] | None, keep: float[rows] | None)
-    after_layer(layer, stream: Tensor[rows, hidden])
+The decider follows the :class:`~sedac_monitor.decide.Decider` protocol
+(functional: ``start`` / ``step`` / ``plan``, the forward's state kept here in
+:attr:`SkipRuntime.state`), the same protocol sedac-vllm's compiled forward uses.
 
 Soft exit (``keep`` < 1) computes only the first ``m`` intermediate channels
 of the MLP, in the order :func:`channel_order` documents; rows are grouped by
@@ -28,6 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .decide import Decider
 
 SOFT_GROUPS = 16
 """Soft exit computes channel counts in steps of intermediate_size / SOFT_GROUPS."""
@@ -98,21 +98,27 @@ class SkipRuntime:
     exiting and 17% without). Positions are known only when the caller passes
     them to :meth:`begin`.
 
-    Two ways in: :meth:`mlp` asks the (stateful) decider for the layer's plan,
-    which is how the Hugging Face hooks use it; :meth:`apply` takes the plan as
+    Two ways in: :meth:`mlp` asks the decider for the layer's plan (from the
+    forward's decider state, :attr:`state`), which is how the Hugging Face
+    hooks use it; :meth:`apply` takes the plan as
     tensors, which is how a compiled model (sedac-vllm) calls it from inside its
     gather op. ``host_sync`` is one of
     :data:`HOST_SYNC_POLICIES` (default: ``layer`` on CPU, ``forward`` elsewhere).
     """
 
-    def __init__(self, decider: Any, num_layers: int, protect_first: int = 1,
+    def __init__(self, decider: Decider, num_layers: int, protect_first: int = 1,
                  host_sync: Optional[str] = None) -> None:
         if isinstance(protect_first, bool) or not isinstance(protect_first, int) or protect_first < 0:
             raise ValueError(f"protect_first must be an integer >= 0, got {protect_first!r}")
+        if not isinstance(decider, Decider):
+            raise TypeError(f"{type(decider).__name__} is not a decider: SkipRuntime needs start(stream), "
+                            "step(layer, stream, state), plan(layer, state) and the properties monotone, "
+                            "wants_positions, step_layers (see sedac_monitor.runtime.Decider)")
         if host_sync is not None and host_sync not in HOST_SYNC_POLICIES:
             raise ValueError(f"host_sync must be one of {HOST_SYNC_POLICIES}, got {host_sync!r}")
         self.decider = decider
         self.num_layers = int(num_layers)
+        self.state: Any = None  # the decider's state for the current forward (start / step / plan)
         self.protect_first = protect_first
         self.host_sync = host_sync
         self._protected: Optional[torch.Tensor] = None
@@ -148,12 +154,12 @@ class SkipRuntime:
             self._protected = positions.reshape(-1) < self.protect_first
             self._allowed = ~self._protected
         self.start(stream.shape[0], stream.device, valid)
-        if getattr(self.decider, "wants_positions", False):  # e.g. a fused probe gate reads positions
+        if self.decider.wants_positions:  # e.g. a fused probe gate reads positions
             if positions is None:
                 positions = torch.arange(stream.shape[0], device=stream.device)
-            self.decider.begin(stream, positions.reshape(-1))
+            self.state = self.decider.start(stream, positions.reshape(-1))
         else:
-            self.decider.begin(stream)
+            self.state = self.decider.start(stream)
 
     def start(self, rows: int, device: torch.device, valid: Optional[torch.Tensor] = None) -> None:
         """Reset the per-forward bookkeeping (what :meth:`begin` does besides starting the decider)."""
@@ -168,7 +174,9 @@ class SkipRuntime:
         self._read_layer = self._choose_read_layer() if self._mode == "forward" else None
 
     def after_layer(self, layer: int, stream: torch.Tensor) -> None:
-        self.decider.after_layer(layer, stream)
+        wanted = self.decider.step_layers
+        if wanted is None or layer in wanted:
+            self.state = self.decider.step(layer, stream, self.state)
         if layer == self.num_layers - 1:
             self.finish()
 
@@ -270,7 +278,7 @@ class SkipRuntime:
         if stats is None or int(stats.tokens) == 0:  # CPU/host counters; on a device, one read per forward
             return None
         rates = (stats.full_skips.double() / float(stats.tokens)).cpu().tolist()
-        monotone = bool(getattr(self.decider, "monotone", False))
+        monotone = bool(self.decider.monotone)
         best, best_gain = None, 0.0
         for layer, rate in enumerate(rates):
             later = sum(1 for r in rates[layer:] if r > 0) if monotone else 1
@@ -298,7 +306,7 @@ class SkipRuntime:
         (``m`` an int, or an int64 tensor with one count per row); it is needed
         only when the plan has ``keep`` < 1.
         """
-        skip, keep = self.decider.plan(layer)
+        skip, keep = self.decider.plan(layer, self.state)
         if skip is None and keep is None:
             return full(x)
         if self._protected is not None:
@@ -339,13 +347,13 @@ class SkipRuntime:
                 return full(x)  # nothing skipped here: no bookkeeping either
             self._record(layer, skip)
             if n == rows:
-                if getattr(self.decider, "monotone", False):
+                if self.decider.monotone:
                     self._active = flat.new_zeros(0, dtype=torch.int64)
                 return flat.new_zeros(flat.shape).view(shape)
             if n < GATHER_MIN_FRACTION * rows:
                 return full(flat).masked_fill_(skip[:, None], 0).view(shape)
             active = (~skip).nonzero().squeeze(1)
-            if getattr(self.decider, "monotone", False):
+            if self.decider.monotone:
                 self._active = active  # rows skipped now stay skipped in later layers
             return self._gathered(flat, active, None, full).view(shape)
         self._record(layer, skip)

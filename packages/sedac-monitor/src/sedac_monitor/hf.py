@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -110,7 +110,14 @@ class Pass:
 
 class RecordingDecider:
     """Never skips; records the similarity S_l after every layer, and optionally
-    the residual stream at some layers (for probes and the logit lens)."""
+    the residual stream at some layers (for probes and the logit lens). A
+    :class:`~sedac_monitor.decide.Decider` whose state is the previous stream;
+    what it records is kept on the object (``sims``, ``streams``: the last
+    forward's), for the Hugging Face passes that read it."""
+
+    monotone = False
+    wants_positions = False
+    step_layers = None
 
     def __init__(self, num_layers: int, keep_layers: Sequence[int] = ()) -> None:
         from .decide import similarity
@@ -119,41 +126,42 @@ class RecordingDecider:
         self.num_layers = num_layers
         self.keep_layers = set(keep_layers)
         self.sims: List[torch.Tensor] = []
-        self.streams = {}
+        self.streams: Dict[int, torch.Tensor] = {}
 
-    def begin(self, stream):
-        self._prev = stream
+    def start(self, stream: torch.Tensor) -> torch.Tensor:
         self.sims = []
         self.streams = {}
+        return stream
 
-    def plan(self, layer):
+    def plan(self, layer: int, state: torch.Tensor) -> Tuple[None, None]:
         return None, None
 
-    def after_layer(self, layer, stream):
-        self.sims.append(self._similarity(stream, self._prev))
-        self._prev = stream
+    def step(self, layer: int, stream: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        self.sims.append(self._similarity(stream, state))
         if layer in self.keep_layers:
             self.streams[layer] = stream
+        return stream
 
 
 class ForcedExitDecider:
     """Every row skips the MLPs of layers ``exit_layer+1 .. num_layers-protect_last-1``."""
 
+    monotone = False
+    wants_positions = False
+    step_layers: FrozenSet[int] = frozenset()  # decides from the layer index alone
+
     def __init__(self, num_layers: int, exit_layer: int, protect_last: int = 0) -> None:
         self.end = num_layers - protect_last
         self.exit_layer = exit_layer
 
-    def begin(self, stream):
-        self._rows = stream.shape[0]
-        self._device = stream.device
+    def start(self, stream: torch.Tensor) -> torch.Tensor:
+        return torch.ones(stream.shape[0], dtype=torch.bool, device=stream.device)
 
-    def plan(self, layer):
-        if self.exit_layer < layer < self.end:
-            return torch.ones(self._rows, dtype=torch.bool, device=self._device), None
-        return None, None
+    def plan(self, layer: int, state: torch.Tensor) -> Tuple[Optional[torch.Tensor], None]:
+        return (state, None) if self.exit_layer < layer < self.end else (None, None)
 
-    def after_layer(self, layer, stream):
-        pass
+    def step(self, layer: int, stream: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return state
 
 
 def activation_magnitudes(layout: DecoderLayout, windows: torch.Tensor, batch_size: int = 4) -> List[torch.Tensor]:

@@ -11,8 +11,8 @@ build on. This module is the public surface; everything it exports is part of se
   :func:`measure_model`, :func:`expected_speedups`, :func:`recommendation` (what a setting would gain).
 * **Soft exit**: :func:`soft_channels`, :func:`channel_order`, :func:`permute_channels`, :func:`hf_truncated`,
   :func:`channel_mask`.
-* **Deciders**: :class:`MonitorDecider` (V7) and :func:`similarity`; the decider protocol is in
-  :mod:`sedac_monitor.engine`'s docstring.
+* **Deciders**: the :class:`Decider` protocol (functional ``start`` / ``step`` / ``plan``, one for the
+  Hugging Face hooks and vLLM's compiled forward), :class:`MonitorDecider` (V7) and :func:`similarity`.
 * **Models and text**: :func:`find_layout` / :class:`DecoderLayout`, :func:`model_identity`,
   :func:`load_model`, :func:`read_text`, :func:`token_windows`, :func:`teacher_forced` /
   :class:`Pass`, :func:`cascade_labels`, :class:`RecordingDecider`, :class:`ForcedExitDecider`.
@@ -21,7 +21,7 @@ build on. This module is the public surface; everything it exports is part of se
 
 from .accelerator import load_config, monitor_rule
 from .cost import MlpCost, expected_speedups, measure_model, recommendation
-from .decide import MonitorDecider, similarity
+from .decide import Decider, MonitorDecider, Plan, similarity
 from .engine import (
     GATHER_MIN_FRACTION,
     HOST_SYNC_POLICIES,
@@ -69,7 +69,9 @@ __all__ = [
     "HFAttachment",
     "InputError",
     "MlpCost",
+    "Decider",
     "MonitorDecider",
+    "Plan",
     "Pass",
     "RecordingDecider",
     "activation_magnitudes",

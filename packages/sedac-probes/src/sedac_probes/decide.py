@@ -9,7 +9,7 @@ differ by one ulp (``exp``). Used inside model forwards by the HF runtime
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
 import torch
 
@@ -58,6 +58,35 @@ class TorchCascade:
         self.bonus = torch.tensor(decay_bonus, dtype=torch.float32, device=device)
         self.history = torch.zeros((), dtype=torch.float32, device=device)  # updated in place by the caller
         self.soft_k = torch.tensor(soft_k, dtype=torch.float32, device=device)
+        # the sedac_core.CascadeController that owns the thresholds (adaptive; see `following`), or None
+        self.controller: Any = None
+
+    @classmethod
+    def following(cls, controller: Any, device: Optional[torch.device] = None) -> "TorchCascade":
+        """The decision parameters of an adaptive ``sedac_core.CascadeController``, which owns the
+        thresholds: :meth:`observe` feeds it the observed risks and copies its thresholds (and the adaptive
+        decay's exit history) into these tensors only when they moved."""
+        st = controller.state_dict()
+        layers = st["layers"]
+        self = cls(st["thresholds"], st["rule"], [lay["target_exit_rate"] for lay in layers],
+                   [lay["confidence_weight"] for lay in layers], st["confidence_decay"], st["soft_exit"], device,
+                   adaptive_decay=bool(st.get("adaptive_decay", False)), decay_bonus=float(st.get("decay_bonus", 0.0)),
+                   soft_k=float(st.get("soft_k", 4.0)))
+        self.controller = controller
+        self.history.fill_(float(st.get("history", 0.0)))
+        return self
+
+    def observe(self, risk: Any) -> bool:
+        """Adaptive thresholds: hand a forward's risks (``[rows, checkpoints]``, NaN where not reached) to
+        the controller and mirror what moved. Returns whether the thresholds moved."""
+        if self.controller is None:
+            raise RuntimeError("TorchCascade.observe: these thresholds are fixed (no controller follows them)")
+        moved = self.controller.observe(risk)
+        if moved:
+            self.thresholds.copy_(torch.as_tensor(self.controller.thresholds))
+        if self.adaptive_decay:
+            self.history.fill_(self.controller.history)
+        return bool(moved)
 
     @property
     def checkpoints(self) -> int:
@@ -118,14 +147,15 @@ class ProbeDecider:
     forward (``[rows, checkpoints]``, NaN where not reached) for adaptive
     threshold updates.
 
-    Like :class:`sedac_monitor.runtime.MonitorDecider` it has a functional form
-    (``init`` / ``step`` / ``plan_for``, pure torch, compiled into vLLM's graph)
-    and a stateful one (``begin`` / ``after_layer`` / ``plan``) for HF hooks.
-    Exits are a cascade, so ``monotone`` is True.
+    A :class:`sedac_monitor.runtime.Decider` (``start`` / ``step`` / ``plan``,
+    pure torch, compiled into vLLM's graph and driven by the HF hooks alike).
+    Exits are a cascade, so ``monotone`` is True. It steps at its checkpoint
+    layers only (``step_layers``); :meth:`risk_matrix` reads a forward's risks
+    from its state.
 
     With a ``"fusion"`` bank the decider also follows the V7 similarity of
-    consecutive residual streams at every layer (``needs_every_layer``) and the
-    tokens' positions (``init(stream, positions)``), which the gate reads.
+    consecutive residual streams at every layer (``step_layers`` None) and the
+    tokens' positions (``start(stream, positions)``), which the gate reads.
     """
 
     monotone = True
@@ -144,13 +174,12 @@ class ProbeDecider:
         self._end = self.num_layers - self.protect_last
         self.exits = bool(exits)  # False: never exits, probes not even run (a calibration that failed its budget)
         self.fused = getattr(bank, "target", None) == "fusion"
-        self.needs_every_layer = self.fused and self.exits
         self.wants_positions = self.fused
-        self.state: Optional[Dict[str, Any]] = None
-        self.last_risk: Optional[torch.Tensor] = None
+        # a fused gate follows the similarity of every layer; a plain probe reads its checkpoints only
+        self.step_layers: Optional[FrozenSet[int]] = (
+            None if self.fused and self.exits else frozenset(bank.layers) if self.exits else frozenset())
 
-    # -- functional ------------------------------------------------------------
-    def init(self, stream: torch.Tensor, positions: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    def start(self, stream: torch.Tensor, positions: Optional[torch.Tensor] = None) -> Dict[str, Any]:
         rows = stream.shape[0]
         dev = stream.device
         state = {"acc": torch.zeros(rows, dtype=torch.float32, device=dev),
@@ -200,30 +229,10 @@ class ProbeDecider:
             risks.append(torch.full((rows,), float("nan"), dtype=torch.float32, device=state["acc"].device))
         return torch.stack(risks, 1)
 
-    def plan_for(self, layer: int, state: Dict[str, Any]):
+    def plan(self, layer: int, state: Dict[str, Any]):
         if not self.exits or layer <= self.bank.layers[0] or layer >= self._end:
             return None, None  # before the first checkpoint or in the protected tail: nobody skips
         exit_layer = state["exit_layer"]
         skip = (exit_layer >= 0) & (exit_layer < layer)
         keep = 1.0 - state["soft"] if self.cascade.soft_exit else None
         return skip, keep
-
-    # -- stateful (Hugging Face hooks, tests) ------------------------------------
-    def begin(self, stream: torch.Tensor, positions: Optional[torch.Tensor] = None) -> None:
-        self.state = self.init(stream, positions)
-
-    def after_layer(self, layer: int, stream: torch.Tensor) -> None:
-        self.state = self.step(layer, stream, self.state)
-        if self._index.get(layer) == self.cascade.checkpoints - 1:
-            self.last_risk = self.risk_matrix(self.state)
-
-    def plan(self, layer: int):
-        return self.plan_for(layer, self.state)
-
-    @property
-    def risk(self) -> torch.Tensor:
-        return self.risk_matrix(self.state)
-
-    @property
-    def exit_layer(self) -> torch.Tensor:
-        return self.state["exit_layer"]

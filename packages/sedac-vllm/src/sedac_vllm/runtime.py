@@ -51,12 +51,10 @@ class VllmSedac:
         self._positions: Optional[torch.Tensor] = None
         if cfg.mode == "monitor":
             decider = self._monitor_decider()
-            self.stream_layers = None  # every layer
         else:
             decider = self._probe_decider(hf_config, hidden_size, device)
-            # a fused gate follows the similarity of every layer; a plain probe reads its checkpoints only
-            self.stream_layers = (None if decider.needs_every_layer else
-                                  set(decider.bank.layers) if decider.exits else set())
+        # the layers whose residual stream the decider reads (None: every layer); the graph forms it only there
+        self.stream_layers = decider.step_layers
         self.decider = decider
         self.runtime = SkipRuntime(decider, num_layers, cfg.protect_first, cfg.host_sync)
         self.runtime.records = False  # this forward's per-row results are kept in the graph (see plan())
@@ -156,15 +154,18 @@ class VllmSedac:
                     "thresholds), or SEDAC_EXIT_RATES with SEDAC_ADAPTIVE left on (thresholds learned from "
                     "traffic; no token exits during the SEDAC_CALIBRATION_STEPS warm-up).")
             thresholds = [sedac_core.MIN_THRESHOLD] * n
-        cascade = TorchCascade(thresholds, c.rule, exit_rates, weights, c.confidence_decay, c.soft_exit, device,
-                               adaptive_decay=c.adaptive_decay, decay_bonus=c.decay_bonus, soft_k=c.soft_k)
-        if adaptive and exits:
+        if adaptive and exits:  # the controller owns the thresholds; the cascade's tensors mirror them
             self.controller = sedac_core.CascadeController(
                 [sedac_core.LayerConfig(layer, exit_rates[i], thresholds[i], weights[i]) for i, layer in
                  enumerate(layers)],
                 alpha=c.alpha, confidence_decay=c.confidence_decay, soft_exit=c.soft_exit, adaptive=True,
                 calibration_steps=c.calibration_steps, rule=c.rule, adaptive_decay=c.adaptive_decay,
                 decay_bonus=c.decay_bonus, soft_k=c.soft_k)
+            cascade = TorchCascade.following(self.controller, device)
+        else:
+            cascade = TorchCascade(thresholds, c.rule, exit_rates, weights, c.confidence_decay, c.soft_exit,
+                                   device, adaptive_decay=c.adaptive_decay, decay_bonus=c.decay_bonus,
+                                   soft_k=c.soft_k)
         self.probes = probes
         self.adaptive = adaptive and exits  # the configuration's value, resolved against the probe file
         return ProbeDecider(probes.bank, cascade, self.num_layers, c.protect_last, exits=exits)
@@ -174,8 +175,7 @@ class VllmSedac:
         """Layer 0's input: start the decider's state. ``state`` flows from layer to layer as tensors
         (under torch.compile, dynamo tracks these dict updates like any other value)."""
         allowed = positions.reshape(-1) >= self.cfg.protect_first if self.cfg.protect_first > 0 else None
-        d = (self.decider.init(stream, positions) if getattr(self.decider, "wants_positions", False)
-             else self.decider.init(stream))
+        d = self.decider.start(stream, positions) if self.decider.wants_positions else self.decider.start(stream)
         state = self.state
         state.clear()
         state["decider"], state["allowed"] = d, allowed
@@ -191,7 +191,7 @@ class VllmSedac:
     def plan(self, layer: int):
         """The layer's plan with the first positions protected; ``(None, None)`` where no row can skip."""
         state = self.state
-        skip, keep = self.decider.plan_for(layer, state["decider"])
+        skip, keep = self.decider.plan(layer, state["decider"])
         allowed = state["allowed"]
         if allowed is not None:
             if skip is not None:
@@ -255,8 +255,8 @@ class VllmSedac:
 
     def measure_cost(self, local: Any, hidden: int, dtype: torch.dtype, device: torch.device,
                      broadcast: Any = None) -> MlpCost:
-        """Measure the MLP's cost on this machine (``local``: one layer's MLP, ``[rows, hidden]`` in and out;
-        all layers share its shape) and fill ``need``.
+        """Measure the MLP's cost on this machine (``local``: every layer's MLP, ``[rows, hidden]`` in and out,
+        timed in turn; all layers share one shape) and fill ``need``.
 
         With tensor parallelism every rank times its own shard and rank 0's measurement is ``broadcast`` to
         all, so every rank takes the same path at every layer (the paths' all-reduces must match)."""
@@ -328,9 +328,7 @@ class VllmSedac:
         self.runtime.end_forward(positions.shape[0], positions.device)
         self.step += 1
         if self.controller is not None and risk is not None and risk.numel():
-            self.controller.observe(risk.float().cpu().numpy())
-            self.decider.cascade.thresholds.copy_(torch.as_tensor(self.controller.thresholds))
-            self.decider.cascade.history.fill_(self.controller.history)  # the adaptive decay's exit history
+            self.decider.cascade.observe(risk.float().cpu().numpy())
         signals_np = signals.float().cpu().numpy() if signals is not None and signals.numel() else None
         if self.online is not None:
             self.online.end_forward(stream, self.runtime.last_first_skip, self.num_layers, signals_np,
