@@ -47,33 +47,66 @@ def test_kl_divergence_is_zero_for_equal_histograms_and_finite_for_disjoint_ones
     assert 1 < kl_divergence(np.array([100, 0]), np.array([0, 100])) < 20
 
 
-def calibrator(tau_t, histogram=None, tolerance=0.05, window=100):
-    return OnlineCalibrator(tau_t, 0.9, tolerance, shadow_rate=1.0, window=window, margin=0.01, drift_threshold=0.1,
-                            histogram=histogram, min_layer=0, step=0.01)
+def calibrator(tau_t, histogram=None, tolerance=0.05, window=100, margin=0.01):
+    return OnlineCalibrator(tau_t, 0.9, tolerance, shadow_rate=1.0, window=window, margin=margin,
+                            drift_threshold=0.1, histogram=histogram, min_layer=0, step=0.01)
+
+
+def shadowed(online, forwards, skipped_work):
+    """Forwards of six rows, the first three exiting after layer 0, with the LM head reading class 0 from the
+    served stream and whatever ``skipped_work`` adds to the skipped rows."""
+    head = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3, 4))
+    flat = torch.zeros(6, 4)
+    flat[:, 0] = 1.0
+    skip = torch.tensor([True, True, True, False, False, False])
+    for _ in range(forwards):
+        online.shadow(3, flat, skip, skipped_work)
+        online.end_forward(flat, torch.tensor([1, 1, 1, 4, 4, 4]), 4, None, lambda x: x, head, counted=True)
+
+
+def flips(x):  # skipped work that moves the top-1 to class 1
+    return torch.zeros_like(x).index_fill_(1, torch.tensor([1]), 5.0)
 
 
 def test_shadow_check_raises_tau_when_skipped_work_changes_the_top1():
     tau_t = torch.tensor(0.9)
     online = calibrator(tau_t)
-    head = torch.nn.Linear(4, 3, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(torch.eye(3, 4))
-    flat = torch.zeros(6, 4)
-    flat[:, 0] = 1.0  # the served top-1 is class 0
-    skip = torch.tensor([True, True, True, False, False, False])
-    big = lambda x: torch.zeros_like(x).index_fill_(1, torch.tensor([1]), 5.0)  # noqa: E731 - skipped work -> class 1
-    for _ in range(60):
-        online.shadow(3, flat, skip, big)
-        online.end_forward(flat, torch.tensor([1, 1, 1, 4, 4, 4]), 4, None, lambda x: x, head, counted=True)
+    shadowed(online, 60, flips)
     st = online.stats()
     assert st["risk_estimate"] == pytest.approx(0.5, rel=0.05)  # all checked rows changed x half the rows exited
     assert st["tau"] > 0.9 and float(tau_t) == st["tau"] and st["adjustments"] > 0
     # skipped work that changes nothing: tau comes back down, but never below its bound
     online.checked = online.changed = 0.0
-    for _ in range(200):
-        online.shadow(3, flat, skip, torch.zeros_like)
-        online.end_forward(flat, torch.tensor([1, 1, 1, 4, 4, 4]), 4, None, lambda x: x, head, counted=True)
+    shadowed(online, 200, torch.zeros_like)
     assert online.stats()["risk_estimate"] == 0.0 and online.tau == pytest.approx(0.89)
+
+
+def test_online_calibration_only_tightens_by_default():
+    """The estimate is first order and can read low: by default tau never goes below the calibrated value."""
+    assert SedacConfig.from_env({"SEDAC_ENABLED": "1"}).online_margin == 0.0
+    tau_t = torch.tensor(0.9)
+    online = calibrator(tau_t, margin=SedacConfig.from_env({"SEDAC_ENABLED": "1"}).online_margin)
+    shadowed(online, 200, torch.zeros_like)  # nothing changes: the estimate says loosen
+    assert online.risk_estimate == 0.0 and online.tau == 0.9 and float(tau_t) == pytest.approx(0.9)
+    assert online.stats()["tau_bounds"] == [0.9, 1.0]
+    shadowed(online, 60, flips)  # traffic where exits hurt: tighten
+    raised = online.tau
+    assert raised > 0.9
+    online.checked = online.changed = 0.0
+    shadowed(online, 400, torch.zeros_like)  # and back, to the calibrated tau and no further
+    assert online.tau == pytest.approx(0.9) and online.tau >= 0.9
+
+
+def test_a_margin_that_loosens_is_announced(caplog):
+    with caplog.at_level("WARNING", logger="sedac_vllm"):
+        calibrator(torch.tensor(0.9), margin=0.01)
+    assert "throughput option" in caplog.text and "less safe" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sedac_vllm"):
+        calibrator(torch.tensor(0.9), margin=0.0)
+    assert "throughput option" not in caplog.text
 
 
 def test_drift_falls_back_to_no_exits_and_recovers():
@@ -91,6 +124,18 @@ def test_drift_falls_back_to_no_exits_and_recovers():
     for _ in range(400):
         online.end_forward(torch.zeros(50, 4), torch.full((50,), 4), 4, similar, ident, ident, counted=True)
     assert not online.fallback and float(tau_t) == pytest.approx(online.tau)
+
+
+def test_a_young_histogram_does_not_count_as_drift():
+    tau_t = torch.tensor(0.9)
+    online = calibrator(tau_t, {"edges": [0.0, 0.9, 0.95, 1.0], "counts": [0, 2, 98]})
+    ident = torch.nn.Identity()
+    shifted = np.full((10, 4), 0.5)  # 40 signals a forward, all unlike the calibration text's
+    for _ in range(3):  # about 118 signals (the histogram decays): fewer than 50 per bin of 3
+        online.end_forward(torch.zeros(10, 4), torch.full((10,), 4), 4, shifted, ident, ident, counted=True)
+    assert online.drift_kl is None and not online.fallback and float(tau_t) == pytest.approx(0.9)
+    online.end_forward(torch.zeros(10, 4), torch.full((10,), 4), 4, shifted, ident, ident, counted=True)
+    assert online.drift_kl > 0.1 and online.fallback and online.fallbacks == 1
 
 
 def test_online_needs_the_monitor_and_is_exported(tmp_path):

@@ -68,8 +68,8 @@ VARIABLES: Dict[str, str] = {
     "SEDAC_RISK_TOLERANCE": "top-1 risk to hold, number in (0, 1) (default: the config's max_risk, else 0.05)",
     "SEDAC_DRIFT_THRESHOLD": "KL divergence that counts as drift, number > 0 (default 0.1)",
     "SEDAC_ONLINE_WINDOW": "checked rows the running estimate spans, integer >= 1 (default 2000)",
-    "SEDAC_ONLINE_MARGIN": "how far below the calibrated tau online calibration may go, number >= 0 "
-                           "(default 0.005)",
+    "SEDAC_ONLINE_MARGIN": "how far below the calibrated tau online calibration may loosen, number >= 0 "
+                           "(default 0: it only tightens; above 0 is a throughput option, not a safety one)",
     "SEDAC_LOG_EVERY": "integer >= 0: log exit statistics every N forward steps, 0 = never (default 50)",
     "SEDAC_METRICS_FILE": "path the engine writes its statistics to, read by /metrics (default: a temp file)",
     "SEDAC_TRACE": "path: append per-token decisions of every forward as JSON lines (debugging, tests)",
@@ -204,7 +204,7 @@ class SedacConfig:
     risk_tolerance: Optional[float] = None
     drift_threshold: float = 0.1
     online_window: int = 2000
-    online_margin: float = 0.005
+    online_margin: float = 0.0  # online calibration only tightens unless a user asks otherwise
     # reporting
     log_every: int = 50
     metrics_file: Optional[str] = None

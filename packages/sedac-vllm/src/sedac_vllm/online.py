@@ -17,12 +17,14 @@ so they work in vLLM's compiled mode too.
     on the checked rows. The running risk estimate = changed / checked × the fraction of tokens that
     exit, over a window of ``SEDAC_ONLINE_WINDOW`` checked rows.
   - **threshold control**: when the estimate exceeds ``SEDAC_RISK_TOLERANCE``, tau rises (fewer exits);
-    when it is under half the tolerance, tau falls back — never below the calibrated tau minus
-    ``SEDAC_ONLINE_MARGIN`` (the safe bound that lets it seek throughput), never above 1.
+    when it is under half the tolerance, tau falls back, never below the calibrated tau (by default online
+    calibration only tightens: the estimate is first order and can read low, so it must never make SEDAC
+    less safe than the offline calibration) and never above 1. ``SEDAC_ONLINE_MARGIN`` > 0 lets tau go that
+    far below the calibrated value: a throughput option, taken on an estimate whose error is not bounded.
   - **drift detection**: the histogram of the similarity signal of recent tokens is compared with the
     calibration text's (written by ``sedac-monitor calibrate`` into ``sedac_config.json``) by KL
-    divergence; above ``SEDAC_DRIFT_THRESHOLD`` SEDAC falls back to no exits until the divergence drops
-    below half of it.
+    divergence, once it holds ``DRIFT_SIGNALS_PER_BIN`` signals per bin (a young histogram is noise); above
+    ``SEDAC_DRIFT_THRESHOLD`` SEDAC falls back to no exits until the divergence drops below half of it.
 
 Every state change is logged; the statistics file (and so ``/metrics``) carries the running estimate,
 the drift score, the current tau and the number of fallbacks.
@@ -42,6 +44,10 @@ import torch
 logger = logging.getLogger("sedac_vllm")
 
 EPS = 1e-4
+# The recent histogram is compared once it holds this many signals per bin: a sample of n signals drawn from
+# the calibration text's own distribution over B bins has an expected KL of about (B - 1) / (2n) from it,
+# under 0.01 here, a tenth of the default SEDAC_DRIFT_THRESHOLD; a younger histogram would be noise.
+DRIFT_SIGNALS_PER_BIN = 50
 
 
 class DecisionLog:
@@ -119,6 +125,11 @@ class OnlineCalibrator:
                  seed: int = 0, step: float = 0.0005) -> None:
         self.tau_t, self.tau_calibrated = tau_t, float(tau)
         self.tau = float(tau)
+        if margin > 0:
+            logger.warning("SEDAC online calibration may loosen tau to %.4f, %.4f below the calibrated %.4f "
+                           "(SEDAC_ONLINE_MARGIN): a throughput option; its first-order risk estimate can read "
+                           "low, so this can be less safe than the offline calibration", max(0.0, tau - margin),
+                           margin, tau)
         self.lo, self.hi = max(0.0, self.tau - margin), 1.0
         self.tolerance, self.shadow_rate, self.window = float(tolerance), float(shadow_rate), int(window)
         self.drift_threshold, self.step, self.min_layer = float(drift_threshold), float(step), int(min_layer)
@@ -183,7 +194,8 @@ class OnlineCalibrator:
             counts, _ = np.histogram(np.clip(s[np.isfinite(s)], self.edges[0], self.edges[-1]), bins=self.edges)
             keep = max(0.0, 1.0 - counts.sum() / (self.window * 30.0))
             self.recent = self.recent * keep + counts
-            self.drift_kl = kl_divergence(self.recent, self.reference)
+            if self.recent.sum() >= DRIFT_SIGNALS_PER_BIN * self.recent.size:
+                self.drift_kl = kl_divergence(self.recent, self.reference)
         self._control()
 
     def _control(self) -> None:
