@@ -147,25 +147,25 @@ def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="consecutive_k must be in"):
         load_config({**good, "model": {}, "consecutive_k": 0}, 6)
     assert math.isfinite(load_config({**good, "model": {}}, 6)["tau"])
-    # files from before `scope` was named so are read, with a deprecation warning
-    legacy = {k: v for k, v in good.items() if k != "scope"}
-    with pytest.warns(DeprecationWarning, match="'mode' is now called 'scope'"):
-        assert load_config({**legacy, "mode": "per_layer", "model": {}}, 6)["scope"] == "per_layer"
+    # a file that names the scope `mode` is refused, naming the key it should use
+    old = {k: v for k, v in good.items() if k != "scope"}
+    with pytest.raises(InputError, match="names the exit scope 'mode'; the key is 'scope'"):
+        load_config({**old, "mode": "per_layer", "model": {}}, 6)
 
 
-def test_deprecated_spellings_warn(tiny_dir, text_file, tmp_path, capsys):
-    out = tmp_path / "cfg.json"
-    with pytest.warns(DeprecationWarning, match="--mode is deprecated.*use --strategy"):
-        assert main(["calibrate", "--model", str(tiny_dir / "llama"), "--text", str(text_file), "--tokens", "256",
-                     "--max-length", "128", "--mode", "aggressive", "--budget", "1", "--out", str(out)]) == 0
-    assert "--mode is deprecated and will be removed; use --strategy" in capsys.readouterr().err
-    assert json.loads(out.read_text())["strategy"] == "aggressive"
+def test_there_is_one_spelling_of_each_option(tiny_dir, text_file, tmp_path, capsys):
+    """No pre-release aliases: --mode is not an option of calibrate, mode= not an argument of the accelerator."""
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", str(tiny_dir / "llama"), "--text", str(text_file), "--mode", "aggressive"])
+    assert "unrecognized arguments: --mode" in capsys.readouterr().err
     from sedac_monitor import create_universal_accelerator
     from sedac_monitor.testing import tiny_model
 
-    with pytest.warns(DeprecationWarning, match="use scope="):
-        acc = create_universal_accelerator(tiny_model("llama"), tau=0.9, mode="per_layer")
+    with pytest.raises(TypeError, match="mode"):
+        create_universal_accelerator(tiny_model("llama"), tau=0.9, mode="per_layer")
+    acc = create_universal_accelerator(tiny_model("llama"), tau=0.9, scope="per_layer")
     assert acc.rule.scope == "per_layer"
+
 
 
 def test_measured_search_returns_the_most_aggressive_passing_candidate_or_none():

@@ -66,10 +66,10 @@ def test_monitor_config_file_is_read_and_env_overrides(tmp_path):
         SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
 
 
-def test_scope_has_one_name_and_the_old_one_warns():
+def test_scope_has_one_name():
     assert SedacConfig.from_env(env(SEDAC_SCOPE="per_layer")).scope == "per_layer"
-    with pytest.warns(DeprecationWarning, match="SEDAC_MONITOR_MODE is deprecated; use SEDAC_SCOPE"):
-        assert SedacConfig.from_env(env(SEDAC_MONITOR_MODE="per_layer")).scope == "per_layer"
+    with pytest.raises(ConfigError, match="unknown SEDAC variable.*SEDAC_MONITOR_MODE"):
+        SedacConfig.from_env(env(SEDAC_MONITOR_MODE="per_layer"))
 
 
 def test_model_dependent_checks():

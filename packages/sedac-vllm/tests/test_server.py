@@ -35,7 +35,7 @@ def server(request, tmp_path_factory):
     tiny_model("qwen2", tmp / "model")
     config = tmp / "sedac_config.json"
     config.write_text(json.dumps({"tau": 0.9, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
-                                  "mode": "cascade", "model": {"num_layers": 6}}))
+                                  "scope": "cascade", "model": {"num_layers": 6}}))
     port = free_port()
     exe = shutil.which("sedac-vllm") or str(Path(sys.executable).with_name("sedac-vllm"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "SEDAC_METRICS_FILE": str(tmp / "metrics.json")}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -92,8 +91,7 @@ class UniversalAccelerator:
 
 def create_universal_accelerator(model: Any, tau: float = 0.98, consecutive_k: int = 2, min_layer: int = 0,
                                  protect_last: int = 0, scope: str = "cascade", protect_first: int = 1,
-                                 config: Union[None, str, Path, Dict[str, Any]] = None,
-                                 mode: Optional[str] = None) -> UniversalAccelerator:
+                                 config: Union[None, str, Path, Dict[str, Any]] = None) -> UniversalAccelerator:
     """A V7 accelerator for ``model`` (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3 layouts).
 
     The defaults are the original SEDAC documents' (tau 0.98, K 2, cascade from
@@ -102,12 +100,8 @@ def create_universal_accelerator(model: Any, tau: float = 0.98, consecutive_k: i
     ``sedac_config.json`` as ``config`` (its values replace the keyword
     arguments). ``scope``: ``cascade`` (an exited token skips every later MLP)
     or ``per_layer``. ``protect_first``: the first tokens of every sequence
-    never exit (the attention sink). ``mode`` is the deprecated name of ``scope``.
+    never exit (the attention sink).
     """
-    if mode is not None:
-        warnings.warn("create_universal_accelerator(mode=...) is deprecated; use scope=...", DeprecationWarning,
-                      stacklevel=2)
-        scope = mode
     layout = find_layout(model)
     if config is not None:
         cfg = load_config(config, layout.num_layers)
@@ -125,10 +119,7 @@ CONFIG_KEYS = ("tau", "consecutive_k", "min_layer", "protect_last", "scope")
 
 def load_config(config: Union[str, Path, Dict[str, Any]], num_layers: Optional[int] = None) -> Dict[str, Any]:
     """Read and check a ``sedac_config.json`` (path or dict); the one loader of this format (sedac-vllm
-    uses it too). Errors are :class:`~sedac_monitor.runtime.InputError` naming the file and field.
-
-    Files written before the ``scope`` key was named so carry it as ``mode``; they are read, with a
-    :class:`DeprecationWarning`."""
+    uses it too). Errors are :class:`~sedac_monitor.runtime.InputError` naming the file and field."""
     source = "config"
     if isinstance(config, (str, Path)):
         path = Path(config)
@@ -142,10 +133,9 @@ def load_config(config: Union[str, Path, Dict[str, Any]], num_layers: Optional[i
             raise InputError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise InputError(f"{source} must hold a JSON object")
-    if "scope" not in config and config.get("mode") in SCOPES:
-        warnings.warn(f"{source}: the key 'mode' is now called 'scope'; rewrite the file with "
-                      "`sedac-monitor calibrate` to silence this", DeprecationWarning, stacklevel=2)
-        config = {**config, "scope": config["mode"]}
+    if "scope" not in config and "mode" in config:
+        raise InputError(f"{source} names the exit scope 'mode'; the key is 'scope' (cascade or per_layer): "
+                         "rename it, or rewrite the file with `sedac-monitor calibrate`")
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise InputError(f"{source} is missing {', '.join(missing)} (expected a sedac_config.json "

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -103,29 +102,16 @@ def time_prefill(layout, tokenizer, text_file, cfg: Dict[str, Any], n_tokens: in
             "torch_threads": torch.get_num_threads()}
 
 
-class _Deprecated(argparse.Action):
-    """An old option spelling: still accepted, with a warning naming the new one."""
-
-    def __init__(self, option_strings, dest, new: str = "", **kwargs):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        msg = f"{option_string} is deprecated and will be removed; use {self.new}"
-        warnings.warn(msg, DeprecationWarning, stacklevel=2)
-        print(f"{parser.prog}: warning: {msg}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sedac-monitor", description="SEDAC V7 zero-shot exits for HF models")
+    # no abbreviations: `--mode` (an old spelling of --strategy) must not be taken as `--model`
+    parser = argparse.ArgumentParser(prog="sedac-monitor", description="SEDAC V7 zero-shot exits for HF models",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("calibrate", help="search tau/K/min_layer/protect_last/scope within a risk budget")
+    p = sub.add_parser("calibrate", allow_abbrev=False,
+                       help="search tau/K/min_layer/protect_last/scope within a risk budget")
     _common(p)
     p.add_argument("--strategy", choices=sorted(STRATEGIES), default="balanced",
                    help="default max risk: conservative 0.05, balanced 0.15, aggressive 0.30 (default balanced)")
-    p.add_argument("--mode", dest="strategy", choices=sorted(STRATEGIES), action=_Deprecated, new="--strategy",
-                   help="deprecated spelling of --strategy")
     p.add_argument("--max-risk", type=_float_in("--max-risk", 0.0, 0.999), default=None,
                    help="largest allowed fraction of tokens whose top-1 changes (overrides the strategy's default)")
     p.add_argument("--confidence", type=_float_in("--confidence", 0.5, 0.9999), default=None,
@@ -134,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="settings measured by running the model (default 8)")
     p.add_argument("--out", type=Path, default=Path("sedac_config.json"),
                    help="where to write the config (default sedac_config.json)")
-    e = sub.add_parser("evaluate", help="measure a sedac_config.json (and the original documents' defaults) on "
-                                        "held-out text")
+    e = sub.add_parser("evaluate", allow_abbrev=False,
+                       help="measure a sedac_config.json (and the original documents' defaults) on held-out text")
     _common(e)
     e.add_argument("--config", required=True, type=Path, help="a sedac_config.json from `sedac-monitor calibrate`")
     e.add_argument("--timing-tokens", type=_positive("--timing-tokens"), default=None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -35,7 +34,6 @@ VARIABLES: Dict[str, str] = {
     "SEDAC_CONSECUTIVE_K": "integer >= 1 (default 2)",
     "SEDAC_MIN_LAYER": "integer >= 0: no V7 run counts before this layer (default 0)",
     "SEDAC_SCOPE": "'cascade' (an exited token skips every later MLP) or 'per_layer' (default cascade)",
-    "SEDAC_MONITOR_MODE": "deprecated name of SEDAC_SCOPE",
     "SEDAC_PROTECT_LAST": "integer >= 0: the last N layers always run their MLP (default 0)",
     "SEDAC_PROTECT_FIRST": "integer >= 0: tokens at positions < N never exit (default 1: the attention sink)",
     "SEDAC_PROBE_DIR": "directory written by `sedac-probes train` (probe mode)",
@@ -232,10 +230,6 @@ class SedacConfig:
         cfg.tau = parse_number(env, "SEDAC_TAU", cfg.tau)
         cfg.consecutive_k = parse_int(env, "SEDAC_CONSECUTIVE_K", cfg.consecutive_k, 1)
         cfg.min_layer = parse_int(env, "SEDAC_MIN_LAYER", cfg.min_layer)
-        if _get(env, "SEDAC_MONITOR_MODE") is not None:
-            warnings.warn("SEDAC_MONITOR_MODE is deprecated; use SEDAC_SCOPE", DeprecationWarning, stacklevel=2)
-            logger.warning("SEDAC_MONITOR_MODE is deprecated and will be removed; use SEDAC_SCOPE")
-            cfg.scope = parse_choice(env, "SEDAC_MONITOR_MODE", ("cascade", "per_layer"), cfg.scope)
         cfg.scope = parse_choice(env, "SEDAC_SCOPE", ("cascade", "per_layer"), cfg.scope)
         cfg.protect_last = parse_int(env, "SEDAC_PROTECT_LAST", cfg.protect_last)
         cfg.protect_first = parse_int(env, "SEDAC_PROTECT_FIRST", cfg.protect_first)
