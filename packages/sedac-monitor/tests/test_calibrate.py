@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,7 +73,46 @@ def test_confidence_splits_the_text_and_bounds_the_risk(tiny_dir, text_file):
     for m in ev["measured"]:
         assert m["bound_confidence"] == pytest.approx(1 - 0.1 / 4)
         assert m["risk_upper_bound"] >= m["measured_risk"]
-        assert m["passes"] == (m["risk_upper_bound"] <= 0.3)
+        assert m["delta_ppl_upper_bound"] >= m["delta_ppl"]
+        assert m["passes"] == (m["risk_upper_bound"] <= 0.3 and m["delta_ppl_upper_bound"] <= 0.02)
+
+
+def test_a_setting_must_keep_the_distribution_too(tiny_dir, text_file):
+    """A setting within the top-1 budget is refused when its ΔPPL is over the distribution budget."""
+    loose = calibrate(tiny_dir / "llama", text_file, max_risk=0.99, max_delta_ppl=10.0, tokens=512, max_length=128,
+                      grid=GRID, budget=4, log=lambda m: None)
+    top = loose["evidence"]["chosen"]
+    assert loose["status"] == "ok" and top["delta_ppl"] > 0 and loose["max_delta_ppl"] == 10.0
+    budget = top["delta_ppl"] / 2  # the risk budget still admits `top`; the distribution budget does not
+    strict = calibrate(tiny_dir / "llama", text_file, max_risk=0.99, max_delta_ppl=budget, tokens=512,
+                       max_length=128, grid=GRID, budget=4, log=lambda m: None)
+    ev = strict["evidence"]
+    for m in ev["measured"]:
+        assert m["passes"] == (m["measured_risk"] <= 0.99 and m["delta_ppl"] <= budget)
+    assert any(m["measured_risk"] <= 0.99 and not m["passes"] for m in ev["measured"])
+    assert strict["max_delta_ppl"] == budget
+    if strict["status"] == "ok":
+        assert ev["chosen"]["delta_ppl"] <= budget
+        assert ev["chosen"]["skipped_mlp_fraction"] < top["skipped_mlp_fraction"]
+    else:
+        assert strict["status"] == BUDGET_NOT_MET and strict["tau"] > 1
+
+
+def test_delta_ppl_bound_and_t_quantiles():
+    from sedac_monitor.bound import delta_ppl_upper, student_t_quantile
+
+    # Student's t quantiles from the tables
+    for p, df, want in ((0.95, 3, 2.3534), (0.95, 7, 1.8946), (0.975, 10, 2.2281), (0.99, 1, 31.8205)):
+        assert student_t_quantile(p, df) == pytest.approx(want, abs=1e-3)
+    rng = np.random.default_rng(0)
+    base = rng.exponential(3.0, 4096)
+    patched = base + rng.normal(0.01, 0.3, 4096)
+    point = math.expm1(float((patched - base).mean()))
+    b90, b99 = delta_ppl_upper(patched, base, 0.9), delta_ppl_upper(patched, base, 0.99)
+    assert point < b90 < b99 < point + 0.05
+    assert delta_ppl_upper(patched[:200], base[:200], 0.9) == math.inf  # one block of 128: nothing to bound
+    same = delta_ppl_upper(base, base, 0.95)
+    assert same == 0.0
 
 
 def test_nothing_passing_gives_a_config_without_exits(tiny_dir, text_file):

@@ -26,9 +26,9 @@ def test_shared_runtime_surface_is_pinned():
         "teacher_forced", "token_windows"])
     assert all(hasattr(runtime, name) for name in runtime.__all__)
     assert sorted(calibrate.__all__) == sorted([
-        "BUDGET_NOT_MET", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES", "STRATEGIES", "calibrate",
-        "candidate_list", "measure", "measured_search", "record_trace", "replay_grid", "rule_dict",
-        "signal_histogram", "write_config"])
+        "BUDGET_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES",
+        "STRATEGIES", "calibrate", "candidate_list", "measure", "measured_search", "record_trace", "replay_grid",
+        "rule_dict", "signal_histogram", "within_budget", "write_config"])
     assert all(hasattr(calibrate, name) for name in calibrate.__all__)
 
 

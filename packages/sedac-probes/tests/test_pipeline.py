@@ -161,6 +161,7 @@ def test_calibrate_with_the_model_checks_measured_risk(pipeline, tiny_dir, tmp_p
                  "--model", str(tiny_dir / "llama"), "--budget", "4"]) == 0
     ev = json.loads((probes / "sedac_probes.json").read_text())["calibration"]
     assert ev["measured"]["risk"] <= 0.1 and ev["measured"]["tokens"] == 12 * 62
+    assert ev["measured"]["delta_ppl"] <= 0.02 and ev["max_delta_ppl"] == 0.02  # the distribution budget too
     # the thresholds' expected speed-up on this machine, and whether SEDAC pays with them
     assert set(ev["expected_speedup"]) == {"prefill", "decode_b1", "decode_b4", "decode_b16", "decode_b64"}
     assert ev["recommendation"].startswith("expected speed-up on this machine")
@@ -171,6 +172,25 @@ def test_calibrate_with_the_model_checks_measured_risk(pipeline, tiny_dir, tmp_p
     tiny_model("llama", other, seed=3)
     with pytest.raises(Exception, match="is not the model the data"):
         calibrate_probes(probes, pipeline / "data", max_risk=0.1, model=other, log=lambda m: None)
+
+
+def test_calibrate_refuses_thresholds_that_move_the_distribution(pipeline, tiny_dir, tmp_path, monkeypatch):
+    """Thresholds within the top-1 budget but over the ΔPPL budget are not chosen; a looser --max-delta-ppl
+    admits them."""
+    from sedac_monitor.calibrate import BUDGET_NOT_MET
+    from sedac_probes import calibrate as cal
+
+    probes = tmp_path / "p"
+    shutil.copytree(pipeline / "safety", probes)
+    real = cal._Measurer.measure
+    monkeypatch.setattr(cal._Measurer, "measure", lambda self, t: {**real(self, t), "risk": 0.0, "delta_ppl": 0.5})
+    args = ["calibrate", "--probes", str(probes), "--data", str(pipeline / "data"), "--max-risk", "0.1",
+            "--model", str(tiny_dir / "llama"), "--budget", "2"]
+    assert main(args) == 0
+    assert json.loads((probes / "sedac_probes.json").read_text())["status"] == BUDGET_NOT_MET
+    assert main(args + ["--max-delta-ppl", "0.6"]) == 0
+    meta = json.loads((probes / "sedac_probes.json").read_text())
+    assert meta["status"] == "ok" and meta["calibration"]["max_delta_ppl"] == 0.6
 
 
 def test_calibrate_that_meets_no_budget_writes_thresholds_that_never_exit(pipeline, tiny_dir, tmp_path, capsys,
@@ -187,7 +207,7 @@ def test_calibrate_that_meets_no_budget_writes_thresholds_that_never_exit(pipeli
     monkeypatch.setattr(cal._Measurer, "measure", lambda self, t: {**real(self, t), "risk": 1.0})
     assert main(["calibrate", "--probes", str(probes), "--data", str(pipeline / "data"), "--max-risk", "0.1",
                  "--model", str(tiny_dir / "llama"), "--budget", "3"]) == 0
-    assert f"{BUDGET_NOT_MET} (max risk 0.1)" in capsys.readouterr().err
+    assert f"{BUDGET_NOT_MET} (max risk 0.1, max ΔPPL 0.02)" in capsys.readouterr().err
     meta = json.loads((probes / "sedac_probes.json").read_text())
     assert meta["status"] == BUDGET_NOT_MET and meta["exits_disabled"] is True
     assert meta["thresholds"] == [sedac_core.MIN_THRESHOLD] * 3

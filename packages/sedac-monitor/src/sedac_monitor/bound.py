@@ -1,8 +1,10 @@
-"""Exact binomial (Clopper–Pearson) upper confidence bounds, without scipy."""
+"""Upper confidence bounds without scipy: exact binomial (Clopper–Pearson) for the top-1 risk, Student's t over
+blocks of tokens for ΔPPL."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def _log_binom_cdf(k: int, n: int, p: float) -> float:
@@ -40,3 +42,54 @@ def clopper_pearson_upper(errors: int, n: int, confidence: float) -> float:
         else:
             hi = mid
     return hi
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (p in (0.5, 1)), by bisection on
+    the CDF (Simpson's rule on the density)."""
+    import numpy as np
+
+    if not (0.5 < p < 1.0) or df < 1:
+        raise ValueError(f"need 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        t = np.linspace(0.0, x, 4001)
+        f = np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
+        h = x / 4000
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if cdf(mid) < p:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def delta_ppl_upper(nll: Any, base_nll: Any, confidence: float, block: int = 128) -> float:
+    """A one-sided upper confidence bound on ΔPPL = exp(mean(nll) - mean(base_nll)) - 1.
+
+    The paired per-token differences of the negative log-likelihoods (same tokens, patched and unmodified)
+    are averaged over blocks of ``block`` consecutive tokens (neighbouring tokens are not independent;
+    blocks are treated as if they were), and the bound is Student's t over the block means:
+    exp(mean + t(confidence, blocks - 1) * sd / sqrt(blocks)) - 1. Infinite with fewer than two blocks
+    (nothing can be certified)."""
+    import numpy as np
+
+    if not (0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    d = np.asarray(nll, dtype=np.float64).ravel() - np.asarray(base_nll, dtype=np.float64).ravel()
+    blocks = d.size // block
+    if blocks < 2:
+        return math.inf
+    means = d[: blocks * block].reshape(blocks, block).mean(1)
+    means[-1] = d[(blocks - 1) * block:].mean()  # the tail joins the last block
+    sd = float(means.std(ddof=1))
+    if confidence <= 0.5:
+        return math.expm1(float(means.mean()))
+    return math.expm1(float(means.mean()) + student_t_quantile(confidence, blocks - 1) * sd / math.sqrt(blocks))

@@ -13,6 +13,12 @@ from the unmodified model's. The search has two stages:
    the measurement the second, and a setting passes only if the one-sided
    Clopper–Pearson upper bound of its risk, at ``1 - (1 - confidence) / B``
    for B measured settings (Bonferroni), is within the budget.
+
+A setting must also keep the distribution: its ΔPPL against the unmodified model (the perplexity of the
+text's own next tokens, teacher-forced) within ``max_delta_ppl`` (default 2%), bounded like the risk when
+``confidence`` is given (Student's t over blocks of 128 tokens, see :func:`sedac_monitor.bound.delta_ppl_upper`).
+The top-1 alone would let a setting through that keeps the argmax but moves the probabilities, which everyone
+who samples with a temperature sees.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 import sedac_core
 
 from .accelerator import monitor_rule
-from .bound import clopper_pearson_upper
+from .bound import clopper_pearson_upper, delta_ppl_upper
 from .cost import expected_speedups, measure_model, recommendation
 from .decide import MonitorDecider
 from .hf import (
@@ -49,13 +55,15 @@ from .hf import (
 from .layouts import DecoderLayout, find_layout, model_identity
 
 __all__ = [
-    "BUDGET_NOT_MET", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES", "STRATEGIES", "calibrate",
-    "candidate_list", "measure", "measured_search", "record_trace", "replay_grid", "rule_dict", "signal_histogram",
-    "write_config",
+    "BUDGET_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES",
+    "STRATEGIES", "calibrate", "candidate_list", "measure", "measured_search", "record_trace", "replay_grid",
+    "rule_dict", "signal_histogram", "within_budget", "write_config",
 ]
 
 STRATEGIES = {"conservative": 0.05, "balanced": 0.15, "aggressive": 0.30}
 """Default max-risk per strategy (``--max-risk`` overrides)."""
+DEFAULT_MAX_DELTA_PPL = 0.02
+"""The distribution budget: the largest ΔPPL a chosen setting may cost (``--max-delta-ppl`` overrides)."""
 ORIGINAL_DEFAULTS = {"tau": 0.98, "consecutive_k": 2, "min_layer": 0, "protect_last": 0, "scope": "cascade"}
 """The V7 defaults of the original SEDAC documents (no protected first token there)."""
 DEFAULT_TAUS = (0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.9925, 0.995, 0.9975, 0.999)
@@ -166,8 +174,16 @@ def measure(layout: DecoderLayout, windows: torch.Tensor, rule: sedac_core.Monit
     }
     if confidence is not None:
         out["risk_upper_bound"] = clopper_pearson_upper(errors, n, confidence)
+        out["delta_ppl_upper_bound"] = delta_ppl_upper(run.nll.numpy(), base_nll.numpy(), confidence)
         out["bound_confidence"] = confidence
     return out
+
+
+def within_budget(m: Dict[str, Any], max_risk: float, max_delta_ppl: float, bounded: bool) -> bool:
+    """Both numbers within budget: the top-1 risk and ΔPPL (their upper bounds when ``bounded``)."""
+    risk = m["risk_upper_bound"] if bounded else m["measured_risk"]
+    dppl = m["delta_ppl_upper_bound"] if bounded else m["delta_ppl"]
+    return risk <= max_risk and dppl <= max_delta_ppl
 
 
 def candidate_list(rows: Sequence[Dict[str, Any]], max_risk: float) -> List[Dict[str, Any]]:
@@ -213,14 +229,15 @@ def measured_search(count: int, passes: Callable[[int], bool], budget: int) -> O
     return best
 
 
-BUDGET_NOT_MET = "no setting met the risk budget; exits are disabled"
+BUDGET_NOT_MET = "no setting met the budget (top-1 risk and ΔPPL); exits are disabled"
 """The ``status`` a calibration writes when nothing it measured met the budget."""
 
 
 def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_risk: Optional[float] = None,
               confidence: Optional[float] = None, tokens: int = 4096, max_length: int = 512, batch_size: int = 4,
               budget: int = 8, grid: Optional[Grid] = None, log: Log = print,
-              model_and_tokenizer: Any = None, protect_first: int = 1) -> Dict[str, Any]:
+              model_and_tokenizer: Any = None, protect_first: int = 1,
+              max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL) -> Dict[str, Any]:
     """Search, measure and return the ``sedac_config.json`` content (see module docstring)."""
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -228,6 +245,8 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
         max_risk = STRATEGIES[strategy]
     if not (0.0 <= max_risk < 1.0) or max_risk != max_risk:
         raise InputError(f"--max-risk must be in [0, 1), got {max_risk}")
+    if not (max_delta_ppl >= 0.0 and math.isfinite(max_delta_ppl)):
+        raise InputError(f"--max-delta-ppl must be a finite number >= 0, got {max_delta_ppl}")
     if confidence is not None and not (0.0 < confidence < 1.0):
         raise InputError(f"--confidence must be in (0, 1), got {confidence}")
     if budget < 1:
@@ -251,7 +270,8 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
     grid = grid or Grid()
     rules = grid.rules(L)
     log(f"calibrating {type(model).__name__} ({L} layers) on {text_file}: {search.numel()} search tokens, "
-        f"{certify.numel()} measurement tokens, {len(rules)} grid settings, max risk {max_risk:.3f}")
+        f"{certify.numel()} measurement tokens, {len(rules)} grid settings, max risk {max_risk:.3f}, "
+        f"max ΔPPL {max_delta_ppl:+.2%}")
     trace = record_trace(layout, search, sorted(set(grid.protect)), batch_size, log, protect_first)
     rows = replay_grid(trace, rules)
 
@@ -270,12 +290,13 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
         m = measure(layout, certify, row["rule"], base_top1, base_nll, batch_size, level, protect_first)
         m["replay_skipped_mlp"] = row["skipped_mlp"]
         m["replay_estimated_risk"] = row["estimated_risk"]
-        m["passes"] = (m["risk_upper_bound"] if level is not None else m["measured_risk"]) <= max_risk
+        m["passes"] = within_budget(m, max_risk, max_delta_ppl, level is not None)
         measured.append(m)
         log(f"  {m['scope']:9s} tau={m['tau']:<7g} K={m['consecutive_k']} min_layer={m['min_layer']:<2d} "
             f"protect_last={m['protect_last']}: skipped {m['skipped_mlp_fraction']:.2%}, risk "
             f"{m['measured_risk']:.2%}" + (f" (bound {m['risk_upper_bound']:.2%})" if level else "")
-            + f", ΔPPL {m['delta_ppl']:+.2%} -> {'ok' if m['passes'] else 'over budget'}")
+            + f", ΔPPL {m['delta_ppl']:+.2%}" + (f" (bound {m['delta_ppl_upper_bound']:+.2%})" if level else "")
+            + f" -> {'ok' if m['passes'] else 'over budget'}")
         return m["passes"]
 
     # candidates run from most to least skipped work
@@ -311,6 +332,7 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
         **chosen,
         "strategy": strategy,
         "max_risk": max_risk,
+        "max_delta_ppl": max_delta_ppl,
         "confidence": confidence,
         "status": status,
         "model": {**model_identity(model), "path": str(model_dir)},
@@ -320,6 +342,8 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
             "search_tokens": int(trace.top1.numel()),
             "measurement_tokens": int(base_top1.numel()),
             "risk_definition": "fraction of tokens whose teacher-forced top-1 differs from the unmodified model",
+            "delta_ppl_definition": "perplexity of the text's next tokens, teacher-forced, over the unmodified "
+                                    "model's, minus 1",
             "chosen": best,
             "measured": measured,
             "original_defaults": original,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from .calibrate import STRATEGIES, calibrate, measure, write_config
+from .calibrate import DEFAULT_MAX_DELTA_PPL, STRATEGIES, calibrate, measure, write_config
 from .hf import InputError
 from .layouts import UnsupportedModelError
 
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default max risk: conservative 0.05, balanced 0.15, aggressive 0.30 (default balanced)")
     p.add_argument("--max-risk", type=_float_in("--max-risk", 0.0, 0.999), default=None,
                    help="largest allowed fraction of tokens whose top-1 changes (overrides the strategy's default)")
+    p.add_argument("--max-delta-ppl", type=_float_in("--max-delta-ppl", 0.0, 10.0), default=DEFAULT_MAX_DELTA_PPL,
+                   help="largest allowed perplexity increase, teacher-forced on the text (default "
+                        f"{DEFAULT_MAX_DELTA_PPL}): the top-1 alone misses damage to the distribution")
     p.add_argument("--confidence", type=_float_in("--confidence", 0.5, 0.9999), default=None,
                    help="make the risk bound hold with this probability (Clopper-Pearson on held-out tokens)")
     p.add_argument("--budget", type=_positive("--budget"), default=8,
@@ -136,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "calibrate":
             cfg = calibrate(args.model, args.text, args.strategy, args.max_risk, args.confidence, args.tokens,
                             args.max_length, args.batch_size, args.budget,
-                            log=lambda m: print(m, file=sys.stderr))
+                            log=lambda m: print(m, file=sys.stderr), max_delta_ppl=args.max_delta_ppl)
             path = write_config(cfg, args.out)
             ev = cfg["evidence"]
             chosen = ev["chosen"]

@@ -273,7 +273,8 @@ def expected_speedups(measured: Dict[str, object], rates: Sequence[float]) -> Di
 def recommendation(expected: Dict[str, float], alternatives: Sequence[Dict[str, object]] = ()) -> str:
     """One line: whether the chosen setting pays on this machine, and if not what would.
 
-    ``alternatives``: measured settings (``measured_risk``, ``expected_speedup``) outside the budget."""
+    ``alternatives``: measured settings (``measured_risk``, ``expected_speedup``, and ``delta_ppl`` where
+    measured) outside the budget."""
     best = max(expected.values()) if expected else 1.0
     shown = ", ".join(f"{k.replace('_b', ' batch ')} {v:.3f}x" for k, v in expected.items())
     if best >= 1.01:
@@ -284,6 +285,12 @@ def recommendation(expected: Dict[str, float], alternatives: Sequence[Dict[str, 
                     key=lambda a: float(a["measured_risk"]))  # type: ignore[arg-type]
     if paying:
         a = paying[0]
-        line += (f"; a looser budget would (--max-risk {float(a['measured_risk']):.3f}: "  # type: ignore[arg-type]
-                 f"up to {max(a['expected_speedup'].values()):.2f}x with top-1 risk {float(a['measured_risk']):.1%})")  # type: ignore[union-attr,arg-type]
+        risk = float(a["measured_risk"])  # type: ignore[arg-type]
+        flags, cost = f"--max-risk {risk:.3f}", f"top-1 risk {risk:.1%}"
+        if a.get("delta_ppl") is not None:
+            dppl = float(a["delta_ppl"])  # type: ignore[arg-type]
+            flags += f" --max-delta-ppl {max(dppl, 0.0):.3f}"
+            cost += f" and ΔPPL {dppl:+.1%}"
+        line += (f"; a looser budget would ({flags}: up to "
+                 f"{max(a['expected_speedup'].values()):.2f}x with {cost})")  # type: ignore[union-attr]
     return line + ". On a larger model the signal may find more (not measured here)."

@@ -21,6 +21,7 @@ says which number is which.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 import sedac_core
-from sedac_monitor.calibrate import BUDGET_NOT_MET, measured_search
+from sedac_monitor.calibrate import BUDGET_NOT_MET, DEFAULT_MAX_DELTA_PPL, measured_search
 from sedac_monitor.runtime import InputError
 
 from .collect import load_data, load_probes_for
@@ -84,12 +85,14 @@ def _rule(thresholds: Sequence[float], protect_last: int) -> sedac_core.ProbeRul
 
 def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float]] = None,
               max_risk: Optional[float] = None, strategy: Optional[str] = None, log: Log = print,
-              model: Any = None, budget: int = 6, model_and_tokenizer: Any = None) -> Dict[str, Any]:
+              model: Any = None, budget: int = 6, model_and_tokenizer: Any = None,
+              max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL) -> Dict[str, Any]:
     """Choose thresholds, measure them by replay (and, with ``model``, by running the model on the
     data's token windows), and write them into the probe metadata.
 
     With ``model`` and ``max_risk``, the replay-ranked candidates are binary-searched by *measured* risk
-    (at most ``budget`` model runs): replay treats tokens independently and is optimistic.
+    and ΔPPL (at most ``budget`` model runs; both within budget, ΔPPL at most ``max_delta_ppl``): replay
+    treats tokens independently and is optimistic, and cannot see the distribution at all.
     """
     if exit_rates is not None and (max_risk is not None or strategy is not None):
         raise InputError("--exit-rates sets the thresholds by itself; it cannot be combined with "
@@ -100,6 +103,8 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         raise InputError(f"--strategy must be one of {', '.join(PRESETS)}, got {strategy!r}")
     if max_risk is not None and not (0.0 <= max_risk < 1.0):
         raise InputError(f"--max-risk must be in [0, 1), got {max_risk}")
+    if not (max_delta_ppl >= 0.0 and math.isfinite(max_delta_ppl)):
+        raise InputError(f"--max-delta-ppl must be a finite number >= 0, got {max_delta_ppl}")
     t0 = time.perf_counter()
     data = load_data(data_dir)
     dmeta = data["meta"]
@@ -128,14 +133,14 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         quant = np.stack([np.quantile(risk[:, i][np.isfinite(risk[:, i])], RATE_GRID) for i in range(c)], 1)
         index = {r: j for j, r in enumerate(RATE_GRID)}
         cands = [[quant[index[r], i] for i, r in enumerate(rates)] for rates in grid]
-        thresholds = _best(trace, cands, protect_last, max_risk, measurer, budget, log)
+        thresholds = _best(trace, cands, protect_last, max_risk, measurer, budget, log, max_delta_ppl)
         how = f"max risk {max_risk} (replay over {len(cands)} per-checkpoint exit-rate settings)"
     else:
         shape = shape_for(strategy, c)
         scales = _scaled(risk, shape)
         cands = [list(shape * s) for s in scales]
         if max_risk is not None:
-            thresholds = _best(trace, cands, protect_last, max_risk, measurer, budget, log)
+            thresholds = _best(trace, cands, protect_last, max_risk, measurer, budget, log, max_delta_ppl)
             how = f"max risk {max_risk} along the {strategy} preset's threshold shape {shape.round(3).tolist()}"
         else:
             target = PRESETS[strategy]["exit_rate"]
@@ -163,8 +168,9 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         for h in measurer.history:
             h["expected_speedup"] = expected_speedups(costs, h["per_layer_skip_rate"])
         expected = measured["expected_speedup"]
-        over = [{"measured_risk": h["risk"], "expected_speedup": h["expected_speedup"]} for h in measurer.history
-                if max_risk is not None and h["risk"] > max_risk]
+        over = [{"measured_risk": h["risk"], "delta_ppl": h["delta_ppl"], "expected_speedup": h["expected_speedup"]}
+                for h in measurer.history
+                if max_risk is not None and (h["risk"] > max_risk or h["delta_ppl"] > max_delta_ppl)]
         advice = recommendation(expected, over)
     evidence = {
         "how": how,
@@ -178,6 +184,8 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         "v6_1_weights": list(weights), "v6_1_decay": 0.9,
         "per_checkpoint_exit_rate": marginal,
         "measured": measured,
+        # ΔPPL is only seen by running the model: without --model the distribution budget is not checked
+        "max_delta_ppl": max_delta_ppl if measurer is not None else None,
         "measured_candidates": measurer.history if measurer is not None else None,
         # expected speed-up of the thresholds on the machine that calibrated (prefill of 512 tokens, decode
         # at batch 1/4/16/64), from their measured per-layer skip rates; None without --model
@@ -189,8 +197,9 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
                 exits_disabled=status != "ok")
     e = evidence["v6_0"]
     if status != "ok":
-        log(f"{status}: the probe file now holds thresholds that never exit (max risk {max_risk}); "
-            "raise --max-risk, or collect more data, and calibrate again")
+        log(f"{status}: the probe file now holds thresholds that never exit (max risk {max_risk}"
+            + (f", max ΔPPL {max_delta_ppl}" if measurer is not None else "")
+            + "); raise --max-risk (or --max-delta-ppl), or collect more data, and calibrate again")
         return evidence
     log(f"thresholds {[round(t, 4) for t in thresholds]} ({how}): exit rate {e['exit_rate']:.2%}, skipped MLP "
         f"{e['skipped_mlp']:.2%}, estimated risk {e['disagreement']:.2%} on {risk.shape[0]} tokens"
@@ -242,10 +251,10 @@ class _Measurer:
 
 
 def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, measurer: Optional[_Measurer] = None,
-          budget: int = 6, log: Log = print) -> Optional[List[float]]:
+          budget: int = 6, log: Log = print, max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL) -> Optional[List[float]]:
     """Most skipped work with replay risk <= max_risk; with a measurer, the most aggressive of the
-    replay-feasible candidates (most to least skipped work) whose *measured* risk fits, by binary search.
-    ``None`` when no candidate meets the budget."""
+    replay-feasible candidates (most to least skipped work) whose *measured* risk and ΔPPL fit, by binary
+    search. ``None`` when no candidate meets the budget."""
     table = sedac_core.replay(trace, [_rule(t, protect_last) for t in cands])
     ok = np.flatnonzero((table["disagreement"] <= max_risk) & (table["skipped_mlp"] > 0))
     if ok.size == 0:
@@ -263,9 +272,10 @@ def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, m
 
     def passes(i: int) -> bool:
         m = measurer.measure(cands[order[i]])
+        ok = m["risk"] <= max_risk and m["delta_ppl"] <= max_delta_ppl
         log(f"  measured thresholds {[round(float(t), 4) for t in cands[order[i]]]}: risk {m['risk']:.2%}, "
-            f"skipped {m['skipped_mlp']:.2%} -> {'ok' if m['risk'] <= max_risk else 'over budget'}")
-        return m["risk"] <= max_risk
+            f"ΔPPL {m['delta_ppl']:+.2%}, skipped {m['skipped_mlp']:.2%} -> {'ok' if ok else 'over budget'}")
+        return ok
 
     found = measured_search(len(order), passes, budget)
     return None if found is None else list(cands[order[found]])

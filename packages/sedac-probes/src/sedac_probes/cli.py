@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--model", type=Path, default=None,
                    help="the model the data came from: with --max-risk, candidates are checked by running it "
                         "(replay alone is optimistic)")
+    k.add_argument("--max-delta-ppl", type=_number("--max-delta-ppl", float, 0.0), default=0.02,
+                   help="with --model: largest allowed perplexity increase on the data's text (default 0.02)")
     k.add_argument("--budget", type=_number("--budget", int, 1), default=6, help="model runs for --model")
 
     b = sub.add_parser("bench", help="cost of the probes relative to one decoder layer of the model")
@@ -147,10 +149,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .calibrate import calibrate
 
             evidence = calibrate(args.probes, args.data, args.exit_rates, args.max_risk, args.strategy, log=log,
-                                 model=args.model, budget=args.budget)
+                                 model=args.model, budget=args.budget, max_delta_ppl=args.max_delta_ppl)
             print(json.dumps(evidence, indent=2))
             if evidence["status"] != "ok":
-                print(f"sedac-probes: {evidence['status']} (max risk {args.max_risk}); {args.probes} now holds "
+                print(f"sedac-probes: {evidence['status']} (max risk {args.max_risk}"
+                      + (f", max ΔPPL {args.max_delta_ppl}" if args.model is not None else "")
+                      + f"); {args.probes} now holds "
                       "thresholds that never exit", file=sys.stderr)
         else:
             from .bench import bench
