@@ -10,6 +10,7 @@
     calibration: {...} | null   (written by `sedac-probes calibrate`)
     thresholds: [...] | null    (V6.0 risk thresholds, one per layer)
     exit_rates: [...] | null    (per-checkpoint quantile levels of those thresholds)
+    weights_sha256: "..."       (digest of the tensors below, see weights_digest: the two files belong together)
 
 ``probes.safetensors`` holds, per checkpoint layer ``l``: ``layer{l}.down.weight``
 ``[rank, hidden]``, ``layer{l}.down.bias``, ``layer{l}.norm.weight``,
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,15 +87,30 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, shapes and bytes, in name order: what ``sedac_probes.json`` records of
+    the weights it was written with."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to(torch.float32).contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def save(directory: Any, bank: ProbeBank, meta: Mapping[str, Any]) -> Path:
-    """Write a probe directory (weights first, then metadata, each atomically)."""
+    """Write a probe directory (weights first, then metadata, each atomically). The metadata records the
+    weights' digest, so a save killed between the two files leaves a directory that refuses to load (new
+    weights, old metadata) rather than one that looks complete."""
     from safetensors.torch import save_file
 
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
+    tensors = bank.tensors()
     full = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "target": bank.target,
-            "hidden_size": bank.hidden_size, "rank": bank.rank, "layers": list(bank.layers)}
-    _atomic_write(path / WEIGHTS, lambda p: save_file(bank.tensors(), str(p), metadata={"format": FORMAT}))
+            "hidden_size": bank.hidden_size, "rank": bank.rank, "layers": list(bank.layers),
+            "weights_sha256": weights_digest(tensors)}
+    _atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     _atomic_write(path / META, lambda p: p.write_text(json.dumps(full, indent=2) + "\n"))
     return path
 
@@ -225,6 +242,11 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
     if not weights_path.is_file():
         raise ProbeFileError(f"SEDAC probe weights missing: {weights_path}")
     tensors = _read_weights(weights_path)
+    if meta.get("weights_sha256") != weights_digest(tensors):
+        raise ProbeFileError(f"{weights_path} is not the weights {meta_path} was written with (digest "
+                             f"{str(meta.get('weights_sha256'))[:12]}, the file's {weights_digest(tensors)[:12]}): "
+                             "a save that was interrupted between the two files, or files mixed from two "
+                             "directories; train again")
     shapes = {"down.weight": (rank, hidden), "down.bias": (rank,), "norm.weight": (rank,), "norm.bias": (rank,),
               "head.weight": (1, rank), "head.bias": (1,)}
     f = len(FUSION_FEATURES)
