@@ -85,7 +85,7 @@ def _rule(thresholds: Sequence[float], protect_last: int) -> sedac_core.ProbeRul
 
 def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float]] = None,
               max_risk: Optional[float] = None, strategy: Optional[str] = None, log: Log = print,
-              model: Any = None, budget: int = 6, model_and_tokenizer: Any = None,
+              model: Any = None, budget: int = 8, model_and_tokenizer: Any = None,
               max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL) -> Dict[str, Any]:
     """Choose thresholds, measure them by replay (and, with ``model``, by running the model on the
     data's token windows), and write them into the probe metadata.
@@ -251,7 +251,7 @@ class _Measurer:
 
 
 def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, measurer: Optional[_Measurer] = None,
-          budget: int = 6, log: Log = print, max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL) -> Optional[List[float]]:
+          budget: int = 8, log: Log = print, max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL) -> Optional[List[float]]:
     """Most skipped work with replay risk <= max_risk; with a measurer, the most aggressive of the
     replay-feasible candidates (most to least skipped work) whose *measured* risk and ΔPPL fit, by binary
     search. ``None`` when no candidate meets the budget."""

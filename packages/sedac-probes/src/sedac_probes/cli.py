@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(replay alone is optimistic)")
     k.add_argument("--max-delta-ppl", type=_number("--max-delta-ppl", float, 0.0), default=0.02,
                    help="with --model: largest allowed perplexity increase on the data's text (default 0.02)")
-    k.add_argument("--budget", type=_number("--budget", int, 1), default=6, help="model runs for --model")
+    k.add_argument("--budget", type=_number("--budget", int, 1), default=8,
+                   help="settings measured by running the model, with --model (default 8, as in sedac-monitor)")
 
     b = sub.add_parser("bench", help="cost of the probes relative to one decoder layer of the model")
     b.add_argument("--model", required=True, type=Path, help="local Hugging Face model folder")
