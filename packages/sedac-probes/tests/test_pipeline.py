@@ -183,7 +183,13 @@ def test_calibrate_refuses_thresholds_that_move_the_distribution(pipeline, tiny_
     probes = tmp_path / "p"
     shutil.copytree(pipeline / "safety", probes)
     real = cal._Measurer.measure
-    monkeypatch.setattr(cal._Measurer, "measure", lambda self, t: {**real(self, t), "risk": 0.0, "delta_ppl": 0.5})
+
+    def within_risk_but_not_ppl(self, thresholds):
+        m = real(self, thresholds)  # the measurer's own record (its history), edited in place
+        m.update(risk=0.0, delta_ppl=0.5)
+        return m
+
+    monkeypatch.setattr(cal._Measurer, "measure", within_risk_but_not_ppl)
     args = ["calibrate", "--probes", str(probes), "--data", str(pipeline / "data"), "--max-risk", "0.1",
             "--model", str(tiny_dir / "llama"), "--budget", "2"]
     assert main(args) == 0
