@@ -375,7 +375,7 @@ def probes_block(results: Dict[str, Any]) -> List[str]:
         lines.append(f"| {layer} | {fmt(e.get('spearman'))} | {fmt(e.get('auroc_unsafe'))} | "
                      f"{fmt(s.get('auroc_unsafe'))} | {pct(s.get('safe_fraction', e.get('safe_fraction')), 1)} |")
     lines += ["", "AUROC: how well the risk separates tokens whose exit there would change the top-1. Measured "
-              "in the model on the held-out text (calibrated on Wikipedia with max risk 5%):", "",
+              "in the model on the held-out text (calibrated on Wikipedia with max risk 5% and max ΔPPL 2%):", "",
               "| probes | skipped MLP | top-1 risk | ΔPPL |", "|---|---|---|---|"]
     for r in results["quality"]["rows"]:
         if r["family"].startswith("V6"):
@@ -423,7 +423,7 @@ def update_readme(results_path: Path, readme: Path) -> List[str]:
         intro = _provenance(results, Path(results_path))
         if name == "results":
             intro += (" SmolLM2-135M, held-out news text; headline SEDAC setting = V7 calibrated on Wikipedia with "
-                      "max risk 5%.")
+                      "max risk 5% and max ΔPPL 2%.")
         block = "\n".join([start, intro, "", *make(results), end])
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, b=block: b, text, flags=re.S)
         done.append(name)
