@@ -170,7 +170,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         expected = measured["expected_speedup"]
         over = [{"measured_risk": h["risk"], "delta_ppl": h["delta_ppl"], "expected_speedup": h["expected_speedup"]}
                 for h in measurer.history
-                if max_risk is not None and (h["risk"] > max_risk or h["delta_ppl"] > max_delta_ppl)]
+                if max_risk is not None and not _within(h, max_risk, max_delta_ppl)]
         advice = recommendation(expected, over)
     evidence = {
         "how": how,
@@ -250,6 +250,11 @@ class _Measurer:
         return res
 
 
+def _within(m: Dict[str, Any], max_risk: float, max_delta_ppl: float) -> bool:
+    """A measured candidate within both budgets: top-1 risk and ΔPPL."""
+    return m["risk"] <= max_risk and m["delta_ppl"] <= max_delta_ppl
+
+
 def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, measurer: Optional[_Measurer] = None,
           budget: int = 8, log: Log = print, max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL) -> Optional[List[float]]:
     """Most skipped work with replay risk <= max_risk; with a measurer, the most aggressive of the
@@ -272,7 +277,7 @@ def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, m
 
     def passes(i: int) -> bool:
         m = measurer.measure(cands[order[i]])
-        ok = m["risk"] <= max_risk and m["delta_ppl"] <= max_delta_ppl
+        ok = _within(m, max_risk, max_delta_ppl)
         log(f"  measured thresholds {[round(float(t), 4) for t in cands[order[i]]]}: risk {m['risk']:.2%}, "
             f"ΔPPL {m['delta_ppl']:+.2%}, skipped {m['skipped_mlp']:.2%} -> {'ok' if ok else 'over budget'}")
         return ok

@@ -242,9 +242,10 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
     if not weights_path.is_file():
         raise ProbeFileError(f"SEDAC probe weights missing: {weights_path}")
     tensors = _read_weights(weights_path)
-    if meta.get("weights_sha256") != weights_digest(tensors):
+    digest = weights_digest(tensors)
+    if meta.get("weights_sha256") != digest:
         raise ProbeFileError(f"{weights_path} is not the weights {meta_path} was written with (digest "
-                             f"{str(meta.get('weights_sha256'))[:12]}, the file's {weights_digest(tensors)[:12]}): "
+                             f"{str(meta.get('weights_sha256'))[:12]}, the file's {digest[:12]}): "
                              "a save that was interrupted between the two files, or files mixed from two "
                              "directories; train again")
     shapes = {"down.weight": (rank, hidden), "down.bias": (rank,), "norm.weight": (rank,), "norm.bias": (rank,),
