@@ -22,7 +22,7 @@ from sedac_probes import ProbeFileError
 from sedac_probes.calibrate import calibrate as calibrate_probes
 from sedac_probes.cli import main
 from sedac_probes.collect import collect, default_layers
-from sedac_probes.train import auroc, r2, spearman
+from sedac_probes.metrics import auroc, r2, spearman
 
 TEXT = "\n\n".join(
     f"Paragraph {i}: the quick brown fox jumps over the lazy dog while counting {i * 7} sheep, "

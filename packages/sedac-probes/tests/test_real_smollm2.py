@@ -26,7 +26,7 @@ def real(assets, tmp_path_factory):
 
 def test_probes_generalise_to_held_out_text(real, capsys):
     root, model = real
-    from sedac_probes.train import evaluate
+    from sedac_probes.evaluate import evaluate
 
     report = {}
     for target in ("entropy", "safety"):

@@ -154,7 +154,7 @@ class Bench:
         from sedac_probes.calibrate import calibrate as calibrate_probes
         from sedac_probes.collect import collect
         from sedac_probes.io import load
-        from sedac_probes.train import evaluate as evaluate_probes
+        from sedac_probes.evaluate import evaluate as evaluate_probes
         from sedac_probes.train import train
 
         mt = (self.model, self.tok)

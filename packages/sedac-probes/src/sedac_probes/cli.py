@@ -143,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              args.seed, args.val_fraction, args.patience, log=log)
                 print(json.dumps(meta["training"]["per_layer"], indent=2))
         elif args.command == "evaluate":
-            from .train import evaluate
+            from .evaluate import evaluate
 
             print(json.dumps(evaluate(args.probes, args.data, log=log), indent=2))
         elif args.command == "calibrate":

@@ -29,8 +29,8 @@ from sedac_monitor.runtime import InputError
 
 from .collect import load_data, load_probes_for
 from .io import save
+from .metrics import auroc, split_window_ids, window_rows
 from .probe import FUSION_FEATURES, ProbeBank, fusion_features
-from .train import _rows, auroc, split_windows
 
 Log = Callable[[str], None]
 
@@ -119,8 +119,8 @@ def train_fusion(data_dir: Any, probe_dir: Any, out_dir: Any, seed: int = 0, val
                          f"{probes.target} probes")
     per_window = meta["max_length"] - 1
     keep = data["position"] >= meta.get("protect_first", 0)
-    train_w, val_w = split_windows(meta["windows"], val_fraction, seed)
-    train_rows, val_rows = _rows(train_w, per_window, keep), _rows(val_w, per_window, keep)
+    train_w, val_w = split_window_ids(meta["windows"], val_fraction, seed)
+    train_rows, val_rows = window_rows(train_w, per_window, keep), window_rows(val_w, per_window, keep)
     bank = ProbeBank(probes.layers, probes.bank.hidden_size, probes.bank.rank, "fusion")
     bank.load_state_dict({k: v for k, v in probes.bank.state_dict().items()}, strict=False)
     bank.eps = probes.bank.eps

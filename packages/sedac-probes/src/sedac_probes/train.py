@@ -22,7 +22,6 @@ import math
 import time
 from typing import Any, Callable, Dict, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,75 +29,10 @@ from sedac_monitor.runtime import InputError, progress
 
 from .collect import load_data
 from .io import save
+from .metrics import auroc, r2, spearman, split_window_ids, window_rows
 from .probe import TARGETS, LREProbe, ProbeBank
 
 Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------
-# metrics (no scipy)
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean rank), 0-based."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sx = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0
-        i = j + 1
-    return ranks
-
-
-def spearman(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = _ranks(a), _ranks(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
-def r2(pred: Any, target: Any) -> float:
-    pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    ss = float(((target - target.mean()) ** 2).sum())
-    return 1.0 - float(((target - pred) ** 2).sum()) / ss if ss > 0 else float("nan")
-
-
-def auroc(score: Any, positive: Any) -> float:
-    """P(score of a positive > score of a negative), ties counted half (Mann–Whitney)."""
-    score = np.asarray(score, dtype=np.float64)
-    positive = np.asarray(positive).astype(bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = _ranks(score) + 1.0
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-# ---------------------------------------------------------------------------
-
-
-def split_windows(n_windows: int, val_fraction: float, seed: int):
-    """(train window ids, held-out window ids) from a seeded permutation."""
-    if not (0.0 < val_fraction < 1.0):
-        raise InputError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    if n_windows < 2:
-        raise InputError("training needs at least 2 collected windows (one for the held-out split)")
-    perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, min(n_windows - 1, round(n_windows * val_fraction)))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def _rows(window_ids: torch.Tensor, per_window: int, keep: torch.Tensor) -> torch.Tensor:
-    rows = (window_ids[:, None] * per_window + torch.arange(per_window)[None, :]).reshape(-1)
-    return rows[keep[rows]]
 
 
 def train_probe(x_train, y_train, x_val, y_val, target: str, rank: int, epochs: int, batch_size: int, lr: float,
@@ -150,28 +84,6 @@ def evaluate_probe(probe: LREProbe, x, entropy, safe) -> Dict[str, float]:
     return out
 
 
-def evaluate(probe_dir: Any, data_dir: Any, log: Log = print) -> Dict[str, Dict[str, float]]:
-    """Per-layer metrics of trained probes on collected data (e.g. a held-out text)."""
-    from .collect import load_probes_for
-
-    data = load_data(data_dir)
-    meta = data["meta"]
-    probes = load_probes_for(probe_dir, data)
-    if probes.target == "fusion":
-        from .fusion import evaluate_fusion
-
-        return evaluate_fusion(probe_dir, data_dir, log=log)
-    rows = torch.nonzero(data["position"] >= meta.get("protect_first", 0)).squeeze(1)
-    out: Dict[str, Dict[str, float]] = {}
-    for i, layer in enumerate(probes.layers):
-        metrics = evaluate_probe(probes.bank.probe(i), data["hidden"][layer][rows], data["entropy"][layer][rows],
-                                 data["cascade_safe"][layer][rows])
-        out[str(layer)] = metrics
-        log(f"  layer {layer:3d} ({probes.target}) on {meta['text']}: " + ", ".join(
-            f"{k} {metrics[k]:.3f}" for k in ("r2", "spearman", "auroc_unsafe") if k in metrics))
-    return out
-
-
 def train(data_dir: Any, out_dir: Any, target: str = "entropy", epochs: int = 20, batch_size: int = 1024,
           rank: int = 64, lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.2, patience: int = 3,
           log: Log = print) -> Dict[str, Any]:
@@ -188,8 +100,8 @@ def train(data_dir: Any, out_dir: Any, target: str = "entropy", epochs: int = 20
     meta = data["meta"]
     per_window = meta["max_length"] - 1
     keep = data["position"] >= meta.get("protect_first", 0)
-    train_w, val_w = split_windows(meta["windows"], val_fraction, seed)
-    train_rows, val_rows = _rows(train_w, per_window, keep), _rows(val_w, per_window, keep)
+    train_w, val_w = split_window_ids(meta["windows"], val_fraction, seed)
+    train_rows, val_rows = window_rows(train_w, per_window, keep), window_rows(val_w, per_window, keep)
     probes: Dict[int, LREProbe] = {}
     per_layer: Dict[str, Any] = {}
     for layer in data["layers"]:
