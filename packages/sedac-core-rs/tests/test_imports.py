@@ -5,11 +5,13 @@ import sedac_core
 
 def test_public_api_is_pinned():
     assert sorted(sedac_core.__all__) == sorted([
-        "MIN_THRESHOLD", "SCOPES", "CascadeController", "ExitDecisions", "LayerConfig", "MonitorRule", "ProbeRule",
-        "Trace", "__version__", "backend", "calibrate_thresholds", "consecutive_exit", "replay", "set_backend",
+        "ENVIRONMENT", "MIN_THRESHOLD", "SCOPES", "CascadeController", "ExitDecisions", "LayerConfig", "MonitorRule",
+        "ProbeRule", "Trace", "__version__", "backend", "calibrate_thresholds", "consecutive_exit", "replay",
+        "set_backend",
     ])
     for name in sedac_core.__all__:
         assert hasattr(sedac_core, name), name
+    assert sedac_core.ENVIRONMENT == ("SEDAC_CORE_BACKEND",)
 
 
 def test_native_version_matches_package():

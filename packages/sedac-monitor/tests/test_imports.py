@@ -15,7 +15,8 @@ def test_shared_runtime_surface_is_pinned():
     from sedac_monitor import calibrate, runtime
 
     assert sorted(runtime.__all__) == sorted([
-        "GATHER_MIN_FRACTION", "HOST_SYNC_POLICIES", "SOFT_GROUPS", "Decider", "DecoderLayout", "ExitStats",
+        "ENVIRONMENT", "GATHER_MIN_FRACTION", "HOST_SYNC_POLICIES", "SOFT_GROUPS", "Decider", "DecoderLayout",
+        "ExitStats",
         "ForcedExitDecider", "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "Plan",
         "RecordingDecider", "SkipRuntime", "SkippableMLP",
         "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "channel_importance",

@@ -28,11 +28,9 @@ def test_defaults_are_the_original_monitor():
 @pytest.mark.parametrize("name,value", [
     ("SEDAC_ENABLED", "maybe"), ("SEDAC_TAU", "abc"), ("SEDAC_TAU", "nan"), ("SEDAC_CONSECUTIVE_K", "0"),
     ("SEDAC_CONSECUTIVE_K", "2.5"), ("SEDAC_MIN_LAYER", "-1"), ("SEDAC_SCOPE", "sideways"),
-    ("SEDAC_MODE", "magic"), ("SEDAC_PROTECT_LAST", "x"), ("SEDAC_THRESHOLDS", "0.5,0,1"),
-    ("SEDAC_EXIT_RATES", "0.2,1.5"), ("SEDAC_CONFIDENCE_DECAY", "1.1"), ("SEDAC_SOFT_EXIT", "2"),
-    ("SEDAC_ADAPTIVE", "sometimes"), ("SEDAC_CALIBRATION_STEPS", "-3"), ("SEDAC_LAYER_WEIGHTS", "a,b"),
-    ("SEDAC_PROBE_LAYERS", "7,7,21"), ("SEDAC_LOG_EVERY", "often"), ("SEDAC_ALPHA", "0"),
-    ("SEDAC_RULE", "vote"), ("SEDAC_PROTECT_FIRST", "-2"),
+    ("SEDAC_MODE", "magic"), ("SEDAC_PROTECT_LAST", "x"), ("SEDAC_SOFT_EXIT", "2"), ("SEDAC_LOG_EVERY", "often"),
+    ("SEDAC_RULE", "vote"), ("SEDAC_PROTECT_FIRST", "-2"), ("SEDAC_GATHER", "sometimes"),
+    ("SEDAC_HOST_SYNC", "later"), ("SEDAC_ONLINE", "yes please"), ("SEDAC_RISK_TOLERANCE", "1.5"),
 ])
 def test_bad_values_name_the_variable_and_the_accepted_form(name, value):
     with pytest.raises(ConfigError) as err:
@@ -40,14 +38,75 @@ def test_bad_values_name_the_variable_and_the_accepted_form(name, value):
     assert str(err.value) == f"{name}={value!r} is not valid: expected {VARIABLES[name]}"
 
 
+@pytest.mark.parametrize("key,value", [
+    ("thresholds", [0.5, 0, 1]), ("thresholds", "0.5,0.4"), ("thresholds", []), ("exit_rates", [0.2, 1.5]),
+    ("confidence_decay", 1.1), ("adaptive", "sometimes"), ("adaptive", 1), ("calibration_steps", -3),
+    ("calibration_steps", 2.5), ("layer_weights", ["a", "b"]), ("alpha", 0), ("soft_k", 0), ("decay_bonus", 2),
+    ("decision_log_rate", 0), ("decision_log_max_mb", -1), ("shadow_rate", 1.5), ("drift_threshold", 0),
+    ("online_window", 0), ("online_margin", -0.1), ("alpha", True), ("soft_k", float("nan")),
+])
+def test_bad_settings_name_the_file_the_key_and_the_accepted_form(tmp_path, key, value):
+    from sedac_vllm.config import SETTINGS
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"serving": {key: value}}))
+    with pytest.raises(ConfigError) as err:
+        SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+    assert str(err.value) == f"SEDAC_CONFIG={str(f)!r}: serving.{key}={value!r} is not valid: expected {SETTINGS[key]}"
+
+
+def test_settings_come_from_the_file_in_either_mode(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"serving": {"shadow_rate": 1, "online_window": 50, "decision_log_max_mb": 0.5,
+                                         "adaptive": False, "online_margin": 0.002}}))
+    cfg = SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+    assert (cfg.shadow_rate, cfg.online_window, cfg.decision_log_max_bytes, cfg.adaptive, cfg.online_margin) == (
+        1.0, 50, 2 ** 19, False, 0.002)
+    assert (cfg.tau, cfg.consecutive_k) == (0.98, 2)  # no calibration in the file: the defaults
+    assert cfg.sources["settings"] == str(f) and "monitor" not in cfg.sources
+    f.write_text(json.dumps({"serving": {"shadow_rat": 1}}))
+    with pytest.raises(ConfigError, match=r"unknown serving setting\(s\) shadow_rat \(known: thresholds, "):
+        SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+    f.write_text(json.dumps({"serving": [1]}))
+    with pytest.raises(ConfigError, match='"serving" must be a JSON object'):
+        SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+    f.write_text(json.dumps({"tau": 0.99, "serving": {}}))
+    with pytest.raises(ConfigError, match="is missing consecutive_k, min_layer, protect_last, scope"):
+        SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+    f.write_text(json.dumps({"tau": 0.99, "consecutive_k": 1, "min_layer": 2, "protect_last": 0,
+                             "scope": "cascade"}))
+    with pytest.raises(ConfigError, match="holds a V7 calibration .* which probe mode cannot use"):
+        SedacConfig.from_env(env(SEDAC_CONFIG=str(f), SEDAC_MODE="probe", SEDAC_PROBE_DIR=str(tmp_path)))
+
+
+def test_at_most_twenty_variables_and_moved_ones_say_where_they_went(caplog):
+    from sedac_vllm.config import MOVED, SETTINGS
+
+    assert len(VARIABLES) <= 20
+    assert not set(VARIABLES) & set(MOVED)
+    for name, key in MOVED.items():
+        with pytest.raises(ConfigError) as err:
+            SedacConfig.from_env(env(**{name: "1"}))
+        assert f'{name} is not an environment variable: set "{key}" in the "serving" object' in str(err.value)
+        assert SETTINGS[key] in str(err.value)
+    with pytest.raises(ConfigError, match="SEDAC_PROBE_LAYERS is not a SEDAC variable: the probe file's layers"):
+        SedacConfig.from_env(env(SEDAC_PROBE_LAYERS="7,14,21"))
+    with caplog.at_level("WARNING", logger="sedac_vllm"):
+        cfg = SedacConfig.from_env(env(SEDAC_ASSETS="/somewhere", SEDAC_CORE_BACKEND="python",
+                                       SEDAC_PROGRESS="0"))
+    assert cfg.enabled
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "SEDAC_ASSETS is not read while serving" in warned[0]
+
+
 def test_unknown_variables_and_missing_files():
-    with pytest.raises(ConfigError, match="unknown SEDAC variable.*SEDAC_TAUU"):
+    with pytest.raises(ConfigError, match=r"unknown SEDAC variable SEDAC_TAUU \(did you mean SEDAC_TAU\?\)"):
         SedacConfig.from_env(env(SEDAC_TAUU="0.9"))
     with pytest.raises(ConfigError, match="SEDAC_MODE=probe needs SEDAC_PROBE_DIR"):
         SedacConfig.from_env(env(SEDAC_MODE="probe"))
     with pytest.raises(ConfigError, match="SEDAC_PROBE_DIR='/nonexistent' is not a directory"):
         SedacConfig.from_env(env(SEDAC_PROBE_DIR="/nonexistent"))
-    with pytest.raises(ConfigError, match="SEDAC_CONFIG='/nonexistent.json': SEDAC monitor config not found"):
+    with pytest.raises(ConfigError, match="SEDAC_CONFIG='/nonexistent.json': no such file"):
         SedacConfig.from_env(env(SEDAC_CONFIG="/nonexistent.json"))
 
 
@@ -68,7 +127,7 @@ def test_monitor_config_file_is_read_and_env_overrides(tmp_path):
 
 def test_scope_has_one_name():
     assert SedacConfig.from_env(env(SEDAC_SCOPE="per_layer")).scope == "per_layer"
-    with pytest.raises(ConfigError, match="unknown SEDAC variable.*SEDAC_MONITOR_MODE"):
+    with pytest.raises(ConfigError, match="SEDAC_MONITOR_MODE is not a SEDAC variable: the exit scope is SEDAC_SCOPE"):
         SedacConfig.from_env(env(SEDAC_MONITOR_MODE="per_layer"))
 
 
@@ -158,3 +217,35 @@ def test_check_prints_the_calibrated_settings_expected_speedup(tmp_path, monkeyp
     monkeypatch.setattr(cli, "import_check", lambda: None)
     lines = cli.check(str(model), cli.sedac_env(str(cfg), {}))
     assert f"calibrated setting: {advice}" in lines
+
+
+def _table_names(markdown: str, heading: str) -> set:
+    """The `SEDAC_*` names in the first column of the tables under a README heading."""
+    import re
+
+    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(SEDAC_[A-Z0-9_]+)` \|", section, re.M))
+
+
+def test_every_variable_the_code_reads_is_in_the_docs_tables():
+    import re
+    from pathlib import Path
+
+    from sedac_vllm.config import MOVED, REMOVED
+
+    root = Path(__file__).resolve().parents[3]
+    serving = _table_names((root / "packages" / "sedac-vllm" / "README.md").read_text(), "## Configuration")
+    others = _table_names((root / "README.md").read_text(), "## Environment variables")
+    assert serving == set(VARIABLES), "sedac-vllm's README table and sedac_vllm.config.VARIABLES differ"
+    assert len(others) >= 5  # the parse found the table
+    sources = [root / "noxfile.py", *root.glob(".ci/*"), *root.glob("packages/*/src/**/*.py"),
+               *root.glob("packages/sedac-core-rs/python/**/*.py"), *root.glob("packages/sedac-core-rs/tools/*.py"),
+               *root.glob("packages/*/tests/conftest.py"), *root.glob("packages/test_support/*.py")]
+    read = set()
+    for path in sources:
+        if path.is_file():
+            read |= set(re.findall(r"SEDAC_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    read -= set(MOVED) | set(REMOVED)  # former names: the code names them only to say where they went
+    assert "SEDAC_CORE_BACKEND" in read and "SEDAC_TAU" in read  # the scan found the code
+    assert not read - serving - others, f"read by the code but in no docs table: {sorted(read - serving - others)}"
+    assert not (serving | others) - read, f"documented but read nowhere: {sorted((serving | others) - read)}"

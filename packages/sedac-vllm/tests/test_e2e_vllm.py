@@ -199,18 +199,23 @@ def engine_runs(family, tmp_path_factory):
         fused = load_probes(tmp / "fusion")
         fused_thresholds, fseqs, fused_factory = probe_setup(model, prompt_ids, fused.bank)
 
+    def settings(name, **serving):  # a SEDAC_CONFIG file holding only settings
+        path = tmp / f"{name}.json"
+        path.write_text(json.dumps({"serving": serving}))
+        return str(path)
+
     monitor_env = {"SEDAC_ENABLED": "1", "SEDAC_TAU": repr(tau), "SEDAC_CONSECUTIVE_K": "1", "SEDAC_MIN_LAYER": "1"}
     probe_env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "probes"),
-                 "SEDAC_THRESHOLDS": ",".join(repr(t) for t in thresholds), "SEDAC_ADAPTIVE": "0"}
+                 "SEDAC_CONFIG": settings("probe", thresholds=thresholds, adaptive=False)}
     # online calibration against a calibration histogram no real signal matches (all of it at S < 0.01):
     # the drift detector must fire after the first forward
     online_cfg = tmp / "online_config.json"
     online_cfg.write_text(json.dumps({
         "format": "sedac_config", "tau": tau, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
         "scope": "cascade", "protect_first": 1, "max_risk": 0.05,
-        "evidence": {"signal_histogram": {"edges": [0.0, 0.01, 1.0], "counts": [1000, 0], "min_layer": 1}}}))
-    online_env = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(online_cfg), "SEDAC_ONLINE": "1",
-                  "SEDAC_SHADOW_RATE": "1", "SEDAC_DECISION_LOG_RATE": "1"}
+        "evidence": {"signal_histogram": {"edges": [0.0, 0.01, 1.0], "counts": [1000, 0], "min_layer": 1}},
+        "serving": {"shadow_rate": 1, "decision_log_rate": 1}}))
+    online_env = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(online_cfg), "SEDAC_ONLINE": "1"}
     base = [
         {"name": "vanilla", "env": {"VLLM_PLUGINS": ""}},
         {"name": "disabled", "env": {"SEDAC_ENABLED": "0"}},
@@ -226,10 +231,12 @@ def engine_runs(family, tmp_path_factory):
         # the V6.1 roadmap's serving features: in vLLM's default (compiled) mode only, to keep the suite short
         {"name": "online", "env": online_env, "modes": ("compiled",)},
         {"name": "fusion", "modes": ("compiled",),
-         "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "fusion"), "SEDAC_ADAPTIVE": "0",
-                 "SEDAC_THRESHOLDS": ",".join(repr(t) for t in fused_thresholds)}},
-        {"name": "probe_soft", "env": {**probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
-                                       "SEDAC_EXIT_RATES": "0.9,0.9", "SEDAC_LAYER_WEIGHTS": "0.5,0.5"}},
+         "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "fusion"),
+                 "SEDAC_CONFIG": settings("fusion", thresholds=fused_thresholds, adaptive=False)}},
+        {"name": "probe_soft", "env": {
+            **probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
+            "SEDAC_CONFIG": settings("probe_soft", thresholds=thresholds, adaptive=False, exit_rates=[0.9, 0.9],
+                                     layer_weights=[0.5, 0.5])}},
     ]
     # every configuration twice: vLLM's default (compiled: dynamo + inductor on CPU) and enforce_eager
     runs = [{**r, "name": f"{r['name']}@{mode}", "llm": {**r.get("llm", {}), "enforce_eager": mode == "eager"},
@@ -245,7 +252,7 @@ def engine_runs(family, tmp_path_factory):
         (tmp / "bad").mkdir()
         bad, bad_stderr = run_vllm(model_dir, [
             {"name": "bad_tau", "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "abc"}},
-            {"name": "bad_probe_layers", "env": {**probe_env, "SEDAC_PROBE_LAYERS": "1,2"}},
+            {"name": "bad_thresholds", "env": {**probe_env, "SEDAC_CONFIG": settings("bad", thresholds=[0.5])}},
         ], tmp / "bad")
     return {"family": family, "tmp": tmp, "model": model, "tau": tau, "seqs": seqs, "probe_seqs": pseqs,
             "probe_factory": probe_factory, "fused_seqs": fseqs, "fused_factory": fused_factory,
@@ -365,9 +372,9 @@ def test_batch_invariance_chunked_prefill_and_prefix_caching(e2e, mode):
 @pytest.mark.parametrize("e2e", ["qwen2"], indirect=True)
 def test_bad_environment_stops_start_up_naming_the_variable(e2e):
     bad, stderr = e2e["bad"], e2e["bad_stderr"]
-    assert "error" in bad["bad_tau"] and "error" in bad["bad_probe_layers"]  # no engine came up
+    assert "error" in bad["bad_tau"] and "error" in bad["bad_thresholds"]  # no engine came up
     assert "SEDAC_TAU='abc' is not valid: expected similarity threshold, a number" in bad["bad_tau"]["error"]
-    assert "SEDAC_PROBE_LAYERS=1,2 does not match the probe file's layers 1,3" in stderr
+    assert "serving.thresholds has 1 values but the probes in" in stderr and "have 2 layers (1,3)" in stderr
 
 
 @pytest.mark.parametrize("e2e,mode", BOTH, indirect=["e2e"])
@@ -407,7 +414,7 @@ def test_online_calibration_and_decision_log_act_inside_the_served_graph(e2e, mo
     """SEDAC_ONLINE=1 with a calibration histogram the model's signals cannot match: the first forward
     decides as the plain monitor does, the drift detector fires at its end, and from then on the graph
     (compiled too: it reads tau from a tensor, not a constant) exits nothing. The shadow check ran on every
-    exited row (SEDAC_SHADOW_RATE=1); the decision log (rate 1) holds every row with the exit the trace shows."""
+    exited row (shadow_rate 1); the decision log (rate 1) holds every row with the exit the trace shows."""
     r = runs_in(e2e, mode)
     trace = r["online"]["together"]["trace"]
     plain = r["monitor"]["together"]["trace"]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_runtime import HF, attach, forward
+from test_runtime import HF, attach, forward, with_settings
 
 from sedac_vllm import (
     ConfigError,
@@ -18,8 +18,9 @@ from sedac_vllm.runtime import VllmSedac
 
 def test_decision_log_is_sampled_and_bounded(tmp_path):
     path = tmp_path / "decisions.jsonl"
-    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1",
-                                "SEDAC_DECISION_LOG": str(path), "SEDAC_DECISION_LOG_RATE": "1"})
+    cfg = SedacConfig.from_env(with_settings(tmp_path, {
+        "SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1", "SEDAC_DECISION_LOG": str(path)},
+        decision_log_rate=1))
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     mlps = attach(sedac)
     forward(sedac, mlps, rows=8, seed=0)
@@ -142,8 +143,8 @@ def test_online_needs_the_monitor_and_is_exported(tmp_path):
     with pytest.raises(ConfigError, match="SEDAC_ONLINE=1 works with the V7 monitor"):
         SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_ONLINE": "1", "SEDAC_MODE": "probe",
                               "SEDAC_PROBE_DIR": str(tmp_path)})
-    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1",
-                                "SEDAC_ONLINE": "1", "SEDAC_SHADOW_RATE": "1"})
+    cfg = SedacConfig.from_env(with_settings(tmp_path, {
+        "SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1", "SEDAC_ONLINE": "1"}, shadow_rate=1))
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     sedac.final_norm, sedac.compute_logits = torch.nn.Identity(), torch.nn.Linear(16, 5)
     mlps = attach(sedac)

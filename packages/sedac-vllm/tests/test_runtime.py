@@ -16,6 +16,13 @@ from sedac_vllm.runtime import VllmSedac
 HF = {"hidden_size": 16, "num_hidden_layers": 4, "intermediate_size": 32, "vocab_size": 50}
 
 
+def with_settings(folder, env, **serving):
+    """``env`` plus a SEDAC_CONFIG file in ``folder`` whose "serving" object holds ``serving``."""
+    path = folder / f"settings-{len(list(folder.glob('settings-*.json')))}.json"
+    path.write_text(json.dumps({"serving": serving}))
+    return {**env, "SEDAC_CONFIG": str(path)}
+
+
 def make_probes(tmp_path, target="entropy", name="probes"):
     torch.manual_seed(0)
     bank = ProbeBank.from_probes({1: LREProbe(16, 4, target), 2: LREProbe(16, 4, target)})
@@ -60,9 +67,10 @@ def forward(sedac, mlps, rows=32, seed=0):
 
 
 def test_adaptive_thresholds_move_after_the_warm_up_at_a_bounded_rate(tmp_path):
-    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(make_probes(tmp_path)),
-                                "SEDAC_CALIBRATION_STEPS": "2", "SEDAC_ALPHA": "0.5", "SEDAC_EXIT_RATES": "0.3,0.5",
-                                "SEDAC_METRICS_FILE": str(tmp_path / "m.json"), "SEDAC_TRACE": str(tmp_path / "t")})
+    cfg = SedacConfig.from_env(with_settings(tmp_path, {
+        "SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(make_probes(tmp_path)),
+        "SEDAC_METRICS_FILE": str(tmp_path / "m.json"), "SEDAC_TRACE": str(tmp_path / "t")},
+        calibration_steps=2, alpha=0.5, exit_rates=[0.3, 0.5]))
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     assert sedac.adaptive  # uncalibrated probes with exit rates: thresholds learned from the traffic
     start = sedac.decider.cascade.thresholds.clone()
@@ -150,20 +158,20 @@ def test_uncalibrated_probes_are_refused_without_thresholds_or_exit_rates(tmp_pa
     with pytest.raises(ConfigError, match=f"not calibrated, so SEDAC has no thresholds for their {target} risk"):
         VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     # fixed thresholds: served as given, not adaptive
-    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d), "SEDAC_THRESHOLDS": "0.3,0.4"})
+    probe_env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d)}
+    cfg = SedacConfig.from_env(with_settings(tmp_path, probe_env, thresholds=[0.3, 0.4]))
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     assert sedac.controller is None and sedac.decider.cascade.thresholds.tolist() == pytest.approx([0.3, 0.4])
     # exit rates: adaptive, and no token exits before the thresholds are learned
-    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d), "SEDAC_EXIT_RATES": "0.5,0.5",
-                                "SEDAC_CALIBRATION_STEPS": "5"})
+    cfg = SedacConfig.from_env(with_settings(tmp_path, probe_env, exit_rates=[0.5, 0.5], calibration_steps=5))
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     mlps = attach(sedac)
     for seed in range(3):
         forward(sedac, mlps, seed=seed)
     assert sedac.stats()["exited_fraction"] == 0.0 and sedac.controller is not None
     with pytest.raises(ConfigError, match="not calibrated"):
-        VllmSedac(SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d), "SEDAC_ADAPTIVE": "0",
-                                        "SEDAC_EXIT_RATES": "0.5,0.5"}), HF, 4, 16, torch.device("cpu"))
+        VllmSedac(SedacConfig.from_env(with_settings(tmp_path, probe_env, adaptive=False, exit_rates=[0.5, 0.5])),
+                  HF, 4, 16, torch.device("cpu"))
 
 
 def test_probes_whose_calibration_failed_serve_without_exits(tmp_path, caplog):
@@ -227,7 +235,7 @@ def test_a_probe_directory_is_read_once_per_process(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "load_file", count_weights)
     monkeypatch.setattr(io, "_read_meta_file", count_meta)
-    env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d), "SEDAC_THRESHOLDS": "0.3,0.4"}
+    env = with_settings(tmp_path, {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d)}, thresholds=[0.3, 0.4])
     cfg = SedacConfig.from_env(env)
     VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     VllmSedac(SedacConfig.from_env(env), HF, 4, 16, torch.device("cpu"))

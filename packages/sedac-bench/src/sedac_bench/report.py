@@ -195,8 +195,8 @@ def roadmap_section(results: Dict[str, Any]) -> List[str]:
     else:
         L += ["(not run: this run timed no vLLM engines)", ""]
     L += ["### Token decision log", "",
-          "`SEDAC_DECISION_LOG=path` writes a sampled (`SEDAC_DECISION_LOG_RATE`), size-bounded "
-          "(`SEDAC_DECISION_LOG_MAX_MB`) JSON-lines record per sampled token: position, token, decision, exit "
+          "`SEDAC_DECISION_LOG=path` writes a sampled (setting `decision_log_rate`), size-bounded "
+          "(`decision_log_max_mb`) JSON-lines record per sampled token: position, token, decision, exit "
           "layer and per layer the signal, the threshold and (probes) the accumulated confidence. Off by default; "
           "tested, not benchmarked.", ""]
     spec = results.get("speculative")

@@ -18,7 +18,10 @@ from ._api import (
     consecutive_exit,
     replay,
 )
-from ._backend import __version__, backend, set_backend
+from ._backend import ENV, __version__, backend, set_backend
+
+ENVIRONMENT = (ENV,)
+"""The environment variables sedac_core reads."""
 
 set_backend()
 
@@ -26,6 +29,7 @@ __all__ = [
     "MIN_THRESHOLD",
     "SCOPES",
     "CascadeController",
+    "ENVIRONMENT",
     "ExitDecisions",
     "LayerConfig",
     "MonitorRule",

@@ -81,10 +81,14 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
+PROGRESS_ENV = "SEDAC_PROGRESS"
+"""The one environment variable sedac-monitor reads: 0 turns its progress bars off."""
+
+
 def progress(iterable, total: Optional[int] = None, desc: str = "", enabled: Optional[bool] = None):
     """tqdm progress bar on stderr (off when SEDAC_PROGRESS=0)."""
     if enabled is None:
-        enabled = os.environ.get("SEDAC_PROGRESS", "1") != "0"
+        enabled = os.environ.get(PROGRESS_ENV, "1") != "0"
     if not enabled:
         return iterable
     from tqdm.auto import tqdm

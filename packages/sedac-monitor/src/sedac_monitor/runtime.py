@@ -42,6 +42,7 @@ from .engine import (
     subclass_with,
 )
 from .hf import (
+    PROGRESS_ENV,
     ForcedExitDecider,
     InputError,
     Pass,
@@ -59,7 +60,11 @@ from .hf import (
 )
 from .layouts import DecoderLayout, UnsupportedModelError, find_layout, model_identity
 
+ENVIRONMENT = (PROGRESS_ENV,)
+"""The environment variables sedac-monitor reads."""
+
 __all__ = [
+    "ENVIRONMENT",
     "GATHER_MIN_FRACTION",
     "HOST_SYNC_POLICIES",
     "SOFT_GROUPS",

@@ -42,7 +42,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "aggressive": {"thresholds": (1.0, 1.3, 1.7), "exit_rate": 0.25},
 }
 RATE_GRID = tuple(round(x, 2) for x in np.arange(0.0, 0.951, 0.05))
-DEFAULT_WEIGHTS = {3: (0.3, 0.4, 0.3)}  # the original documents' SEDAC_LAYER_WEIGHTS for three checkpoints
+DEFAULT_WEIGHTS = {3: (0.3, 0.4, 0.3)}  # the original documents' layer weights for three checkpoints
 
 Log = Callable[[str], None]
 

@@ -88,13 +88,10 @@ def check(model: str, env: Dict[str, str]) -> List[str]:
             probes = load(cfg.probe_dir, model_config=text, fingerprint=model_identity(model)["fingerprint"])
         except ProbeFileError as exc:
             raise ConfigError(f"SEDAC_PROBE_DIR: {exc}") from exc
-        if cfg.probe_layers is not None and cfg.probe_layers != probes.layers:
-            raise ConfigError(f"SEDAC_PROBE_LAYERS={','.join(map(str, cfg.probe_layers))} does not match the "
-                              f"probe file's layers {','.join(map(str, probes.layers))}")
         thresholds = cfg.thresholds or probes.thresholds
         if thresholds is None and cfg.exit_rates is None:
             raise ConfigError(f"the probes in {cfg.probe_dir} are not calibrated: run `sedac-probes calibrate`, or "
-                              "set SEDAC_THRESHOLDS or SEDAC_EXIT_RATES")
+                              "set \"thresholds\" or \"exit_rates\" in the SEDAC_CONFIG file's \"serving\" object")
         how = ("never exits: its calibration met no risk budget" if probes.exits_disabled and not cfg.thresholds
                else thresholds if thresholds else f"learned from traffic towards exit rates {cfg.exit_rates}")
         lines.append(f"probes: {probes.target} target, layers {probes.layers}, rank {probes.bank.rank}, "

@@ -1,10 +1,11 @@
-"""SEDAC's vLLM configuration: environment variables, validated at start-up.
+"""SEDAC's vLLM configuration: a few environment variables and one file, validated at start-up.
 
-Every variable is parsed here and nowhere else; a bad value raises
-:class:`ConfigError` naming the variable, the value and the accepted form, so
-vLLM stops before loading the model. Values from a ``sedac_config.json``
-(``SEDAC_CONFIG``, monitor mode) or a probe directory (``SEDAC_PROBE_DIR``)
-are defaults that explicit variables override.
+The variables (:data:`VARIABLES`) are what a deployment sets; the settings it rarely changes
+(:data:`SETTINGS`) are the ``serving`` object of the ``SEDAC_CONFIG`` file, which may also hold a V7
+calibration from ``sedac-monitor calibrate``. Both are parsed here and nowhere else, once per process; a bad
+value raises :class:`ConfigError` naming the variable or key, the value and the accepted form, so vLLM stops
+before loading the model. A calibration (or a probe directory's calibration) gives defaults that explicit
+variables override.
 """
 
 from __future__ import annotations
@@ -25,53 +26,62 @@ class ConfigError(ValueError):
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
-# name -> (accepted form, default shown in docs)
+# The environment variables sedac-vllm reads (name -> accepted form, default), the complete list: what a user
+# sets per deployment. Everything else is a key of the "serving" object in the SEDAC_CONFIG file (SETTINGS).
 VARIABLES: Dict[str, str] = {
     "SEDAC_ENABLED": "0 or 1 (default 0: vLLM untouched)",
     "SEDAC_MODE": "'monitor' (V7) or 'probe' (V6); default: probe if SEDAC_PROBE_DIR is set, else monitor",
-    "SEDAC_CONFIG": "path to a sedac_config.json from `sedac-monitor calibrate` (monitor mode)",
+    "SEDAC_CONFIG": "path to a sedac_config.json: a V7 calibration from `sedac-monitor calibrate` (monitor mode) "
+                    "and/or a \"serving\" object of settings (either mode)",
+    "SEDAC_PROBE_DIR": "directory written by `sedac-probes train` (probe mode)",
     "SEDAC_TAU": "similarity threshold, a number (default 0.98; > 1 disables exits)",
     "SEDAC_CONSECUTIVE_K": "integer >= 1 (default 2)",
     "SEDAC_MIN_LAYER": "integer >= 0: no V7 run counts before this layer (default 0)",
     "SEDAC_SCOPE": "'cascade' (an exited token skips every later MLP) or 'per_layer' (default cascade)",
     "SEDAC_PROTECT_LAST": "integer >= 0: the last N layers always run their MLP (default 0)",
     "SEDAC_PROTECT_FIRST": "integer >= 0: tokens at positions < N never exit (default 1: the attention sink)",
-    "SEDAC_PROBE_DIR": "directory written by `sedac-probes train` (probe mode)",
-    "SEDAC_PROBE_LAYERS": "comma-separated layers, e.g. 7,14,21; must equal the probe file's (default: the file's)",
-    "SEDAC_PROBE_RANK": "integer; must equal the probe file's rank (default: the file's)",
-    "SEDAC_THRESHOLDS": "comma-separated numbers > 0, one per probe layer (default: the file's calibrated ones)",
-    "SEDAC_EXIT_RATES": "comma-separated numbers in [0, 1], one per probe layer "
-                        "(default: the file's, else 0.2,0.6,0.9)",
     "SEDAC_RULE": "'threshold' (V6.0) or 'confidence' (V6.1) (default threshold)",
-    "SEDAC_ADAPTIVE": "0 or 1 (default: 0 if the probe file is calibrated, else 1)",
-    "SEDAC_CALIBRATION_STEPS": "integer >= 0 (default 50)",
-    "SEDAC_CONFIDENCE_DECAY": "number in [0, 1] (default 0.9)",
     "SEDAC_SOFT_EXIT": "0 or 1 (default 0)",
-    "SEDAC_SOFT_K": "soft-exit steepness k of 1 / (1 + exp(-k (C - 0.5))), number > 0 (default 4: the original "
-                    "tanh form)",
-    "SEDAC_ADAPTIVE_DECAY": "0 or 1: per-token adaptive confidence decay, V6.1 (default 0)",
-    "SEDAC_DECAY_BONUS": "adaptive decay's bonus for a history of exits, number in [0, 1] (default 0)",
-    "SEDAC_LAYER_WEIGHTS": "comma-separated numbers >= 0, one per probe layer (default 0.3,0.4,0.3 for three)",
-    "SEDAC_ALPHA": "adaptive EMA step, number in (0, 1] (default 0.1)",
     "SEDAC_HOST_SYNC": "'layer', 'forward' or 'none': how often a plan may be read on the host "
                        "(default: layer on CPU, forward on GPU)",
     "SEDAC_GATHER": "'auto', 'always' or 'never': when a layer where some rows skip runs the MLP on the active rows "
                     "only (gather) instead of on every row with the skipped rows zeroed (masked) (default auto: "
                     "where the MLP time measured at start-up says gathering pays)",
-    "SEDAC_DECISION_LOG": "path: append a sampled per-token decision log as JSON lines (default: off)",
-    "SEDAC_DECISION_LOG_RATE": "fraction of tokens logged, number in (0, 1] (default 0.01)",
-    "SEDAC_DECISION_LOG_MAX_MB": "size bound of the decision log in MB, number > 0 (default 64)",
     "SEDAC_ONLINE": "0 or 1: online calibration with drift detection, monitor mode (default 0)",
-    "SEDAC_SHADOW_RATE": "fraction of rows shadow-checked, number in (0, 1] (default 0.05)",
     "SEDAC_RISK_TOLERANCE": "top-1 risk to hold, number in (0, 1) (default: the config's max_risk, else 0.05)",
-    "SEDAC_DRIFT_THRESHOLD": "KL divergence that counts as drift, number > 0 (default 0.1)",
-    "SEDAC_ONLINE_WINDOW": "checked rows the running estimate spans, integer >= 1 (default 2000)",
-    "SEDAC_ONLINE_MARGIN": "how far below the calibrated tau online calibration may loosen, number >= 0 "
-                           "(default 0: it only tightens; above 0 is a throughput option, not a safety one)",
+    "SEDAC_DECISION_LOG": "path: append a sampled per-token decision log as JSON lines (default: off)",
     "SEDAC_LOG_EVERY": "integer >= 0: log exit statistics every N forward steps, 0 = never (default 50)",
     "SEDAC_METRICS_FILE": "path the engine writes its statistics to, read by /metrics (default: a temp file)",
     "SEDAC_TRACE": "path: append per-token decisions of every forward as JSON lines (debugging, tests)",
 }
+
+# The keys of the "serving" object in the SEDAC_CONFIG file (key -> accepted form, default): settings a
+# deployment rarely changes. Each was an environment variable before 0.1.0 was released.
+SETTINGS: Dict[str, str] = {
+    "thresholds": "list of numbers > 0, one per probe layer (default: the probe file's calibrated ones)",
+    "exit_rates": "list of numbers in [0, 1], one per probe layer (default: the file's, else [0.2, 0.6, 0.9])",
+    "adaptive": "true or false: thresholds learned from traffic (default: false if the probe file is calibrated, "
+                "else true)",
+    "calibration_steps": "integer >= 0: forwards without exits while adaptive thresholds warm up (default 50)",
+    "alpha": "adaptive EMA step, number in (0, 1] (default 0.1)",
+    "confidence_decay": "number in [0, 1] (default 0.9)",
+    "layer_weights": "list of numbers >= 0, one per probe layer (default [0.3, 0.4, 0.3] for three)",
+    "soft_k": "soft-exit steepness k of 1 / (1 + exp(-k (C - 0.5))), number > 0 (default 4: the original tanh "
+              "form)",
+    "adaptive_decay": "true or false: per-token adaptive confidence decay, V6.1 (default false)",
+    "decay_bonus": "adaptive decay's bonus for a history of exits, number in [0, 1] (default 0)",
+    "decision_log_rate": "fraction of tokens the decision log keeps, number in (0, 1] (default 0.01)",
+    "decision_log_max_mb": "size bound of the decision log in MB, number > 0 (default 64)",
+    "shadow_rate": "fraction of rows shadow-checked by online calibration, number in (0, 1] (default 0.05)",
+    "drift_threshold": "KL divergence that counts as drift, number > 0 (default 0.1)",
+    "online_window": "checked rows the running risk estimate spans, integer >= 1 (default 2000)",
+    "online_margin": "how far below the calibrated tau online calibration may loosen, number >= 0 (default 0: it "
+                     "only tightens; above 0 is a throughput option, not a safety one)",
+}
+MOVED = {"SEDAC_" + k.upper(): k for k in SETTINGS}
+"""Former variables -> their key in the file's "serving" object (named in the error a stale variable gets)."""
+REMOVED = {"SEDAC_PROBE_LAYERS": "the probe file's layers are used", "SEDAC_PROBE_RANK": "the probe file's rank is "
+           "used", "SEDAC_MONITOR_MODE": "the exit scope is SEDAC_SCOPE (cascade or per_layer)"}
 
 
 def _bad(name: str, value: str) -> ConfigError:
@@ -177,8 +187,6 @@ class SedacConfig:
     protect_first: int = 1
     # probe (V6)
     probe_dir: Optional[str] = None
-    probe_layers: Optional[List[int]] = None
-    probe_rank: Optional[int] = None
     thresholds: Optional[List[float]] = None
     exit_rates: Optional[List[float]] = None
     rule: str = "threshold"
@@ -208,62 +216,51 @@ class SedacConfig:
     metrics_file: Optional[str] = None
     trace: Optional[str] = None
     sources: Dict[str, str] = field(default_factory=dict)
-    config_json: Dict[str, Any] = field(default_factory=dict)  # the SEDAC_CONFIG file as read (empty: none)
+    config_json: Dict[str, Any] = field(default_factory=dict)  # the file's V7 calibration as read (empty: none)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "SedacConfig":
         env = os.environ if env is None else env
-        unknown = sorted(k for k in env if k.startswith("SEDAC_") and k not in VARIABLES
-                         and k not in ("SEDAC_CORE_BACKEND", "SEDAC_ASSETS", "SEDAC_PROGRESS", "SEDAC_TORCH",
-                                       "SEDAC_HYPOTHESIS_PROFILE", "SEDAC_CARGO_SOURCE",
-                                       "SEDAC_INVOKED_AS", "SEDAC_VLLM", "SEDAC_VLLM_CUDA"))
-        if unknown and parse_bool(env, "SEDAC_ENABLED", False):
-            raise ConfigError(f"unknown SEDAC variable(s): {', '.join(unknown)} (known: {', '.join(VARIABLES)})")
         cfg: Any = _Draft(cls, enabled=parse_bool(env, "SEDAC_ENABLED", False))
         if not cfg.enabled:
             return cfg.freeze()
+        _check_names(env)
         cfg.probe_dir = _get(env, "SEDAC_PROBE_DIR")
         cfg.config_file = _get(env, "SEDAC_CONFIG")
         cfg.mode = parse_choice(env, "SEDAC_MODE", ("monitor", "probe"), "probe" if cfg.probe_dir else "monitor")
-        if cfg.mode == "monitor" and cfg.config_file:
-            _monitor_file(cfg, cfg.config_file)
+        serving: Dict[str, Any] = _read_file(cfg, cfg.config_file) if cfg.config_file else {}
         cfg.tau = parse_number(env, "SEDAC_TAU", cfg.tau)
         cfg.consecutive_k = parse_int(env, "SEDAC_CONSECUTIVE_K", cfg.consecutive_k, 1)
         cfg.min_layer = parse_int(env, "SEDAC_MIN_LAYER", cfg.min_layer)
         cfg.scope = parse_choice(env, "SEDAC_SCOPE", ("cascade", "per_layer"), cfg.scope)
         cfg.protect_last = parse_int(env, "SEDAC_PROTECT_LAST", cfg.protect_last)
         cfg.protect_first = parse_int(env, "SEDAC_PROTECT_FIRST", cfg.protect_first)
-        cfg.probe_layers = parse_list(env, "SEDAC_PROBE_LAYERS", int, 0)
-        if cfg.probe_layers is not None and any(b <= a for a, b in zip(cfg.probe_layers, cfg.probe_layers[1:])):
-            raise _bad("SEDAC_PROBE_LAYERS", env["SEDAC_PROBE_LAYERS"])
-        cfg.probe_rank = parse_int(env, "SEDAC_PROBE_RANK", None, 1)
-        cfg.thresholds = parse_list(env, "SEDAC_THRESHOLDS", float, 0.0, lo_open=True)
-        cfg.exit_rates = parse_list(env, "SEDAC_EXIT_RATES", float, 0.0, 1.0)
         cfg.rule = parse_choice(env, "SEDAC_RULE", ("threshold", "confidence"), cfg.rule)
-        adaptive = _get(env, "SEDAC_ADAPTIVE")
-        cfg.adaptive = None if adaptive is None else parse_bool(env, "SEDAC_ADAPTIVE", False)
-        cfg.calibration_steps = parse_int(env, "SEDAC_CALIBRATION_STEPS", cfg.calibration_steps)
-        cfg.confidence_decay = parse_number(env, "SEDAC_CONFIDENCE_DECAY", cfg.confidence_decay, 0.0, 1.0)
         cfg.soft_exit = parse_bool(env, "SEDAC_SOFT_EXIT", cfg.soft_exit)
-        cfg.soft_k = parse_number(env, "SEDAC_SOFT_K", cfg.soft_k, 0.0, 1e6, lo_open=True)
-        cfg.adaptive_decay = parse_bool(env, "SEDAC_ADAPTIVE_DECAY", cfg.adaptive_decay)
-        cfg.decay_bonus = parse_number(env, "SEDAC_DECAY_BONUS", cfg.decay_bonus, 0.0, 1.0)
-        cfg.layer_weights = parse_list(env, "SEDAC_LAYER_WEIGHTS", float, 0.0)
-        cfg.alpha = parse_number(env, "SEDAC_ALPHA", cfg.alpha, 0.0, 1.0, lo_open=True)
         cfg.host_sync = parse_choice(env, "SEDAC_HOST_SYNC", ("layer", "forward", "none"), None)
         cfg.gather = parse_choice(env, "SEDAC_GATHER", ("auto", "always", "never"), cfg.gather)
         cfg.decision_log = _get(env, "SEDAC_DECISION_LOG")
-        cfg.decision_log_rate = parse_number(env, "SEDAC_DECISION_LOG_RATE", cfg.decision_log_rate, 0.0, 1.0,
-                                             lo_open=True)
-        mb = parse_number(env, "SEDAC_DECISION_LOG_MAX_MB", None, 0.0, lo_open=True)
+        cfg.online = parse_bool(env, "SEDAC_ONLINE", cfg.online)
+        cfg.risk_tolerance = parse_number(env, "SEDAC_RISK_TOLERANCE", cfg.risk_tolerance, 0.0, 1.0, lo_open=True)
+        s = _Settings(serving, cfg.config_file)
+        cfg.thresholds = s.numbers("thresholds", 0.0, lo_open=True)
+        cfg.exit_rates = s.numbers("exit_rates", 0.0, 1.0)
+        cfg.adaptive = s.flag("adaptive", None)
+        cfg.calibration_steps = s.integer("calibration_steps", cfg.calibration_steps, 0)
+        cfg.alpha = s.number("alpha", cfg.alpha, 0.0, 1.0, lo_open=True)
+        cfg.confidence_decay = s.number("confidence_decay", cfg.confidence_decay, 0.0, 1.0)
+        cfg.layer_weights = s.numbers("layer_weights", 0.0)
+        cfg.soft_k = s.number("soft_k", cfg.soft_k, 0.0, 1e6, lo_open=True)
+        cfg.adaptive_decay = s.flag("adaptive_decay", cfg.adaptive_decay)
+        cfg.decay_bonus = s.number("decay_bonus", cfg.decay_bonus, 0.0, 1.0)
+        cfg.decision_log_rate = s.number("decision_log_rate", cfg.decision_log_rate, 0.0, 1.0, lo_open=True)
+        mb = s.number("decision_log_max_mb", None, 0.0, lo_open=True)
         if mb is not None:
             cfg.decision_log_max_bytes = int(mb * 2 ** 20)
-        cfg.online = parse_bool(env, "SEDAC_ONLINE", cfg.online)
-        cfg.shadow_rate = parse_number(env, "SEDAC_SHADOW_RATE", cfg.shadow_rate, 0.0, 1.0, lo_open=True)
-        cfg.risk_tolerance = parse_number(env, "SEDAC_RISK_TOLERANCE", cfg.risk_tolerance, 0.0, 1.0, lo_open=True)
-        cfg.drift_threshold = parse_number(env, "SEDAC_DRIFT_THRESHOLD", cfg.drift_threshold, 0.0, lo_open=True)
-        cfg.online_window = parse_int(env, "SEDAC_ONLINE_WINDOW", cfg.online_window, 1)
-        cfg.online_margin = parse_number(env, "SEDAC_ONLINE_MARGIN", cfg.online_margin, 0.0)
+        cfg.shadow_rate = s.number("shadow_rate", cfg.shadow_rate, 0.0, 1.0, lo_open=True)
+        cfg.drift_threshold = s.number("drift_threshold", cfg.drift_threshold, 0.0, lo_open=True)
+        cfg.online_window = s.integer("online_window", cfg.online_window, 1)
+        cfg.online_margin = s.number("online_margin", cfg.online_margin, 0.0)
         cfg.log_every = parse_int(env, "SEDAC_LOG_EVERY", cfg.log_every)
         cfg.metrics_file = _get(env, "SEDAC_METRICS_FILE")
         cfg.trace = _get(env, "SEDAC_TRACE")
@@ -305,26 +302,127 @@ class SedacConfig:
 
 
 def _check_probe_file(self: Any) -> None:  # on the draft, in from_env
-    """What can be checked without the model: the probe file reads, and the variables that
-    describe it agree with it (hidden size, depth and identity are checked when the model is built)."""
+    """What can be checked without the model: the probe file reads, and the settings given one value per
+    probe layer have as many (hidden size, depth and identity are checked when the model is built)."""
     from sedac_probes.io import ProbeFileError, load
 
     try:
         probes = load(self.probe_dir)
     except ProbeFileError as exc:
         raise ConfigError(f"SEDAC_PROBE_DIR: {exc}") from exc
-    if self.probe_layers is not None and self.probe_layers != probes.layers:
-        raise ConfigError(f"SEDAC_PROBE_LAYERS={','.join(map(str, self.probe_layers))} does not match the "
-                          f"probe file's layers {','.join(map(str, probes.layers))} ({self.probe_dir})")
-    if self.probe_rank is not None and self.probe_rank != probes.bank.rank:
-        raise ConfigError(f"SEDAC_PROBE_RANK={self.probe_rank} does not match the probe file's rank "
-                          f"{probes.bank.rank} ({self.probe_dir})")
     n = len(probes.layers)
-    for name, values in (("SEDAC_THRESHOLDS", self.thresholds), ("SEDAC_EXIT_RATES", self.exit_rates),
-                         ("SEDAC_LAYER_WEIGHTS", self.layer_weights)):
+    for name, values in (("thresholds", self.thresholds), ("exit_rates", self.exit_rates),
+                         ("layer_weights", self.layer_weights)):
         if values is not None and len(values) != n:
-            raise ConfigError(f"{name} has {len(values)} values but the probes in {self.probe_dir} have "
-                              f"{n} layers ({','.join(map(str, probes.layers))})")
+            raise ConfigError(f"SEDAC_CONFIG={self.config_file!r}: serving.{name} has {len(values)} values but the "
+                              f"probes in {self.probe_dir} have {n} layers ({','.join(map(str, probes.layers))})")
+
+
+def _check_names(env: Mapping[str, str]) -> None:
+    """Every SEDAC_* variable set is read by sedac-vllm or by a package it runs on; a variable that moved into
+    the config file, was removed, or is one edit away from a known name is an error naming the fix; any other
+    (read by SEDAC's offline tools, not while serving) is logged, never silently dropped."""
+    import difflib
+
+    import sedac_core
+    from sedac_monitor.runtime import ENVIRONMENT as MONITOR_ENVIRONMENT
+
+    known = set(VARIABLES) | set(sedac_core.ENVIRONMENT) | set(MONITOR_ENVIRONMENT)
+    for name in sorted(k for k in env if k.startswith("SEDAC_") and k not in known):
+        if name in MOVED:
+            raise ConfigError(f"{name} is not an environment variable: set \"{MOVED[name]}\" in the \"serving\" "
+                              f"object of the SEDAC_CONFIG file instead (accepted: {SETTINGS[MOVED[name]]})")
+        if name in REMOVED:
+            raise ConfigError(f"{name} is not a SEDAC variable: {REMOVED[name]}; unset it")
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"unknown SEDAC variable {name} (did you mean {close[0]}?); the variables sedac-vllm "
+                              f"reads: {', '.join(VARIABLES)}")
+        logger.warning("SEDAC: %s is not read while serving (sedac-vllm reads %s); left alone", name,
+                       ", ".join(VARIABLES))
+
+
+class _Settings:
+    """The ``serving`` object of a SEDAC_CONFIG file, read key by key with its type and range checked."""
+
+    def __init__(self, serving: Dict[str, Any], path: Optional[str]) -> None:
+        self.serving, self.path = serving, path
+
+    def _bad(self, key: str) -> ConfigError:
+        return ConfigError(f"SEDAC_CONFIG={self.path!r}: serving.{key}={self.serving[key]!r} is not valid: "
+                           f"expected {SETTINGS[key]}")
+
+    def _in_range(self, key: str, v: Any, lo: float, hi: float, lo_open: bool) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or v > hi \
+                or (lo_open and v == lo):
+            raise self._bad(key)
+        return v
+
+    def number(self, key: str, default: Optional[float], lo: float = -math.inf, hi: float = math.inf,
+               lo_open: bool = False) -> Optional[float]:
+        if key not in self.serving:
+            return default
+        return float(self._in_range(key, self.serving[key], lo, hi, lo_open))
+
+    def integer(self, key: str, default: int, lo: int) -> int:
+        if key not in self.serving:
+            return default
+        v = self.serving[key]
+        if not isinstance(v, int):
+            raise self._bad(key)
+        return int(self._in_range(key, v, lo, math.inf, False))
+
+    def flag(self, key: str, default: Optional[bool]) -> Optional[bool]:
+        if key not in self.serving:
+            return default
+        if not isinstance(self.serving[key], bool):
+            raise self._bad(key)
+        return self.serving[key]
+
+    def numbers(self, key: str, lo: float = -math.inf, hi: float = math.inf,
+                lo_open: bool = False) -> Optional[List[float]]:
+        if key not in self.serving:
+            return None
+        v = self.serving[key]
+        if not isinstance(v, list) or not v:
+            raise self._bad(key)
+        return [float(self._in_range(key, x, lo, hi, lo_open)) for x in v]
+
+
+def _read_file(self: Any, path: str) -> Dict[str, Any]:  # on the draft, in from_env
+    """The SEDAC_CONFIG file: its V7 calibration (if any) becomes the monitor's defaults; returns its
+    ``serving`` object (settings, checked by :class:`_Settings`)."""
+    import json
+
+    if not Path(path).is_file():
+        raise ConfigError(f"SEDAC_CONFIG={path!r}: no such file (expected a sedac_config.json: a V7 calibration "
+                          "from `sedac-monitor calibrate` and/or a \"serving\" object of settings)")
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"SEDAC_CONFIG={path!r} cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"SEDAC_CONFIG={path!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"SEDAC_CONFIG={path!r} must hold a JSON object")
+    serving = data.get("serving", {})
+    if not isinstance(serving, dict):
+        raise ConfigError(f"SEDAC_CONFIG={path!r}: \"serving\" must be a JSON object of settings "
+                          f"({', '.join(SETTINGS)})")
+    unknown = sorted(set(serving) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"SEDAC_CONFIG={path!r}: unknown serving setting(s) {', '.join(unknown)} (known: "
+                          f"{', '.join(SETTINGS)})")
+    calibration = set(data) - {"serving"}
+    if calibration:  # a V7 calibration, alone or with settings
+        if self.mode != "monitor":
+            raise ConfigError(f"SEDAC_CONFIG={path!r} holds a V7 calibration ({', '.join(sorted(calibration))}), "
+                              "which probe mode cannot use: keep only the \"serving\" object in a probe "
+                              "deployment's file, or serve the monitor (SEDAC_MODE=monitor)")
+        _monitor_file(self, path)
+    if serving:
+        self.sources["settings"] = str(path)
+    return serving
 
 
 def _monitor_file(self: Any, path: str) -> None:  # on the draft, in from_env

@@ -5,26 +5,26 @@ so they work in vLLM's compiled mode too.
 
 * :class:`DecisionLog` (``SEDAC_DECISION_LOG``): for a sampled fraction of tokens, one JSON line with
   the token's position, id, exit layer and, per layer, the signal, the threshold and (probes) the
-  accumulated confidence. The file stops growing at ``SEDAC_DECISION_LOG_MAX_MB``.
+  accumulated confidence. The file stops growing at ``decision_log_max_mb`` (a SEDAC_CONFIG setting).
 * :class:`OnlineCalibrator` (``SEDAC_ONLINE=1``, monitor mode; the V6.1 roadmap's dual-metric
   calibration):
 
-  - **shadow check**: for a sampled fraction (``SEDAC_SHADOW_RATE``) of rows, every MLP SEDAC skips is
+  - **shadow check**: for a sampled fraction (``shadow_rate``) of rows, every MLP SEDAC skips is
     also computed, without being applied, and summed; at the end of the forward the model's top-1 from
     the served residual stream is compared with the top-1 from that stream plus the skipped MLP outputs.
     It is a first-order estimate (it does not replay how the skipped work would have changed later
     attention inputs), cheap: the extra work is the shadow fraction of the skipped work plus the LM head
     on the checked rows. The running risk estimate = changed / checked × the fraction of tokens that
-    exit, over a window of ``SEDAC_ONLINE_WINDOW`` checked rows.
+    exit, over a window of ``online_window`` checked rows.
   - **threshold control**: when the estimate exceeds ``SEDAC_RISK_TOLERANCE``, tau rises (fewer exits);
     when it is under half the tolerance, tau falls back, never below the calibrated tau (by default online
     calibration only tightens: the estimate is first order and can read low, so it must never make SEDAC
-    less safe than the offline calibration) and never above 1. ``SEDAC_ONLINE_MARGIN`` > 0 lets tau go that
+    less safe than the offline calibration) and never above 1. ``online_margin`` > 0 lets tau go that
     far below the calibrated value: a throughput option, taken on an estimate whose error is not bounded.
   - **drift detection**: the histogram of the similarity signal of recent tokens is compared with the
     calibration text's (written by ``sedac-monitor calibrate`` into ``sedac_config.json``) by KL
     divergence, once it holds ``DRIFT_SIGNALS_PER_BIN`` signals per bin (a young histogram is noise); above
-    ``SEDAC_DRIFT_THRESHOLD`` SEDAC falls back to no exits until the divergence drops below half of it.
+    ``drift_threshold`` SEDAC falls back to no exits until the divergence drops below half of it.
 
 Every state change is logged; the statistics file (and so ``/metrics``) carries the running estimate,
 the drift score, the current tau and the number of fallbacks.
@@ -46,7 +46,7 @@ logger = logging.getLogger("sedac_vllm")
 EPS = 1e-4
 # The recent histogram is compared once it holds this many signals per bin: a sample of n signals drawn from
 # the calibration text's own distribution over B bins has an expected KL of about (B - 1) / (2n) from it,
-# under 0.01 here, a tenth of the default SEDAC_DRIFT_THRESHOLD; a younger histogram would be noise.
+# under 0.01 here, a tenth of the default drift_threshold; a younger histogram would be noise.
 DRIFT_SIGNALS_PER_BIN = 50
 
 
@@ -127,7 +127,7 @@ class OnlineCalibrator:
         self.tau = float(tau)
         if margin > 0:
             logger.warning("SEDAC online calibration may loosen tau to %.4f, %.4f below the calibrated %.4f "
-                           "(SEDAC_ONLINE_MARGIN): a throughput option; its first-order risk estimate can read "
+                           "(serving.online_margin): a throughput option; its first-order risk estimate can read "
                            "low, so this can be less safe than the offline calibration", max(0.0, tau - margin),
                            margin, tau)
         self.lo, self.hi = max(0.0, self.tau - margin), 1.0

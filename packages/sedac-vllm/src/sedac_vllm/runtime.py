@@ -137,8 +137,8 @@ class VllmSedac:
         exits = not (probes.exits_disabled and c.thresholds is None)
         if not exits:
             logger.warning("SEDAC: the probes in %s failed their calibration (%s): serving without exits. "
-                           "Recalibrate, or set SEDAC_THRESHOLDS to exit anyway.", c.probe_dir,
-                           probes.meta.get("status"))
+                           "Recalibrate, or set serving.thresholds in the SEDAC_CONFIG file to exit anyway.",
+                           c.probe_dir, probes.meta.get("status"))
         thresholds = c.thresholds or probes.thresholds
         # the original documents' per-checkpoint exit rates and layer weights, for three checkpoints
         exit_rates = c.exit_rates or probes.exit_rates or ([0.2, 0.6, 0.9] if n == 3 else [0.5] * n)
@@ -150,9 +150,9 @@ class VllmSedac:
             if c.exit_rates is None or not adaptive:
                 raise ConfigError(
                     f"the probes in {c.probe_dir} are not calibrated, so SEDAC has no thresholds for their "
-                    f"{probes.target} risk. Run `sedac-probes calibrate`, or set SEDAC_THRESHOLDS (fixed "
-                    "thresholds), or SEDAC_EXIT_RATES with SEDAC_ADAPTIVE left on (thresholds learned from "
-                    "traffic; no token exits during the SEDAC_CALIBRATION_STEPS warm-up).")
+                    f"{probes.target} risk. Run `sedac-probes calibrate`, or set, in the SEDAC_CONFIG file's "
+                    "\"serving\" object, \"thresholds\" (fixed thresholds) or \"exit_rates\" with \"adaptive\" left "
+                    "on (thresholds learned from traffic; no token exits during the \"calibration_steps\" warm-up).")
             thresholds = [sedac_core.MIN_THRESHOLD] * n
         if adaptive and exits:  # the controller owns the thresholds; the cascade's tensors mirror them
             self.controller = sedac_core.CascadeController(
