@@ -36,8 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="where report.md, results.json and the PNGs go (default: bench-results)")
     r.add_argument("--size", choices=("quick", "full"), default="quick",
-                   help="quick: the demo's sizes (45 to 80 minutes on 2 cores, 10 to 20 of them before vLLM, which "
-                        "--no-vllm skips); full: larger vLLM workloads, more rounds")
+                   help="quick: the demo (about 15 minutes on 2 cores; --no-vllm skips the vLLM part); full: every "
+                        "stage and table (greedy generation, speculative drafts, HF wall-clock, soft-exit variants, "
+                        "vLLM at batch 1/4/16/64 compiled and eager; about an hour)")
     r.add_argument("--no-vllm", action="store_true", help="skip the vLLM throughput part")
     r.add_argument("--folders", default="llama", help="model folders for vLLM: llama, qwen2 or llama,qwen2")
     s = sub.add_parser("suite", help="the original SEDAC documents' test suite: quality, robustness, "

@@ -52,16 +52,17 @@ def headline(results: Dict[str, Any]) -> List[str]:
     rows_v = _compiled_rows(results)
     bs = sorted({r["batch"] for r in rows_v if r["batch"] in HEADLINE_BATCHES})
     batches = f" (batch {' / '.join(map(str, bs))})" if bs else " (not run)"  # --no-vllm: no vLLM rows
-    lines = ["| method | skipped MLP | top-1 risk | ΔPPL | greedy tokens identical | vLLM prefill-heavy speed-up, "
-             f"compiled{batches} | vLLM decode-heavy speed-up |",
-             "|---|---|---|---|---|---|---|"]
+    generated = any(rows[n].get("generation") for n in names)  # greedy generation: the full size only
+    lines = ["| method | skipped MLP | top-1 risk | ΔPPL | " + ("greedy tokens identical | " if generated else "")
+             + f"vLLM prefill-heavy speed-up, compiled{batches} | vLLM decode-heavy speed-up |",
+             "|---|---|---|---|" + ("---|" if generated else "") + "---|---|"]
     for n in names:
         r = rows[n]
         gen = r.get("generation")
         v = VLLM_NAME.get(n)
         lines.append(f"| {n} | {pct(r['skipped_mlp_fraction'])} | {pct(r['risk'])} | {signed_pct(r['delta_ppl'])} | "
-                     f"{pct(gen['fully_identical'], 0) if gen else 'n/a'} | "
-                     f"{(_vllm_speedup(results, v, 'prefill') if v else None) or 'n/a'} | "
+                     + (f"{pct(gen['fully_identical'], 0) if gen else 'n/a'} | " if generated else "")
+                     + f"{(_vllm_speedup(results, v, 'prefill') if v else None) or 'n/a'} | "
                      f"{(_vllm_speedup(results, v, 'decode') if v else None) or 'n/a'} |")
     return lines
 
@@ -248,8 +249,12 @@ def vllm_section(folder: str, data: Dict[str, Any]) -> List[str]:
         if not part:
             continue
         L += [f"## Wall-clock, vLLM CPU offline throughput ({folder} folder): {titles[mode]}", "",
-              f"{part['rounds']} rounds; every round starts a new process for every configuration (vLLM's "
-              "engine inside it) and gives all of them the same new held-out prompts (the prefix cache never "
+              f"{part['rounds']} rounds; " + ("every round starts a new process for every configuration (vLLM's "
+                                              "engine inside it)" if part.get("restart", True) else
+                                              "one process per configuration (vLLM's engine inside it), started "
+                                              "once (the quick size: a process's memory placement, up to 5% on a "
+                                              "workload, stays in the spread instead of averaging out)")
+              + "; every round gives all of them the same new held-out prompts (the prefix cache never "
               "hits). The engines run in lockstep: each takes one engine step in turn, so the steps compared are "
               "milliseconds apart and the machine's drift in speed falls on all alike. Speed-up = median over "
               "rounds of vanilla's time / SEDAC's time in the same round [min–max]; times are medians. The "

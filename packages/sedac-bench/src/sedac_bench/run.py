@@ -41,27 +41,30 @@ Log = Callable[[str], None]
 
 SIZES = {
     # windows of 512 tokens: calibration, probe training, held-out evaluation; generation prompts x tokens.
+    # "extras": the stages only the full size runs (greedy generation agreement, speculative drafts, HF eager
+    # wall-clock, the V6.1 roadmap's soft-exit variants).
     # vLLM: decode-heavy and prefill-heavy prompts per batch size (prefill-heavy runs take more prompts: their
     # steps are long, and a run needs several steps to interleave; at batch 1, 8 prompts made runs of 8 steps
     # under a second, whose no-exit gauge ranged 0.79-1.00x over 4 rounds, while 32 stayed within
     # 0.99-1.00x; likewise decode at batch 4: 4 prompts read 1.000-1.022x over 4 rounds, 16 read 0.996-1.011x),
     # prefill prompt length, decode tokens out,
-    # rounds, the configurations timed compiled (vLLM's default) and eager, and the eager table's batch sizes.
+    # rounds, the configurations timed compiled (vLLM's default) and eager, and the eager table's batch sizes
+    # (none: no eager group).
     "quick": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
-              "hf_repeats": 2,
-              "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 16, 16: 16, 64: 64},
-                       "prefill_prompts": {1: 32, 4: 64, 16: 64, 64: 128}, "prefill_len": 128,
-                       "decode_out": 32, "rounds": 4, "eager_batches": (4, 16),
+              "hf_repeats": 2, "extras": False,
+              "vllm": {"batches": (1, 16), "prompts": {1: 4, 16: 16},
+                       "prefill_prompts": {1: 32, 16: 64}, "prefill_len": 128,
+                       "decode_out": 32, "rounds": 3, "restart": False, "eager_batches": (),
                        "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
                                    "V7 calibrated + online calibration"),
-                       "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
-    "full": {"cal_tokens": 4096, "probe_windows": 16, "eval_windows": 8, "gen_prompts": 8, "gen_tokens": 32,
-             "hf_repeats": 3,
-             "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 16, 16: 32, 64: 64},
-                      "prefill_prompts": {1: 16, 4: 32, 16: 64, 64: 128}, "prefill_len": 512,
-                      "decode_out": 64, "rounds": 8, "eager_batches": (1, 4, 16, 64),
-                      "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V6.0 safety probe",
-                                  "V7 original defaults", "V7 calibrated + online calibration"),
+                       "eager_configs": ()}},
+    "full": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
+             "hf_repeats": 2, "extras": True,
+             "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 16, 16: 16, 64: 64},
+                      "prefill_prompts": {1: 32, 4: 64, 16: 64, 64: 128}, "prefill_len": 128,
+                      "decode_out": 32, "rounds": 4, "restart": True, "eager_batches": (4, 16),
+                      "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
+                                  "V7 calibrated + online calibration"),
                       "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
 }
 MAX_RISK = 0.05
@@ -153,8 +156,8 @@ class Bench:
     def train_probes(self) -> None:
         from sedac_probes.calibrate import calibrate as calibrate_probes
         from sedac_probes.collect import collect
-        from sedac_probes.io import load
         from sedac_probes.evaluate import evaluate as evaluate_probes
+        from sedac_probes.io import load
         from sedac_probes.train import train
 
         mt = (self.model, self.tok)
@@ -175,6 +178,9 @@ class Bench:
                 self.probes[target] = load(d)
                 report[target] = {"calibration": ev, "heldout_metrics": held,
                                   "training": self.probes[target].meta["training"]["per_layer"]}
+            if not self.size["extras"]:  # the fused gate and the presets: the full size only
+                self.results["probes"] = report
+                return
             # the V6.1 roadmap's signal fusion: a gate over the safety probe, the similarity, its trend and the
             # position, fitted on the training text; calibrated and judged like the probes
             from sedac_probes.fusion import evaluate_fusion, train_fusion
@@ -256,8 +262,9 @@ class Bench:
                                    p.thresholds, "confidence", p.exit_rates, weights, 0.9, soft,
                                    note="confidence accumulation; targets = calibrated exit rates"))
         for strategy in ("conservative", "balanced", "aggressive"):
-            q = self.probes[f"preset_{strategy}"]
-            ms.append(probe_method(f"preset {strategy} (V6.0 safety probe)", "preset", q, L, q.thresholds))
+            q = self.probes.get(f"preset_{strategy}")
+            if q is not None:
+                ms.append(probe_method(f"preset {strategy} (V6.0 safety probe)", "preset", q, L, q.thresholds))
         ms += self.roadmap_methods()
         return ms
 
@@ -265,14 +272,17 @@ class Bench:
         """The V6.1 roadmap's options, each against the same setting without it (family "V6.1 roadmap")."""
         L = self.L
         out = []
-        f = self.probes["fusion"]
-        out.append(probe_method("V6.0 fused gate (max risk 5%)", "V6.0", f, L, f.thresholds,
-                                note="sedac-probes train --target fusion; calibrate --max-risk 0.05 on enwiki"))
+        f = self.probes.get("fusion")
+        if f is not None:
+            out.append(probe_method("V6.0 fused gate (max risk 5%)", "V6.0", f, L, f.thresholds,
+                                    note="sedac-probes train --target fusion; calibrate --max-risk 0.05 on enwiki"))
         p = self.probes["safety"]
         weights = (0.3, 0.4, 0.3)
         out.append(probe_method("V6.1 safety probe, adaptive decay", "V6.1 roadmap", p, L, p.thresholds,
                                 "confidence", p.exit_rates, weights, 0.9, False, adaptive_decay=True,
                                 note="vs 'V6.1 safety probe, soft exit off'"))
+        if not self.size["extras"]:
+            return out
         if not hasattr(self, "_activation_orders"):
             from sedac_monitor.runtime import activation_magnitudes, channel_order, read_text, token_windows
 
@@ -531,12 +541,13 @@ class Bench:
             # the drift test: held-out news windows, top-1 of every engine against vanilla (prompt logprobs)
             news = self.tok(read_text(self.texts["lee_news"]), add_special_tokens=False)["input_ids"]
             check = [news[-(i + 1) * 256 - 1:-i * 256 - 1] for i in range(16)]  # the end of the news text
-            groups = [{"name": "compiled", "llm": {}, "configs": configs, "top1_check": {"prompts": check}},
-                      {"name": "eager", "llm": {"enforce_eager": True}, "configs": eager_configs}]
+            groups = [{"name": "compiled", "llm": {}, "configs": configs, "top1_check": {"prompts": check}}]
+            if eager_configs:
+                groups.append({"name": "eager", "llm": {"enforce_eager": True}, "configs": eager_configs})
             data: Dict[str, Any] = {}
             for group in groups:
                 wl = workloads if group["name"] == "compiled" else [w for w in workloads if w["name"] in eager_names]
-                spec = {"model": str(model_dir), "groups": [group], "rounds": rounds,
+                spec = {"model": str(model_dir), "groups": [group], "rounds": rounds, "restart": v["restart"],
                         "workloads": [{k: w[k] for k in ("name", "prompt_sets", "max_tokens", "batch")} for w in wl]}
                 stem = f"vllm-{folder}-{group['name']}"
                 spec_path, out_path = self.work / f"{stem}-spec.json", self.work / f"{stem}-out.json"
@@ -546,7 +557,7 @@ class Bench:
                     self._run_vllm_bench(spec_path, out_path, self.work / f"{stem}.log")
                 raw = json.loads(out_path.read_text())[group["name"]]
                 data[group["name"]] = {"rows": self._vllm_rows(raw, wl, folder, group["name"]),
-                                       "rounds": rounds, "startup_s": raw["startup_s"]}
+                                       "rounds": rounds, "restart": v["restart"], "startup_s": raw["startup_s"]}
                 if "top1_check" in raw:
                     data["top1_check"] = raw["top1_check"]
                     data["drift_test"] = drift_verdict(raw["top1_check"], MAX_RISK)
@@ -699,10 +710,12 @@ def run(root: Optional[Path] = None, out: Path = Path("bench-results"), size: st
     b.train_probes()
     b.held_out_trace()
     b.quality()
-    b.generation()
-    b.speculative()
+    if b.size["extras"]:
+        b.generation()
+        b.speculative()
     b.sweeps()
-    b.wallclock_hf()
+    if b.size["extras"]:
+        b.wallclock_hf()
     if vllm:
         b.wallclock_vllm(folders)
     b.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
