@@ -53,3 +53,32 @@ def assets():
     root = Path(value)
     assert (root / "manifest.json").is_file(), f"no SEDAC assets at {root}; run `sedac-bench assets --cache {root}`"
     return root
+
+
+def assert_no_import_cycle(package) -> dict:
+    """Each module's imports of its siblings (at the top or inside a function) form no cycle, so every job
+    can be read, and imported, on its own. Returns the edges (module -> siblings it imports)."""
+    import ast
+
+    folder = Path(package.__file__).parent
+    names = {p.stem for p in folder.glob("*.py")}
+    own = package.__name__ + "."
+    edges = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(own):
+                deps.add(node.module[len(own):])
+        edges[path.stem] = {d.split(".")[0] for d in deps} & names - {path.stem}
+
+    def visit(name, stack):
+        assert name not in stack, "import cycle: " + " -> ".join([*stack, name])
+        for dep in sorted(edges[name]):
+            visit(dep, [*stack, name])
+
+    for name in sorted(edges):
+        visit(name, [])
+    return edges
+

@@ -53,7 +53,7 @@ def test_config_has_the_setting_and_its_evidence(result, text_file):
 
 def test_measured_numbers_are_what_the_accelerator_does(result, tiny_dir, text_file):
     """Re-measure the chosen setting independently through create_universal_accelerator(config=...)."""
-    from sedac_monitor.hf import read_text, token_windows
+    from sedac_monitor.loading import read_text, token_windows
 
     model, tok = load_model(tiny_dir / "llama")
     windows = token_windows(tok, read_text(text_file), 128, 8)

@@ -6,17 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sedac_monitor.engine import (
-    SOFT_GROUPS,
-    HFAttachment,
-    SkipRuntime,
-    channel_order,
-    hf_truncated,
-    make_skippable,
-    permute_channels,
-    restore_mlp,
-)
+from sedac_monitor.attach import HFAttachment
+from sedac_monitor.channels import SOFT_GROUPS, channel_order, hf_truncated, permute_channels
+from sedac_monitor.engine import SkipRuntime
 from sedac_monitor.layouts import find_layout
+from sedac_monitor.patching import make_skippable, restore_mlp
 from sedac_monitor.testing import tiny_model
 
 

@@ -53,3 +53,13 @@ def test_depends_on_a_compatible_sedac_core():
     assert sorted(core[0][len("sedac-core"):].replace(" ", "").split(",")) == ["<0.2", ">=0.1"]
     major, minor = (int(p) for p in sedac_core.__version__.split(".")[:2])
     assert (major, minor) == (0, 1)
+
+
+def test_modules_import_each_other_without_a_cycle():
+    from sedac_fixtures import assert_no_import_cycle
+
+    import sedac_monitor
+
+    edges = assert_no_import_cycle(sedac_monitor)
+    assert edges["attach"] >= {"engine", "patching", "channels"}  # the check reads real edges
+

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sedac_monitor import create_universal_accelerator
-from sedac_monitor.engine import HFAttachment, SkipRuntime
-from sedac_monitor.hf import RecordingDecider
+from sedac_monitor.attach import HFAttachment
+from sedac_monitor.decide import RecordingDecider
+from sedac_monitor.engine import SkipRuntime
 from sedac_monitor.layouts import find_layout
 from sedac_monitor.testing import tiny_model
 

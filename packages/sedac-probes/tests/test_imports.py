@@ -26,28 +26,7 @@ def test_depends_on_a_compatible_sedac_core():
 
 
 def test_modules_import_each_other_without_a_cycle():
-    """Each module's imports of its siblings (at the top or inside a function) form no cycle, so every job
-    can be read, and imported, on its own."""
-    import ast
-    from pathlib import Path
+    from sedac_fixtures import assert_no_import_cycle
 
-    folder = Path(sedac_probes.__file__).parent
-    names = {p.stem for p in folder.glob("*.py")}
-    edges = {}
-    for path in folder.glob("*.py"):
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module} if node.module else {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sedac_probes."):
-                deps.add(node.module.split(".")[1])
-        edges[path.stem] = {d.split(".")[0] for d in deps} & names - {path.stem}
-
-    def visit(name, stack):
-        assert name not in stack, "import cycle: " + " -> ".join([*stack, name])
-        for dep in sorted(edges[name]):
-            visit(dep, [*stack, name])
-
-    assert edges["evaluate"] >= {"fusion", "train"}  # the test reads real edges
-    for name in sorted(edges):
-        visit(name, [])
+    edges = assert_no_import_cycle(sedac_probes)
+    assert edges["evaluate"] >= {"fusion", "train"}  # the check reads real edges

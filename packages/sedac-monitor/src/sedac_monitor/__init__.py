@@ -2,10 +2,15 @@
 
 ``create_universal_accelerator(model, ...)`` skips MLP work per token inside a
 ``with`` block; ``sedac-monitor calibrate`` finds the setting with the most
-skipped work within a risk budget and writes ``sedac_config.json``. The
-MLP-skipping runtime (:mod:`sedac_monitor.engine`), the torch V7 rule
-(:mod:`sedac_monitor.decide`) and the HF layer layouts
-(:mod:`sedac_monitor.layouts`) are shared with sedac-probes and sedac-vllm.
+skipped work within a risk budget and writes ``sedac_config.json``.
+
+One job per module, shared with sedac-probes and sedac-vllm through :mod:`sedac_monitor.runtime`:
+``decide`` (the decider protocol, the V7 rule in torch, the recording and forced-exit deciders), ``engine``
+(:class:`~sedac_monitor.engine.SkipRuntime`: a decider's plans applied to MLP calls, host-sync policy),
+``stats`` (exit statistics), ``channels`` (soft exit's channel order, truncation and masks), ``patching``
+(the MLP class swap), ``attach`` (hooks on a Hugging Face model), ``teacher`` (teacher-forced passes and
+cascade labels), ``loading`` (models, text, token windows, progress), ``layouts`` (decoder layouts),
+``cost`` (MLP timing and expected speed-ups), ``bound`` (statistical bounds), ``calibrate`` and ``cli``.
 """
 
 from importlib import metadata as _metadata

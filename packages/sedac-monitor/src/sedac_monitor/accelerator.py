@@ -9,10 +9,12 @@ from typing import Any, Dict, Optional, Union
 
 import sedac_core
 
+from .attach import HFAttachment
 from .decide import MonitorDecider
-from .engine import ExitStats, HFAttachment, SkipRuntime
-from .hf import InputError
+from .engine import SkipRuntime
 from .layouts import find_layout
+from .loading import InputError
+from .stats import ExitStats
 
 SCOPES = sedac_core.SCOPES
 

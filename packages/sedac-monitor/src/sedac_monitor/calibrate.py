@@ -40,19 +40,10 @@ import sedac_core
 from .accelerator import monitor_rule
 from .bound import clopper_pearson_upper, delta_ppl_upper
 from .cost import expected_speedups, measure_model, recommendation
-from .decide import MonitorDecider
-from .hf import (
-    InputError,
-    RecordingDecider,
-    cascade_labels,
-    drop_last_position,
-    load_model,
-    read_text,
-    split_windows,
-    teacher_forced,
-    token_windows,
-)
+from .decide import MonitorDecider, RecordingDecider
 from .layouts import DecoderLayout, find_layout, model_identity
+from .loading import InputError, drop_last_position, load_model, read_text, split_windows, token_windows
+from .teacher import cascade_labels, teacher_forced
 
 __all__ = [
     "BUDGET_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES",

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from .calibrate import DEFAULT_MAX_DELTA_PPL, STRATEGIES, calibrate, measure, write_config
-from .hf import InputError
 from .layouts import UnsupportedModelError
+from .loading import InputError
 
 
 def _float_in(name: str, lo: float, hi: float):
@@ -51,8 +51,9 @@ def evaluate(model_dir: Any, text_file: Any, config: Dict[str, Any], tokens: int
     """Measure a config (and the original documents' defaults) on ``text_file``; optionally time a prefill."""
     from .accelerator import load_config, monitor_rule
     from .calibrate import ORIGINAL_DEFAULTS
-    from .hf import load_model, read_text, teacher_forced, token_windows
     from .layouts import find_layout
+    from .loading import load_model, read_text, token_windows
+    from .teacher import teacher_forced
 
     model, tokenizer = model_and_tokenizer or load_model(model_dir)
     layout = find_layout(model)
@@ -80,7 +81,7 @@ def time_prefill(layout, tokenizer, text_file, cfg: Dict[str, Any], n_tokens: in
     import torch
 
     from .accelerator import create_universal_accelerator
-    from .hf import read_text, token_windows
+    from .loading import read_text, token_windows
 
     ids = token_windows(tokenizer, read_text(text_file), n_tokens, 1, source=str(text_file))
     model = layout.model

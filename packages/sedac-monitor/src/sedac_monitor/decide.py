@@ -14,7 +14,7 @@ previous layer is at least ``k`` long.
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Dict, FrozenSet, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 import torch
@@ -138,3 +138,57 @@ class MonitorDecider:
         if self.cascade:
             return state["exited"], None  # exits decided at layers < `layer`
         return state["run"] >= self.k, None
+
+
+class RecordingDecider:
+    """Never skips; records the similarity S_l after every layer, and optionally
+    the residual stream at some layers (for probes and the logit lens). A
+    :class:`~sedac_monitor.decide.Decider` whose state is the previous stream;
+    what it records is kept on the object (``sims``, ``streams``: the last
+    forward's), for the Hugging Face passes that read it."""
+
+    monotone = False
+    wants_positions = False
+    step_layers = None
+
+    def __init__(self, num_layers: int, keep_layers: Sequence[int] = ()) -> None:
+        self._similarity = similarity
+        self.num_layers = num_layers
+        self.keep_layers = set(keep_layers)
+        self.sims: List[torch.Tensor] = []
+        self.streams: Dict[int, torch.Tensor] = {}
+
+    def start(self, stream: torch.Tensor) -> torch.Tensor:
+        self.sims = []
+        self.streams = {}
+        return stream
+
+    def plan(self, layer: int, state: torch.Tensor) -> Tuple[None, None]:
+        return None, None
+
+    def step(self, layer: int, stream: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        self.sims.append(self._similarity(stream, state))
+        if layer in self.keep_layers:
+            self.streams[layer] = stream
+        return stream
+
+
+class ForcedExitDecider:
+    """Every row skips the MLPs of layers ``exit_layer+1 .. num_layers-protect_last-1``."""
+
+    monotone = False
+    wants_positions = False
+    step_layers: FrozenSet[int] = frozenset()  # decides from the layer index alone
+
+    def __init__(self, num_layers: int, exit_layer: int, protect_last: int = 0) -> None:
+        self.end = num_layers - protect_last
+        self.exit_layer = exit_layer
+
+    def start(self, stream: torch.Tensor) -> torch.Tensor:
+        return torch.ones(stream.shape[0], dtype=torch.bool, device=stream.device)
+
+    def plan(self, layer: int, state: torch.Tensor) -> Tuple[Optional[torch.Tensor], None]:
+        return (state, None) if self.exit_layer < layer < self.end else (None, None)
+
+    def step(self, layer: int, stream: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return state

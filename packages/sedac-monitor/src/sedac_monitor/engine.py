@@ -21,55 +21,14 @@ so a row never computes fewer channels than asked).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .channels import soft_channels
 from .decide import Decider
-
-SOFT_GROUPS = 16
-"""Soft exit computes channel counts in steps of intermediate_size / SOFT_GROUPS."""
-
-
-class ExitStats:
-    """Running counts over the valid (non-padding) tokens a runtime has seen.
-
-    ``exit_hist[j]`` counts tokens whose first skipped MLP was at layer ``j``
-    (their exit layer is ``j - 1``); ``exit_hist[num_layers]`` counts tokens
-    that never skipped. ``skipped[l]`` counts skipped MLP blocks at layer ``l``
-    (a soft exit that computes a fraction ``f`` of the channels counts ``1 - f``).
-    Counts stay on the model's device until read.
-    """
-
-    def __init__(self, num_layers: int, device: torch.device) -> None:
-        self.num_layers = num_layers
-        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
-        self.exit_hist = torch.zeros(num_layers + 1, dtype=torch.int64, device=device)
-        self.skipped = torch.zeros(num_layers, dtype=torch.float64, device=device)
-        self.full_skips = torch.zeros(num_layers, dtype=torch.int64, device=device)
-
-    @staticmethod
-    def empty(num_layers: int) -> Dict[str, Any]:
-        """:meth:`as_dict` before any token was seen."""
-        return ExitStats(num_layers, torch.device("cpu")).as_dict()
-
-    def as_dict(self) -> Dict[str, Any]:
-        tokens = int(self.tokens)
-        skipped = self.skipped.tolist()
-        hist = self.exit_hist.tolist()
-        total = tokens * self.num_layers
-        return {
-            "tokens": tokens,
-            "skipped_mlp_blocks": float(sum(skipped)),
-            "skipped_mlp_fraction": float(sum(skipped)) / total if total else 0.0,
-            "per_layer_skip_rate": [s / tokens if tokens else 0.0 for s in skipped],
-            # exit layer e = first skipped layer - 1; key "none" = no skip
-            "exit_layer_histogram": {**{str(j - 1): c for j, c in enumerate(hist[:-1]) if c}, "none": hist[-1]},
-            "exited_fraction": (tokens - hist[-1]) / tokens if tokens else 0.0,
-        }
-
+from .stats import ExitStats
 
 HOST_SYNC_POLICIES = ("layer", "forward", "none")
 """How often the runtime may read a plan on the host (the only way to learn how many rows skip):
@@ -392,245 +351,42 @@ class SkipRuntime:
         return out
 
 
-def soft_channels(skip: torch.Tensor, keep: torch.Tensor, intermediate: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A soft-exit plan as channel counts: ``m`` (int64[rows], channels each row computes: ``keep`` of them
-    rounded up to a multiple of ``intermediate / SOFT_GROUPS``, 0 for skipped rows) and ``frac`` (float[rows],
-    the fraction of the MLP each row skips partially: 0 for skipped and full rows). Pure torch (compiles)."""
-    step = max(intermediate // SOFT_GROUPS, 1)
-    m = torch.clamp(torch.ceil(keep.float() * intermediate / step) * step, max=intermediate).to(torch.int64)
-    m = torch.where(skip, torch.zeros_like(m), m)
-    frac = torch.where(skip, torch.zeros(1, device=m.device), (intermediate - m).float() / intermediate)
-    return m, frac
 
 
 # ---------------------------------------------------------------------------
 # MLP channel order and truncation (gate/up/down MLPs: HF and vLLM layouts)
 
 
-def _hf_weights(mlp: nn.Module):
-    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
 
 
-def channel_importance(mlp: nn.Module) -> torch.Tensor:
-    """Data-free importance of each intermediate channel c:
-    ||W_up[c, :]||_2 * ||W_gate[c, :]||_2 * ||W_down[:, c]||_2 (an upper-bound
-    proxy for how much the channel can add to the output)."""
-    with torch.no_grad():
-        if hasattr(mlp, "gate_up_proj"):  # vLLM: merged [2*I_local, H]
-            w = mlp.gate_up_proj.weight
-            inter = w.shape[0] // 2
-            gate, up = w[:inter], w[inter:]
-        else:
-            gate, up, _ = _hf_weights(mlp)
-        down = mlp.down_proj.weight
-        return (gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)).cpu()
 
 
-def channel_order(mlp: nn.Module, activation: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The order soft exit truncates in: channels by decreasing importance, ties by index (stable).
-
-    Without ``activation``: the data-free :func:`channel_importance`. With ``activation`` (the mean
-    ``|act(gate(x)) * up(x)|`` of each intermediate channel on calibration text, see
-    :func:`sedac_monitor.runtime.activation_magnitudes`): ``activation[c] * ||W_down[:, c]||``, the
-    channel's typical contribution to the MLP's output."""
-    if activation is None:
-        imp = channel_importance(mlp)
-    else:
-        with torch.no_grad():
-            imp = activation.float().cpu() * mlp.down_proj.weight.float().norm(dim=0).cpu()
-    return torch.sort(-imp, stable=True).indices
 
 
-def permute_channels(mlp: nn.Module, order: torch.Tensor) -> None:
-    """Reorder the MLP's intermediate channels in place (the MLP's function is
-    unchanged; apply ``torch.argsort(order)`` to undo)."""
-    with torch.no_grad():
-        if hasattr(mlp, "gate_up_proj"):
-            w = mlp.gate_up_proj.weight
-            inter = w.shape[0] // 2
-            idx = order.to(w.device)
-            w.copy_(torch.cat([w[:inter][idx], w[inter:][idx]]))
-            bias = getattr(mlp.gate_up_proj, "bias", None)
-            if bias is not None:
-                bias.copy_(torch.cat([bias[:inter][idx], bias[inter:][idx]]))
-        else:
-            for lin in (mlp.gate_proj, mlp.up_proj):
-                idx = order.to(lin.weight.device)
-                lin.weight.copy_(lin.weight[idx])
-                if lin.bias is not None:
-                    lin.bias.copy_(lin.bias[idx])
-        down = mlp.down_proj.weight
-        down.copy_(down[:, order.to(down.device)])
 
 
-def channel_mask(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Zero, per row, the intermediate channels at and after that row's count ``m`` (int64[rows])."""
-    idx = torch.arange(h.shape[-1], device=h.device)
-    return h * (idx[None, :] < m[:, None]).to(h.dtype)
 
 
-def hf_truncated(mlp: nn.Module) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    """``f(x, m)``: the HF gate/up/down MLP computed with its first ``m`` channels; ``m`` is an int,
-    or an int64 tensor with one count per row (then every channel is computed and masked per row)."""
-
-    def run(x: torch.Tensor, m: Any) -> torch.Tensor:
-        if isinstance(m, torch.Tensor):
-            h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-            return mlp.down_proj(channel_mask(h, m)) * (m > 0).to(x.dtype)[:, None]
-
-        def lin(layer, rows=None):
-            w = layer.weight[:m] if rows is None else layer.weight[:, :m]
-            b = None if layer.bias is None else (layer.bias[:m] if rows is None else layer.bias)
-            return w, b
-
-        gw, gb = lin(mlp.gate_proj)
-        uw, ub = lin(mlp.up_proj)
-        dw, db = lin(mlp.down_proj, rows=True)
-        h = mlp.act_fn(F.linear(x, gw, gb)) * F.linear(x, uw, ub)
-        return F.linear(h, dw, db)
-
-    return run
 
 
-def intermediate_size(mlp: nn.Module) -> int:
-    if hasattr(mlp, "gate_up_proj"):
-        return int(mlp.gate_up_proj.weight.shape[0] // 2)
-    return int(mlp.gate_proj.weight.shape[0])
 
 
 # ---------------------------------------------------------------------------
 # class swap: an MLP whose forward goes through the runtime
 
-_SWAPPED: Dict[Tuple[type, type], type] = {}
 
 
-def subclass_with(mixin: type, cls: type) -> type:
-    """``class Sedac<cls>(mixin, cls)``, made once per pair and reused (so instances of the same
-    class share one subclass, and ``isinstance`` against ``cls`` still holds)."""
-    made = _SWAPPED.get((mixin, cls))
-    if made is None:
-        made = type(f"Sedac{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
-        _SWAPPED[(mixin, cls)] = made
-    return made
 
 
-class SkippableMLP:
-    """Mixin put in front of the MLP's own class while a runtime is attached: the forward asks the
-    runtime (and through it the decider) which rows run. Hugging Face models run it eagerly;
-    compiled models (sedac-vllm) subclass it and run the plan their own way (:meth:`SkipRuntime.apply`)."""
-
-    _sedac_runtime: SkipRuntime
-    _sedac_layer: int
-
-    def forward(self, x):  # noqa: D401 - same contract as the wrapped MLP
-        if torch.compiler.is_compiling():
-            raise RuntimeError("SEDAC's Hugging Face accelerator runs eagerly: call torch.compile on the model "
-                               "outside the accelerator's `with` block, or serve with sedac-vllm")
-        return self._sedac_runtime.mlp(self._sedac_layer, x, super().forward, self._sedac_truncated,
-                                       self._sedac_inter)
 
 
-def make_skippable(mlp: nn.Module, runtime: SkipRuntime, layer: int,
-                   truncated: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
-                   mixin: type = SkippableMLP) -> type:
-    """Swap ``mlp``'s class for a subclass whose forward goes through ``runtime``.
-    Parameter names, state_dict and weights are untouched. Returns the original
-    class (give it to :func:`restore_mlp`)."""
-    original = type(mlp)
-    if issubclass(original, SkippableMLP):
-        raise RuntimeError(f"layer {layer}'s MLP is already patched by SEDAC (nested accelerators are not supported)")
-    mlp.__class__ = subclass_with(mixin, original)
-    mlp._sedac_runtime = runtime
-    runtime.modules[layer] = mlp
-    mlp._sedac_layer = layer
-    mlp._sedac_truncated = truncated
-    mlp._sedac_inter = intermediate_size(mlp)
-    return original
 
 
-def restore_mlp(mlp: nn.Module, original: type) -> None:
-    rt = mlp.__dict__.get("_sedac_runtime")
-    if rt is not None:
-        rt.modules.pop(mlp.__dict__.get("_sedac_layer"), None)
-    mlp.__class__ = original
-    for attr in ("_sedac_runtime", "_sedac_layer", "_sedac_truncated", "_sedac_inter"):
-        mlp.__dict__.pop(attr, None)
 
 
 # ---------------------------------------------------------------------------
 # attaching a runtime to a Hugging Face model
 
 
-def _first_tensor(value):
-    return value[0] if isinstance(value, (tuple, list)) else value
 
 
-class HFAttachment:
-    """Hooks and class swaps that route an HF causal LM's forward through a runtime.
-
-    ``detach()`` removes every hook, restores every MLP class and undoes any
-    channel permutation, leaving the model exactly as it was.
-    """
-
-    def __init__(self, layout, runtime: SkipRuntime, soft_exit: bool = False,
-                 orders: Optional[List[torch.Tensor]] = None) -> None:
-        self.layout = layout
-        self.runtime = runtime
-        self._handles: List[Any] = []
-        self._originals: List[type] = []
-        self._orders: List[Optional[torch.Tensor]] = []
-        self._mask: Optional[torch.Tensor] = None
-        model = layout.model
-        try:
-            self._handles.append(model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-            self._handles.append(layout.layers[0].register_forward_pre_hook(self._begin, with_kwargs=True))
-            for i, layer in enumerate(layout.layers):
-                self._handles.append(layer.register_forward_hook(self._after(i)))
-                mlp = layer.mlp
-                order = None
-                if soft_exit:  # `orders`: one channel permutation per layer (default: the data-free order)
-                    order = orders[i] if orders is not None else channel_order(mlp)
-                    permute_channels(mlp, order)
-                self._orders.append(order)
-                self._originals.append(make_skippable(mlp, runtime, i, hf_truncated(mlp) if soft_exit else None))
-        except BaseException:
-            self.detach()
-            raise
-
-    def _capture_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-    def _begin(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        batch, seq = hidden.shape[0], hidden.shape[1]
-        valid = positions = None
-        mask = self._mask
-        if mask is not None and mask.shape[0] == batch and mask.shape[1] >= seq:
-            # positions counted over real tokens, so a left-padded sequence's first token is position 0
-            valid = mask[:, -seq:].reshape(-1).bool()
-            positions = (mask.long().cumsum(-1) - 1)[:, -seq:].reshape(-1)
-        else:
-            pid = kwargs.get("position_ids")
-            if isinstance(pid, torch.Tensor) and pid.shape[-1] == seq:
-                positions = pid.reshape(-1, seq).expand(batch, seq).reshape(-1)
-        self.runtime.begin(hidden.reshape(-1, hidden.shape[-1]), valid, positions)
-
-    def _after(self, index: int):
-        def hook(module, args, output):
-            out = _first_tensor(output)
-            self.runtime.after_layer(index, out.reshape(-1, out.shape[-1]))
-        return hook
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for i, original in enumerate(self._originals):
-            mlp = self.layout.layers[i].mlp
-            restore_mlp(mlp, original)
-            order = self._orders[i]
-            if order is not None:
-                permute_channels(mlp, torch.argsort(order))
-        self._originals.clear()
-        self._orders.clear()

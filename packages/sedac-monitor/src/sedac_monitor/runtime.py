@@ -20,45 +20,36 @@ build on. This module is the public surface; everything it exports is part of se
 """
 
 from .accelerator import load_config, monitor_rule
-from .cost import MlpCost, expected_speedups, measure_model, recommendation
-from .decide import Decider, MonitorDecider, Plan, similarity
-from .engine import (
-    GATHER_MIN_FRACTION,
-    HOST_SYNC_POLICIES,
+from .attach import HFAttachment
+from .channels import (
     SOFT_GROUPS,
-    ExitStats,
-    HFAttachment,
-    SkippableMLP,
-    SkipRuntime,
+    activation_magnitudes,
     channel_importance,
     channel_mask,
     channel_order,
     hf_truncated,
     intermediate_size,
-    make_skippable,
     permute_channels,
-    restore_mlp,
     soft_channels,
-    subclass_with,
 )
-from .hf import (
+from .cost import MlpCost, expected_speedups, measure_model, recommendation
+from .decide import Decider, ForcedExitDecider, MonitorDecider, Plan, RecordingDecider, similarity
+from .engine import GATHER_MIN_FRACTION, HOST_SYNC_POLICIES, SkipRuntime
+from .layouts import DecoderLayout, UnsupportedModelError, find_layout, model_identity
+from .loading import (
     PROGRESS_ENV,
-    ForcedExitDecider,
     InputError,
-    Pass,
-    RecordingDecider,
-    activation_magnitudes,
     batches,
-    cascade_labels,
     drop_last_position,
     load_model,
     progress,
     read_text,
     split_windows,
-    teacher_forced,
     token_windows,
 )
-from .layouts import DecoderLayout, UnsupportedModelError, find_layout, model_identity
+from .patching import SkippableMLP, make_skippable, restore_mlp, subclass_with
+from .stats import ExitStats
+from .teacher import Pass, cascade_labels, teacher_forced
 
 ENVIRONMENT = (PROGRESS_ENV,)
 """The environment variables sedac-monitor reads."""

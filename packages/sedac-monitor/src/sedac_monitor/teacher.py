@@ -1,0 +1,134 @@
+"""Teacher-forced passes over token windows: each position's top-1 and next-token NLL with or without a
+decider attached, and cascade labels (does the top-1 survive an exit at layer ``p``?) for calibration and
+probe training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+
+from .attach import HFAttachment, _first_tensor
+from .decide import ForcedExitDecider, RecordingDecider
+from .engine import SkipRuntime
+from .layouts import DecoderLayout
+from .loading import batches, progress
+
+
+@dataclass
+class Pass:
+    """Teacher-forced results per token (flattened over windows, the last
+    position of each window dropped: it has no next token)."""
+
+    top1: torch.Tensor  # int64 [tokens]: argmax of the logits at each position
+    nll: torch.Tensor  # float64 [tokens]: -log p(next token)
+    first_skip: Optional[torch.Tensor] = None  # int64 [tokens] first skipped layer (num_layers: none)
+    row_skips: Optional[torch.Tensor] = None  # float32 [tokens] MLP blocks skipped (soft exits fractional)
+    stats: Optional[dict] = None  # the runtime's ExitStats over every position (last ones included)
+
+    @property
+    def ppl(self) -> float:
+        return float(math.exp(self.nll.mean().item()))
+
+
+def teacher_forced(layout: DecoderLayout, windows: torch.Tensor, decider: Any = None, batch_size: int = 4,
+                   desc: str = "", on_batch: Optional[Callable[[slice, Any], None]] = None,
+                   protect_first: int = 1, soft_exit: bool = False,
+                   soft_orders: Optional[List[torch.Tensor]] = None) -> Pass:
+    """Run ``windows`` through the model (with ``decider`` attached, if given)
+    and collect each position's top-1 and next-token NLL. ``on_batch(slice,
+    decider)`` is called after each batch (e.g. to read recorded signals)."""
+    model = layout.model
+    runtime = SkipRuntime(decider, layout.num_layers, protect_first) if decider is not None else None
+    attachment = HFAttachment(layout, runtime, soft_exit, soft_orders) if runtime is not None else None
+    top1, nll, first, skips = [], [], [], []
+    try:
+        with torch.no_grad():
+            for sl in progress(list(batches(windows.shape[0], batch_size)), desc=desc):
+                ids = windows[sl]
+                logits = model(input_ids=ids, use_cache=False).logits.float()
+                top1.append(logits[:, :-1].argmax(-1).reshape(-1))
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                nll.append(-logp.gather(-1, ids[:, 1:, None]).reshape(-1).double())
+                if runtime is not None:
+                    first.append(runtime.last_first_skip.view(ids.shape)[:, :-1].reshape(-1))
+                    skips.append(runtime.last_row_skips.view(ids.shape)[:, :-1].reshape(-1))
+                if on_batch is not None:
+                    on_batch(sl, decider)
+    finally:
+        if attachment is not None:
+            attachment.detach()
+    return Pass(torch.cat(top1), torch.cat(nll), torch.cat(first) if first else None,
+                torch.cat(skips) if skips else None,
+                runtime.stats.as_dict() if runtime is not None and runtime.stats is not None else None)
+
+
+def cascade_labels(layout: DecoderLayout, windows: torch.Tensor, positions: Sequence[int], protect_last: int,
+                   batch_size: int = 4, desc: str = "cascade labels", keep_layers: Sequence[int] = (),
+                   on_batch: Optional[Callable[[slice, Any], None]] = None, protect_first: int = 1):
+    """Unmodified teacher-forced pass plus, for each exit position ``p``, whether
+    the top-1 survives a cascade exit there: every token skips the MLPs of
+    layers ``p+1 .. L-protect_last-1`` (one extra pass per position, run from
+    the stored stream after layer ``p``, so layers ``0..p`` are not recomputed).
+    The first ``protect_first`` positions of each window never exit (as in
+    :class:`~sedac_monitor.engine.SkipRuntime`); their labels say 1.
+
+    Returns ``(base: Pass, safe: uint8 [tokens, len(positions)])`` with the
+    last position of each window dropped (as in :class:`Pass`). ``on_batch``
+    receives the :class:`RecordingDecider` of the unmodified pass, which
+    records similarities and the streams after ``keep_layers``.
+    """
+    L = layout.num_layers
+    n, length = windows.shape
+    calls: dict = {}
+
+    def capture(index):
+        def hook(module, args, kwargs):
+            calls[index] = (args[1:], kwargs)
+        return hook
+
+    rec = RecordingDecider(L, keep_layers=set(keep_layers) | set(p for p in positions if p < L - 1))
+    runtime = SkipRuntime(rec, L)
+    handles = [layer.register_forward_pre_hook(capture(j), with_kwargs=True) for j, layer in enumerate(layout.layers)]
+    top1, nll, safe = [], [], []
+    try:
+        with torch.no_grad():
+            for sl in progress(list(batches(n, batch_size)), desc=desc):
+                ids = windows[sl]
+                attachment = HFAttachment(layout, runtime)
+                try:
+                    logits = layout.model(input_ids=ids, use_cache=False).logits.float()
+                finally:
+                    attachment.detach()
+                base = logits[:, :-1].argmax(-1)
+                top1.append(base.reshape(-1))
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                nll.append(-logp.gather(-1, ids[:, 1:, None]).reshape(-1).double())
+                if on_batch is not None:
+                    on_batch(sl, rec)
+                cols = []
+                for p in positions:
+                    if p >= L - protect_last - 1:  # nothing left to skip
+                        cols.append(torch.ones(base.numel(), dtype=torch.uint8))
+                        continue
+                    forced = SkipRuntime(ForcedExitDecider(L, p, protect_last), L, protect_first)
+                    att = HFAttachment(layout, forced)
+                    try:
+                        h = rec.streams[p].view(*ids.shape, -1)
+                        pos = torch.arange(ids.shape[1]).repeat(ids.shape[0])
+                        forced.begin(h.reshape(-1, h.shape[-1]), None, pos)
+                        for j in range(p + 1, L):
+                            args, kwargs = calls[j]
+                            h = _first_tensor(layout.layers[j](h, *args, **kwargs))
+                        exit_top1 = layout.logits(h)[:, :-1].float().argmax(-1)
+                    finally:
+                        att.detach()
+                    cols.append((exit_top1 == base).reshape(-1).to(torch.uint8))
+                safe.append(torch.stack(cols, 1) if cols else torch.zeros(base.numel(), 0, dtype=torch.uint8))
+                calls.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return Pass(torch.cat(top1), torch.cat(nll)), torch.cat(safe)
