@@ -197,7 +197,7 @@ def test_every_block_is_generated_and_the_command_shows_no_local_paths(tmp_path,
 
 
 def test_vllm_targets_pass_or_fail_as_measured():
-    from sedac_bench.run import CALIBRATED, DEFAULTS, NO_EXITS, vllm_targets
+    from sedac_bench.vllm_compare import CALIBRATED, DEFAULTS, NO_EXITS, vllm_targets
 
     data = {"compiled": {"rows": [
         {"config": NO_EXITS, "workload": "prefill b4", "kind": "prefill", "speedup": 0.99},  # 1.0% overhead
@@ -226,7 +226,7 @@ def test_vllm_targets_pass_or_fail_as_measured():
 
 
 def test_byte_aware_ideal_is_vanilla_time_over_vanilla_less_the_saving():
-    from sedac_bench.run import byte_aware_ideal
+    from sedac_bench.vllm_compare import byte_aware_ideal
 
     runs = [{"mlp_seconds": 5.0, "ideal_saved_seconds": 2.0}, {"mlp_seconds": 5.0, "ideal_saved_seconds": 5.0},
             {"mlp_seconds": 5.0, "ideal_saved_seconds": 1.0}]
@@ -235,7 +235,7 @@ def test_byte_aware_ideal_is_vanilla_time_over_vanilla_less_the_saving():
 
 
 def test_held_out_stream_never_repeats_a_window():
-    from sedac_bench.run import HeldOutStream
+    from sedac_bench.vllm_compare import HeldOutStream
 
     stream = HeldOutStream(list(range(5000)))
     windows = [tuple(w) for _ in range(12) for w in stream.take(4, 256)]  # 12k tokens from 5k: wraps twice

@@ -21,6 +21,9 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+MAX_RISK = 0.05
+"""The benchmark's top-1 risk budget: calibration, probes and the online tolerance all use it."""
+
 
 @dataclass(frozen=True)
 class ModelShape:

@@ -11,8 +11,6 @@ import itertools
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -34,8 +32,9 @@ from .methods import (
     probe_method,
     shortgpt_order,
 )
-from .metrics import ModelShape, compute_summary, mean_context, realized_vs_ideal
+from .metrics import MAX_RISK, ModelShape, compute_summary, mean_context, realized_vs_ideal
 from .quality import evaluate, greedy_agreement
+from .vllm_compare import VllmStages
 
 Log = Callable[[str], None]
 
@@ -67,7 +66,6 @@ SIZES = {
                                   "V7 calibrated + online calibration"),
                       "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
 }
-MAX_RISK = 0.05
 PARETO_GOAL = {"skipped": 0.021, "delta_ppl": 0.05}
 """At <= 5% held-out risk: at least 3x the 0.70% of MLP work the calibrated V7 monitor skipped before the
 V6.1 roadmap's options, with ΔPPL <= 5% (and lower risk and ΔPPL than random skipping at equal rates)."""
@@ -103,7 +101,7 @@ def _jsonable(obj):
     return obj
 
 
-class Bench:
+class Bench(VllmStages):
     def __init__(self, root: Path, out: Path, size: str, log: Log, command: str) -> None:
         self.root, self.out, self.size, self.log, self.command = root, out, SIZES[size], log, command
         self.size_name = size
@@ -489,211 +487,6 @@ class Bench:
         self.results["wallclock_hf"] = {"methods": names, "cases": out,
                                         "quality": {n: {k: chosen[n][k] for k in ("risk", "delta_ppl")}
                                                     for n in names}}
-
-    def vllm_configs(self) -> List[Dict[str, Any]]:
-        cfg_path = self.out / "sedac_config.json"
-        configs = [
-            {"name": "vanilla", "env": {"SEDAC_ENABLED": "0"}},
-            {"name": NO_EXITS, "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "1.5", "SEDAC_CONSECUTIVE_K": "1"}},
-            {"name": "V7 calibrated", "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(cfg_path)}},
-            {"name": "V6.0 safety probe", "env": {"SEDAC_ENABLED": "1",
-                                                  "SEDAC_PROBE_DIR": str(self.out / "probes-safety")}},
-            {"name": DEFAULTS, "env": {"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.98", "SEDAC_CONSECUTIVE_K": "2",
-                                       "SEDAC_PROTECT_FIRST": "0"}},
-            {"name": ONLINE, "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(cfg_path), "SEDAC_ONLINE": "1",
-                                     "SEDAC_RISK_TOLERANCE": str(MAX_RISK)}},
-        ]
-        return [c for c in configs if c["name"] in self.size["vllm"]["configs"]]
-
-    def vllm_workloads(self, batches, rounds: int) -> List[Dict[str, Any]]:
-        """Prefill-heavy (prompts of ``prefill_len`` tokens, 1 out) and decode-heavy (32-token prompts,
-        ``decode_out`` out) workloads per batch size, each with its own held-out prompts in every round."""
-        from sedac_monitor.runtime import read_text
-
-        v = self.size["vllm"]
-        text = read_text(self.texts["lee_news"]) + "\n\n" + read_text(self.texts["pydoc_topics"])
-        stream = HeldOutStream(self.tok(text, add_special_tokens=False)["input_ids"])
-        workloads = []
-        for b in batches:
-            n, m = v["prompts"][b], v["prefill_prompts"][b]
-            workloads.append({"name": f"prefill-heavy {m}x{v['prefill_len']}, 1 out, batch {b}", "kind": "prefill",
-                              "batch": b, "max_tokens": 1, "context": mean_context(v["prefill_len"]),
-                              "prompt_sets": [stream.take(m, v["prefill_len"]) for _ in range(rounds)]})
-            workloads.append({"name": f"decode-heavy {n}x32, {v['decode_out']} out, batch {b}", "kind": "decode",
-                              "batch": b, "max_tokens": v["decode_out"], "context": 32 + v["decode_out"] / 2,
-                              "prompt_sets": [stream.take(n, 32) for _ in range(rounds)]})
-        return workloads
-
-    def wallclock_vllm(self, folders=("llama",)) -> None:
-        """vLLM throughput, SEDAC configurations against vanilla in the same mode, interleaved
-        (sedac_bench.vllm_bench): compiled (vLLM's default) and eager (``enforce_eager``)."""
-        from sedac_monitor.runtime import read_text
-
-        v = self.size["vllm"]
-        rounds = v["rounds"]
-        configs = self.vllm_configs()
-        eager_configs = [c for c in configs if c["name"] in v["eager_configs"]]
-        workloads = self.vllm_workloads(v["batches"], rounds)
-        eager_names = {w["name"] for w in workloads if w["batch"] in v["eager_batches"]}
-        self.results.setdefault("vllm", {})
-        for folder in folders:
-            model_dir = self.model_dir if folder == "llama" else self.qwen_dir
-            # the drift test: held-out news windows, top-1 of every engine against vanilla (prompt logprobs)
-            news = self.tok(read_text(self.texts["lee_news"]), add_special_tokens=False)["input_ids"]
-            check = [news[-(i + 1) * 256 - 1:-i * 256 - 1] for i in range(16)]  # the end of the news text
-            groups = [{"name": "compiled", "llm": {}, "configs": configs, "top1_check": {"prompts": check}}]
-            if eager_configs:
-                groups.append({"name": "eager", "llm": {"enforce_eager": True}, "configs": eager_configs})
-            data: Dict[str, Any] = {}
-            for group in groups:
-                wl = workloads if group["name"] == "compiled" else [w for w in workloads if w["name"] in eager_names]
-                spec = {"model": str(model_dir), "groups": [group], "rounds": rounds, "restart": v["restart"],
-                        "workloads": [{k: w[k] for k in ("name", "prompt_sets", "max_tokens", "batch")} for w in wl]}
-                stem = f"vllm-{folder}-{group['name']}"
-                spec_path, out_path = self.work / f"{stem}-spec.json", self.work / f"{stem}-out.json"
-                spec_path.write_text(json.dumps(spec))
-                with self.timed(f"vLLM {group['name']} ({folder} folder, {len(group['configs'])} engines, "
-                                f"{rounds} interleaved rounds)"):
-                    self._run_vllm_bench(spec_path, out_path, self.work / f"{stem}.log")
-                raw = json.loads(out_path.read_text())[group["name"]]
-                data[group["name"]] = {"rows": self._vllm_rows(raw, wl, folder, group["name"]),
-                                       "rounds": rounds, "restart": v["restart"], "startup_s": raw["startup_s"]}
-                if "top1_check" in raw:
-                    data["top1_check"] = raw["top1_check"]
-                    data["drift_test"] = drift_verdict(raw["top1_check"], MAX_RISK)
-            data["targets"] = vllm_targets(data)
-            for line in targets_lines(data["targets"]):
-                self.log("  " + line)
-            self.results["vllm"][folder] = data
-
-    def _run_vllm_bench(self, spec_path: Path, out_path: Path, log_path: Path) -> None:
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "sedac_bench.vllm_bench", str(spec_path), str(out_path)],
-                                    stdout=subprocess.PIPE, stderr=log_file, text=True)
-            for line in proc.stdout:
-                self.log("  " + line.rstrip())
-            code = proc.wait()
-        if code != 0:
-            tail = log_path.read_text()[-5000:]
-            raise RuntimeError(f"the vLLM benchmark failed (log: {log_path}):\n{tail}")
-
-    def _vllm_rows(self, raw: Dict[str, Any], workloads: List[Dict[str, Any]], folder: str,
-                   mode: str) -> List[Dict[str, Any]]:
-        rows = []
-        for w in workloads:
-            base = raw["runs"]["vanilla"][w["name"]]
-            base_s = [r["seconds"] for r in base]
-            for name in raw["configs"][1:]:
-                runs = raw["runs"][name][w["name"]]
-                secs = [r["seconds"] for r in runs]
-                paired = [b / s for b, s in zip(base_s, secs)]  # same round, same prompts
-                skipped = float(np.median([r["skipped_mlp_fraction"] for r in runs]))
-                speed = float(np.median(paired))
-                ideal = compute_summary(self.shape, skipped * self.L, w["context"],
-                                        logits=w["kind"] == "decode")["ideal_speedup"]
-                byte_ideal = byte_aware_ideal(base_s, runs)
-                gathers = float(np.median([r.get("gathers", 0) for r in runs]))
-                rows.append({"workload": w["name"], "kind": w["kind"], "batch": w["batch"], "config": name,
-                             "vanilla_s": float(np.median(base_s)), "sedac_s": float(np.median(secs)),
-                             "speedup": speed, "speedup_min": min(paired), "speedup_max": max(paired),
-                             "rounds": len(paired), "skipped_mlp_fraction": skipped, "ideal_speedup": ideal,
-                             **realized_vs_ideal(speed, ideal), "byte_ideal_speedup": byte_ideal,
-                             "byte_speedup_ratio": speed / byte_ideal if byte_ideal else None,
-                             "gathers": gathers})
-                self.log(f"  {folder} {mode} {w['name']:36s} {name:24s} {speed:.3f}x "
-                         f"[{min(paired):.3f}-{max(paired):.3f}] (FLOP ideal {ideal:.3f}x, byte-aware ideal "
-                         f"{'n/a' if byte_ideal is None else f'{byte_ideal:.3f}x'}, skipped {skipped:.2%}, "
-                         f"gather-path layer calls {gathers:.0f})")
-        return rows
-
-
-NO_EXITS = "on, no exits (tau 1.5)"
-CALIBRATED = "V7 calibrated"
-ONLINE = "V7 calibrated + online calibration"
-DEFAULTS = "V7 original defaults"
-TARGETS = {"no_exit_overhead_max": 0.02, "gauge_band": 0.03, "realized_ideal_prefill": 0.9,
-           "realized_ideal_decode": 0.8}
-
-
-def byte_aware_ideal(vanilla_s: List[float], runs: List[Dict[str, Any]]) -> Optional[float]:
-    """The speed-up SEDAC's plans allow when a skipped row saves its MLP time as measured on this machine
-    (per layer and forward, ``t(rows) - t(rows - skipped)``, so a row saves weight reads only where the whole
-    batch skips), with a free gather path: vanilla's time over vanilla's time less that saving, per round
-    (the engine's own accounting, ``ideal_saved_seconds``), median over rounds. None without the accounting."""
-    ideals = [v / (v - r["ideal_saved_seconds"]) for v, r in zip(vanilla_s, runs)
-              if r.get("mlp_seconds") and r["ideal_saved_seconds"] < v]
-    return float(np.median(ideals)) if ideals else None
-
-
-def drift_verdict(check: Dict[str, Any], tolerance: float) -> Optional[Dict[str, Any]]:
-    """Calibrated on Wikipedia, served news through vLLM with online calibration: did the drift detector fire,
-    and did the held-out risk stay within the tolerance? As measured; pass or fail."""
-    online = check.get(ONLINE)
-    if not online or not online.get("online"):
-        return None
-    st = online["online"]
-    off = check.get("V7 calibrated", {})
-    return {"tolerance": tolerance, "measured_risk": online["measured_risk"],
-            "measured_risk_without_online": off.get("measured_risk"),
-            "risk_within_tolerance": online["measured_risk"] <= tolerance,
-            "drift_fired": st.get("fallbacks", 0) > 0, "drift_kl": st.get("drift_kl"),
-            "drift_threshold": st.get("drift_threshold"), "risk_estimate": st.get("risk_estimate"),
-            "tau": st.get("tau"), "tau_calibrated": st.get("tau_calibrated"),
-            "skipped_mlp_fraction": online.get("skipped_mlp_fraction")}
-
-
-def vllm_targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The overhead and realized/ideal targets, per mode and workload, as measured (pass or fail)."""
-    out = []
-    for mode in ("compiled", "eager"):
-        for r in data.get(mode, {}).get("rows", []):
-            if r["config"] == NO_EXITS:
-                overhead = 1 / r["speedup"] - 1
-                out.append({"mode": mode, "workload": r["workload"], "target": "no-exit overhead <= 2%",
-                            "value": overhead, "passed": overhead <= TARGETS["no_exit_overhead_max"]})
-                # the same row read as the noise gauge: it does vanilla's work, so it must sit near 1.0x
-                out.append({"mode": mode, "workload": r["workload"], "target": "no-exit gauge within 1.0x ± 3%",
-                            "value": r["speedup"], "passed": abs(r["speedup"] - 1) <= TARGETS["gauge_band"]})
-            elif r["config"] == DEFAULTS and r.get("byte_speedup_ratio") is not None:
-                goal = TARGETS[f"realized_ideal_{r['kind']}"]
-                out.append({"mode": mode, "workload": r["workload"],
-                            "target": f"realized/byte-aware ideal >= {goal} (original defaults)",
-                            "value": r["byte_speedup_ratio"], "passed": r["byte_speedup_ratio"] >= goal})
-        rows = {(r["workload"], r["config"]): r for r in data.get(mode, {}).get("rows", [])}
-        for (workload, config), r in rows.items():
-            if config != CALIBRATED or (workload, NO_EXITS) not in rows:
-                continue
-            gauge = rows[(workload, NO_EXITS)]["speedup"]
-            out.append({"mode": mode, "workload": workload,
-                        "target": "V7 calibrated >= no exits - 0.5%, both >= 0.98x",
-                        "value": r["speedup"] - gauge,
-                        "passed": r["speedup"] >= gauge - 0.005 and min(r["speedup"], gauge) >= 0.98})
-    return out
-
-
-def targets_lines(targets: List[Dict[str, Any]]) -> List[str]:
-    return [f"{t['mode']:8s} {t['workload']:36s} {t['target']:38s} {t['value']:+.3f} "
-            f"{'pass' if t['passed'] else 'FAIL'}" for t in targets]
-
-
-class HeldOutStream:
-    """Consecutive token windows from held-out text. When the text runs out it starts again, shifted by
-    a few tokens, so no window repeats another's prefix blocks (vLLM's prefix cache never hits)."""
-
-    def __init__(self, ids: List[int]) -> None:
-        if len(ids) < 4096:
-            raise ValueError(f"held-out text too short for the vLLM workloads ({len(ids)} tokens)")
-        self.ids, self.pos, self.shift = ids, 0, 0
-
-    def take(self, n: int, length: int) -> List[List[int]]:
-        out = []
-        for _ in range(n):
-            if self.pos + length > len(self.ids):
-                self.shift += 7
-                self.pos = self.shift
-            out.append(self.ids[self.pos:self.pos + length])
-            self.pos += length
-        return out
 
 
 def run(root: Optional[Path] = None, out: Path = Path("bench-results"), size: str = "quick", vllm: bool = True,
