@@ -22,7 +22,7 @@ import math
 import numbers
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 
@@ -65,6 +65,7 @@ def _real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
 def _int(name: str, value: Any, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = cast(int, value)  # any Integral (numpy's too); typeshed's numbers.Integral does not compare with int
     if value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")
     if value >= 2**62:
@@ -539,16 +540,18 @@ def replay(trace: Trace, configs: Sequence[Union[MonitorRule, ProbeRule]]) -> Re
     protect = np.array([cfg.protect_last for cfg in configs], dtype=np.int64)
     kernel = _backend.kernel()
     if trace.kind == "similarity":
+        monitor_rules = cast(List[MonitorRule], configs)  # all checked above
         kernel.replay_monitor(
             trace.signal, trace.safe,
-            np.array([cfg.tau for cfg in configs], dtype=np.float32),
-            np.array([cfg.k for cfg in configs], dtype=np.int64),
-            np.array([cfg.min_layer for cfg in configs], dtype=np.int64),
+            np.array([cfg.tau for cfg in monitor_rules], dtype=np.float32),
+            np.array([cfg.k for cfg in monitor_rules], dtype=np.int64),
+            np.array([cfg.min_layer for cfg in monitor_rules], dtype=np.int64),
             protect,
-            np.array([cfg.scope == "per_layer" for cfg in configs], dtype=np.uint8),
+            np.array([cfg.scope == "per_layer" for cfg in monitor_rules], dtype=np.uint8),
             exits, skipped, unsafe)
-        measurable = np.array([trace.safe is not None and cfg.scope == "cascade" for cfg in configs], dtype=bool)
+        measurable = np.array([trace.safe is not None and cfg.scope == "cascade" for cfg in monitor_rules], dtype=bool)
     else:
+        probe_rules = cast(List[ProbeRule], configs)  # all checked above
         c = len(trace.layers)
 
         def stack(attr: str) -> np.ndarray:
@@ -557,8 +560,8 @@ def replay(trace: Trace, configs: Sequence[Union[MonitorRule, ProbeRule]]) -> Re
         kernel.replay_probe(
             trace.signal, trace.safe, np.array(trace.layers, dtype=np.int64), trace.num_layers,
             stack("thresholds"), stack("exit_rates"), stack("weights"),
-            np.array([cfg.decay for cfg in configs], dtype=np.float32),
-            np.array([RULES[cfg.rule] for cfg in configs], dtype=np.uint8),
+            np.array([cfg.decay for cfg in probe_rules], dtype=np.float32),
+            np.array([RULES[cfg.rule] for cfg in probe_rules], dtype=np.uint8),
             protect, exits, skipped, unsafe)
         measurable = np.full(m, trace.safe is not None, dtype=bool)
     n = trace.tokens
