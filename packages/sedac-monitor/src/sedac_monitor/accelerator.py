@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import numbers
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union, cast
 
 import sedac_core
 
@@ -22,6 +22,7 @@ SCOPES = sedac_core.SCOPES
 def _int_arg(name: str, value: Any, lo: int, hi: Optional[int] = None, hi_doc: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = cast(int, value)  # any Integral (numpy's too); typeshed's numbers.Integral does not compare with int
     if value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]{hi_doc}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {bound}, got {value}")

@@ -149,6 +149,7 @@ def measure(layout: DecoderLayout, windows: torch.Tensor, rule: sedac_core.Monit
     L = layout.num_layers
     n = int(base_top1.numel())
     errors = int((run.top1 != base_top1).sum())
+    assert run.row_skips is not None and run.first_skip is not None  # teacher_forced ran with a decider
     skipped = float(run.row_skips.sum())
     ppl_base = float(math.exp(base_nll.mean().item()))
     out = {
@@ -345,7 +346,7 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
             # decode at batch 1/4/16/64), from its per-layer skip rates and the MLP and forward times measured
             "expected_speedup": expected,
             "recommendation": advice,
-            "mlp_cost": costs["cost"].to_json(),  # type: ignore[union-attr]
+            "mlp_cost": costs["cost"].to_json(),
             "forward_seconds": costs["forward_seconds"],
             "seconds": round(time.perf_counter() - t_start, 1),
         },

@@ -5,11 +5,10 @@ puts that order first, a truncated MLP, per-row channel masks, and the per-row c
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .layouts import DecoderLayout
 from .loading import batches
@@ -29,11 +28,11 @@ def soft_channels(skip: torch.Tensor, keep: torch.Tensor, intermediate: int) -> 
     return m, frac
 
 
-def _hf_weights(mlp: nn.Module):
+def _hf_weights(mlp: Any):  # an HF gate/up/down MLP (submodules reached by attribute)
     return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
 
 
-def channel_importance(mlp: nn.Module) -> torch.Tensor:
+def channel_importance(mlp: Any) -> torch.Tensor:  # an HF or vLLM MLP module
     """Data-free importance of each intermediate channel c:
     ||W_up[c, :]||_2 * ||W_gate[c, :]||_2 * ||W_down[:, c]||_2 (an upper-bound
     proxy for how much the channel can add to the output)."""
@@ -48,7 +47,7 @@ def channel_importance(mlp: nn.Module) -> torch.Tensor:
         return (gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)).cpu()
 
 
-def channel_order(mlp: nn.Module, activation: Optional[torch.Tensor] = None) -> torch.Tensor:
+def channel_order(mlp: Any, activation: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The order soft exit truncates in: channels by decreasing importance, ties by index (stable).
 
     Without ``activation``: the data-free :func:`channel_importance`. With ``activation`` (the mean
@@ -63,7 +62,7 @@ def channel_order(mlp: nn.Module, activation: Optional[torch.Tensor] = None) -> 
     return torch.sort(-imp, stable=True).indices
 
 
-def permute_channels(mlp: nn.Module, order: torch.Tensor) -> None:
+def permute_channels(mlp: Any, order: torch.Tensor) -> None:
     """Reorder the MLP's intermediate channels in place (the MLP's function is
     unchanged; apply ``torch.argsort(order)`` to undo)."""
     with torch.no_grad():
@@ -91,7 +90,7 @@ def channel_mask(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return h * (idx[None, :] < m[:, None]).to(h.dtype)
 
 
-def hf_truncated(mlp: nn.Module) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+def hf_truncated(mlp: Any) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """``f(x, m)``: the HF gate/up/down MLP computed with its first ``m`` channels; ``m`` is an int,
     or an int64 tensor with one count per row (then every channel is computed and masked per row)."""
 
@@ -114,7 +113,7 @@ def hf_truncated(mlp: nn.Module) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     return run
 
 
-def intermediate_size(mlp: nn.Module) -> int:
+def intermediate_size(mlp: Any) -> int:
     if hasattr(mlp, "gate_up_proj"):
         return int(mlp.gate_up_proj.weight.shape[0] // 2)
     return int(mlp.gate_proj.weight.shape[0])
@@ -135,7 +134,8 @@ def activation_magnitudes(layout: DecoderLayout, windows: torch.Tensor, batch_si
 
     try:
         for i, layer in enumerate(layout.layers):
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook(i)))
+            mlp: Any = layer.mlp  # an HF MLP: down_proj reached by attribute
+            handles.append(mlp.down_proj.register_forward_pre_hook(hook(i)))
         with torch.no_grad():
             for sl in batches(windows.shape[0], batch_size):
                 layout.model(input_ids=windows[sl], use_cache=False)
@@ -143,4 +143,4 @@ def activation_magnitudes(layout: DecoderLayout, windows: torch.Tensor, batch_si
     finally:
         for h in handles:
             h.remove()
-    return [(s / count).float() for s in sums]
+    return [(s / count).float() for s in cast(List[torch.Tensor], sums)]  # every layer's hook ran

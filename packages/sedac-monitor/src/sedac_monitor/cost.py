@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypedDict, Union
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ cost: timings on a shared machine move by ±10%, and a wrong "pays" costs time w
 pay" only forgoes a small gain."""
 
 
-def _time(fn: Callable[[], object], budget: float = 0.004, batches: int = 3) -> float:
+# fn is called without arguments; `...` because mypy cannot infer the callers' `lambda x=x: ...` against `[]`
+def _time(fn: Callable[..., object], budget: float = 0.004, batches: int = 3) -> float:
     """Seconds per call of ``fn``: the fastest of ``batches`` batches of calls, each about ``budget`` s."""
     fn()  # first call: allocations, kernel selection
     t = time.perf_counter()
@@ -232,7 +233,15 @@ def expected_speedup(cost: MlpCost, rates: Sequence[float], forward_seconds: flo
     return forward_seconds / max(forward_seconds - saved, 1e-12)
 
 
-def measure_model(layout, max_rows: int = PREFILL_ROWS, context: int = 64) -> Dict[str, object]:
+class MeasuredModel(TypedDict):
+    """What :func:`measure_model` returns."""
+
+    cost: MlpCost
+    forward_seconds: Dict[str, float]
+    prefill_rows: int
+
+
+def measure_model(layout, max_rows: int = PREFILL_ROWS, context: int = 64) -> MeasuredModel:
     """What :func:`expected_speedups` needs, measured on a Hugging Face model on this machine: one layer's
     MLP cost (:class:`MlpCost`, with the gather path SEDAC's runtime runs), the time of a prefill forward of
     ``max_rows`` tokens and of a decode step at each of :data:`DECODE_BATCHES` (``context`` tokens cached)."""
@@ -259,18 +268,18 @@ def measure_model(layout, max_rows: int = PREFILL_ROWS, context: int = 64) -> Di
     return {"cost": cost, "forward_seconds": forward, "prefill_rows": max_rows}
 
 
-def expected_speedups(measured: Dict[str, object], rates: Sequence[float]) -> Dict[str, float]:
+def expected_speedups(measured: MeasuredModel, rates: Sequence[float]) -> Dict[str, float]:
     """Expected speed-up of a setting with per-layer skip ``rates`` at prefill and at each decode batch."""
     cost = measured["cost"]
     forward = measured["forward_seconds"]
     assert isinstance(cost, MlpCost) and isinstance(forward, dict)
-    out = {"prefill": expected_speedup(cost, rates, forward["prefill"], int(measured["prefill_rows"]))}  # type: ignore[arg-type]
+    out = {"prefill": expected_speedup(cost, rates, forward["prefill"], int(measured["prefill_rows"]))}
     for b in DECODE_BATCHES:
         out[f"decode_b{b}"] = expected_speedup(cost, rates, forward[f"decode_b{b}"], b)
     return out
 
 
-def recommendation(expected: Dict[str, float], alternatives: Sequence[Dict[str, object]] = ()) -> str:
+def recommendation(expected: Dict[str, float], alternatives: Sequence[Mapping[str, Any]] = ()) -> str:
     """One line: whether the chosen setting pays on this machine, and if not what would.
 
     ``alternatives``: measured settings (``measured_risk``, ``expected_speedup``, and ``delta_ppl`` where
@@ -281,16 +290,16 @@ def recommendation(expected: Dict[str, float], alternatives: Sequence[Dict[str, 
         return f"expected speed-up on this machine: {shown}. SEDAC pays here."
     line = (f"expected speed-up on this machine: {shown}. SEDAC will not pay on this model at this budget: "
             "too little MLP work is safe to skip")
-    paying = sorted((a for a in alternatives if max(a.get("expected_speedup", {}).values() or [1.0]) >= 1.05),  # type: ignore[union-attr]
-                    key=lambda a: float(a["measured_risk"]))  # type: ignore[arg-type]
+    paying = sorted((a for a in alternatives if max(a.get("expected_speedup", {}).values() or [1.0]) >= 1.05),
+                    key=lambda a: float(a["measured_risk"]))
     if paying:
         a = paying[0]
-        risk = float(a["measured_risk"])  # type: ignore[arg-type]
+        risk = float(a["measured_risk"])
         flags, cost = f"--max-risk {risk:.3f}", f"top-1 risk {risk:.1%}"
         if a.get("delta_ppl") is not None:
-            dppl = float(a["delta_ppl"])  # type: ignore[arg-type]
+            dppl = float(a["delta_ppl"])
             flags += f" --max-delta-ppl {max(dppl, 0.0):.3f}"
             cost += f" and ΔPPL {dppl:+.1%}"
         line += (f"; a looser budget would ({flags}: up to "
-                 f"{max(a['expected_speedup'].values()):.2f}x with {cost})")  # type: ignore[union-attr]
+                 f"{max(a['expected_speedup'].values()):.2f}x with {cost})")
     return line + ". On a larger model the signal may find more (not measured here)."

@@ -14,7 +14,7 @@ previous layer is at least ``k`` long.
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 import torch
@@ -67,11 +67,20 @@ class Decider(Protocol):
       forward forms the residual stream only there.
     """
 
-    monotone: bool
-    wants_positions: bool
-    step_layers: Optional[FrozenSet[int]]
+    # read-only for the type checker: a decider may declare them as class attributes of a narrower type
+    # (``step_layers = frozenset()``) or as properties
+    @property
+    def monotone(self) -> bool: ...
 
-    def start(self, stream: torch.Tensor, *positions: torch.Tensor) -> Any: ...
+    @property
+    def wants_positions(self) -> bool: ...
+
+    @property
+    def step_layers(self) -> Optional[FrozenSet[int]]: ...
+
+    # start(stream), or start(stream, positions) when wants_positions: one signature cannot say both
+    @property
+    def start(self) -> Callable[..., Any]: ...
 
     def step(self, layer: int, stream: torch.Tensor, state: Any) -> Any: ...
 
@@ -151,7 +160,7 @@ class RecordingDecider:
     wants_positions = False
     step_layers = None
 
-    def __init__(self, num_layers: int, keep_layers: Sequence[int] = ()) -> None:
+    def __init__(self, num_layers: int, keep_layers: Iterable[int] = ()) -> None:
         self._similarity = similarity
         self.num_layers = num_layers
         self.keep_layers = set(keep_layers)

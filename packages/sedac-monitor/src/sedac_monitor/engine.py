@@ -169,6 +169,7 @@ class SkipRuntime:
         if not self.records:
             return
         acc = self._acc
+        assert acc is not None  # _record filled it before the compaction that leads here
         valid = self._valid
         n = acc["row_skips"].shape[0] if valid is None else valid.sum()
         acc["row_skips"] += 1
@@ -194,6 +195,7 @@ class SkipRuntime:
             first, row_skips = acc["first"], acc["row_skips"]
         valid = self._valid
         stats = self.stats
+        assert stats is not None  # start() made it
         counted_first = first if valid is None else first[valid]
         stats.tokens += counted_first.numel()
         stats.exit_hist += torch.bincount(counted_first, minlength=L + 1)
@@ -270,6 +272,7 @@ class SkipRuntime:
             return full(x)
         if self._protected is not None:
             if skip is not None:
+                assert self._allowed is not None  # set with _protected in begin()
                 skip = skip & self._allowed
             if keep is not None:
                 keep = torch.where(self._protected, torch.ones_like(keep), keep)

@@ -50,9 +50,10 @@ class DecoderLayout:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        config: Any = self.model.config  # an HF config (nn.Module's __getattr__ types it Tensor | Module)
+        return int(config.hidden_size)
 
-    def mlp(self, layer: int) -> nn.Module:
+    def mlp(self, layer: int) -> Any:  # an HF MLP module: gate_proj / up_proj / down_proj reached by attribute
         return self.layers[layer].mlp
 
     def logits(self, stream: torch.Tensor) -> torch.Tensor:
@@ -118,10 +119,12 @@ def model_identity(source: Any) -> Dict[str, Any]:
 
     rows = None
     architecture = None
+    config: Any
     if isinstance(source, nn.Module):
-        config = source.config
+        hf_model: Any = source  # an HF PreTrainedModel: config and get_input_embeddings are not nn.Module's
+        config = hf_model.config
         architecture = type(source).__name__
-        emb = source.get_input_embeddings().weight
+        emb = hf_model.get_input_embeddings().weight
         rows = emb[: min(64, emb.shape[0])].detach().to("cpu", torch.float16).contiguous()
     elif isinstance(source, (str, Path)):
         import json

@@ -43,7 +43,7 @@ class SkippableMLP:
                                        self._sedac_inter)
 
 
-def make_skippable(mlp: nn.Module, runtime: SkipRuntime, layer: int,
+def make_skippable(mlp: Any, runtime: SkipRuntime, layer: int,
                    truncated: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
                    mixin: type = SkippableMLP) -> type:
     """Swap ``mlp``'s class for a subclass whose forward goes through ``runtime``.

@@ -53,6 +53,7 @@ def teacher_forced(layout: DecoderLayout, windows: torch.Tensor, decider: Any = 
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
                 nll.append(-logp.gather(-1, ids[:, 1:, None]).reshape(-1).double())
                 if runtime is not None:
+                    assert runtime.last_first_skip is not None and runtime.last_row_skips is not None  # finish() ran
                     first.append(runtime.last_first_skip.view(ids.shape)[:, :-1].reshape(-1))
                     skips.append(runtime.last_row_skips.view(ids.shape)[:, :-1].reshape(-1))
                 if on_batch is not None:
@@ -129,6 +130,6 @@ def cascade_labels(layout: DecoderLayout, windows: torch.Tensor, positions: Sequ
                 safe.append(torch.stack(cols, 1) if cols else torch.zeros(base.numel(), 0, dtype=torch.uint8))
                 calls.clear()
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
     return Pass(torch.cat(top1), torch.cat(nll)), torch.cat(safe)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -26,7 +26,7 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 128, intermediate: i
         rms_norm_eps=1e-6, initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         pad_token_id=0,
     )
-    classes = {
+    classes: Dict[str, Tuple[str, Dict[str, Any]]] = {
         "llama": ("LlamaConfig", {}),
         "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
         "qwen3": ("Qwen3Config", {"use_sliding_window": False}),
