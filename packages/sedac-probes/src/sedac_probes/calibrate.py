@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ def shape_for(preset: str, checkpoints: int) -> np.ndarray:
 
 def _scaled(risk: np.ndarray, shape: np.ndarray) -> List[float]:
     """Scale factors that put some checkpoint's threshold at each percentile of its risks."""
-    scales = set()
+    scales: Set[float] = set()
     for i in range(risk.shape[1]):
         finite = risk[:, i][np.isfinite(risk[:, i])]
         if finite.size:
@@ -136,6 +136,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
         thresholds = _best(trace, cands, protect_last, max_risk, measurer, budget, log, max_delta_ppl)
         how = f"max risk {max_risk} (replay over {len(cands)} per-checkpoint exit-rate settings)"
     else:
+        assert strategy is not None  # exit rates, max risk or a strategy: checked above
         shape = shape_for(strategy, c)
         scales = _scaled(risk, shape)
         cands = [list(shape * s) for s in scales]
@@ -164,6 +165,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
     if measured is not None:  # what the thresholds would gain on this machine (MLP and forward timed here)
         from sedac_monitor.runtime import expected_speedups, measure_model, recommendation
 
+        assert measurer is not None  # measured only with one
         costs = measure_model(measurer.layout)
         for h in measurer.history:
             h["expected_speedup"] = expected_speedups(costs, h["per_layer_skip_rate"])
@@ -241,6 +243,7 @@ class _Measurer:
         decider = ProbeDecider(self.probes.bank, TorchCascade(wanted), self.layout.num_layers, self.protect_last)
         run = teacher_forced(self.layout, self.windows, decider, 4, desc="measure", protect_first=self.protect_first)
         base = self.base
+        assert run.row_skips is not None  # teacher_forced ran with a decider
         res = {"thresholds": wanted, "tokens": int(base.top1.numel()),
                "risk": float((run.top1 != base.top1).double().mean()),
                "skipped_mlp": float(run.row_skips.double().mean()) / self.layout.num_layers,

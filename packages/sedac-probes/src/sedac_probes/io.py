@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, cast
 
 import torch
 
@@ -219,7 +219,7 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
                     isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value):
                 raise ProbeFileError(f"SEDAC probe metadata {meta_path}: {key!r} must be a list of {len(layers)} "
                                      f"finite numbers (one per layer), got {value!r}")
-    recorded = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    recorded = cast(Dict[str, Any], meta.get("model") if isinstance(meta.get("model"), dict) else {})
 
     if model_config is not None:
         model_id = model_identity(model_config)

@@ -68,7 +68,9 @@ def train_probe(x_train, y_train, x_val, y_val, target: str, rank: int, epochs: 
             stale += 1
             if stale >= patience:
                 break
-    probe.load_state_dict(best_state)
+    # best_state stays None when no epoch's validation loss was a number (all NaN): load_state_dict(None)
+    # then fails with an unhelpful error; reported, left as it is
+    probe.load_state_dict(best_state)  # type: ignore[arg-type]
     probe.eval()
     return probe, {"best_epoch": best_epoch, "epochs_run": len(history), "val_loss": history}
 
