@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Dict
+from typing import Mapping
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -34,7 +34,7 @@ _USER_CHOICE = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRES
 _PRELOADED = ("tcmalloc", "jemalloc", "mimalloc")
 
 
-def keep_freed_memory(environ: Dict[str, str] = os.environ) -> str:
+def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> str:
     """Tune glibc's malloc as the module docstring says; returns what was done, for the log."""
     if any(k in environ for k in _USER_CHOICE):
         return "left as configured (MALLOC_* / GLIBC_TUNABLES set)"

@@ -158,6 +158,8 @@ def parse_choice(env: Mapping[str, str], name: str, choices, default: Optional[s
 class _Draft:
     """A mutable copy of a dataclass's defaults, filled in by :meth:`SedacConfig.from_env`, then frozen."""
 
+    _cls: type  # set through __dict__ in __init__
+
     def __init__(self, cls: type, **values: Any) -> None:
         for f in fields(cls):
             self.__dict__[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -150,7 +150,7 @@ def eager_activation(mlp: torch.nn.Module):
     return native if native is not None else act
 
 
-def direct_mlp(mlp: torch.nn.Module, act, shard: bool = False):
+def direct_mlp(mlp: Any, act, shard: bool = False):  # a vLLM MLP module
     """``f(x)``: the MLP with the GEMM kernels vLLM's CPU backend picked for its two linear layers
     (``cpu_linear``, set when the weights are loaded) called directly, or None where that is not the
     same computation as the layers' forward: not on CPU, tensor parallel (the down projection's
@@ -175,13 +175,13 @@ def direct_mlp(mlp: torch.nn.Module, act, shard: bool = False):
     return run
 
 
-def _swap_layer(layer: torch.nn.Module, sedac, index: int) -> None:
+def _swap_layer(layer: Any, sedac, index: int) -> None:  # a vLLM decoder layer
     layer.__class__ = subclass_with(_SedacDecoderLayer, type(layer))
     layer._sedac = sedac
     layer._sedac_index = index
 
 
-def vllm_truncated(mlp: torch.nn.Module):
+def vllm_truncated(mlp: Any):  # a vLLM MLP module
     """``f(x, m)``: vLLM's merged gate/up MLP with its first ``m`` local intermediate channels (``m`` an
     int, or an int64 tensor with a count per row: every channel computed, then masked per row).
 
@@ -210,7 +210,13 @@ def vllm_truncated(mlp: torch.nn.Module):
     return run
 
 
-class SedacModelMixin:
+if TYPE_CHECKING:
+    _VllmCausalLM = Any  # what the mixin is put in front of: a vLLM *ForCausalLM (model, compute_logits, ...)
+else:
+    _VllmCausalLM = object
+
+
+class SedacModelMixin(_VllmCausalLM):
     """Put in front of a vLLM ``*ForCausalLM`` class; see the module docstring."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:

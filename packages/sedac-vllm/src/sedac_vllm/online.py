@@ -161,6 +161,7 @@ class OnlineCalibrator:
             self._touched = torch.zeros(rows, dtype=torch.bool, device=flat.device)
         idx = (skip & self._sampled).nonzero().squeeze(1)
         if idx.numel():
+            assert self._delta is not None and self._touched is not None  # made with _sampled
             self._delta.index_add_(0, idx, full(flat.index_select(0, idx)).float())
             self._touched[idx] = True
 
@@ -179,6 +180,7 @@ class OnlineCalibrator:
         if touched is not None and bool(touched.any()):
             idx = touched.nonzero().squeeze(1)
             served = stream.index_select(0, idx)
+            assert delta is not None  # made with touched
             full = served.float() + delta.index_select(0, idx)
             with torch.no_grad():
                 top_served = compute_logits(final_norm(served)).argmax(-1)
@@ -195,6 +197,7 @@ class OnlineCalibrator:
             keep = max(0.0, 1.0 - counts.sum() / (self.window * 30.0))
             self.recent = self.recent * keep + counts
             if self.recent.sum() >= DRIFT_SIGNALS_PER_BIN * self.recent.size:
+                assert self.reference is not None  # read from the histogram with edges
                 self.drift_kl = kl_divergence(self.recent, self.reference)
         self._control()
 

@@ -14,13 +14,17 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, cast
 
 import torch
 
 from sedac_monitor.runtime import ExitStats, MlpCost, SkipRuntime, soft_channels
 
 from .config import ConfigError, SedacConfig
+
+if TYPE_CHECKING:
+    import sedac_core
+    from sedac_probes.io import ProbeSet
 
 logger = logging.getLogger("sedac_vllm")
 
@@ -41,8 +45,8 @@ class VllmSedac:
         self.cfg = cfg
         self.num_layers = num_layers
         self.tp_rank = tp_rank
-        self.controller = None
-        self.probes = None
+        self.controller: Optional[sedac_core.CascadeController] = None
+        self.probes: Optional[ProbeSet] = None
         self.adaptive = False
         self.step = 0
         self._dirty = False
@@ -366,18 +370,24 @@ class VllmSedac:
         else:
             layers = list(self.decider.bank.layers)
             thresholds = [float(t) for t in self.decider.cascade.thresholds.tolist()]
+            assert self.probes is not None  # probe mode loaded them
             kind = f"probe {self.decider.cascade.rule} (signal: {self.probes.target} risk)"
         conf_np = conf.float().cpu().numpy() if conf is not None and conf.numel() else None
+        assert self.decision_log is not None  # the caller checked
+        assert self.runtime.last_first_skip is not None  # the forward finished
         self.decision_log.write(self.step, positions, self._input_ids, self.runtime.last_first_skip, signals, layers,
                                 thresholds, conf_np, self.num_layers, kind)
 
     def _write_trace(self) -> None:
+        # called once the forward finished (per-row results set), only when a trace file is configured
+        assert self._positions is not None and self.runtime.last_first_skip is not None
+        assert self.runtime.last_row_skips is not None
         rec = {"pos": self._positions.tolist(),
                "first_skip": self.runtime.last_first_skip.tolist(),
                "row_skips": [round(x, 4) for x in self.runtime.last_row_skips.tolist()]}
         if self._input_ids is not None:
             rec["tok"] = self._input_ids.tolist()
-        path = self.cfg.trace if self.tp_rank == 0 else f"{self.cfg.trace}.rank{self.tp_rank}"
+        path = cast(str, self.cfg.trace) if self.tp_rank == 0 else f"{self.cfg.trace}.rank{self.tp_rank}"
         with open(path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
@@ -411,7 +421,7 @@ class VllmSedac:
                 self.write_stats()
 
     def write_stats(self) -> None:
-        path = self.cfg.metrics_file
+        path = cast(str, self.cfg.metrics_file)  # the writer thread runs only with one
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as fh:
