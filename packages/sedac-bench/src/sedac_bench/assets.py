@@ -28,7 +28,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, cast
 
 # Bump whenever the files written change, so that older caches are rebuilt.
 MANIFEST_VERSION = 2
@@ -131,7 +131,8 @@ def _enwiki_text(gensim_dir: Path) -> str:
     for page in re.finditer(r"<page>(.*?)</page>", raw, re.S):
         body = page.group(1)
         title = re.search(r"<title>(.*?)</title>", body)
-        if re.search(r"<ns>(\d+)</ns>", body).group(1) != "0" or "<redirect" in body:
+        # every page of the pinned corpus has an <ns>
+        if cast("re.Match[str]", re.search(r"<ns>(\d+)</ns>", body)).group(1) != "0" or "<redirect" in body:
             continue
         text = re.search(r"<text[^>]*>(.*?)</text>", body, re.S)
         prose = strip_wiki_markup(text.group(1) if text else "")
@@ -169,7 +170,7 @@ def _convert_models(root: Path, log: Log) -> None:
                 "transformers_version", "_name_or_path"):
         fields.pop(key, None)
     qwen = Qwen2ForCausalLM(Qwen2Config(**fields, use_sliding_window=False))
-    qwen = qwen.to(torch.float32)
+    qwen = qwen.to(torch.float32)  # type: ignore[arg-type]  # transformers' typing of to() loses the bound self
     state = dict(llama.state_dict())
     for name, tensor in qwen.state_dict().items():
         if name not in state:

@@ -78,7 +78,7 @@ def sedac_stack(layers: int, rate: float, gather: str, max_rows: int) -> Callabl
     sedac.stream_layers = sedac.decider.step_layers
     mlps = []
     for i in range(layers):
-        m = Mlp()
+        m: Any = Mlp()  # its class is swapped for a _SedacMLP subclass (make_skippable): no static type says so
         make_skippable(m, sedac.runtime, i, mixin=_SedacMLP)
         m._sedac_owner = sedac
         sedac.mlps[i] = m
@@ -130,7 +130,7 @@ def measure(runs: Dict[str, Callable[[torch.Tensor], torch.Tensor]], rows: int, 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[List[str]] = None) -> Dict[int, Any]:
     p = argparse.ArgumentParser(prog="python -m sedac_bench.layer_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="1,4,64,512", help="batch sizes (rows per forward), comma-separated")
     p.add_argument("--layers", type=int, default=8)
@@ -144,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             runs[f"{label}, gather {gather}"] = sedac_stack(args.layers, rate, gather, max(sizes))
     print(f"{args.layers} MLP blocks of SmolLM2-135M's shape, torch.compile (inductor), "
           f"{torch.get_num_threads()} threads; extra µs per layer call over vanilla")
-    out: Dict[str, Any] = {}
+    out: Dict[int, Any] = {}  # by rows per forward
     for rows in sizes:
         res = measure(runs, rows, args.seconds)
         base = res["vanilla"]

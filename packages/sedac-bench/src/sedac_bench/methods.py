@@ -17,10 +17,13 @@ SEDAC methods use the packages' own decision code (``MonitorDecider``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 
 class StaticDropDecider:
@@ -52,7 +55,7 @@ class PlannedExitDecider:
     wants_positions = False
     step_layers: FrozenSet[int] = frozenset()
 
-    def __init__(self, exit_layers: Sequence[int], num_layers: int, protect_last: int = 0) -> None:
+    def __init__(self, exit_layers: ArrayLike, num_layers: int, protect_last: int = 0) -> None:
         self.exit_layers = torch.as_tensor(np.asarray(exit_layers), dtype=torch.int64)
         self.end = num_layers - protect_last
         self.offset = 0
@@ -100,7 +103,7 @@ class RandomSkipDecider:
         return state
 
 
-def shortgpt_order(layer_similarity: Sequence[float]) -> List[int]:
+def shortgpt_order(layer_similarity: ArrayLike) -> List[int]:
     """Layers from most to least redundant (highest mean input/output cosine first)."""
     return [int(i) for i in np.argsort(-np.asarray(layer_similarity, dtype=np.float64), kind="stable")]
 
@@ -155,13 +158,14 @@ def monitor_method(name: str, family: str, num_layers: int, tau: float, k: int, 
                    "scope": scope}, protect_first, note=note)
 
 
-def probe_method(name: str, family: str, probes: Any, num_layers: int, thresholds: Sequence[float],
+def probe_method(name: str, family: str, probes: Any, num_layers: int, thresholds: Optional[Sequence[float]],
                  rule: str = "threshold", exit_rates: Optional[Sequence[float]] = None,
                  weights: Optional[Sequence[float]] = None, decay: float = 0.9, soft_exit: bool = False,
                  protect_last: int = 0, note: str = "", adaptive_decay: bool = False, soft_k: float = 4.0,
                  soft_orders: Optional[List[Any]] = None) -> Method:
     from sedac_probes.decide import ProbeDecider, TorchCascade
 
+    assert thresholds is not None, f"{name}: the probes are not calibrated"  # ProbeSet.thresholds is None then
     thresholds = [float(t) for t in thresholds]
 
     def make():

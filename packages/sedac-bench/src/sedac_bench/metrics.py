@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 MAX_RISK = 0.05
 """The benchmark's top-1 risk budget: calibration, probes and the online tolerance all use it."""
@@ -75,12 +78,12 @@ def compute_summary(shape: ModelShape, skipped_blocks_per_token: float, context:
     }
 
 
-def perplexity(nll: Sequence[float]) -> float:
-    nll = np.asarray(nll, dtype=np.float64)
-    return float(math.exp(nll.mean())) if nll.size else float("nan")
+def perplexity(nll: ArrayLike) -> float:
+    values = np.asarray(nll, dtype=np.float64)
+    return float(math.exp(values.mean())) if values.size else float("nan")
 
 
-def delta_ppl(base_nll: Sequence[float], nll: Sequence[float]) -> float:
+def delta_ppl(base_nll: ArrayLike, nll: ArrayLike) -> float:
     """Relative perplexity change, ppl / ppl_base - 1."""
     return perplexity(nll) / perplexity(base_nll) - 1.0
 

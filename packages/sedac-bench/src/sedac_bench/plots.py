@@ -102,7 +102,7 @@ def pareto(results: Dict[str, Any], out: Path) -> List[str]:
 def exits(results: Dict[str, Any], out: Path) -> List[str]:
     plt = _plt()
     rows = [r for r in results["quality"]["rows"] if r["family"] != "baseline" and r["exit_rate"] > 0][:6]
-    files = []
+    files: List[str] = []
     if not rows:
         return files
     L = len(rows[0]["exit_layer_histogram"]) - 1

@@ -19,6 +19,7 @@ def evaluate(layout, windows: torch.Tensor, method: Method, base: Pass, shape: M
     run = teacher_forced(layout, windows, method.make(), batch_size, desc=method.name,
                          protect_first=method.protect_first, soft_exit=method.soft_exit,
                          soft_orders=method.soft_orders)
+    assert run.row_skips is not None and run.first_skip is not None  # teacher_forced ran with a decider
     n = int(base.top1.numel())
     risk = float((run.top1 != base.top1).double().mean())
     skipped_per_token = float(run.row_skips.double().mean())

@@ -38,7 +38,7 @@ from .vllm_compare import VllmStages
 
 Log = Callable[[str], None]
 
-SIZES = {
+SIZES: Dict[str, Dict[str, Any]] = {
     # windows of 512 tokens: calibration, probe training, held-out evaluation; generation prompts x tokens.
     # "extras": the stages only the full size runs (greedy generation agreement, speculative drafts, HF eager
     # wall-clock, the V6.1 roadmap's soft-exit variants).
@@ -215,6 +215,7 @@ class Bench(VllmStages):
         layer (protect_last 0): what replay sweeps and the oracle need."""
         from sedac_monitor.runtime import cascade_labels, drop_last_position
 
+        risks: Dict[str, List[torch.Tensor]]
         sims, risks = [], {t: [] for t in ("entropy", "safety")}
         layers = self.probes["safety"].layers
 

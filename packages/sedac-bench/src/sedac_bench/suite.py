@@ -60,6 +60,7 @@ def _first_skips(layout, ids: torch.Tensor, make_decider: Callable[[], Any], pro
             layout.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     finally:
         att.detach()
+    assert rt.last_first_skip is not None  # the forward finished
     return rt.last_first_skip.view(ids.shape)
 
 

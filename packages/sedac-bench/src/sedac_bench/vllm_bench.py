@@ -39,9 +39,12 @@ import resource
 import sys
 import time
 import traceback
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, cast
 
 from sedac_vllm import allocator
+
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
 
 MAX_BATCHED_TOKENS = 1024
 """vLLM's token budget per step (chunked prefill): a prefill-heavy batch of 16 prompts of 128 tokens runs as
@@ -119,7 +122,7 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
                 conn.send({"seconds": time.perf_counter() - t})
             elif op == "step":
                 t = time.perf_counter()
-                outs = engine.step()
+                outs = cast("List[RequestOutput]", engine.step())  # a generating model: no pooling outputs
                 dt = time.perf_counter() - t
                 conn.send({"seconds": dt, "more": engine.has_unfinished_requests(),
                            "generated": sum(len(o.outputs[0].token_ids) for o in outs if o.finished)})
@@ -256,7 +259,8 @@ def lockstep_run(engines: Dict[str, Engine], order: List[str], prompts: List[Lis
     on all alike; and no engine ever takes two steps in a row, which would find its weights still in the
     CPU's caches (reversing the order at every step gave the engines at either end that advantage: an
     engine identical to vanilla measured 7% slower in the middle)."""
-    res = {n: {"seconds": 0.0, "generated_tokens": 0, "steps": 0, "step_seconds": []} for n in order}
+    res: Dict[str, Dict[str, Any]] = {n: {"seconds": 0.0, "generated_tokens": 0, "steps": 0, "step_seconds": []}
+                                      for n in order}
     for name in order:
         engines[name].ask({"op": "begin"})
     for i in range(0, len(prompts), batch):

@@ -158,7 +158,8 @@ class VllmStages:
             # the drift test: held-out news windows, top-1 of every engine against vanilla (prompt logprobs)
             news = self.tok(read_text(self.texts["lee_news"]), add_special_tokens=False)["input_ids"]
             check = [news[-(i + 1) * 256 - 1:-i * 256 - 1] for i in range(16)]  # the end of the news text
-            groups = [{"name": "compiled", "llm": {}, "configs": configs, "top1_check": {"prompts": check}}]
+            groups: List[Dict[str, Any]] = [
+                {"name": "compiled", "llm": {}, "configs": configs, "top1_check": {"prompts": check}}]
             if eager_configs:
                 groups.append({"name": "eager", "llm": {"enforce_eager": True}, "configs": eager_configs})
             data: Dict[str, Any] = {}
@@ -187,6 +188,7 @@ class VllmStages:
         with open(log_path, "w") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "sedac_bench.vllm_bench", str(spec_path), str(out_path)],
                                     stdout=subprocess.PIPE, stderr=log_file, text=True)
+            assert proc.stdout is not None  # stdout=PIPE
             for line in proc.stdout:
                 self.log("  " + line.rstrip())
             code = proc.wait()
