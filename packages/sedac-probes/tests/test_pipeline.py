@@ -133,6 +133,19 @@ def test_training_reports_metrics_and_is_deterministic(pipeline, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_training_that_diverges_says_so():
+    """Non-finite data: no epoch's held-out loss is a number, so no state is ever best; the error says why
+    instead of failing inside load_state_dict."""
+    from sedac_monitor.runtime import InputError
+    from sedac_probes.train import train_probe
+
+    x = torch.randn(64, 16)
+    x[3, 5] = float("nan")
+    y = torch.rand(64)
+    with pytest.raises(InputError, match=r"training layer 7 diverged: the held-out loss was nan after every epoch"):
+        train_probe(x, y, x, y, "entropy", 4, 2, 16, 1e-3, 0, desc="layer 7")
+
+
 def test_calibrate_writes_thresholds_and_evidence(pipeline, tmp_path):
     probes = tmp_path / "p"
     shutil.copytree(pipeline / "entropy", probes)

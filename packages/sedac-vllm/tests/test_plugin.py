@@ -59,6 +59,25 @@ def test_the_running_configuration_is_parsed_once_and_never_changes(monkeypatch,
         cfg.tau = 0.5
 
 
+@pytest.mark.parametrize("given", [None, "", "   "])
+def test_a_blank_metrics_file_gets_one_chosen_that_metrics_reads(monkeypatch, given):
+    """Unset, empty or blank SEDAC_METRICS_FILE: register() picks a file before the configuration is parsed,
+    so the engine writes where /metrics reads (a blank one used to parse as None and fail every scrape)."""
+    from sedac_vllm import metrics
+
+    monkeypatch.setenv("SEDAC_ENABLED", "1")
+    if given is None:
+        monkeypatch.delenv("SEDAC_METRICS_FILE", raising=False)
+    else:
+        monkeypatch.setenv("SEDAC_METRICS_FILE", given)
+    monkeypatch.setattr(plugin, "_registered", True)  # the ops and model classes are registered already
+    installed = []
+    monkeypatch.setattr(metrics, "install_collector", installed.append)
+    plugin.register()
+    chosen = plugin.os.environ["SEDAC_METRICS_FILE"]
+    assert chosen.strip() and plugin.active_config().metrics_file == chosen
+
+
 def test_the_installed_vllm_is_supported():
     assert _vllm.check_vllm() == _vllm.vllm_version()
 

@@ -68,9 +68,11 @@ def train_probe(x_train, y_train, x_val, y_val, target: str, rank: int, epochs: 
             stale += 1
             if stale >= patience:
                 break
-    # best_state stays None when no epoch's validation loss was a number (all NaN): load_state_dict(None)
-    # then fails with an unhelpful error; reported, left as it is
-    probe.load_state_dict(best_state)  # type: ignore[arg-type]
+    if best_state is None:  # no epoch's validation loss was a number
+        raise InputError(f"training {desc or 'a probe'} diverged: the held-out loss was {history[-1]} after every "
+                         f"epoch ({len(history)}); the collected data may hold non-finite values, or --lr {lr} is "
+                         "too high")
+    probe.load_state_dict(best_state)
     probe.eval()
     return probe, {"best_epoch": best_epoch, "epochs_run": len(history), "val_loss": history}
 

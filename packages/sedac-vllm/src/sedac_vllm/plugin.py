@@ -44,7 +44,7 @@ def active_config() -> SedacConfig:
 def register() -> None:
     global _registered
     enabled = SedacConfig.from_env({k: v for k, v in os.environ.items() if k == "SEDAC_ENABLED"}).enabled
-    if enabled and not os.environ.get("SEDAC_METRICS_FILE"):
+    if enabled and not os.environ.get("SEDAC_METRICS_FILE", "").strip():  # unset, empty or blank: one chosen
         # set before vLLM spawns the engine (and before the configuration is parsed), so every process agrees
         # on the file
         os.environ["SEDAC_METRICS_FILE"] = os.path.join(tempfile.gettempdir(), f"sedac-metrics-{os.getpid()}.json")
@@ -62,8 +62,10 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     from .metrics import install_collector
 
-    # register() set SEDAC_METRICS_FILE above, but a value of only spaces parses as None (and a configuration
-    # parsed before register() ran keeps its None): the collector then fails each scrape. Reported, left as it is
-    install_collector(cfg.metrics_file)  # type: ignore[arg-type]
+    if cfg.metrics_file:
+        install_collector(cfg.metrics_file)
+    else:  # parsed before register() chose the file (SEDAC_METRICS_FILE unset then): nothing writes one
+        logger.warning("SEDAC: statistics are not exported to /metrics: the configuration was read before "
+                       "SEDAC_METRICS_FILE was set; set it explicitly to export them")
     _registered = True
     logger.info("SEDAC enabled: %s (%s)", cfg.describe(), ", ".join(ARCHITECTURES))
