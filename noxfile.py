@@ -225,7 +225,7 @@ def floors(session: nox.Session) -> None:
 
 @nox.session
 def tests_gpu(session: nox.Session) -> None:
-    """On a machine with an NVIDIA GPU: the HF accelerator on CUDA against the CPU (sedac-monitor/tests_cuda);
+    """On a machine with an NVIDIA GPU: the HF accelerator on CUDA against the CPU (the packages' tests_cuda);
     vLLM's CUDA build, compiled with piecewise CUDA graphs (vLLM's default there), the engine tests on the tiny
     models in both modes, and the bundled SmolLM2 through the benchmark.
 
@@ -239,7 +239,8 @@ def tests_gpu(session: nox.Session) -> None:
     session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else "
                 "'tests_gpu needs a CUDA GPU: torch.cuda.is_available() is False')")
     session.run("sedac-bench", "assets", "--cache", str(ASSETS))
-    session.run("pytest", "-v", str(ROOT / "packages" / "sedac-monitor" / "tests_cuda"))  # the HF accelerator on CUDA
+    # the HF accelerator on CUDA, the V7 monitor and the V6 probes
+    session.run("pytest", "-v", *(str(ROOT / "packages" / p / "tests_cuda") for p in ("sedac-monitor", "sedac-probes")))
     tests = ROOT / "packages" / "sedac-vllm" / "tests"
     session.run("pytest", "-v", str(tests / "test_e2e_vllm.py"), str(tests / "test_server.py"), *session.posargs,
                 env={"SEDAC_ASSETS": str(ASSETS)})
