@@ -7,9 +7,14 @@ A suite's ``conftest.py`` puts this folder on ``sys.path`` and imports the fixtu
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from sedac_monitor.attach import HFAttachment
+from sedac_monitor.decide import RecordingDecider
+from sedac_monitor.engine import SkipRuntime
+from sedac_monitor.layouts import find_layout
 from sedac_monitor.testing import tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -82,3 +87,27 @@ def assert_no_import_cycle(package) -> dict:
         visit(name, [])
     return edges
 
+
+def record_sims(model, x):
+    """Every layer's similarity S_l for every token of ``x`` (the model unchanged), [tokens, layers]."""
+    layout = find_layout(model)
+    rec = RecordingDecider(layout.num_layers)
+    att = HFAttachment(layout, SkipRuntime(rec, layout.num_layers))
+    try:
+        with torch.no_grad():
+            model(input_ids=x)
+    finally:
+        att.detach()
+    return torch.stack(rec.sims, 1)
+
+
+def tau_in_a_gap(sims, quantile=0.5):
+    """A tau near the given quantile of the similarities but far (relatively) from every observed value,
+    so float noise between batched and single runs cannot flip a decision."""
+    v = np.sort(sims.flatten().numpy())
+    centre = np.quantile(v, quantile)
+    gaps = np.diff(v)
+    near = np.abs((v[:-1] + v[1:]) / 2 - centre)
+    score = gaps / (1 + 20 * near)
+    i = int(np.argmax(score))
+    return float((v[i] + v[i + 1]) / 2)

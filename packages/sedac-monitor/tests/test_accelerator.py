@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sedac_fixtures import record_sims, tau_in_a_gap
 
 from sedac_monitor import UnsupportedModelError, create_universal_accelerator
-from sedac_monitor.attach import HFAttachment
-from sedac_monitor.decide import RecordingDecider
-from sedac_monitor.engine import SkipRuntime
 from sedac_monitor.layouts import find_layout
 from sedac_monitor.testing import tiny_model
 
@@ -19,30 +17,6 @@ G = torch.Generator().manual_seed(0)
 
 def ids(batch=1, length=40, vocab=384):
     return torch.randint(3, vocab, (batch, length), generator=G)
-
-
-def record_sims(model, x):
-    layout = find_layout(model)
-    rec = RecordingDecider(layout.num_layers)
-    att = HFAttachment(layout, SkipRuntime(rec, layout.num_layers))
-    try:
-        with torch.no_grad():
-            model(input_ids=x)
-    finally:
-        att.detach()
-    return torch.stack(rec.sims, 1)
-
-
-def tau_in_a_gap(sims, quantile=0.5):
-    """A tau near the given quantile of the similarities but far (relatively) from every observed value,
-    so float noise between batched and single runs cannot flip a decision."""
-    v = np.sort(sims.flatten().numpy())
-    centre = np.quantile(v, quantile)
-    gaps = np.diff(v)
-    near = np.abs((v[:-1] + v[1:]) / 2 - centre)
-    score = gaps / (1 + 20 * near)
-    i = int(np.argmax(score))
-    return float((v[i] + v[i + 1]) / 2)
 
 
 def reference_forward(model, x, tau, k, min_layer, protect_last, mode):

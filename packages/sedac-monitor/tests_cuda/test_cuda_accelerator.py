@@ -3,16 +3,17 @@ tolerance, the model restored exactly. Run by ``nox -s tests_gpu`` (not collecte
 no GPU); it fails, never skips, where CUDA is missing."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from sedac_monitor import create_universal_accelerator
-from sedac_monitor.attach import HFAttachment
-from sedac_monitor.decide import RecordingDecider
-from sedac_monitor.engine import SkipRuntime
-from sedac_monitor.layouts import find_layout
 from sedac_monitor.testing import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "test_support"))
+from sedac_fixtures import record_sims, tau_in_a_gap  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -22,21 +23,9 @@ def ids(batch, length, seed=0, vocab=384):
 
 
 def tau_between_similarities(model, x, quantile=0.4):
-    """A tau in the widest gap near a quantile of the CPU similarities, so float differences between the two
-    devices cannot flip a decision."""
-    layout = find_layout(model)
-    rec = RecordingDecider(layout.num_layers)
-    att = HFAttachment(layout, SkipRuntime(rec, layout.num_layers))
-    try:
-        with torch.no_grad():
-            model(input_ids=x)
-    finally:
-        att.detach()
-    v = torch.stack(rec.sims, 1).flatten().sort().values
-    centre = torch.quantile(v, quantile)
-    score = (v[1:] - v[:-1]) / (1 + 20 * ((v[1:] + v[:-1]) / 2 - centre).abs())
-    i = int(score.argmax())
-    return float((v[i] + v[i + 1]) / 2)
+    """A tau in a wide gap of the CPU similarities, so float differences between the devices cannot flip a
+    decision."""
+    return tau_in_a_gap(record_sims(model, x), quantile)
 
 
 def test_a_cuda_device_is_there():
