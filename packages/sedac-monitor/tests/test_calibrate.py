@@ -226,3 +226,34 @@ def test_measured_search_returns_the_most_aggressive_passing_candidate_or_none()
     assert len(calls) == 2
     with pytest.raises(ValueError, match="budget must be >= 1"):
         measured_search(3, passes_from(0), budget=0)
+
+
+def test_labels_for_several_protect_values_share_work_and_equal_full_forced_passes(tiny):
+    """The shared-suffix labels equal one value at a time, and each label is what a whole forward with the
+    forced exit attached says (an independent path: every layer recomputed)."""
+    from sedac_monitor.runtime import (
+        ForcedExitDecider,
+        cascade_labels,
+        cascade_labels_for,
+        find_layout,
+        teacher_forced,
+    )
+
+    model = tiny
+    layout = find_layout(model)
+    L = layout.num_layers
+    torch.manual_seed(0)
+    windows = torch.randint(0, model.config.vocab_size, (3, 24))
+    base, shared = cascade_labels_for(layout, windows, range(L), (2, 0), batch_size=2)
+    assert sorted(shared) == [0, 2]
+    for q in (0, 2):
+        alone_base, alone = cascade_labels(layout, windows, range(L), q, batch_size=2)
+        assert torch.equal(alone_base.top1, base.top1)
+        assert torch.equal(alone, shared[q])
+        for p in range(L):
+            forced = teacher_forced(layout, windows, ForcedExitDecider(L, p, q), batch_size=2)
+            assert torch.equal(shared[q][:, p], (forced.top1 == base.top1).to(torch.uint8)), (q, p)
+    # on random weights some exits must change a top-1, or the comparison above proves little
+    assert int(shared[0].sum()) < shared[0].numel()
+    with pytest.raises(ValueError, match="protect_last"):
+        cascade_labels_for(layout, windows, range(L), (-1,))

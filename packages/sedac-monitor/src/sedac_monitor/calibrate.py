@@ -43,7 +43,7 @@ from .cost import expected_speedups, measure_model, recommendation
 from .decide import MonitorDecider, RecordingDecider
 from .layouts import DecoderLayout, find_layout, model_identity
 from .loading import InputError, drop_last_position, load_model, read_text, split_windows, token_windows
-from .teacher import cascade_labels, teacher_forced
+from .teacher import cascade_labels_for, teacher_forced
 
 __all__ = [
     "BUDGET_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES",
@@ -99,16 +99,16 @@ def record_trace(layout: DecoderLayout, windows: torch.Tensor, protect: Sequence
     n, length = windows.shape
     sims: List[torch.Tensor] = []
     safe: Dict[int, np.ndarray] = {}
-    base = None
-    for i, p in enumerate(protect):
+    if protect:
         t0 = time.perf_counter()
-        run, labels = cascade_labels(layout, windows, range(L), p, batch_size, desc=f"labels protect_last={p}",
-                                     on_batch=(lambda sl, d: sims.append(torch.stack(d.sims, 1))) if i == 0 else None,
-                                     protect_first=protect_first)
-        base = base or run
-        safe[p] = labels.numpy()
-        log(f"  similarity trace and cascade labels for protect_last={p} in {time.perf_counter() - t0:.0f} s")
-    if base is None:
+        base, labels = cascade_labels_for(layout, windows, range(L), protect, batch_size,
+                                          desc="labels protect_last=" + ",".join(str(p) for p in protect),
+                                          on_batch=lambda sl, d: sims.append(torch.stack(d.sims, 1)),
+                                          protect_first=protect_first)
+        safe = {p: v.numpy() for p, v in labels.items()}
+        log(f"  similarity trace and cascade labels for protect_last={','.join(str(p) for p in protect)} in "
+            f"{time.perf_counter() - t0:.0f} s")
+    else:
         base = teacher_forced(layout, windows, RecordingDecider(L), batch_size, desc="similarity trace",
                               on_batch=lambda sl, d: sims.append(torch.stack(d.sims, 1)))
     sim = torch.cat(sims).view(n, length, L)

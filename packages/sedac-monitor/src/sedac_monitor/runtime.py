@@ -15,7 +15,8 @@ build on. This module is the public surface; everything it exports is part of se
   Hugging Face hooks and vLLM's compiled forward), :class:`MonitorDecider` (V7) and :func:`similarity`.
 * **Models and text**: :func:`find_layout` / :class:`DecoderLayout`, :func:`model_identity`,
   :func:`load_model`, :func:`read_text`, :func:`token_windows`, :func:`teacher_forced` /
-  :class:`Pass`, :func:`cascade_labels`, :class:`RecordingDecider`, :class:`ForcedExitDecider`.
+  :class:`Pass`, :func:`cascade_labels` (:func:`cascade_labels_for`: several ``protect_last`` at once),
+  :class:`RecordingDecider`, :class:`ForcedExitDecider`.
 * **Errors**: :class:`InputError` (unusable paths, files, values), :class:`UnsupportedModelError`.
 """
 
@@ -49,7 +50,7 @@ from .loading import (
 )
 from .patching import SkippableMLP, make_skippable, restore_mlp, subclass_with
 from .stats import ExitStats
-from .teacher import Pass, cascade_labels, teacher_forced
+from .teacher import Pass, cascade_labels, cascade_labels_for, teacher_forced
 
 ENVIRONMENT = (PROGRESS_ENV,)
 """The environment variables sedac-monitor reads."""
@@ -76,6 +77,7 @@ __all__ = [
     "UnsupportedModelError",
     "batches",
     "cascade_labels",
+    "cascade_labels_for",
     "expected_speedups",
     "channel_importance",
     "channel_mask",
