@@ -19,7 +19,7 @@ def test_shared_runtime_surface_is_pinned():
         "ExitStats",
         "ForcedExitDecider", "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "Plan",
         "RecordingDecider", "SkipRuntime", "SkippableMLP",
-        "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "channel_importance",
+        "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "cascade_labels_for", "channel_importance",
         "channel_mask", "channel_order", "expected_speedups", "measure_model", "recommendation",
         "drop_last_position", "find_layout", "hf_truncated", "intermediate_size", "load_config", "load_model",
         "make_skippable", "model_identity", "monitor_rule", "permute_channels", "progress", "read_text",
