@@ -19,7 +19,8 @@ def test_shared_runtime_surface_is_pinned():
         "ExitStats",
         "ForcedExitDecider", "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "Plan",
         "RecordingDecider", "SkipRuntime", "SkippableMLP",
-        "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "cascade_labels_for", "channel_importance",
+        "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "cascade_labels_for",
+        "channel_importance",
         "channel_mask", "channel_order", "expected_speedups", "measure_model", "recommendation",
         "drop_last_position", "find_layout", "hf_truncated", "intermediate_size", "load_config", "load_model",
         "make_skippable", "model_identity", "monitor_rule", "permute_channels", "progress", "read_text",
@@ -27,7 +28,8 @@ def test_shared_runtime_surface_is_pinned():
         "teacher_forced", "token_windows"])
     assert all(hasattr(runtime, name) for name in runtime.__all__)
     assert sorted(calibrate.__all__) == sorted([
-        "BUDGET_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES",
+        "BUDGET_NOT_MET", "CHANNELS_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "NEVER_EXIT",
+        "ORIGINAL_DEFAULTS", "SIGNAL_EDGES", "calibrate_channels",
         "STRATEGIES", "calibrate", "candidate_list", "measure", "measured_search", "record_trace", "replay_grid",
         "rule_dict", "signal_histogram", "within_budget", "write_config"])
     assert all(hasattr(calibrate, name) for name in calibrate.__all__)

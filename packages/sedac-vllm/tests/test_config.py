@@ -125,6 +125,16 @@ def test_monitor_config_file_is_read_and_env_overrides(tmp_path):
         SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
 
 
+def test_a_channel_soft_exit_config_is_refused_not_ignored(tmp_path):
+    """sedac-vllm does not serve channel soft exit yet: a config that asks for it stops start-up, naming it."""
+    f = tmp_path / "sedac_config.json"
+    f.write_text(json.dumps({"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade",
+                             "channels": {"input_thresholds": [0.1] * 2, "inner_thresholds": [0.1] * 2,
+                                          "input_sparsity": [0.1] * 2, "inner_sparsity": [0.1] * 2}}))
+    with pytest.raises(ConfigError, match="holds a channel soft exit .* which sedac-vllm does not serve yet"):
+        SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+
+
 def test_scope_has_one_name():
     assert SedacConfig.from_env(env(SEDAC_SCOPE="per_layer")).scope == "per_layer"
     with pytest.raises(ConfigError, match="SEDAC_MONITOR_MODE is not a SEDAC variable: the exit scope is SEDAC_SCOPE"):

@@ -14,6 +14,7 @@ from .decide import MonitorDecider
 from .engine import SkipRuntime
 from .layouts import find_layout
 from .loading import InputError
+from .sparsity import ChannelSparsity, attach_channels
 from .stats import ExitStats
 
 SCOPES = sedac_core.SCOPES
@@ -53,16 +54,22 @@ class UniversalAccelerator:
     over all forwards since creation (or :meth:`reset_stats`).
     """
 
-    def __init__(self, model: Any, rule: sedac_core.MonitorRule, protect_first: int = 1) -> None:
+    def __init__(self, model: Any, rule: sedac_core.MonitorRule, protect_first: int = 1,
+                 channels: Optional[ChannelSparsity] = None) -> None:
         self.layout = find_layout(model)
         self.rule = rule
+        self.channels = channels
         self.runtime = SkipRuntime(MonitorDecider(rule, self.layout.num_layers), self.layout.num_layers,
                                    protect_first)
         self._attachment: Optional[HFAttachment] = None
+        # channel soft exit's hooks, entered with the accelerator; its counts accumulate like ``stats``
+        self._channels = attach_channels(self.layout, channels) if channels is not None else None
 
     def __enter__(self) -> "UniversalAccelerator":
         if self._attachment is not None:
             raise RuntimeError("this accelerator is already active")
+        if self._channels is not None:
+            self._channels.__enter__()
         self._attachment = HFAttachment(self.layout, self.runtime)
         return self
 
@@ -70,6 +77,18 @@ class UniversalAccelerator:
         if self._attachment is not None:
             self._attachment.detach()
             self._attachment = None
+        if self._channels is not None:
+            self._channels.__exit__()
+
+    @property
+    def channel_stats(self) -> Optional[Dict[str, Any]]:
+        """With channel soft exit (a config's ``channels``): per layer, the fraction of the MLP input's and of
+        the down projection input's entries zeroed while active, and the MLP work that saves; else None."""
+        if self._channels is None:
+            return None
+        s_in, s_mid = self._channels.counts.sparsity()
+        return {"input_sparsity": s_in, "inner_sparsity": s_mid,
+                "mlp_work_saved": self._channels.counts.mlp_work_saved()}
 
     @property
     def active(self) -> bool:
@@ -85,6 +104,8 @@ class UniversalAccelerator:
 
     def reset_stats(self) -> None:
         self.runtime.reset_stats()
+        if self._channels is not None:
+            self._channels.reset_counts()
 
     def __repr__(self) -> str:
         r = self.rule
@@ -103,18 +124,23 @@ def create_universal_accelerator(model: Any, tau: float = 0.98, consecutive_k: i
     ``sedac_config.json`` as ``config`` (its values replace the keyword
     arguments). ``scope``: ``cascade`` (an exited token skips every later MLP)
     or ``per_layer``. ``protect_first``: the first tokens of every sequence
-    never exit (the attention sink).
+    never exit (the attention sink). A config with ``channels`` (from ``sedac-monitor calibrate
+    --channels``) also applies channel soft exit: per token, the MLP's small input entries are zeroed
+    (see :mod:`sedac_monitor.sparsity`).
     """
     layout = find_layout(model)
+    channels = None
     if config is not None:
         cfg = load_config(config, layout.num_layers)
+        if "channels" in cfg:
+            channels = ChannelSparsity.from_json(cfg["channels"], layout.num_layers)
         tau, consecutive_k, min_layer = cfg["tau"], cfg["consecutive_k"], cfg["min_layer"]
         protect_last, scope = cfg["protect_last"], cfg["scope"]
         protect_first = cfg.get("protect_first", 1)
     rule = monitor_rule(layout.num_layers, tau, consecutive_k, min_layer, protect_last, scope)
     if isinstance(protect_first, bool) or not isinstance(protect_first, int) or protect_first < 0:
         raise ValueError(f"protect_first must be an integer >= 0, got {protect_first!r}")
-    return UniversalAccelerator(model, rule, protect_first)
+    return UniversalAccelerator(model, rule, protect_first, channels)
 
 
 CONFIG_KEYS = ("tau", "consecutive_k", "min_layer", "protect_last", "scope")
@@ -154,4 +180,9 @@ def load_config(config: Union[str, Path, Dict[str, Any]], num_layers: Optional[i
             monitor_rule(num_layers, *(config[k] for k in CONFIG_KEYS))
         except (TypeError, ValueError) as exc:
             raise InputError(f"{source}: {exc}") from exc
+    if "channels" in config:
+        try:
+            ChannelSparsity.from_json(config["channels"], num_layers)
+        except InputError as exc:
+            raise InputError(f"{source}: {exc}") from None
     return config

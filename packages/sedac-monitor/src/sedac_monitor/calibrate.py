@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,12 +43,14 @@ from .cost import expected_speedups, measure_model, recommendation
 from .decide import MonitorDecider, RecordingDecider
 from .layouts import DecoderLayout, find_layout, model_identity
 from .loading import InputError, drop_last_position, load_model, read_text, split_windows, token_windows
+from .sparsity import ChannelSparsity, channel_path, measure_channels
 from .teacher import cascade_labels_for, teacher_forced
 
 __all__ = [
-    "BUDGET_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "ORIGINAL_DEFAULTS", "SIGNAL_EDGES",
-    "STRATEGIES", "calibrate", "candidate_list", "measure", "measured_search", "record_trace", "replay_grid",
-    "rule_dict", "signal_histogram", "within_budget", "write_config",
+    "BUDGET_NOT_MET", "CHANNELS_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "NEVER_EXIT",
+    "ORIGINAL_DEFAULTS", "SIGNAL_EDGES", "STRATEGIES", "calibrate", "candidate_list", "measure", "measured_search",
+    "calibrate_channels", "record_trace", "replay_grid", "rule_dict", "signal_histogram", "within_budget",
+    "write_config",
 ]
 
 STRATEGIES = {"conservative": 0.05, "balanced": 0.15, "aggressive": 0.30}
@@ -223,14 +225,22 @@ def measured_search(count: int, passes: Callable[[int], bool], budget: int) -> O
 
 BUDGET_NOT_MET = "no setting met the budget (top-1 risk and ΔPPL); exits are disabled"
 """The ``status`` a calibration writes when nothing it measured met the budget."""
+NEVER_EXIT = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade"}
+"""An exit rule that never exits (tau above any similarity)."""
+CHANNELS_NOT_MET = "no channel sparsity met the budget (top-1 risk and ΔPPL); every channel is computed"
 
 
 def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_risk: Optional[float] = None,
               confidence: Optional[float] = None, tokens: int = 4096, max_length: int = 512, batch_size: int = 4,
               budget: int = 8, grid: Optional[Grid] = None, log: Log = print,
               model_and_tokenizer: Any = None, protect_first: int = 1,
-              max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL) -> Dict[str, Any]:
-    """Search, measure and return the ``sedac_config.json`` content (see module docstring)."""
+              max_delta_ppl: float = DEFAULT_MAX_DELTA_PPL, channels: bool = False,
+              signal_weight: float = 0.0) -> Dict[str, Any]:
+    """Search, measure and return the ``sedac_config.json`` content (see module docstring).
+
+    ``channels``: spend the budget on channel soft exit instead of exits (see
+    :mod:`sedac_monitor.sparsity`): the config's exit rule never exits and its ``channels`` object holds the
+    per-layer thresholds chosen; ``signal_weight`` > 0 scales each token's thresholds by SEDAC's signal."""
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if max_risk is None:
@@ -259,6 +269,9 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
         search, certify = windows[search_sl], windows[certify_sl]
     else:
         search = certify = windows
+    if channels:
+        return _channel_config(layout, model_dir, text_file, search, certify, strategy, max_risk, max_delta_ppl,
+                               confidence, budget, batch_size, protect_first, log, t_start, signal_weight)
     grid = grid or Grid()
     rules = grid.rules(L)
     log(f"calibrating {type(model).__name__} ({L} layers) on {text_file}: {search.numel()} search tokens, "
@@ -305,8 +318,7 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
     else:
         # nothing met the budget: a setting that never exits, so that using the file is safe
         best = None
-        chosen = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade",
-                  "protect_first": protect_first}
+        chosen = {**NEVER_EXIT, "protect_first": protect_first}
         status = BUDGET_NOT_MET
     # what the setting would gain on this machine: the MLP's cost and the forward's time, measured here
     log("timing the MLP and the forward on this machine (expected speed-up) ...")
@@ -316,7 +328,6 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
     expected = best["expected_speedup"] if best is not None else {k: 1.0 for k in original["expected_speedup"]}
     advice = recommendation(expected, [m for m in measured if not m["passes"]])
     log(advice)
-    text_bytes = Path(text_file).read_bytes()
     histogram = signal_histogram(trace.similarity, int(chosen["min_layer"]))
     return {
         "format": "sedac_config",
@@ -329,13 +340,7 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
         "status": status,
         "model": {**model_identity(model), "path": str(model_dir)},
         "evidence": {
-            "text": str(text_file),
-            "text_sha256": hashlib.sha256(text_bytes).hexdigest(),
-            "search_tokens": int(trace.top1.numel()),
-            "measurement_tokens": int(base_top1.numel()),
-            "risk_definition": "fraction of tokens whose teacher-forced top-1 differs from the unmodified model",
-            "delta_ppl_definition": "perplexity of the text's next tokens, teacher-forced, over the unmodified "
-                                    "model's, minus 1",
+            **_evidence_head(text_file, int(trace.top1.numel()), int(base_top1.numel())),
             "chosen": best,
             "measured": measured,
             "original_defaults": original,
@@ -351,6 +356,93 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
             "seconds": round(time.perf_counter() - t_start, 1),
         },
     }
+
+
+def _evidence_head(text_file: Any, search_tokens: int, measurement_tokens: int) -> Dict[str, Any]:
+    return {
+        "text": str(text_file),
+        "text_sha256": hashlib.sha256(Path(text_file).read_bytes()).hexdigest(),
+        "search_tokens": search_tokens,
+        "measurement_tokens": measurement_tokens,
+        "risk_definition": "fraction of tokens whose teacher-forced top-1 differs from the unmodified model",
+        "delta_ppl_definition": "perplexity of the text's next tokens, teacher-forced, over the unmodified "
+                                "model's, minus 1",
+    }
+
+
+def _channel_config(layout: DecoderLayout, model_dir: Any, text_file: Any, search: torch.Tensor,
+                    certify: torch.Tensor, strategy: str, max_risk: float, max_delta_ppl: float,
+                    confidence: Optional[float], budget: int, batch_size: int, protect_first: int, log: Log,
+                    t_start: float, signal_weight: float) -> Dict[str, Any]:
+    """``calibrate(channels=True)``: channel soft exit within the budget, exits off."""
+    log(f"calibrating channel soft exit ({layout.num_layers} layers) on {text_file}: {search.numel()} search "
+        f"tokens, {certify.numel()} measurement tokens, max risk {max_risk:.3f}, max ΔPPL {max_delta_ppl:+.2%}")
+    base = teacher_forced(layout, certify, None, batch_size, desc="unmodified (measurement text)")
+    chosen, measured = calibrate_channels(layout, search, certify, base.top1, base.nll, max_risk, max_delta_ppl,
+                                          budget, confidence, batch_size, log, signal_weight)
+    best = None
+    if chosen is not None:
+        best = max((m for m in measured if m["passes"]), key=lambda m: m["mlp_work_saved"])
+        advice = (f"channel soft exit within budget skips {best['mlp_work_saved']:.1%} of MLP FLOPs (at one "
+                  "token per step, as much of the MLP weights read); the masked path computes the dense "
+                  "matrices, so time is saved only by a kernel that reads the active channels' weights alone")
+    else:
+        advice = ("no channel sparsity met the budget on this text: a looser --max-risk/--max-delta-ppl or a "
+                  "bigger model would be needed")
+    log(advice)
+    return {
+        "format": "sedac_config",
+        "format_version": FORMAT_VERSION,
+        **NEVER_EXIT,
+        "protect_first": protect_first,
+        "strategy": strategy,
+        "max_risk": max_risk,
+        "max_delta_ppl": max_delta_ppl,
+        "confidence": confidence,
+        "status": "ok" if chosen is not None else CHANNELS_NOT_MET,
+        "model": {**model_identity(layout.model), "path": str(model_dir)},
+        **({"channels": chosen.to_json()} if chosen is not None else {}),
+        "evidence": {
+            **_evidence_head(text_file, int(search.numel()), int(base.top1.numel())),
+            "selection": "per-token magnitude thresholds per layer on the MLP input and the down projection's "
+                         "input; levels allocated greedily across layers by output error per FLOP"
+                         + (f"; thresholds scaled per token by the stream distance (signal weight {signal_weight})"
+                            if signal_weight else ""),
+            "chosen": best,
+            "measured": measured,
+            "recommendation": advice,
+            "seconds": round(time.perf_counter() - t_start, 1),
+        },
+    }
+
+
+def calibrate_channels(layout: DecoderLayout, search: torch.Tensor, certify: torch.Tensor,
+                       base_top1: torch.Tensor, base_nll: torch.Tensor, max_risk: float, max_delta_ppl: float,
+                       budget: int = 8, confidence: Optional[float] = None, batch_size: int = 4,
+                       log: Callable[[str], None] = print, weight: float = 0.0
+                       ) -> Tuple[Optional[ChannelSparsity], List[Dict[str, Any]]]:
+    """The channel sparsity that saves the most MLP work with the measured top-1 risk and ΔPPL on
+    ``certify`` within budget (their upper bounds, Bonferroni over ``budget`` measurements, when
+    ``confidence`` is given); ``None`` when no measured candidate passed. Returns it and every measurement."""
+    _, candidates = channel_path(layout, search, batch_size, weight=weight)
+    level = None if confidence is None else 1.0 - (1.0 - confidence) / budget
+    measured: List[Dict[str, Any]] = []
+
+    def passes(index: int) -> bool:
+        s = candidates[index]
+        m = measure_channels(layout, certify, s, base_top1, base_nll, batch_size, level,
+                             desc=f"measure channels {s.mlp_work_saved:.0%}")
+        m["passes"] = within_budget(m, max_risk, max_delta_ppl, level is not None)
+        m["candidate"] = index
+        measured.append(m)
+        log(f"  channels at {s.mlp_work_saved:.1%} of MLP work: saved {m['mlp_work_saved']:.2%}, risk "
+            f"{m['measured_risk']:.2%}" + (f" (bound {m['risk_upper_bound']:.2%})" if level else "")
+            + f", ΔPPL {m['delta_ppl']:+.2%}" + (f" (bound {m['delta_ppl_upper_bound']:+.2%})" if level else "")
+            + f" -> {'ok' if m['passes'] else 'over budget'}")
+        return bool(m["passes"])
+
+    found = measured_search(len(candidates), passes, budget)
+    return (candidates[found] if found is not None else None), measured
 
 
 SIGNAL_EDGES = tuple([0.0] + [round(0.9 + 0.0025 * i, 4) for i in range(41)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -53,6 +54,7 @@ def evaluate(model_dir: Any, text_file: Any, config: Dict[str, Any], tokens: int
     from .calibrate import ORIGINAL_DEFAULTS
     from .layouts import find_layout
     from .loading import load_model, read_text, token_windows
+    from .sparsity import ChannelSparsity, attach_channels
     from .teacher import teacher_forced
 
     model, tokenizer = model_and_tokenizer or load_model(model_dir)
@@ -63,10 +65,17 @@ def evaluate(model_dir: Any, text_file: Any, config: Dict[str, Any], tokens: int
                             source=str(text_file))
     base = teacher_forced(layout, windows, None, batch_size, desc="unmodified")
     keys = ("tau", "consecutive_k", "min_layer", "protect_last", "scope")
+    channels = ChannelSparsity.from_json(cfg["channels"], L) if "channels" in cfg else None
+    with attach_channels(layout, channels) if channels is not None else contextlib.nullcontext() as att:
+        measured = measure(layout, windows, monitor_rule(L, *(cfg[k] for k in keys)), base.top1, base.nll,
+                           batch_size, protect_first=cfg.get("protect_first", 1))
+    if att is not None:  # channel soft exit: what it zeroed, on top of any exits
+        s_in, s_mid = att.counts.sparsity()
+        measured.update(channel_mlp_work_saved=att.counts.mlp_work_saved(), input_sparsity=s_in,
+                        inner_sparsity=s_mid)
     result = {
         "text": str(text_file),
-        "config": measure(layout, windows, monitor_rule(L, *(cfg[k] for k in keys)), base.top1, base.nll,
-                          batch_size, protect_first=cfg.get("protect_first", 1)),
+        "config": measured,
         # the original documents' defaults as they define them: no protected first token
         "original_defaults": measure(layout, windows, monitor_rule(L, **ORIGINAL_DEFAULTS), base.top1, base.nll,
                                  batch_size, protect_first=0),
@@ -122,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make the risk bound hold with this probability (Clopper-Pearson on held-out tokens)")
     p.add_argument("--budget", type=_positive("--budget"), default=8,
                    help="settings measured by running the model (default 8)")
+    p.add_argument("--channels", action="store_true",
+                   help="spend the budget on channel soft exit (per token, the MLP skips the weights its small "
+                        "activations would multiply) instead of whole-MLP exits")
+    p.add_argument("--signal-weight", type=_float_in("--signal-weight", 0.0, 4.0), default=0.0,
+                   help="with --channels: scale each token's thresholds by how little its residual stream moved "
+                        "(0, the default: one threshold per layer)")
     p.add_argument("--out", type=Path, default=Path("sedac_config.json"),
                    help="where to write the config (default sedac_config.json)")
     e = sub.add_parser("evaluate", allow_abbrev=False,
@@ -135,16 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "calibrate" and args.signal_weight and not args.channels:
+        parser.error("--signal-weight applies to channel soft exit: add --channels")
     try:
         if args.command == "calibrate":
             cfg = calibrate(args.model, args.text, args.strategy, args.max_risk, args.confidence, args.tokens,
                             args.max_length, args.batch_size, args.budget,
-                            log=lambda m: print(m, file=sys.stderr), max_delta_ppl=args.max_delta_ppl)
+                            log=lambda m: print(m, file=sys.stderr), max_delta_ppl=args.max_delta_ppl,
+                            channels=args.channels, signal_weight=args.signal_weight)
             path = write_config(cfg, args.out)
             ev = cfg["evidence"]
             chosen = ev["chosen"]
             print(f"wrote {path}: {cfg['status']}")
+            if args.channels:
+                if chosen:
+                    print(f"  channel soft exit: MLP work saved {chosen['mlp_work_saved']:.2%}, risk "
+                          f"{chosen['measured_risk']:.2%}, ΔPPL {chosen['delta_ppl']:+.2%} on {chosen['tokens']} "
+                          "tokens")
+                print(f"  {ev['recommendation']}")
+                return 0
             if chosen:
                 print(f"  scope={cfg['scope']} tau={cfg['tau']} K={cfg['consecutive_k']} "
                       f"min_layer={cfg['min_layer']} protect_last={cfg['protect_last']}: skipped MLP "
@@ -159,8 +185,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               args.timing_tokens or 0)
             for name in ("config", "original_defaults"):
                 m = result[name]
-                print(f"{name:17s} skipped MLP {m['skipped_mlp_fraction']:.2%}  risk {m['measured_risk']:.2%}  "
-                      f"ΔPPL {m['delta_ppl']:+.2%}  ({m['tokens']} tokens of {args.text})")
+                channel = (f"  channel soft exit saved {m['channel_mlp_work_saved']:.2%}"
+                           if "channel_mlp_work_saved" in m else "")
+                print(f"{name:17s} skipped MLP {m['skipped_mlp_fraction']:.2%}{channel}  risk "
+                      f"{m['measured_risk']:.2%}  ΔPPL {m['delta_ppl']:+.2%}  ({m['tokens']} tokens of {args.text})")
             if "timing" in result:
                 t = result["timing"]
                 print(f"prefill {t['prefill_tokens']} tokens: unpatched {t['unpatched_s']:.3f} s, patched "

@@ -434,6 +434,11 @@ def _monitor_file(self: Any, path: str) -> None:  # on the draft, in from_env
         data = load_config(path)
     except InputError as exc:
         raise ConfigError(f"SEDAC_CONFIG={path!r}: {exc}") from None
+    if "channels" in data:
+        raise ConfigError(f"SEDAC_CONFIG={path!r} holds a channel soft exit (\"channels\", from `sedac-monitor "
+                          "calibrate --channels`), which sedac-vllm does not serve yet: the Hugging Face "
+                          "accelerator applies it (create_universal_accelerator(model, config=...)); for vLLM, "
+                          "calibrate exits (without --channels)")
     self.tau, self.consecutive_k, self.min_layer = data["tau"], data["consecutive_k"], data["min_layer"]
     self.protect_last, self.scope = data["protect_last"], data["scope"]
     self.protect_first = data.get("protect_first", self.protect_first)
