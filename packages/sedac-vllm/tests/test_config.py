@@ -125,13 +125,25 @@ def test_monitor_config_file_is_read_and_env_overrides(tmp_path):
         SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
 
 
-def test_a_channel_soft_exit_config_is_refused_not_ignored(tmp_path):
-    """sedac-vllm does not serve channel soft exit yet: a config that asks for it stops start-up, naming it."""
+def test_a_channel_soft_exit_config_is_read_and_what_cannot_be_served_is_refused(tmp_path):
     f = tmp_path / "sedac_config.json"
-    f.write_text(json.dumps({"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade",
-                             "channels": {"input_thresholds": [0.1] * 2, "inner_thresholds": [0.1] * 2,
-                                          "input_sparsity": [0.1] * 2, "inner_sparsity": [0.1] * 2}}))
-    with pytest.raises(ConfigError, match="holds a channel soft exit .* which sedac-vllm does not serve yet"):
+    channels = {"input_thresholds": [0.1, 0.0], "inner_thresholds": [0.2, 0.3], "input_sparsity": [0.1, 0.0],
+                "inner_sparsity": [0.1, 0.2]}
+    rule = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade"}
+    f.write_text(json.dumps({**rule, "channels": channels}))
+    cfg = SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+    assert cfg.channels == ((0.1, 0.0), (0.2, 0.3))
+    assert "channels=" in cfg.describe()  # the thresholds join the compile-cache key
+    with pytest.raises(ConfigError, match="channel thresholds for 2 layers, this model has 6"):
+        cfg.check_model(6)
+    with pytest.raises(ConfigError, match="SEDAC_SOFT_EXIT=1 and the channel soft exit .* use one"):
+        SedacConfig.from_env(env(SEDAC_CONFIG=str(f), SEDAC_SOFT_EXIT="1"))
+    f.write_text(json.dumps({**rule, "channels": {**channels, "signal_weight": 0.5,
+                                                  "signal_reference": [1.0, 0.1]}}))
+    with pytest.raises(ConfigError, match="channels.signal_weight 0.5 is not served by sedac-vllm"):
+        SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
+    f.write_text(json.dumps({**rule, "channels": {**channels, "inner_thresholds": [0.1]}}))
+    with pytest.raises(ConfigError, match="channels.inner_thresholds has 1 entries"):
         SedacConfig.from_env(env(SEDAC_CONFIG=str(f)))
 
 

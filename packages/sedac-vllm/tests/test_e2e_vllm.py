@@ -6,6 +6,7 @@ configuration. Compared against: vanilla vLLM (no plugins loaded at all), and th
 sequences vLLM produced).
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 
 from sedac_monitor import create_universal_accelerator
 from sedac_monitor.runtime import HFAttachment, MonitorDecider, RecordingDecider, SkipRuntime, find_layout, load_model
+from sedac_monitor.sparsity import ChannelSparsity, attach_channels
 from sedac_monitor.testing import tiny_model
 from sedac_probes import ProbeDecider, TorchCascade
 from sedac_probes import load as load_probes
@@ -98,18 +100,24 @@ def greedy(model, decider_factory, prompt_ids):
     return seq
 
 
-def gap_value(values, centre_q, centre=None):
-    """The middle of the widest gap between observed values within +-0.01 of their ``centre_q``
+def gap_value(values, centre_q, centre=None, window=0.01):
+    """The middle of the widest gap between observed values within +-``window`` of their ``centre_q``
     quantile (or of ``centre``): a threshold no value lies close to."""
     v = np.sort(np.asarray(values, dtype=np.float64))
     centre = np.quantile(v, centre_q) if centre is None else centre
     mids = (v[:-1] + v[1:]) / 2
-    gaps = np.where(np.abs(mids - centre) <= 0.01, np.diff(v), -1.0)
+    gaps = np.where(np.abs(mids - centre) <= window, np.diff(v), -1.0)
     return float(mids[int(np.argmax(gaps))])
 
 
-def hf_monitor_setup(model, prompt_ids):
-    """A tau far from every similarity the patched model produces on these prompts and continuations."""
+def hf_monitor_setup(model, prompt_ids, channels=None):
+    """A tau far from every similarity the patched model produces on these prompts and continuations (with
+    ``channels``' channel soft exit applied throughout, if given)."""
+    with attach_channels(find_layout(model), channels) if channels is not None else contextlib.nullcontext():
+        return _monitor_setup(model, prompt_ids)
+
+
+def _monitor_setup(model, prompt_ids):
     sims = []
     for p in prompt_ids:
         rec = RecordingDecider(L)
@@ -138,6 +146,55 @@ def hf_monitor_setup(model, prompt_ids):
             return tau, seqs
         tau = gap_value(allv, None, centre=tau)
     raise AssertionError("no tau with a safe margin found")
+
+
+def channel_values(model, seqs, channels=None, factory=None):
+    """|x| at every MLP's input and |h| at every down projection's input, per layer, as the model computes them
+    on ``seqs`` with ``channels`` applied and ``factory``'s decider attached (values before the masks)."""
+    layout = find_layout(model)
+    xs, hs, handles = [[] for _ in range(L)], [[] for _ in range(L)], []
+    for i in range(L):  # registered before the channel hooks: they see the values the thresholds compare
+        mlp = layout.mlp(i)
+        handles.append(mlp.gate_proj.register_forward_pre_hook(
+            lambda m, a, i=i: xs[i].append(a[0].detach().abs().reshape(-1))))
+        handles.append(mlp.down_proj.register_forward_pre_hook(
+            lambda m, a, i=i: hs[i].append(a[0].detach().abs().reshape(-1))))
+    att = HFAttachment(layout, SkipRuntime(factory(), L, 1)) if factory is not None else None
+    try:
+        with torch.no_grad(), attach_channels(layout, channels) if channels else contextlib.nullcontext():
+            for s in seqs:
+                model(input_ids=torch.tensor([s]))
+    finally:
+        if att is not None:
+            att.detach()
+        for h in handles:
+            h.remove()
+    return [torch.cat(v).numpy() for v in xs], [torch.cat(v).numpy() for v in hs]
+
+
+def monitor_factory(model, tau):
+    rule = create_universal_accelerator(model, tau=tau, consecutive_k=1, min_layer=1).rule
+    return lambda: MonitorDecider(rule, L)
+
+
+def hf_channel_setup(model, prompt_ids, q_in=0.3, q_mid=0.4):
+    """Channel soft exit (about ``q_in`` of the MLP input's entries and ``q_mid`` of the down projection
+    input's zeroed) with V7 exits: thresholds in the widest gaps of the values the unmasked model produces
+    on the prompts (once masks and exits move later layers' values, a few may come within float32 noise of
+    a threshold: a flipped entry moves the output by far less than the tokens' and tau's margins), and a tau
+    far from every similarity the masked, exiting model produces on the prompts and its continuations."""
+    xs, hs = channel_values(model, prompt_ids)
+    t_in = [gap_value(x, q_in, window=0.05) for x in xs]
+    t_mid = [gap_value(h, q_mid, window=0.05) for h in hs]
+    for _ in range(4):
+        channels = ChannelSparsity(tuple(t_in), tuple(t_mid), (q_in,) * L, (q_mid,) * L)
+        try:
+            tau, seqs = hf_monitor_setup(model, prompt_ids, channels)
+            return channels, tau, seqs
+        except AssertionError:  # no safe tau with these masks: move the thresholds and try again
+            t_in = [gap_value(x, None, centre=t * 1.05, window=0.05) for x, t in zip(xs, t_in)]
+            t_mid = [gap_value(h, None, centre=u * 1.05, window=0.05) for h, u in zip(hs, t_mid)]
+    raise AssertionError("no tau with a safe margin found under channel soft exit")
 
 
 def decisions(model, factory, seqs):
@@ -180,6 +237,7 @@ def engine_runs(family, tmp_path_factory):
     model, tok = load_model(model_dir)
     prompt_ids = [tok(p, add_special_tokens=True)["input_ids"] for p in PROMPTS]
     tau, seqs = hf_monitor_setup(model, prompt_ids)
+    channels, channel_tau, channel_seqs = hf_channel_setup(model, prompt_ids) if full else (None, None, None)
 
     # probes for the tiny model, trained on a little text; thresholds in gaps of the risks they produce
     from sedac_probes.collect import collect
@@ -216,6 +274,11 @@ def engine_runs(family, tmp_path_factory):
         "evidence": {"signal_histogram": {"edges": [0.0, 0.01, 1.0], "counts": [1000, 0], "min_layer": 1}},
         "serving": {"shadow_rate": 1, "decision_log_rate": 1}}))
     online_env = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(online_cfg), "SEDAC_ONLINE": "1"}
+    # channel soft exit with V7 exits, from a config file as `sedac-monitor calibrate --channels` writes one
+    channel_cfg = tmp / "channel_config.json"
+    channel_cfg.write_text(json.dumps({
+        "format": "sedac_config", "tau": channel_tau, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
+        "scope": "cascade", "protect_first": 1, "channels": channels.to_json() if channels else None}))
     base = [
         {"name": "vanilla", "env": {"VLLM_PLUGINS": ""}},
         {"name": "disabled", "env": {"SEDAC_ENABLED": "0"}},
@@ -233,6 +296,7 @@ def engine_runs(family, tmp_path_factory):
         {"name": "fusion", "modes": ("compiled",),
          "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "fusion"),
                  "SEDAC_CONFIG": settings("fusion", thresholds=fused_thresholds, adaptive=False)}},
+        {"name": "channels", "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(channel_cfg)}},
         {"name": "probe_soft", "env": {
             **probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
             "SEDAC_CONFIG": settings("probe_soft", thresholds=thresholds, adaptive=False, exit_rates=[0.9, 0.9],
@@ -255,6 +319,7 @@ def engine_runs(family, tmp_path_factory):
             {"name": "bad_thresholds", "env": {**probe_env, "SEDAC_CONFIG": settings("bad", thresholds=[0.5])}},
         ], tmp / "bad")
     return {"family": family, "tmp": tmp, "model": model, "tau": tau, "seqs": seqs, "probe_seqs": pseqs,
+            "channels": channels, "channel_tau": channel_tau, "channel_seqs": channel_seqs,
             "probe_factory": probe_factory, "fused_seqs": fseqs, "fused_factory": fused_factory,
             "results": results, "bad": bad, "bad_stderr": bad_stderr}
 
@@ -395,6 +460,32 @@ def test_statistics_reach_the_metrics_file(e2e, mode):
         assert stats["gather"] == "always" and stats["gathers"] > 0
         assert probe["gather"] == "never" and probe["gathers"] == 0 and probe["max_host_reads"] == 0
     assert probe["mode"] == "probe" and probe["probe_layers"] == [1, 3] and len(probe["thresholds"]) == 2
+
+
+@pytest.mark.parametrize("e2e,mode", QWEN2, indirect=["e2e"])
+def test_channel_soft_exit_with_exits_equals_the_hf_reference(e2e, mode):
+    """Channel soft exit and V7 exits together: vLLM's greedy outputs and per-token exits equal the HF
+    accelerator's with the same config, and the masks changed what vLLM computes."""
+    r = runs_in(e2e, mode)
+    run = r["channels"]["together"]
+    seqs, model = e2e["channel_seqs"], e2e["model"]
+    assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs
+    with attach_channels(find_layout(model), e2e["channels"]):
+        ref = decisions(model, monitor_factory(model, e2e["channel_tau"]), seqs)
+    got = vllm_decisions(run["trace"])
+    assert got == ref
+    exits = sum(n for (pos, tok, f), n in got.items() if f < L)
+    assert 5 <= exits <= sum(got.values()) - 5, "the setting must exit some tokens and keep others"
+    # the HF reference's logprobs of the tokens vLLM chose: the masks ran as in HF
+    acc = create_universal_accelerator(model, config=e2e["tmp"] / "channel_config.json")
+    for prompt, tokens, lps, seq in zip(run["prompt_ids"], run["tokens"], run["logprobs"], seqs):
+        with acc, torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq[:-1]])).logits[0].float()
+        hf = torch.log_softmax(logits, -1)[len(prompt) - 1:].gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+        np.testing.assert_allclose(hf.numpy(), lps, atol=1e-3)
+    assert acc.channel_stats["mlp_work_saved"] > 0.1
+    vanilla = r["vanilla"]["together"]
+    assert run["tokens"] != vanilla["tokens"] or run["logprobs"] != vanilla["logprobs"]
 
 
 @pytest.mark.parametrize("e2e,mode", QWEN2, indirect=["e2e"])

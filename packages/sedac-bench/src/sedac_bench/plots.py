@@ -176,5 +176,40 @@ def throughput(results: Dict[str, Any], out: Path) -> List[str]:
     return files
 
 
+def channel_pareto(results: Dict[str, Any], out: Path) -> List[str]:
+    """Risk and ΔPPL against MLP FLOPs saved: channel soft exit next to whole-MLP exits (the quality rows)."""
+    ch = results.get("channels")
+    if not ch or not (ch["rows"] or ch["curves"]):
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    exits_rows = [r for r in results["quality"]["rows"] if r["family"] != "baseline" or "random" in r["name"]]
+    markers = {"calibrated": "*", "random": "X", "uniform": "s", "static order": "v"}
+    colors = {"calibrated": "tab:green", "random": "tab:gray", "uniform": "tab:purple", "static order": "tab:brown"}
+    for ax, key, label in ((axes[0], "risk", "top-1 risk (%)"), (axes[1], "delta_ppl", "ΔPPL (%)")):
+        ax.scatter([r["skipped_mlp_fraction"] * 100 for r in exits_rows], [r[key] * 100 for r in exits_rows],
+                   color="tab:blue", s=14, alpha=0.6, label="whole-MLP exits (every measured setting)")
+        for i, (name, curve) in enumerate(ch["curves"].items()):
+            ax.plot([r["mlp_flops_saved"] * 100 for r in curve], [r[key] * 100 for r in curve], "-o", ms=3,
+                    color=f"C{i + 3}", label=name)
+        for r in ch["rows"]:
+            ax.scatter(r["mlp_flops_saved"] * 100, r[key] * 100, marker=markers.get(r["variant"], "o"), s=90,
+                       color=colors.get(r["variant"], "k"), zorder=4, label=r["name"])
+        if key == "risk":
+            ax.axhline(5.0, color="k", lw=0.5, ls="--")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel("MLP FLOPs saved (%)")
+        ax.set_ylabel(label + " on held-out text")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, loc="upper left")
+    fig.suptitle("Channel soft exit vs whole-MLP exits (measured, teacher-forced)", fontsize=9)
+    _footer(fig, results)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(out / "pareto_channels.png", dpi=130)
+    plt.close(fig)
+    return ["pareto_channels.png"]
+
+
 def all_figures(results: Dict[str, Any], out: Path) -> List[str]:
-    return pareto(results, out) + exits(results, out) + throughput(results, out)
+    return pareto(results, out) + channel_pareto(results, out) + exits(results, out) + throughput(results, out)

@@ -64,6 +64,10 @@ def headline(results: Dict[str, Any]) -> List[str]:
                      + (f"{pct(gen['fully_identical'], 0) if gen else 'n/a'} | " if generated else "")
                      + f"{(_vllm_speedup(results, v, 'prefill') if v else None) or 'n/a'} | "
                      f"{(_vllm_speedup(results, v, 'decode') if v else None) or 'n/a'} |")
+    for r in results.get("channels", {}).get("rows", []):
+        if r["variant"] == "calibrated":  # MLP FLOPs saved by channel soft exit (not served by vLLM yet)
+            lines.append(f"| {r['name']} | {pct(r['mlp_flops_saved'])} | {pct(r['risk'])} | "
+                         f"{signed_pct(r['delta_ppl'])} | " + ("n/a | " if generated else "") + "n/a | n/a |")
     return lines
 
 
@@ -117,6 +121,7 @@ def write(results: Dict[str, Any], out: Path, figures: List[str]) -> Path:
                 f"{res[n]['speedup']:.3f}x ({res[n]['ideal_speedup']:.3f}x), {pct(res[n]['skipped_mlp_fraction'])}"
                 for n in hf["methods"]) + " |")
         L.append("")
+    L += channel_section(results)
     for folder, data in results.get("vllm", {}).items():
         L += vllm_section(folder, data)
         L += expected_section(results.get("monitor_calibration", {}), data)
@@ -126,6 +131,58 @@ def write(results: Dict[str, Any], out: Path, figures: List[str]) -> Path:
     path.write_text("\n".join(L) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return path
+
+
+def channel_section(results: Dict[str, Any]) -> List[str]:
+    """Channel soft exit on the held-out text, with what it must beat at the same work."""
+    ch = results.get("channels")
+    if not ch:
+        return []
+    cfg = ch["config"]
+    L = ["## Channel soft exit (HF eager, teacher-forced, held-out text)", "",
+         "Per token, the MLP skips the weights its small activations would multiply: a magnitude threshold per "
+         "layer on the MLP's input (gate and up skip those input channels) and on the down projection's input. "
+         "`sedac-monitor calibrate --channels` chose the thresholds on the calibration text within max risk "
+         f"{pct(cfg['max_risk'], 0)} and max ΔPPL {pct(cfg['max_delta_ppl'], 0)} (status: {cfg['status']}); "
+         "exits are off in that setting. Weight bytes: at batch 1 a token reads only its active channels' "
+         f"weights; at batch {ch['union_rows']} a weight is skipped only where every row of the batch skips it "
+         f"(counted over groups of {ch['union_rows']} consecutive held-out tokens). These are quality and work "
+         "figures: the masks run on the dense matrices here, and sedac-vllm does not serve channel soft exit "
+         "yet, so no wall-clock is claimed.", "",
+         "| setting | MLP FLOPs saved | weight bytes saved, batch 1 | weight bytes saved, batch "
+         f"{ch['union_rows']} | top-1 risk | ΔPPL |", "|---|---|---|---|---|---|"]
+    for r in ch["rows"]:
+        L.append(f"| {r['name']} | {pct(r['mlp_flops_saved'])} | {pct(r['weight_bytes_saved_b1'])} | "
+                 f"{pct(r['weight_bytes_saved_b16'])} | {pct(r['risk'])} | {signed_pct(r['delta_ppl'])} |")
+    rows = {r["name"]: r for r in results["quality"]["rows"]}
+    best = results["quality"].get("best_sedac")
+    if best in rows:
+        r = rows[best]
+        L.append(f"| whole-MLP exits: {best} | {pct(r['skipped_mlp_fraction'])} | "
+                 f"{pct(r['skipped_mlp_fraction'])} | n/a | {pct(r['risk'])} | {signed_pct(r['delta_ppl'])} |")
+    t = ch["targets"]
+    L.append("")
+    if "goal" in t:
+        g = t["goal"]
+        beats = ", ".join(f"{k}: {'yes' if v else '**no**'}" for k, v in t["beats_on_risk"].items())
+        L += [f"Target: at ≤ {pct(g['risk'], 0)} held-out risk and ΔPPL ≤ {pct(g['delta_ppl'], 0)}, ≥ "
+              f"{pct(g['work'], 0)} of MLP FLOPs saved, with lower risk than random channels and fixed per-layer "
+              f"sparsity at the same work: {pct(t['work'])} saved at {pct(t['risk'])} risk, ΔPPL "
+              f"{signed_pct(t['delta_ppl'])} — within budget: {'yes' if t['within_budget'] else '**no**'}; work: "
+              f"{'met' if t['work_met'] else '**not met**'}; lower risk than {beats}. "
+              f"Overall: **{'met' if t['met'] else 'not met'}**.", ""]
+    else:
+        L += [f"Target: **not met** ({t['why']}).", ""]
+    if ch["curves"]:
+        L += ["Work/risk curves (full size): points of the greedy allocation, and of the same allocation with "
+              "each token's thresholds scaled by how little its residual stream moved (SEDAC's signal), next to "
+              "one fixed sparsity in every layer.", "",
+              "| curve | " + " | ".join(["point (FLOPs saved: risk, ΔPPL)"] * 1) + " |", "|---|---|"]
+        for name, curve in ch["curves"].items():
+            L.append(f"| {name} | " + "; ".join(f"{pct(r['mlp_flops_saved'], 0)}: {pct(r['risk'])}, "
+                                                f"{signed_pct(r['delta_ppl'])}" for r in curve) + " |")
+        L.append("")
+    return L
 
 
 def _row(rows: Dict[str, Any], name: str) -> str:

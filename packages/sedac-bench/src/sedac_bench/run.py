@@ -339,6 +339,52 @@ class Bench(VllmStages):
                                    "ppl_base": rows[0]["ppl_base"], "best_sedac": best["name"], "rows": rows,
                                    "pareto_target": target}
 
+    def channel_soft_exit(self) -> None:
+        """Channel soft exit: calibrated on enwiki within the demo's budget (exits off), then measured on the
+        held-out text next to random channels, fixed per-layer sparsity and the static order at its work; the
+        full size adds the work/risk curves of the greedy allocation, with and without SEDAC's signal."""
+        from sedac_monitor.calibrate import calibrate, write_config
+        from sedac_monitor.runtime import read_text, token_windows
+        from sedac_monitor.sparsity import ChannelSparsity, channel_path, record, uniform
+
+        from . import channels
+
+        with self.timed("channel soft exit: calibration (enwiki)"):
+            cfg = calibrate(self.model_dir, self.texts["enwiki"], "conservative", MAX_RISK,
+                            tokens=self.size["cal_tokens"], max_length=512, batch_size=4, log=self.log,
+                            model_and_tokenizer=(self.model, self.tok), channels=True)
+            write_config(cfg, self.out / "sedac_channels_config.json")
+        rows: List[Dict[str, Any]] = []
+        curves: Dict[str, List[Dict[str, Any]]] = {}
+        with self.timed("channel soft exit: held-out"):
+            cal = token_windows(self.tok, read_text(self.texts["enwiki"]), 512, self.size["cal_tokens"] // 512,
+                                source="enwiki")
+            rec = record(self.layout, cal, 4)
+            if "channels" in cfg:
+                chosen = ChannelSparsity.from_json(cfg["channels"], self.L)
+                row = channels.measure_sparsity(self.layout, self.eval_windows, self.base,
+                                                "channels calibrated (max risk 5%)", "calibrated", chosen)
+                rows.append(row)
+                rows += channels.matched(self.layout, self.eval_windows, self.base, row, rec)
+                for r in rows:
+                    self.log(f"  {r['name']:52s} MLP FLOPs saved {r['mlp_flops_saved']:6.2%}  risk {r['risk']:6.2%}"
+                             f"  ΔPPL {r['delta_ppl']:+.2%}")
+            if self.size["extras"]:
+                for weight in (0.0, 0.5, 1.0):
+                    _, path = channel_path(self.layout, cal, 4, max_work=0.3, step=0.05, weight=weight, rec=rec)
+                    name = "greedy allocation" + (f", signal weight {weight:g}" if weight else "")
+                    curves[name] = [channels.measure_sparsity(
+                        self.layout, self.eval_windows, self.base, f"{name}, {s.mlp_work_saved:.0%}",
+                        "signal" if weight else "greedy", s) for s in path[::-1]]
+                uniform_curve = []
+                for level in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3):
+                    uniform_curve.append(channels.measure_sparsity(
+                        self.layout, self.eval_windows, self.base, f"uniform {level:.0%}", "uniform",
+                        uniform(rec, level, level)))
+                curves["uniform per layer (TEAL-like)"] = uniform_curve
+        self.results["channels"] = {"config": cfg, "rows": rows, "curves": curves, "targets": channels.targets(rows),
+                                    "union_rows": channels.UNION_ROWS}
+
     def baselines(self, best: Dict[str, Any]) -> List[Dict[str, Any]]:
         L = self.L
         out = []
@@ -504,6 +550,7 @@ def run(root: Optional[Path] = None, out: Path = Path("bench-results"), size: st
     b.train_probes()
     b.held_out_trace()
     b.quality()
+    b.channel_soft_exit()
     if b.size["extras"]:
         b.generation()
         b.speculative()

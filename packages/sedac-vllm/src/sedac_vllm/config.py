@@ -10,12 +10,13 @@ variables override.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 logger = logging.getLogger("sedac_vllm")
 
@@ -219,6 +220,9 @@ class SedacConfig:
     trace: Optional[str] = None
     sources: Dict[str, str] = field(default_factory=dict)
     config_json: Dict[str, Any] = field(default_factory=dict)  # the file's V7 calibration as read (empty: none)
+    # channel soft exit from the file's "channels": per layer, the MLP input's and the down projection input's
+    # magnitude thresholds (None: every channel computed)
+    channels: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "SedacConfig":
@@ -268,6 +272,9 @@ class SedacConfig:
         cfg.trace = _get(env, "SEDAC_TRACE")
         if cfg.online and cfg.mode != "monitor":
             raise ConfigError("SEDAC_ONLINE=1 works with the V7 monitor (SEDAC_MODE=monitor) only")
+        if cfg.channels is not None and cfg.soft_exit:
+            raise ConfigError(f"SEDAC_SOFT_EXIT=1 and the channel soft exit of SEDAC_CONFIG={cfg.config_file!r} "
+                              "both choose which MLP channels to compute: use one")
         if cfg.mode == "probe":
             if not cfg.probe_dir:
                 raise ConfigError("SEDAC_MODE=probe needs SEDAC_PROBE_DIR: the directory written by "
@@ -291,13 +298,21 @@ class SedacConfig:
                                   f"(accepted: 0..{num_layers - 1})")
             if self.consecutive_k > num_layers:
                 raise ConfigError(f"SEDAC_CONSECUTIVE_K={self.consecutive_k} exceeds the model's {num_layers} layers")
+            if self.channels is not None and len(self.channels[0]) != num_layers:
+                raise ConfigError(f"SEDAC_CONFIG={self.config_file!r} has channel thresholds for "
+                                  f"{len(self.channels[0])} layers, this model has {num_layers}")
 
     def describe(self) -> str:
         if not self.enabled:
             return "SEDAC disabled"
         if self.mode == "monitor":
+            channels = ""
+            if self.channels is not None:  # the thresholds are baked into the graph: their digest joins the key
+                digest = hashlib.sha256(repr(self.channels).encode()).hexdigest()[:12]
+                channels = f" channels={digest}"
             return (f"SEDAC monitor: tau={self.tau} K={self.consecutive_k} min_layer={self.min_layer} "
-                    f"scope={self.scope} protect_last={self.protect_last} protect_first={self.protect_first}")
+                    f"scope={self.scope} protect_last={self.protect_last} protect_first={self.protect_first}"
+                    + channels)
         return (f"SEDAC probe: {self.probe_dir} rule={self.rule} soft_exit={self.soft_exit} soft_k={self.soft_k} "
                 f"adaptive={self.adaptive} adaptive_decay={self.adaptive_decay} protect_last={self.protect_last} "
                 f"protect_first={self.protect_first}")
@@ -435,10 +450,14 @@ def _monitor_file(self: Any, path: str) -> None:  # on the draft, in from_env
     except InputError as exc:
         raise ConfigError(f"SEDAC_CONFIG={path!r}: {exc}") from None
     if "channels" in data:
-        raise ConfigError(f"SEDAC_CONFIG={path!r} holds a channel soft exit (\"channels\", from `sedac-monitor "
-                          "calibrate --channels`), which sedac-vllm does not serve yet: the Hugging Face "
-                          "accelerator applies it (create_universal_accelerator(model, config=...)); for vLLM, "
-                          "calibrate exits (without --channels)")
+        from sedac_monitor.sparsity import ChannelSparsity
+
+        channels = ChannelSparsity.from_json(data["channels"])  # load_config checked it
+        if channels.signal_weight:
+            raise ConfigError(f"SEDAC_CONFIG={path!r}: channels.signal_weight {channels.signal_weight} is not "
+                              "served by sedac-vllm (thresholds scaled per token by the stream's movement run in "
+                              "the Hugging Face accelerator only); recalibrate with --signal-weight 0")
+        self.channels = (channels.input_thresholds, channels.inner_thresholds)
     self.tau, self.consecutive_k, self.min_layer = data["tau"], data["consecutive_k"], data["min_layer"]
     self.protect_last, self.scope = data["protect_last"], data["scope"]
     self.protect_first = data.get("protect_first", self.protect_first)

@@ -75,19 +75,37 @@ class _SedacMLP(SkippableMLP):
     _sedac_owner: "rt_mod.VllmSedac"
 
     _sedac_act: Any = None
+    _sedac_channels: Any = None  # channel soft exit: (input threshold, inner threshold) of this layer
 
     def forward(self, x):
         return self._sedac_owner.run_mlp(self, x)
 
     def _sedac_vanilla(self, x):
+        if self._sedac_channels is not None:
+            return self._sedac_channel_mlp(x)
         return super(SkippableMLP, self).forward(x)
+
+    def _sedac_channel_mlp(self, x):
+        """vLLM's MLP with channel soft exit: the input's entries below the layer's input threshold and the
+        down projection input's below its inner threshold zeroed, per token (elementwise, so every
+        tensor-parallel rank masks its own shard as the whole would be masked). Masked, not gathered: the
+        dense matrices run, in the graph, and the result is what a channel kernel would compute."""
+        t_in, t_mid = self._sedac_channels
+        if t_in > 0:
+            x = x.masked_fill(x.abs() < t_in, 0)
+        h, _ = self.gate_up_proj(x)
+        h = self.act_fn(h)
+        if t_mid > 0:
+            h = h.masked_fill(h.abs() < t_mid, 0)
+        y, _ = self.down_proj(h)
+        return y
 
     def _sedac_masked(self, x, skip, keep, m):
         """Every row through vLLM's MLP, skipped rows zeroed; with a soft exit every channel computed and
         each row's first ``m`` kept. Out of place (a ``torch.cond`` branch)."""
         if m is not None:
             return self._sedac_truncated(x, m)
-        return super(SkippableMLP, self).forward(x).masked_fill(skip[:, None], 0)
+        return self._sedac_vanilla(x).masked_fill(skip[:, None], 0)
 
     def _sedac_op(self, x, skip, keep, m):
         return torch.ops.sedac.skip_mlp(x, skip, keep, self._sedac_owner.key, self._sedac_layer)
@@ -99,6 +117,8 @@ class _SedacMLP(SkippableMLP):
         the activation called directly (see :func:`eager_activation`), and on CPU their GEMM kernels
         called directly too (see :func:`direct_mlp`)."""
         act = self._sedac_act
+        if self._sedac_channels is not None:
+            return self._sedac_channel_mlp(x)
         if act is None:
             return super(SkippableMLP, self).forward(x)
         direct = self._sedac_direct
@@ -260,6 +280,8 @@ class SedacModelMixin(_VllmCausalLM):
             make_skippable(layer.mlp, sedac.runtime, i, vllm_truncated(layer.mlp) if cfg.soft_exit else None,
                            mixin=_SedacMLP)
             layer.mlp._sedac_owner = sedac
+            if cfg.channels is not None:
+                layer.mlp._sedac_channels = (float(cfg.channels[0][i]), float(cfg.channels[1][i]))
             sedac.mlps[i] = layer.mlp
             layer.mlp._sedac_act = eager_activation(layer.mlp)
         self._sedac = sedac

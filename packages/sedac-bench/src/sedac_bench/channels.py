@@ -1,0 +1,176 @@
+"""Channel soft exit on held-out text, next to what it must beat: fixed per-layer sparsity (TEAL-like), random
+channels at the same per-layer rates, and soft exit's static channel order, all at the same MLP work.
+
+Every row is measured by running the model teacher-forced on the held-out text (HF eager, masks applied by
+forward pre-hooks; the dense matrices still run, so these are quality and work figures, not timings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from sedac_monitor.runtime import Pass, channel_importance, teacher_forced
+from sedac_monitor.sparsity import INPUT_SHARE, ChannelCounts, ChannelSparsity, attach_channels
+
+from .metrics import delta_ppl, perplexity
+
+UNION_ROWS = 16
+"""Rows per group when counting weight bytes at batch > 1: a matrix's column can be skipped only where every
+row of the batch skips it."""
+TARGET = {"work": 0.15, "risk": 0.05, "delta_ppl": 0.03}
+"""At <= 5% held-out top-1 risk and ΔPPL <= 3%: at least 15% of the MLP's FLOPs skipped."""
+
+
+def _hook_counts(counts: ChannelCounts, i: int, inner: bool, small: torch.Tensor) -> None:
+    width = small.shape[-1]
+    flat = small.reshape(-1, width)
+    rows = flat.shape[0]
+    (counts.inner_rows if inner else counts.input_rows)[i] += rows
+    (counts.inner_zeroed if inner else counts.input_zeroed)[i] += int(flat.sum())
+    groups = rows // UNION_ROWS
+    if groups:
+        both = flat[:groups * UNION_ROWS].reshape(groups, UNION_ROWS, width).all(dim=1)
+        union = counts.__dict__.setdefault("union", {})
+        key = ("inner" if inner else "input", i)
+        seen, zeroed = union.get(key, (0, 0))
+        union[key] = (seen + groups * width, zeroed + int(both.sum()))
+
+
+@contextlib.contextmanager
+def masked(layout, mask_input, mask_inner) -> Iterator[ChannelCounts]:
+    """Forward pre-hooks zeroing, per layer ``i``, ``mask_input(i, x)`` of the MLP's input (gate/up) and
+    ``mask_inner(i, h)`` of the down projection's input (either may return None: dense). Yields the counts:
+    entries zeroed, and in groups of :data:`UNION_ROWS` rows the columns every row of the group zeroed."""
+    L = layout.num_layers
+    counts = ChannelCounts([0] * L, [0] * L, [0] * L, [0] * L)
+    handles = []
+
+    def hook(i, inner, fn, count):
+        def run(module, args):
+            x = args[0]
+            small = fn(i, x)
+            if small is None:
+                return None
+            if count:
+                _hook_counts(counts, i, inner, small)
+            return (x.masked_fill(small, 0),) + tuple(args[1:])
+        return run
+
+    try:
+        for i, layer in enumerate(layout.layers):
+            mlp = layer.mlp
+            counts.widths = (mlp.gate_proj.weight.shape[1], mlp.gate_proj.weight.shape[0])
+            handles.append(mlp.gate_proj.register_forward_pre_hook(hook(i, False, mask_input, True)))
+            handles.append(mlp.up_proj.register_forward_pre_hook(hook(i, False, mask_input, False)))
+            handles.append(mlp.down_proj.register_forward_pre_hook(hook(i, True, mask_inner, True)))
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def thresholds(sparsity: ChannelSparsity):
+    """The mask functions of a calibrated :class:`ChannelSparsity` without a signal weight."""
+    if sparsity.signal_weight:
+        raise ValueError("thresholds() takes fixed per-layer thresholds; use attach_channels for a signal weight")
+    t_in, t_mid = sparsity.input_thresholds, sparsity.inner_thresholds
+    return ((lambda i, x: x.abs() < t_in[i] if t_in[i] > 0 else None),
+            (lambda i, h: h.abs() < t_mid[i] if t_mid[i] > 0 else None))
+
+
+def random_channels(input_rates: Sequence[float], inner_rates: Sequence[float], seed: int = 0):
+    """Mask functions zeroing uniformly random entries at the given per-layer rates."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(rates):
+        def fn(i, x):
+            if rates[i] <= 0:
+                return None
+            return torch.rand(x.shape, generator=g) < rates[i]
+        return fn
+    return make(input_rates), make(inner_rates)
+
+
+def static_order(layout, work: float):
+    """Soft exit's static order at ``work``: every token drops the same ``work`` of each MLP's intermediate
+    channels, the least important by weight norms (a dropped channel saves its gate, up and down weights)."""
+    keep = []
+    for layer in layout.layers:
+        imp = channel_importance(layer.mlp)
+        n = imp.numel()
+        drop = torch.zeros(n, dtype=torch.bool)
+        drop[torch.sort(imp).indices[:round(work * n)]] = True
+        keep.append(drop)
+    return (lambda i, x: None), (lambda i, h: keep[i].expand_as(h))
+
+
+def _row(name: str, variant: str, run: Pass, base: Pass, counts: ChannelCounts, work: Optional[float] = None
+         ) -> Dict[str, Any]:
+    s_in, s_mid = counts.sparsity()
+    union = counts.__dict__.get("union", {})
+
+    def bytes_b16(kind: str, i: int) -> float:
+        seen, zeroed = union.get((kind, i), (0, 0))
+        return zeroed / seen if seen else 0.0
+    L = len(s_in)
+    b16 = sum(INPUT_SHARE * bytes_b16("input", i) + (1 - INPUT_SHARE) * bytes_b16("inner", i)
+              for i in range(L)) / max(L, 1)
+    if work is None:
+        work = counts.mlp_work_saved()
+    risk = float((run.top1 != base.top1).double().mean())
+    return {"name": name, "variant": variant, "tokens": int(base.top1.numel()),
+            "mlp_flops_saved": work, "weight_bytes_saved_b1": work, "weight_bytes_saved_b16": b16,
+            "risk": risk, "delta_ppl": delta_ppl(base.nll.numpy(), run.nll.numpy()),
+            "ppl": perplexity(run.nll.numpy()), "input_sparsity": s_in, "inner_sparsity": s_mid}
+
+
+def measure(layout, windows: torch.Tensor, base: Pass, name: str, variant: str, masks: Tuple[Any, Any],
+            work: Optional[float] = None, batch_size: int = 4) -> Dict[str, Any]:
+    """``masks``: the mask functions of the MLP's input and of the down projection's (see :func:`masked`)."""
+    with masked(layout, *masks) as counts:
+        run = teacher_forced(layout, windows, None, batch_size, desc=name)
+    return _row(name, variant, run, base, counts, work)
+
+
+def measure_sparsity(layout, windows: torch.Tensor, base: Pass, name: str, variant: str,
+                     sparsity: ChannelSparsity, batch_size: int = 4) -> Dict[str, Any]:
+    """A :class:`ChannelSparsity` as the accelerator applies it (with its signal weight, if any)."""
+    if not sparsity.signal_weight:
+        return measure(layout, windows, base, name, variant, thresholds(sparsity), batch_size=batch_size)
+    with attach_channels(layout, sparsity) as att:
+        run = teacher_forced(layout, windows, None, batch_size, desc=name)
+    return _row(name, variant, run, base, att.counts)
+
+
+def matched(layout, windows: torch.Tensor, base: Pass, row: Dict[str, Any], rec, batch_size: int = 4
+            ) -> List[Dict[str, Any]]:
+    """What a channel setting must beat at its MLP work: random entries at its measured per-layer rates,
+    one fixed sparsity in every layer (TEAL-like uniform) at the nearest level of the same work, and the
+    static order."""
+    from sedac_monitor.sparsity import LEVELS, uniform
+
+    work = row["mlp_flops_saved"]
+    out = [measure(layout, windows, base, f"random channels, {row['name']}'s per-layer rates", "random",
+                   random_channels(row["input_sparsity"], row["inner_sparsity"]), batch_size=batch_size)]
+    level = min(LEVELS, key=lambda s: abs(s - work))
+    out.append(measure_sparsity(layout, windows, base, f"uniform {level:.0%} per layer (TEAL-like)", "uniform",
+                                uniform(rec, level, level), batch_size))
+    out.append(measure(layout, windows, base, f"static channel order, {work:.0%} of channels", "static order",
+                       static_order(layout, work), work=work, batch_size=batch_size))
+    return out
+
+
+def targets(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The target, judged on the calibrated row (chosen on the calibration text, measured here)."""
+    cal = next((r for r in rows if r["variant"] == "calibrated"), None)
+    if cal is None:
+        return {"met": False, "why": "no channel setting met the calibration budget"}
+    others = {r["variant"]: r for r in rows if r is not cal and r["variant"] in ("random", "uniform")}
+    within = cal["risk"] <= TARGET["risk"] and cal["delta_ppl"] <= TARGET["delta_ppl"]
+    beats = {k: cal["risk"] < r["risk"] for k, r in others.items()}
+    return {"goal": TARGET, "work": cal["mlp_flops_saved"], "risk": cal["risk"], "delta_ppl": cal["delta_ppl"],
+            "within_budget": within, "work_met": within and cal["mlp_flops_saved"] >= TARGET["work"],
+            "beats_on_risk": beats, "met": within and cal["mlp_flops_saved"] >= TARGET["work"] and all(beats.values())}
