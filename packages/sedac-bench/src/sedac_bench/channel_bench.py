@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,7 @@ def _vllm_linear(gate_up: Sequence[torch.Tensor], down: Sequence[torch.Tensor]):
         return None
 
     def kernel(w: torch.Tensor):
-        layer = torch.nn.Module()
+        layer: Any = torch.nn.Module()  # vLLM sets cpu_linear on it
         layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
         dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
         mm, weight = layer.cpu_linear, layer.weight
