@@ -52,13 +52,19 @@ def test_rows_count_work_and_the_target_judges_the_calibrated_row(tmp_path):
     assert 0.4 < row["mlp_flops_saved"] < 0.6 and row["weight_bytes_saved_b1"] == row["mlp_flops_saved"]
     assert row["weight_bytes_saved_b16"] < 0.01  # random entries: no column is skipped by 16 rows at once
     assert row["risk"] > 0
-    good = {"variant": "calibrated", "mlp_flops_saved": 0.2, "risk": 0.03, "delta_ppl": 0.01}
-    worse = [{"variant": "random", "risk": 0.2}, {"variant": "uniform", "risk": 0.04}]
-    assert channels.targets([good, *worse])["met"]
+    good = {"variant": "calibrated", "mlp_flops_saved": 0.18, "risk": 0.03, "delta_ppl": 0.01}
+    uniform = [{"variant": "uniform", "mlp_flops_saved": 0.15, "risk": 0.02},
+               {"variant": "uniform", "mlp_flops_saved": 0.20, "risk": 0.06}]
+    worse = [{"variant": "random", "risk": 0.2}, *uniform]
+    t = channels.targets([good, *worse])
+    assert t["met"] and abs(t["risk_at_same_work"]["uniform"] - 0.044) < 1e-9  # read between 15% and 20%
     t = channels.targets([{**good, "risk": 0.06}, *worse])
     assert not t["within_budget"] and not t["met"]
-    t = channels.targets([good, {"variant": "uniform", "risk": 0.02}])
+    t = channels.targets([{**good, "risk": 0.045}, *worse])
     assert t["within_budget"] and t["work_met"] and not t["beats_on_risk"]["uniform"] and not t["met"]
+    t = channels.targets([good, worse[0], uniform[0]])  # no uniform point at or above its work: not compared
+    assert t["risk_at_same_work"]["uniform"] is None and not t["met"]
+    assert channels.at_work(uniform, 0.15) == 0.02 and channels.at_work(uniform, 0.3) is None
     assert channels.targets([])["met"] is False
     results = {"machine": {"processor": "x", "cpu_count": 2}, "command": "test",
                "quality": {"rows": [], "best_sedac": None},
@@ -69,3 +75,16 @@ def test_rows_count_work_and_the_target_judges_the_calibrated_row(tmp_path):
     assert "| half the input |" in text and "Overall: **not met**" in text
     assert plots.channel_pareto(results, tmp_path) == ["pareto_channels.png"]
     assert (tmp_path / "pareto_channels.png").stat().st_size > 0
+
+
+def test_vllm_serves_the_channel_setting_only_when_one_met_the_budget(tmp_path):
+    from sedac_bench.run import SIZES
+    from sedac_bench.vllm_compare import CHANNELS, VllmStages
+
+    stages = VllmStages()
+    stages.out, stages.size = tmp_path, SIZES["quick"]
+    stages.results = {"channels": {"config": {"status": "no channel sparsity met the budget"}}}
+    assert CHANNELS not in [c["name"] for c in stages.vllm_configs()]
+    stages.results = {"channels": {"config": {"status": "ok", "channels": {}}}}
+    served = {c["name"]: c for c in stages.vllm_configs()}
+    assert served[CHANNELS]["env"]["SEDAC_CONFIG"] == str(tmp_path / "sedac_channels_config.json")

@@ -197,7 +197,7 @@ def channel_pareto(results: Dict[str, Any], out: Path) -> List[str]:
                        color=colors.get(r["variant"], "k"), zorder=4, label=r["name"])
         if key == "risk":
             ax.axhline(5.0, color="k", lw=0.5, ls="--")
-        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
         ax.set_yscale("symlog", linthresh=1)
         ax.set_xlabel("MLP FLOPs saved (%)")
         ax.set_ylabel(label + " on held-out text")

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .vllm_compare import CHANNELS
+
 START, END = "<!-- sedac-bench:results:start -->", "<!-- sedac-bench:results:end -->"
 
 
@@ -65,9 +67,11 @@ def headline(results: Dict[str, Any]) -> List[str]:
                      + f"{(_vllm_speedup(results, v, 'prefill') if v else None) or 'n/a'} | "
                      f"{(_vllm_speedup(results, v, 'decode') if v else None) or 'n/a'} |")
     for r in results.get("channels", {}).get("rows", []):
-        if r["variant"] == "calibrated":  # MLP FLOPs saved by channel soft exit (not served by vLLM yet)
+        if r["variant"] == "calibrated":  # MLP FLOPs saved by channel soft exit; vLLM serves it masked
             lines.append(f"| {r['name']} | {pct(r['mlp_flops_saved'])} | {pct(r['risk'])} | "
-                         f"{signed_pct(r['delta_ppl'])} | " + ("n/a | " if generated else "") + "n/a | n/a |")
+                         f"{signed_pct(r['delta_ppl'])} | " + ("n/a | " if generated else "")
+                         + f"{_vllm_speedup(results, CHANNELS, 'prefill') or 'n/a'} | "
+                         f"{_vllm_speedup(results, CHANNELS, 'decode') or 'n/a'} |")
     return lines
 
 
@@ -164,7 +168,8 @@ def channel_section(results: Dict[str, Any]) -> List[str]:
     L.append("")
     if "goal" in t:
         g = t["goal"]
-        beats = ", ".join(f"{k}: {'yes' if v else '**no**'}" for k, v in t["beats_on_risk"].items())
+        beats = ", ".join(f"{k} ({'n/a' if t['risk_at_same_work'][k] is None else pct(t['risk_at_same_work'][k])}): "
+                          f"{'yes' if v else '**no**'}" for k, v in t["beats_on_risk"].items())
         L += [f"Target: at ≤ {pct(g['risk'], 0)} held-out risk and ΔPPL ≤ {pct(g['delta_ppl'], 0)}, ≥ "
               f"{pct(g['work'], 0)} of MLP FLOPs saved, with lower risk than random channels and fixed per-layer "
               f"sparsity at the same work: {pct(t['work'])} saved at {pct(t['risk'])} risk, ΔPPL "

@@ -55,7 +55,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
                        "prefill_prompts": {1: 32, 16: 64}, "prefill_len": 128,
                        "decode_out": 32, "rounds": 3, "restart": False, "eager_batches": (),
                        "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
-                                   "V7 calibrated + online calibration"),
+                                   "V7 calibrated + online calibration", "channels calibrated (masked)"),
                        "eager_configs": ()}},
     "full": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
              "hf_repeats": 2, "extras": True,
@@ -63,7 +63,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
                       "prefill_prompts": {1: 32, 4: 64, 16: 64, 64: 128}, "prefill_len": 128,
                       "decode_out": 32, "rounds": 4, "restart": True, "eager_batches": (4, 16),
                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
-                                  "V7 calibrated + online calibration"),
+                                  "V7 calibrated + online calibration", "channels calibrated (masked)"),
                       "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
 }
 PARETO_GOAL = {"skipped": 0.021, "delta_ppl": 0.05}

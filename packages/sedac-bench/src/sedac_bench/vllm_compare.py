@@ -18,6 +18,9 @@ NO_EXITS = "on, no exits (tau 1.5)"
 CALIBRATED = "V7 calibrated"
 ONLINE = "V7 calibrated + online calibration"
 DEFAULTS = "V7 original defaults"
+CHANNELS = "channels calibrated (masked)"
+"""Channel soft exit as calibrated, served masked on the dense matrices: its quality through vLLM, and what
+the masks cost (no kernel reads fewer weights yet)."""
 TARGETS = {"no_exit_overhead_max": 0.02, "gauge_band": 0.03, "realized_ideal_prefill": 0.9,
            "realized_ideal_decode": 0.8}
 
@@ -134,6 +137,9 @@ class VllmStages:
             {"name": ONLINE, "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(cfg_path), "SEDAC_ONLINE": "1",
                                      "SEDAC_RISK_TOLERANCE": str(MAX_RISK)}},
         ]
+        if "channels" in self.results.get("channels", {}).get("config", {}):  # a channel setting met the budget
+            configs.append({"name": CHANNELS, "env": {"SEDAC_ENABLED": "1",
+                                                      "SEDAC_CONFIG": str(self.out / "sedac_channels_config.json")}})
         return [c for c in configs if c["name"] in self.size["vllm"]["configs"]]
 
     def vllm_workloads(self, batches, rounds: int) -> List[Dict[str, Any]]:
