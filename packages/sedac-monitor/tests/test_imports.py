@@ -65,3 +65,13 @@ def test_modules_import_each_other_without_a_cycle():
     edges = assert_no_import_cycle(sedac_monitor)
     assert edges["attach"] >= {"engine", "patching", "channels"}  # the check reads real edges
 
+
+
+def test_the_channel_soft_exit_module_is_public_and_pinned():
+    from sedac_monitor import sparsity
+
+    assert sorted(sparsity.__all__) == sorted([
+        "INPUT_SHARE", "LEVELS", "SIGNAL_CLAMP", "ChannelCounts", "ChannelSparsity", "Recording", "attach_channels",
+        "channel_path", "greedy_path", "local_errors", "measure_channels", "propagation", "record", "sparsity_at",
+        "stream_distance", "token_scale", "uniform"])
+    assert all(hasattr(sparsity, name) for name in sparsity.__all__)

@@ -36,6 +36,12 @@ import torch.nn.functional as F
 from .layouts import DecoderLayout
 from .loading import InputError, batches, progress
 
+__all__ = [
+    "INPUT_SHARE", "LEVELS", "SIGNAL_CLAMP", "ChannelCounts", "ChannelSparsity", "Recording", "attach_channels",
+    "channel_path", "greedy_path", "local_errors", "measure_channels", "propagation", "record", "sparsity_at",
+    "stream_distance", "token_scale", "uniform",
+]
+
 LEVELS = tuple(round(0.05 * i, 2) for i in range(19))
 """Sparsity levels the allocation moves through (0 to 90% of a matrix's input entries, steps of 5%)."""
 INPUT_SHARE = 2.0 / 3.0
@@ -140,12 +146,6 @@ class ChannelCounts:
     def mlp_work_saved(self) -> float:
         s_in, s_mid = self.sparsity()
         return sum(INPUT_SHARE * a + (1 - INPUT_SHARE) * b for a, b in zip(s_in, s_mid)) / max(len(s_in), 1)
-
-
-def sparsify(x: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, int]:
-    """``x`` with the entries of magnitude below ``threshold`` set to zero, and how many were."""
-    small = x.abs() < threshold
-    return x.masked_fill(small, 0), int(small.sum())
 
 
 SIGNAL_CLAMP = (0.25, 4.0)
