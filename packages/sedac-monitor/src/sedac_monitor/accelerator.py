@@ -171,15 +171,17 @@ def load_config(config: Union[str, Path, Dict[str, Any]], num_layers: Optional[i
                          "written by `sedac-monitor calibrate`)")
     if config.get("format", "sedac_config") != "sedac_config":
         raise InputError(f"{source} is not a sedac_config.json (format {config.get('format')!r})")
-    if num_layers is not None:
-        made_for = config.get("model", {}).get("num_layers") if isinstance(config.get("model"), dict) else None
-        if made_for is not None and made_for != num_layers:
-            raise InputError(f"{source} was calibrated for a model with {made_for} layers, "
-                             f"but this model has {num_layers}")
-        try:
-            monitor_rule(num_layers, *(config[k] for k in CONFIG_KEYS))
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"{source}: {exc}") from exc
+    made_for = config.get("model", {}).get("num_layers") if isinstance(config.get("model"), dict) else None
+    if num_layers is not None and made_for is not None and made_for != num_layers:
+        raise InputError(f"{source} was calibrated for a model with {made_for} layers, "
+                         f"but this model has {num_layers}")
+    # without the model, the values' types and lower bounds are checked now (the upper ones when it is built)
+    layers = num_layers if num_layers is not None else made_for if isinstance(made_for, int) and made_for > 0 \
+        else 1 << 20
+    try:
+        monitor_rule(layers, *(config[k] for k in CONFIG_KEYS))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{source}: {exc}") from exc
     if "channels" in config:
         try:
             ChannelSparsity.from_json(config["channels"], num_layers)

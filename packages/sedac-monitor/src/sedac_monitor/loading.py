@@ -30,7 +30,10 @@ def load_model(model_dir: Any, dtype: torch.dtype = torch.float32):
         raise InputError(f"model folder not found: {path} (SEDAC loads local Hugging Face folders only)")
     if not (path / "config.json").is_file():
         raise InputError(f"{path} is not a Hugging Face model folder: config.json is missing")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:  # transformers' errors for broken or unknown folders
+        raise InputError(f"cannot load the model in {path}: {exc}") from exc
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
