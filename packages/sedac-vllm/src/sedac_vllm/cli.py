@@ -17,7 +17,21 @@ USAGE = """usage: sedac-vllm serve MODEL [--sedac-config FILE|DIR] [any `vllm se
 
 --sedac-config takes a sedac_config.json (monitor mode, from `sedac-monitor calibrate`) or a probe
 directory (probe mode, from `sedac-probes train` + `calibrate`). Other SEDAC_* variables in the
-environment still apply. `serve` sets SEDAC_ENABLED=1 and runs `vllm serve`."""
+environment still apply. `serve` sets SEDAC_ENABLED=1 and runs `vllm serve`, by default with
+--shutdown-timeout 30: on SIGTERM the requests in flight finish (for up to 30 s) before it stops."""
+
+
+SHUTDOWN_TIMEOUT = 30
+"""Seconds `serve` lets in-flight requests finish after SIGTERM or SIGINT before it stops (vLLM's
+``--shutdown-timeout``, whose default 0 aborts them at once); a ``--shutdown-timeout`` given is kept."""
+
+
+def with_drain(vllm_args: Sequence[str]) -> List[str]:
+    """``vllm_args`` with ``--shutdown-timeout SHUTDOWN_TIMEOUT`` unless it sets one."""
+    args = list(vllm_args)
+    if any(a == "--shutdown-timeout" or a.startswith("--shutdown-timeout=") for a in args):
+        return args
+    return [*args, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
 
 
 def sedac_env(config: Optional[str], env: Dict[str, str]) -> Dict[str, str]:
@@ -162,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check(model, env)  # fail before starting a server that would fail
         else:
             SedacConfig.from_env(env)
-        cmd = serve_command(model, vllm_args)
+        cmd = serve_command(model, with_drain(vllm_args))
         os.execvpe(cmd[0], cmd, env)
     except ConfigError as exc:
         print(f"sedac-vllm: error: {exc}", file=sys.stderr)
