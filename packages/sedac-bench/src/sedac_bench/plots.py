@@ -187,6 +187,8 @@ def channel_pareto(results: Dict[str, Any], out: Path) -> List[str]:
     markers = {"calibrated": "*", "random": "X", "uniform": "s", "static order": "v"}
     colors = {"calibrated": "tab:green", "random": "tab:gray", "uniform": "tab:purple", "static order": "tab:brown"}
     for ax, key, label in ((axes[0], "risk", "top-1 risk (%)"), (axes[1], "delta_ppl", "ΔPPL (%)")):
+        values = [r[key] * 100 for r in exits_rows + ch["rows"] + [p for c in ch["curves"].values() for p in c]]
+        values = [v for v in values if np.isfinite(v)]
         ax.scatter([r["skipped_mlp_fraction"] * 100 for r in exits_rows], [r[key] * 100 for r in exits_rows],
                    color="tab:blue", s=14, alpha=0.6, label="whole-MLP exits (every measured setting)")
         for i, (name, curve) in enumerate(ch["curves"].items()):
@@ -199,13 +201,16 @@ def channel_pareto(results: Dict[str, Any], out: Path) -> List[str]:
             ax.axhline(5.0, color="k", lw=0.5, ls="--")
         ax.set_xlim(left=0)
         ax.set_yscale("symlog", linthresh=1)
+        if values:  # ΔPPL may dip just below zero; the axis need not reach far below it
+            ax.set_ylim(bottom=max(min(min(values), 0.0), -1.0), top=max(max(values), 1.0) * 3)
         ax.set_xlabel("MLP FLOPs saved (%)")
         ax.set_ylabel(label + " on held-out text")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="lower center", bbox_to_anchor=(0.5, 0.03), ncol=3, frameon=False)
     fig.suptitle("Channel soft exit vs whole-MLP exits (measured, teacher-forced)", fontsize=9)
     _footer(fig, results)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out / "pareto_channels.png", dpi=130)
     plt.close(fig)
     return ["pareto_channels.png"]
