@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from sedac_monitor.runtime import Pass, channel_importance, teacher_forced
-from sedac_monitor.sparsity import INPUT_SHARE, ChannelCounts, ChannelSparsity, attach_channels
+from sedac_monitor.sparsity import ChannelCounts, ChannelSparsity, attach_channels
 
 from .metrics import delta_ppl, perplexity
 
@@ -24,27 +24,13 @@ TARGET = {"work": 0.15, "risk": 0.05, "delta_ppl": 0.03}
 """At <= 5% held-out top-1 risk and ΔPPL <= 3%: at least 15% of the MLP's FLOPs skipped."""
 
 
-def _hook_counts(counts: ChannelCounts, i: int, inner: bool, small: torch.Tensor) -> None:
-    width = small.shape[-1]
-    flat = small.reshape(-1, width)
-    rows = flat.shape[0]
-    (counts.inner_rows if inner else counts.input_rows)[i] += rows
-    (counts.inner_zeroed if inner else counts.input_zeroed)[i] += int(flat.sum())
-    groups = rows // UNION_ROWS
-    if groups:
-        both = flat[:groups * UNION_ROWS].reshape(groups, UNION_ROWS, width).all(dim=1)
-        key = ("inner" if inner else "input", i)
-        seen, zeroed = counts.union.get(key, (0, 0))
-        counts.union[key] = (seen + groups * width, zeroed + int(both.sum()))
-
-
 @contextlib.contextmanager
 def masked(layout, mask_input, mask_inner) -> Iterator[ChannelCounts]:
     """Forward pre-hooks zeroing, per layer ``i``, ``mask_input(i, x)`` of the MLP's input (gate/up) and
     ``mask_inner(i, h)`` of the down projection's input (either may return None: dense). Yields the counts:
     entries zeroed, and in groups of :data:`UNION_ROWS` rows the columns every row of the group zeroed."""
     L = layout.num_layers
-    counts = ChannelCounts([0] * L, [0] * L, [0] * L, [0] * L)
+    counts = ChannelCounts([0] * L, [0] * L, [0] * L, [0] * L, group_rows=UNION_ROWS)
     handles = []
 
     def hook(i, inner, fn, count):
@@ -54,7 +40,7 @@ def masked(layout, mask_input, mask_inner) -> Iterator[ChannelCounts]:
             if small is None:
                 return None
             if count:
-                _hook_counts(counts, i, inner, small)
+                counts.add(i, inner, small)
             return (x.masked_fill(small, 0),) + tuple(args[1:])
         return run
 
@@ -69,15 +55,6 @@ def masked(layout, mask_input, mask_inner) -> Iterator[ChannelCounts]:
     finally:
         for h in handles:
             h.remove()
-
-
-def thresholds(sparsity: ChannelSparsity):
-    """The mask functions of a calibrated :class:`ChannelSparsity` without a signal weight."""
-    if sparsity.signal_weight:
-        raise ValueError("thresholds() takes fixed per-layer thresholds; use attach_channels for a signal weight")
-    t_in, t_mid = sparsity.input_thresholds, sparsity.inner_thresholds
-    return ((lambda i, x: x.abs() < t_in[i] if t_in[i] > 0 else None),
-            (lambda i, h: h.abs() < t_mid[i] if t_mid[i] > 0 else None))
 
 
 def random_channels(input_rates: Sequence[float], inner_rates: Sequence[float], seed: int = 0):
@@ -109,17 +86,11 @@ def static_order(layout, work: float):
 def _row(name: str, variant: str, run: Pass, base: Pass, counts: ChannelCounts, work: Optional[float] = None
          ) -> Dict[str, Any]:
     s_in, s_mid = counts.sparsity()
-    def bytes_b16(kind: str, i: int) -> float:
-        seen, zeroed = counts.union.get((kind, i), (0, 0))
-        return zeroed / seen if seen else 0.0
-    L = len(s_in)
-    b16 = sum(INPUT_SHARE * bytes_b16("input", i) + (1 - INPUT_SHARE) * bytes_b16("inner", i)
-              for i in range(L)) / max(L, 1)
     if work is None:
         work = counts.mlp_work_saved()
     risk = float((run.top1 != base.top1).double().mean())
     return {"name": name, "variant": variant, "tokens": int(base.top1.numel()),
-            "mlp_flops_saved": work, "weight_bytes_saved_b1": work, "weight_bytes_saved_b16": b16,
+            "mlp_flops_saved": work, "weight_bytes_saved_b1": work, "weight_bytes_saved_b16": counts.group_sparsity(),
             "risk": risk, "delta_ppl": delta_ppl(base.nll.numpy(), run.nll.numpy()),
             "ppl": perplexity(run.nll.numpy()), "input_sparsity": s_in, "inner_sparsity": s_mid}
 
@@ -135,9 +106,8 @@ def measure(layout, windows: torch.Tensor, base: Pass, name: str, variant: str, 
 def measure_sparsity(layout, windows: torch.Tensor, base: Pass, name: str, variant: str,
                      sparsity: ChannelSparsity, batch_size: int = 4) -> Dict[str, Any]:
     """A :class:`ChannelSparsity` as the accelerator applies it (with its signal weight, if any)."""
-    if not sparsity.signal_weight:
-        return measure(layout, windows, base, name, variant, thresholds(sparsity), batch_size=batch_size)
     with attach_channels(layout, sparsity) as att:
+        att.counts.group_rows = UNION_ROWS
         run = teacher_forced(layout, windows, None, batch_size, desc=name)
     return _row(name, variant, run, base, att.counts)
 

@@ -133,9 +133,33 @@ class ChannelCounts:
     inner_rows: List[int]
     inner_zeroed: List[int]
     widths: Tuple[int, int] = (0, 0)  # hidden size, intermediate size
-    # (matrix "input" or "inner", layer) -> (columns seen, columns zeroed by every row) over groups of rows,
-    # for weight bytes at batch > 1 (filled by whoever counts groups, e.g. sedac-bench)
+    # with group_rows > 0, also count in groups of that many consecutive rows the columns every row of the group
+    # zeroed (weight bytes at batch > 1): (matrix "input" or "inner", layer) -> (columns seen, columns zeroed)
+    group_rows: int = 0
     union: Dict[Tuple[str, int], Tuple[int, int]] = field(default_factory=dict)
+
+    def add(self, layer: int, inner: bool, small: torch.Tensor) -> None:
+        """Count one masked input: ``small`` is its bool mask (``[..., width]``, True = zeroed)."""
+        width = small.shape[-1]
+        flat = small.reshape(-1, width)
+        (self.inner_rows if inner else self.input_rows)[layer] += flat.shape[0]
+        (self.inner_zeroed if inner else self.input_zeroed)[layer] += int(flat.sum())
+        groups = flat.shape[0] // self.group_rows if self.group_rows else 0
+        if groups:
+            every = flat[:groups * self.group_rows].reshape(groups, self.group_rows, width).all(dim=1)
+            key = ("inner" if inner else "input", layer)
+            seen, zeroed = self.union.get(key, (0, 0))
+            self.union[key] = (seen + groups * width, zeroed + int(every.sum()))
+
+    def group_sparsity(self) -> float:
+        """Share of the MLP's weights whose column every row of a group skipped (0 without group counting)."""
+        L = len(self.input_rows)
+
+        def share(kind: str, i: int) -> float:
+            seen, zeroed = self.union.get((kind, i), (0, 0))
+            return zeroed / seen if seen else 0.0
+        return sum(INPUT_SHARE * share("input", i) + (1 - INPUT_SHARE) * share("inner", i)
+                   for i in range(L)) / max(L, 1)
 
     def sparsity(self) -> Tuple[List[float], List[float]]:
         """Per layer, the fraction of entries zeroed at the MLP's input and at the down projection's."""
@@ -182,9 +206,9 @@ class attach_channels:
 
     def reset_counts(self) -> None:
         L = self.layout.num_layers
-        widths = getattr(self, "counts", None)
-        self.counts = ChannelCounts([0] * L, [0] * L, [0] * L, [0] * L,
-                                    widths.widths if widths is not None else (0, 0))
+        old = getattr(self, "counts", None)
+        self.counts = ChannelCounts([0] * L, [0] * L, [0] * L, [0] * L, old.widths if old else (0, 0),
+                                    old.group_rows if old else 0)
 
     def _layer_hook(self, i: int):
         weight, ref = self.sparsity.signal_weight, self.sparsity.signal_reference
@@ -200,8 +224,6 @@ class attach_channels:
 
     def _hook(self, i: int, inner: bool, count: bool):
         t = (self.sparsity.inner_thresholds if inner else self.sparsity.input_thresholds)[i]
-        rows, zeroed = ((self.counts.inner_rows, self.counts.inner_zeroed) if inner
-                        else (self.counts.input_rows, self.counts.input_zeroed))
 
         def hook(module, args):
             x = args[0]
@@ -216,8 +238,7 @@ class attach_channels:
                 thr = t * scale.to(x.dtype).view(*x.shape[:-1], 1)
             small = x.abs() < thr
             if count:
-                rows[i] += x.numel() // x.shape[-1]
-                zeroed[i] += int(small.sum())
+                self.counts.add(i, inner, small)
             return (x.masked_fill(small, 0),) + tuple(args[1:])
         return hook
 
