@@ -38,13 +38,12 @@ import torch
 import sedac_core
 
 from .accelerator import monitor_rule
-from .bound import clopper_pearson_upper, delta_ppl_upper
 from .cost import expected_speedups, measure_model, recommendation
 from .decide import MonitorDecider, RecordingDecider
 from .layouts import DecoderLayout, find_layout, model_identity
 from .loading import InputError, drop_last_position, load_model, read_text, split_windows, token_windows
 from .sparsity import ChannelSparsity, channel_path, measure_channels
-from .teacher import cascade_labels_for, teacher_forced
+from .teacher import cascade_labels_for, compared, teacher_forced
 
 __all__ = [
     "BUDGET_NOT_MET", "CHANNELS_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "NEVER_EXIT",
@@ -149,28 +148,15 @@ def measure(layout: DecoderLayout, windows: torch.Tensor, rule: sedac_core.Monit
     run = teacher_forced(layout, windows, MonitorDecider(rule, layout.num_layers), batch_size,
                          desc=f"measure {rule.scope} tau={rule.tau} k={rule.k}", protect_first=protect_first)
     L = layout.num_layers
-    n = int(base_top1.numel())
-    errors = int((run.top1 != base_top1).sum())
     assert run.row_skips is not None and run.first_skip is not None  # teacher_forced ran with a decider
-    skipped = float(run.row_skips.sum())
-    ppl_base = float(math.exp(base_nll.mean().item()))
-    out = {
+    q = compared(run, base_top1, base_nll, confidence)
+    return {
         **rule_dict(rule),
-        "tokens": n,
-        "errors": errors,
-        "measured_risk": errors / n,
-        "skipped_mlp_fraction": skipped / (n * L),
+        **q,
+        "skipped_mlp_fraction": float(run.row_skips.sum()) / (q["tokens"] * L),
         "exit_rate": float((run.first_skip < L).double().mean()),
-        "ppl_base": ppl_base,
-        "ppl": run.ppl,
-        "delta_ppl": run.ppl / ppl_base - 1.0,
         "per_layer_skip_rate": list(run.stats["per_layer_skip_rate"]) if run.stats else [0.0] * L,
     }
-    if confidence is not None:
-        out["risk_upper_bound"] = clopper_pearson_upper(errors, n, confidence)
-        out["delta_ppl_upper_bound"] = delta_ppl_upper(run.nll.numpy(), base_nll.numpy(), confidence)
-        out["bound_confidence"] = confidence
-    return out
 
 
 def within_budget(m: Dict[str, Any], max_risk: float, max_delta_ppl: float, bounded: bool) -> bool:

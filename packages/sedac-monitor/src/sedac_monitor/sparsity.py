@@ -478,27 +478,13 @@ def measure_channels(layout: DecoderLayout, windows: torch.Tensor, sparsity: Cha
                      base_top1: torch.Tensor, base_nll: torch.Tensor, batch_size: int = 4,
                      confidence: Optional[float] = None, desc: str = "measure channels") -> Dict[str, Any]:
     """Teacher-forced top-1 risk, ΔPPL and MLP work saved of ``sparsity`` on ``windows``, as measured."""
-    from .bound import clopper_pearson_upper, delta_ppl_upper
-    from .teacher import teacher_forced
+    from .teacher import compared, teacher_forced
 
     with attach_channels(layout, sparsity) as att:
         run = teacher_forced(layout, windows, None, batch_size, desc=desc)
-    n = int(base_top1.numel())
-    errors = int((run.top1 != base_top1).sum())
-    ppl_base = float(math.exp(base_nll.mean().item()))
     s_in, s_mid = att.counts.sparsity()
-    out: Dict[str, Any] = {
-        "tokens": n, "errors": errors, "measured_risk": errors / n,
-        "mlp_work_saved": att.counts.mlp_work_saved(),
-        "expected_mlp_work_saved": sparsity.mlp_work_saved,
-        "ppl_base": ppl_base, "ppl": run.ppl, "delta_ppl": run.ppl / ppl_base - 1.0,
-        "input_sparsity": s_in, "inner_sparsity": s_mid,
-    }
-    if confidence is not None:
-        out["risk_upper_bound"] = clopper_pearson_upper(errors, n, confidence)
-        out["delta_ppl_upper_bound"] = delta_ppl_upper(run.nll.numpy(), base_nll.numpy(), confidence)
-        out["bound_confidence"] = confidence
-    return out
+    return {**compared(run, base_top1, base_nll, confidence), "mlp_work_saved": att.counts.mlp_work_saved(),
+            "expected_mlp_work_saved": sparsity.mlp_work_saved, "input_sparsity": s_in, "inner_sparsity": s_mid}
 
 
 def _logprobs(layout: DecoderLayout, windows: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .attach import HFAttachment, _first_tensor
+from .bound import clopper_pearson_upper, delta_ppl_upper
 from .decide import ForcedExitDecider, RecordingDecider
 from .engine import SkipRuntime
 from .layouts import DecoderLayout
@@ -31,6 +32,22 @@ class Pass:
     @property
     def ppl(self) -> float:
         return float(math.exp(self.nll.mean().item()))
+
+
+def compared(run: Pass, base_top1: torch.Tensor, base_nll: torch.Tensor,
+             confidence: Optional[float] = None) -> Dict[str, Any]:
+    """``run`` against the unmodified pass: tokens, top-1 errors and risk, perplexities and ΔPPL, and with
+    ``confidence`` their upper bounds (Clopper-Pearson; Student's t over blocks for ΔPPL)."""
+    n = int(base_top1.numel())
+    errors = int((run.top1 != base_top1).sum())
+    ppl_base = float(math.exp(base_nll.mean().item()))
+    out: Dict[str, Any] = {"tokens": n, "errors": errors, "measured_risk": errors / n, "ppl_base": ppl_base,
+                           "ppl": run.ppl, "delta_ppl": run.ppl / ppl_base - 1.0}
+    if confidence is not None:
+        out["risk_upper_bound"] = clopper_pearson_upper(errors, n, confidence)
+        out["delta_ppl_upper_bound"] = delta_ppl_upper(run.nll.numpy(), base_nll.numpy(), confidence)
+        out["bound_confidence"] = confidence
+    return out
 
 
 def teacher_forced(layout: DecoderLayout, windows: torch.Tensor, decider: Any = None, batch_size: int = 4,
