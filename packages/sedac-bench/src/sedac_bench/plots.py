@@ -50,6 +50,8 @@ def pareto(results: Dict[str, Any], out: Path) -> List[str]:
         ax.plot(np.array(xs) * 100, np.array(ys) * 100, "-", color="tab:blue", alpha=0.5,
                 label="V7 replay frontier (estimate)")
         for target, style in (("safety", "--"), ("entropy", ":")):
+            if target not in sw["probe"]:  # the quick size trains the safety probe only
+                continue
             xs, ys = _frontier(sw["probe"][target], "skipped_mlp", "risk")
             ax.plot(np.array(xs) * 100, np.array(ys) * 100, style, color="tab:orange", alpha=0.6,
                     label=f"V6.0 {target} probe replay frontier (estimate)")

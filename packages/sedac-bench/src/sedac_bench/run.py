@@ -41,27 +41,29 @@ Log = Callable[[str], None]
 SIZES: Dict[str, Dict[str, Any]] = {
     # windows of 512 tokens: calibration, probe training, held-out evaluation; generation prompts x tokens.
     # "extras": the stages only the full size runs (greedy generation agreement, speculative drafts, HF eager
-    # wall-clock, the V6.1 roadmap's soft-exit variants).
+    # wall-clock, the V6.1 roadmap's soft-exit variants); "probe_targets": the probes trained (the quick size
+    # trains the safety probe only, the one the V6.1 rows use).
     # vLLM: decode-heavy and prefill-heavy prompts per batch size (prefill-heavy runs take more prompts: their
     # steps are long, and a run needs several steps to interleave; at batch 1, 8 prompts made runs of 8 steps
     # under a second, whose no-exit gauge ranged 0.79-1.00x over 4 rounds, while 32 stayed within
     # 0.99-1.00x; likewise decode at batch 4: 4 prompts read 1.000-1.022x over 4 rounds, 16 read 0.996-1.011x),
     # prefill prompt length, decode tokens out,
     # rounds, the configurations timed compiled (vLLM's default) and eager, and the eager table's batch sizes
-    # (none: no eager group).
+    # (none: no eager group), the held-out windows of 256 tokens whose top-1 every engine is checked on.
+    # The quick size serves vanilla and the channel setting only: each compiled engine's first start costs
+    # 1.5-2.5 minutes on 2 cores; the V7 rows, the no-exit gauge and online calibration are the full size's.
     "quick": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
-              "hf_repeats": 2, "extras": False,
+              "hf_repeats": 2, "extras": False, "probe_targets": ("safety",),
               "vllm": {"batches": (1, 16), "prompts": {1: 4, 16: 16},
-                       "prefill_prompts": {1: 32, 16: 64}, "prefill_len": 128,
-                       "decode_out": 32, "rounds": 3, "restart": False, "eager_batches": (),
-                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
-                                   "V7 calibrated + online calibration", "channels calibrated (masked)"),
+                       "prefill_prompts": {1: 32, 16: 32}, "prefill_len": 128,
+                       "decode_out": 32, "rounds": 3, "restart": False, "eager_batches": (), "top1_windows": 8,
+                       "configs": ("vanilla", "channels calibrated (masked)"),
                        "eager_configs": ()}},
     "full": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
-             "hf_repeats": 2, "extras": True,
+             "hf_repeats": 2, "extras": True, "probe_targets": ("entropy", "safety"),
              "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 16, 16: 16, 64: 64},
                       "prefill_prompts": {1: 32, 4: 64, 16: 64, 64: 128}, "prefill_len": 128,
-                      "decode_out": 32, "rounds": 4, "restart": True, "eager_batches": (4, 16),
+                      "decode_out": 32, "rounds": 4, "restart": True, "eager_batches": (4, 16), "top1_windows": 16,
                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
                                   "V7 calibrated + online calibration", "channels calibrated (masked)"),
                       "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
@@ -167,7 +169,7 @@ class Bench(VllmStages):
         self.probes = {}
         report = {}
         with self.timed("probe training and calibration"):
-            for target in ("entropy", "safety"):
+            for target in self.size["probe_targets"]:
                 d = self.out / f"probes-{target}"
                 train(self.work / "probe-data-enwiki", d, target, log=self.log)
                 ev = calibrate_probes(d, self.work / "probe-data-enwiki", max_risk=MAX_RISK, log=self.log,
@@ -216,7 +218,7 @@ class Bench(VllmStages):
         from sedac_monitor.runtime import cascade_labels, drop_last_position
 
         risks: Dict[str, List[torch.Tensor]]
-        sims, risks = [], {t: [] for t in ("entropy", "safety")}
+        sims, risks = [], {t: [] for t in self.size["probe_targets"]}
         layers = self.probes["safety"].layers
 
         def on_batch(sl, rec):
@@ -250,7 +252,7 @@ class Bench(VllmStages):
             monitor_method("V7 tau 0.99 K 1 min_layer 10", "V7", L, 0.99, 1, 10),
             monitor_method("V7 tau 0.995 K 1 min_layer 10 per_layer", "V7", L, 0.995, 1, 10, 2, "per_layer"),
         ]
-        for target in ("entropy", "safety"):
+        for target in self.size["probe_targets"]:
             p = self.probes[target]
             ms.append(probe_method(f"V6.0 {target} probe (max risk 5%)", "V6.0", p, L, p.thresholds,
                                    note="sedac-probes calibrate --max-risk 0.05 on enwiki"))
