@@ -8,8 +8,9 @@ head_dim is 64, the size vLLM's CPU attention accepts.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,7 +43,7 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 128, intermediate: i
 
 
 def tiny_model(family: str = "llama", path: Optional[Any] = None, seed: int = 0, **config: Any):
-    """A random tiny causal LM (eval mode, float32); saved with a tokenizer when ``path`` is given."""
+    """A random tiny causal LM (eval(), float32); saved with a tokenizer when ``path`` is given."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -77,3 +78,26 @@ def save_char_tokenizer(path: Path, vocab_size: int) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg.setdefault("model_max_length", 2048)
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def options_without_help(help_text: str) -> List[str]:
+    """The options a command's ``--help`` lists with no text after them (``-h`` aside): every option of a
+    SEDAC CLI says what it takes and its default. Reads the printed help, as a user sees it."""
+    lines = help_text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^  (-[\w-]+)", line)  # an option's entry starts two spaces in
+        if not m or m.group(1) == "-h":
+            continue
+        same_line = len(re.split(r"\s{2,}", line.strip(), maxsplit=1)) == 2
+        after = lines[i + 1] if i + 1 < len(lines) else ""
+        next_line = after.startswith("   ") and not after.strip().startswith("-")
+        if not (same_line or next_line):
+            missing.append(m.group(1))
+    return missing
+
+
+def subcommands(help_text: str) -> List[str]:
+    """The subcommands a top-level ``--help`` lists (``{calibrate,evaluate}``)."""
+    m = re.search(r"\{([\w,-]+)\}", help_text)
+    return m.group(1).split(",") if m else []
