@@ -8,14 +8,15 @@ forward pre-hooks; the dense matrices still run, so these are quality and work f
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from sedac_monitor.runtime import Pass, channel_importance, teacher_forced
+from sedac_monitor.api import Pass, channel_importance, teacher_forced
 from sedac_monitor.sparsity import ChannelCounts, ChannelSparsity, attach_channels
 
-from .metrics import delta_ppl, perplexity
+from .metrics import MAX_RISK, ModelShape, delta_ppl, perplexity
 
 UNION_ROWS = 16
 """Rows per group when counting weight bytes at batch > 1: a matrix's column can be skipped only where every
@@ -158,3 +159,72 @@ def targets(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"goal": TARGET, "work": work, "risk": cal["risk"], "delta_ppl": cal["delta_ppl"],
             "within_budget": within, "work_met": work_met, "risk_at_same_work": compare, "beats_on_risk": beats,
             "met": work_met and all(beats.values())}
+
+
+class ChannelStages:
+    """The channel soft exit stage of :class:`~sedac_bench.run.Bench` (a mixin: it reads the bench's model,
+    texts, size and results)."""
+
+    # what the bench provides (set by Bench.__init__ and Bench.load; see sedac_bench.run)
+    out: Path
+    work: Path
+    size: Dict[str, Any]
+    size_name: str
+    texts: Dict[str, Path]
+    model: Any
+    tok: Any
+    layout: Any
+    model_dir: Path
+    results: Dict[str, Any]
+    shape: ModelShape
+    L: int
+    eval_windows: torch.Tensor
+    monitor_cfg: Dict[str, Any]
+    probes: Dict[str, Any]
+    log: Callable[[str], None]
+    timed: Callable[[str], Any]
+    base: Pass  # the unmodified held-out pass (QualityStages.held_out_trace)
+
+    def channel_soft_exit(self) -> None:
+        """Channel soft exit: calibrated on enwiki within the demo's budget (exits off), then measured on the
+        held-out text next to random channels, fixed per-layer sparsity and the static order at its work; the
+        full size adds the work/risk curves of the greedy allocation, with and without SEDAC's signal."""
+        from sedac_monitor.api import read_text, token_windows
+        from sedac_monitor.calibrate import calibrate, write_config
+        from sedac_monitor.sparsity import ChannelSparsity, channel_path, record, uniform
+
+        with self.timed("channel soft exit: calibration (enwiki)"):
+            cfg = calibrate(self.model_dir, self.texts["enwiki"], "conservative", MAX_RISK,
+                            tokens=self.size["cal_tokens"], max_length=512, batch_size=4, log=self.log,
+                            model_and_tokenizer=(self.model, self.tok), channels=True)
+            write_config(cfg, self.out / "sedac_channels_config.json")
+        rows: List[Dict[str, Any]] = []
+        curves: Dict[str, List[Dict[str, Any]]] = {}
+        with self.timed("channel soft exit: held-out"):
+            cal = token_windows(self.tok, read_text(self.texts["enwiki"]), 512, self.size["cal_tokens"] // 512,
+                                source="enwiki")
+            rec = record(self.layout, cal, 4)
+            if "channels" in cfg:
+                chosen = ChannelSparsity.from_json(cfg["channels"], self.L)
+                row = measure_sparsity(self.layout, self.eval_windows, self.base,
+                                                "channels calibrated (max risk 5%)", "calibrated", chosen)
+                rows.append(row)
+                rows += matched(self.layout, self.eval_windows, self.base, row, rec)
+                for r in rows:
+                    self.log(f"  {r['name']:52s} MLP FLOPs saved {r['mlp_flops_saved']:6.2%}  risk {r['risk']:6.2%}"
+                             f"  ΔPPL {r['delta_ppl']:+.2%}")
+            if self.size["extras"]:
+                for weight in (0.0, 0.5, 1.0):
+                    _, path = channel_path(self.layout, cal, 4, max_work=0.3, increment=0.05, weight=weight, rec=rec)
+                    name = "greedy allocation" + (f", signal weight {weight:g}" if weight else "")
+                    curves[name] = [measure_sparsity(
+                        self.layout, self.eval_windows, self.base, f"{name}, {s.mlp_work_saved:.0%}",
+                        "signal" if weight else "greedy", s) for s in path[::-1]]
+                uniform_curve = []
+                for level in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3):
+                    uniform_curve.append(measure_sparsity(
+                        self.layout, self.eval_windows, self.base, f"uniform {level:.0%}", "uniform",
+                        uniform(rec, level, level)))
+                curves["uniform per layer (TEAL-like)"] = uniform_curve
+        self.results["channels"] = {"config": cfg, "rows": rows, "curves": curves, "targets": targets(rows),
+                                    "union_rows": UNION_ROWS}
