@@ -4,7 +4,7 @@ count, what the baselines zero, the target's verdict, and the report section and
 import torch
 
 from sedac_bench import channels, plots, report
-from sedac_monitor.runtime import channel_importance, find_layout, teacher_forced
+from sedac_monitor.api import channel_importance, find_layout, teacher_forced
 from sedac_monitor.testing import tiny_model
 
 

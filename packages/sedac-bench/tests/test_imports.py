@@ -31,7 +31,7 @@ def test_sibling_packages_import_only_the_public_surface():
     import sedac_probes
     import sedac_vllm
 
-    allowed = {"sedac_monitor", "sedac_monitor.runtime", "sedac_monitor.calibrate", "sedac_monitor.testing",
+    allowed = {"sedac_monitor", "sedac_monitor.api", "sedac_monitor.calibrate", "sedac_monitor.testing",
                "sedac_monitor.cli", "sedac_monitor.sparsity"}
     for pkg in (sedac_probes, sedac_vllm, sedac_bench):
         for path in Path(pkg.__file__).parent.rglob("*.py"):

@@ -30,7 +30,7 @@ from sedac_bench.metrics import (
 )
 from sedac_bench.quality import evaluate, greedy_agreement
 from sedac_bench.report import END, START, headline, update_readme
-from sedac_monitor.runtime import find_layout, teacher_forced
+from sedac_monitor.api import find_layout, teacher_forced
 from sedac_monitor.testing import tiny_model
 
 SHAPE = ModelShape(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10)

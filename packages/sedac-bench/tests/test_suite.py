@@ -3,7 +3,7 @@
 import torch
 
 from sedac_bench.suite import THRESHOLDS, paraphrase, robustness
-from sedac_monitor.runtime import find_layout, load_model
+from sedac_monitor.api import find_layout, load_model
 from sedac_monitor.testing import tiny_model
 
 TEXT = " ".join(f"The mill and the river said {i} things, but the baker and the miller said more." for i in range(80))

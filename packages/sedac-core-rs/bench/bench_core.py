@@ -2,7 +2,7 @@
 
     nox -s bench_core            (or: python bench_core.py [--tokens N])
 
-* evaluate: V6.1 cascade (confidence rule, soft exit on), 3 checkpoints.
+* evaluate: V6.1 probe rule (confidence rule, soft exit on), 3 checkpoints.
 * replay (probe): 64 ProbeRule configs over a 3-checkpoint risk trace.
 * replay (monitor): 64 MonitorRule configs over a 30-layer similarity trace.
 
@@ -71,7 +71,7 @@ def measure(backend: str, tokens: int, repeats: int) -> dict:
     risk, similarity = make_inputs(tokens)
     layers = [sc.LayerConfig(l, r, t, w) for l, r, t, w in
               zip(CHECKPOINTS, (0.2, 0.6, 0.9), (0.8, 1.0, 1.2), (0.3, 0.4, 0.3))]
-    ctrl = sc.CascadeController(layers, soft_exit=True, rule="confidence")
+    ctrl = sc.ProbeController(layers, soft_exit=True, rule="confidence")
     ctrl.evaluate(risk[:1000])  # warm up
     probe_trace = sc.Trace.risk(risk, CHECKPOINTS, NUM_LAYERS)
     monitor_trace = sc.Trace.similarity(similarity)

@@ -52,9 +52,9 @@ pub fn clamp01(x: f32) -> f32 {
     x.clamp(0.0, 1.0)
 }
 
-/// The per-checkpoint parameters of a cascade, all of length `checkpoints`.
+/// The per-checkpoint parameters of a V6 probe rule, all of length `checkpoints`.
 #[derive(Clone, Copy, Debug)]
-pub struct Cascade<'a> {
+pub struct ProbeParams<'a> {
     pub thresholds: &'a [f32],
     pub targets: &'a [f32],
     pub weights: &'a [f32],
@@ -64,7 +64,7 @@ pub struct Cascade<'a> {
     pub adaptive: Option<AdaptiveDecay>,
 }
 
-impl<'a> Cascade<'a> {
+impl<'a> ProbeParams<'a> {
     pub fn checkpoints(&self) -> usize {
         self.thresholds.len()
     }
@@ -73,7 +73,7 @@ impl<'a> Cascade<'a> {
         let c = self.thresholds.len();
         if self.targets.len() != c || self.weights.len() != c {
             return Err(format!(
-                "cascade parameters disagree in length: {} thresholds, {} targets, {} weights",
+                "probe rule parameters disagree in length: {} thresholds, {} targets, {} weights",
                 c,
                 self.targets.len(),
                 self.weights.len()
@@ -131,7 +131,7 @@ pub const SOFT_K: f32 = 4.0;
 /// `k = 4` is exactly tanh(2c - 1) * 0.5 + 0.5, as 1 / (1 + exp(2 - 4c)).
 /// Zero unless the token has positive accumulated confidence (NaN gives zero).
 #[inline(always)]
-pub fn soft_ratio_k(c: f32, k: f32) -> f32 {
+pub fn skip_fraction_k(c: f32, k: f32) -> f32 {
     if c > 0.0 {
         1.0 / (1.0 + (0.5 * k - k * c).exp())
     } else {
@@ -139,17 +139,17 @@ pub fn soft_ratio_k(c: f32, k: f32) -> f32 {
     }
 }
 
-/// [`soft_ratio_k`] with the original steepness.
+/// [`skip_fraction_k`] with the original steepness.
 #[inline(always)]
-pub fn soft_ratio(c: f32) -> f32 {
-    soft_ratio_k(c, SOFT_K)
+pub fn skip_fraction(c: f32) -> f32 {
+    skip_fraction_k(c, SOFT_K)
 }
 
-/// Evaluate a cascade for `out_exit.len()` tokens; `risk` is `[tokens, checkpoints]`
+/// Evaluate the probe rule for `out_exit.len()` tokens; `risk` is `[tokens, checkpoints]`
 /// row-major, `out_conf` / `out_soft` likewise. `out_soft` is all zero when
 /// `soft` is false.
 pub fn evaluate(
-    cascade: &Cascade,
+    params: &ProbeParams,
     risk: &[f32],
     soft: bool,
     soft_k: f32,
@@ -157,8 +157,8 @@ pub fn evaluate(
     out_conf: &mut [f32],
     out_soft: &mut [f32],
 ) -> Result<(), String> {
-    cascade.check()?;
-    let c = cascade.checkpoints();
+    params.check()?;
+    let c = params.checkpoints();
     let n = out_exit.len();
     if risk.len() != n * c || out_conf.len() != n * c || out_soft.len() != n * c {
         return Err(format!(
@@ -174,9 +174,9 @@ pub fn evaluate(
             let row = &risk[t * c..(t + 1) * c];
             let conf_row = &mut conf[t * c..(t + 1) * c];
             let soft_row = &mut sr[t * c..(t + 1) * c];
-            *e = cascade.decide(row, |i, acc| {
+            *e = params.decide(row, |i, acc| {
                 conf_row[i] = acc;
-                soft_row[i] = if soft { soft_ratio_k(acc, soft_k) } else { 0.0 };
+                soft_row[i] = if soft { skip_fraction_k(acc, soft_k) } else { 0.0 };
             });
         }
     };
@@ -301,16 +301,16 @@ pub fn column_quantiles(risk: &[f32], rates: &[f32], out: &mut [f32]) -> Result<
 
 /// Adaptive thresholds shared between threads: every threshold is an atomic
 /// f32, so `evaluate` on one thread and `observe` on another never block each
-/// other. Updates are EMA steps towards the quantile of the observed risk that
-/// yields each checkpoint's target exit rate, after `calibration_steps` warm-up
+/// other. Updates are EMA updates towards the quantile of the observed risk that
+/// yields each checkpoint's target exit rate, after `warmup_observations` warm-up
 /// observations.
 pub struct ThresholdState {
     thresholds: Vec<AtomicU32>,
     targets: Vec<f32>,
     alpha: f32,
-    calibration_steps: u64,
+    warmup_observations: u64,
     adaptive: bool,
-    steps: AtomicU64,
+    observations: AtomicU64,
 }
 
 impl ThresholdState {
@@ -318,7 +318,7 @@ impl ThresholdState {
         thresholds: &[f32],
         targets: &[f32],
         alpha: f32,
-        calibration_steps: u64,
+        warmup_observations: u64,
         adaptive: bool,
     ) -> Result<Self, String> {
         if thresholds.len() != targets.len() {
@@ -335,9 +335,9 @@ impl ThresholdState {
                 .collect(),
             targets: targets.to_vec(),
             alpha,
-            calibration_steps,
+            warmup_observations,
             adaptive,
-            steps: AtomicU64::new(0),
+            observations: AtomicU64::new(0),
         })
     }
 
@@ -362,12 +362,12 @@ impl ThresholdState {
         Ok(())
     }
 
-    pub fn steps(&self) -> u64 {
-        self.steps.load(Ordering::Acquire)
+    pub fn observations(&self) -> u64 {
+        self.observations.load(Ordering::Acquire)
     }
 
-    pub fn set_steps(&self, steps: u64) {
-        self.steps.store(steps, Ordering::Release);
+    pub fn set_observations(&self, observations: u64) {
+        self.observations.store(observations, Ordering::Release);
     }
 
     /// Count one observation of `[tokens, checkpoints]` risk and, once the
@@ -387,8 +387,8 @@ impl ThresholdState {
         if risk.is_empty() {
             return Ok(false);
         }
-        let step = self.steps.fetch_add(1, Ordering::AcqRel);
-        if !self.adaptive || step < self.calibration_steps {
+        let seen = self.observations.fetch_add(1, Ordering::AcqRel);
+        if !self.adaptive || seen < self.warmup_observations {
             return Ok(false);
         }
         let mut q = vec![0.0f32; c];
@@ -409,7 +409,7 @@ impl ThresholdState {
     }
 }
 
-/// One EMA step of a threshold towards `target`, floored at [`MIN_THRESHOLD`].
+/// One EMA rate of a threshold towards `target`, floored at [`MIN_THRESHOLD`].
 #[inline]
 pub fn ema(old: f32, target: f32, alpha: f32) -> f32 {
     let new = (1.0 - alpha) * old + alpha * target;
@@ -420,8 +420,8 @@ pub fn ema(old: f32, target: f32, alpha: f32) -> f32 {
 mod tests {
     use super::*;
 
-    fn cascade<'a>(thr: &'a [f32], tgt: &'a [f32], w: &'a [f32], rule: Rule) -> Cascade<'a> {
-        Cascade {
+    fn params<'a>(thr: &'a [f32], tgt: &'a [f32], w: &'a [f32], rule: Rule) -> ProbeParams<'a> {
+        ProbeParams {
             thresholds: thr,
             targets: tgt,
             weights: w,
@@ -434,7 +434,7 @@ mod tests {
     #[test]
     fn threshold_rule_exits_at_first_checkpoint_below_threshold() {
         let (thr, tgt, w) = ([1.0, 1.0, 1.0], [0.5; 3], [1.0; 3]);
-        let c = cascade(&thr, &tgt, &w, Rule::Threshold);
+        let c = params(&thr, &tgt, &w, Rule::Threshold);
         assert_eq!(c.decide(&[2.0, 0.5, 0.1], |_, _| {}), 1);
         assert_eq!(c.decide(&[2.0, 2.0, 2.0], |_, _| {}), -1);
         // exactly at the threshold is not below it
@@ -445,7 +445,7 @@ mod tests {
     #[test]
     fn confidence_accumulates_with_decay_and_weights() {
         let (thr, tgt, w) = ([1.0, 2.0], [0.9, 0.5], [0.5, 1.0]);
-        let c = cascade(&thr, &tgt, &w, Rule::Confidence);
+        let c = params(&thr, &tgt, &w, Rule::Confidence);
         let mut seen = vec![];
         // conf0 = (1 - 0.5) / 1 = 0.5 -> C0 = 0.25 < 0.9
         // conf1 = (2 - 1) / 2 = 0.5   -> C1 = 0.25 * 0.9 + 0.5 = 0.725 >= 0.5
@@ -462,7 +462,7 @@ mod tests {
         let thr = [1.0f32, 1.0];
         let tgt = [9.0f32, 9.0];
         let w = [1.0f32, 1.0];
-        let mut cas = cascade(&thr, &tgt, &w, Rule::Confidence);
+        let mut cas = params(&thr, &tgt, &w, Rule::Confidence);
         cas.adaptive = Some(AdaptiveDecay {
             bonus: 0.0,
             history: 0.0,
@@ -489,21 +489,21 @@ mod tests {
     #[test]
     fn soft_ratio_k_generalises_the_tanh_form() {
         for c in [0.1f32, 0.5, 0.9] {
-            assert_eq!(soft_ratio_k(c, SOFT_K), soft_ratio(c));
-            assert!(soft_ratio_k(c, 16.0) <= soft_ratio_k(c, 4.0) || c >= 0.5);
+            assert_eq!(skip_fraction_k(c, SOFT_K), skip_fraction(c));
+            assert!(skip_fraction_k(c, 16.0) <= skip_fraction_k(c, 4.0) || c >= 0.5);
         }
-        assert_eq!(soft_ratio_k(0.5, 7.0), 0.5);
+        assert_eq!(skip_fraction_k(0.5, 7.0), 0.5);
     }
 
     #[test]
     fn soft_ratio_matches_tanh_form() {
         for &c in &[0.01f32, 0.25, 0.5, 0.8, 1.0, 3.0] {
             let expect = ((2.0 * c as f64 - 1.0).tanh() * 0.5 + 0.5) as f32;
-            assert!((soft_ratio(c) - expect).abs() <= 1e-6 * expect, "{c}");
+            assert!((skip_fraction(c) - expect).abs() <= 1e-6 * expect, "{c}");
         }
-        assert_eq!(soft_ratio(0.0), 0.0);
-        assert_eq!(soft_ratio(-1.0), 0.0);
-        assert_eq!(soft_ratio(f32::NAN), 0.0);
+        assert_eq!(skip_fraction(0.0), 0.0);
+        assert_eq!(skip_fraction(-1.0), 0.0);
+        assert_eq!(skip_fraction(f32::NAN), 0.0);
     }
 
     #[test]
@@ -514,7 +514,7 @@ mod tests {
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0)
             .collect();
         let (thr, tgt, w) = ([0.8f32, 1.0, 1.2], [0.2f32, 0.6, 0.9], [0.3f32, 0.4, 0.3]);
-        let cas = cascade(&thr, &tgt, &w, Rule::Confidence);
+        let cas = params(&thr, &tgt, &w, Rule::Confidence);
         let (mut e, mut cf, mut s) = (vec![0; n], vec![0.0; n * c], vec![0.0; n * c]);
         evaluate(&cas, &risk, true, SOFT_K, &mut e, &mut cf, &mut s).unwrap();
         for t in (0..n).step_by(997) {
@@ -522,14 +522,14 @@ mod tests {
             let want = cas.decide(&risk[t * c..(t + 1) * c], |i, a| conf[i] = a);
             assert_eq!(e[t], want);
             assert_eq!(&cf[t * c..(t + 1) * c], &conf[..]);
-            assert_eq!(s[t * c], soft_ratio(conf[0]));
+            assert_eq!(s[t * c], skip_fraction(conf[0]));
         }
     }
 
     #[test]
     fn evaluate_rejects_mismatched_buffers() {
         let (thr, tgt, w) = ([1.0f32], [0.5f32], [1.0f32]);
-        let cas = cascade(&thr, &tgt, &w, Rule::Threshold);
+        let cas = params(&thr, &tgt, &w, Rule::Threshold);
         let (mut e, mut cf, mut s) = (vec![0; 2], vec![0.0; 2], vec![0.0; 1]);
         assert!(evaluate(&cas, &[0.0, 0.0], false, SOFT_K, &mut e, &mut cf, &mut s).is_err());
     }
@@ -564,7 +564,7 @@ mod tests {
         assert!(!st.observe(&risk).unwrap());
         assert!(!st.observe(&risk).unwrap());
         assert!(!st.observe(&[]).unwrap()); // empty batches are not counted
-        assert_eq!(st.steps(), 2);
+        assert_eq!(st.observations(), 2);
         assert!(st.observe(&risk).unwrap());
         assert_eq!(st.thresholds(), vec![1.5]);
         // never below the floor
@@ -592,7 +592,7 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
-        assert_eq!(st.steps(), 200);
+        assert_eq!(st.observations(), 200);
         for t in st.thresholds() {
             assert!(t.is_finite() && t > 0.9 && t < 1.1, "{t}");
         }

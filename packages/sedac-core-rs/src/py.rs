@@ -9,7 +9,7 @@
 // PyResult return with clippy >= 1.80 (fixed in later pyo3 releases).
 #![allow(clippy::useless_conversion)]
 
-use crate::decide::{self, Cascade, Rule};
+use crate::decide::{self, ProbeParams, Rule};
 use crate::replay::{self, Counts, MonitorConfig, ProbeConfig};
 use pyo3::buffer::{Element, PyBuffer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -135,7 +135,7 @@ fn evaluate(
     let rule = rule(rule_code)?;
     py.allow_threads(|| {
         // SAFETY: buffers are held for the whole call and checked disjoint.
-        let cascade = Cascade {
+        let params = ProbeParams {
             thresholds: unsafe { view(&thr) },
             targets: unsafe { view(&tgt) },
             weights: unsafe { view(&w) },
@@ -147,7 +147,7 @@ fn evaluate(
             }),
         };
         decide::evaluate(
-            &cascade,
+            &params,
             unsafe { view(&risk) },
             soft,
             soft_k,
@@ -392,7 +392,7 @@ fn replay_probe(
     let mut configs = Vec::with_capacity(m);
     for i in 0..m {
         configs.push(ProbeConfig {
-            cascade: Cascade {
+            params: ProbeParams {
                 thresholds: &thr[i * c..(i + 1) * c],
                 targets: &tgt[i * c..(i + 1) * c],
                 weights: &w[i * c..(i + 1) * c],
@@ -415,7 +415,7 @@ fn replay_probe(
     })
 }
 
-/// Adaptive cascade thresholds held in atomics: `observe` and `thresholds`
+/// Adaptive probe thresholds held in atomics: `observe` and `thresholds`
 /// may be called from several threads at once.
 #[pyclass(frozen, module = "sedac_core._native")]
 struct ThresholdState(decide::ThresholdState);
@@ -427,10 +427,10 @@ impl ThresholdState {
         thresholds: Vec<f32>,
         targets: Vec<f32>,
         alpha: f32,
-        calibration_steps: u64,
+        warmup_observations: u64,
         adaptive: bool,
     ) -> PyResult<Self> {
-        decide::ThresholdState::new(&thresholds, &targets, alpha, calibration_steps, adaptive)
+        decide::ThresholdState::new(&thresholds, &targets, alpha, warmup_observations, adaptive)
             .map(ThresholdState)
             .map_err(shape_error)
     }
@@ -444,12 +444,12 @@ impl ThresholdState {
     }
 
     #[getter]
-    fn steps(&self) -> u64 {
-        self.0.steps()
+    fn observations(&self) -> u64 {
+        self.0.observations()
     }
 
-    fn set_steps(&self, steps: u64) {
-        self.0.set_steps(steps)
+    fn set_observations(&self, observations: u64) {
+        self.0.set_observations(observations)
     }
 
     fn observe(&self, py: Python<'_>, risk: &Bound<'_, PyAny>) -> PyResult<bool> {

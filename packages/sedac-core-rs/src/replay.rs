@@ -10,7 +10,7 @@
 //! Exiting after layer `l` skips the MLPs of layers `l+1 .. num_layers-protect_last-1`.
 //! A token counts as exited only if that range is non-empty.
 
-use crate::decide::{consecutive_token, Cascade};
+use crate::decide::{consecutive_token, ProbeParams};
 use rayon::prelude::*;
 
 const CHUNK_TOKENS: usize = 2 * 1024;
@@ -41,7 +41,7 @@ pub struct MonitorConfig {
     pub k: usize,
     pub min_layer: usize,
     pub protect_last: usize,
-    /// per-layer mode: layer j's MLP is skipped while the run of high
+    /// per-layer scope: layer j's MLP is skipped while the run of high
     /// similarity ending at layer j-1 is at least k long, instead of cascading.
     pub per_layer: bool,
 }
@@ -49,7 +49,7 @@ pub struct MonitorConfig {
 /// One probe (V6) configuration; hard exits only.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig<'a> {
-    pub cascade: Cascade<'a>,
+    pub params: ProbeParams<'a>,
     pub protect_last: usize,
 }
 
@@ -173,17 +173,17 @@ pub fn replay_probe(
 ) -> Result<Vec<Counts>, String> {
     let c = layer_of.len();
     let tokens = check_trace(risk, c, safe)?;
-    if let Some(bad) = configs.iter().position(|p| p.cascade.checkpoints() != c) {
+    if let Some(bad) = configs.iter().position(|p| p.params.checkpoints() != c) {
         return Err(format!(
             "replay: config {bad} has {} checkpoints, the trace has {c}",
-            configs[bad].cascade.checkpoints()
+            configs[bad].params.checkpoints()
         ));
     }
     Ok(run_chunks(tokens, configs.len(), |range, acc| {
         for (cfg, out) in configs.iter().zip(acc.iter_mut()) {
             for t in range.clone() {
                 let row = &risk[t * c..(t + 1) * c];
-                let e = cfg.cascade.decide(row, |_, _| {});
+                let e = cfg.params.decide(row, |_, _| {});
                 if e >= 0 {
                     let e = e as usize;
                     let label = safe.map(|s| s[t * c + e]);
@@ -294,7 +294,7 @@ mod tests {
         let risk = [0.5, 2.0, 2.0, /* */ 2.0, 2.0, 0.1];
         let safe = [0, 1, 1, /* */ 1, 1, 1];
         let (thr, tgt, w) = ([1.0f32; 3], [0.5f32; 3], [1.0f32; 3]);
-        let cascade = Cascade {
+        let params = ProbeParams {
             thresholds: &thr,
             targets: &tgt,
             weights: &w,
@@ -303,7 +303,7 @@ mod tests {
             adaptive: None,
         };
         let cfg = ProbeConfig {
-            cascade,
+            params,
             protect_last: 0,
         };
         let out = replay_probe(&risk, &[1, 3, 5], 8, Some(&safe), &[cfg]).unwrap();

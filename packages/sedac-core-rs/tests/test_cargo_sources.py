@@ -160,28 +160,28 @@ def test_missing_apt_get_is_reported(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------- SEDAC_CARGO_SOURCE
 
-@pytest.mark.parametrize("value, mode", [
+@pytest.mark.parametrize("value, source", [
     (None, "auto"), ("", "auto"), ("auto", "auto"), ("crates.io", "crates.io"),
     ("debian", "debian"), (" Debian ", "debian"), ("CRATES.IO", "crates.io"),
 ])
-def test_source_mode(value, mode):
+def test_crate_source(value, source):
     env = {} if value is None else {cs.ENV_VAR: value}
-    assert cs.source_mode(env) == mode
+    assert cs.crate_source(env) == source
 
 
 @pytest.mark.parametrize("value", ["cratesio", "apt", "offline", "1"])
-def test_source_mode_rejects(value):
+def test_crate_source_rejects(value):
     with pytest.raises(ValueError) as info:
-        cs.source_mode({cs.ENV_VAR: value})
+        cs.crate_source({cs.ENV_VAR: value})
     msg = str(info.value)
     assert cs.ENV_VAR in msg and repr(value) in msg
     for accepted in ("auto", "crates.io", "debian"):
         assert accepted in msg
 
 
-def test_source_mode_reads_os_environ(monkeypatch):
+def test_crate_source_reads_os_environ(monkeypatch):
     monkeypatch.setenv(cs.ENV_VAR, "debian")
-    assert cs.source_mode() == "debian"
+    assert cs.crate_source() == "debian"
 
 
 # --------------------------------------------------------------- cargo config
@@ -268,9 +268,9 @@ def test_ensure_fast_path_does_no_work(tmp_path, crate, monkeypatch):
     cs.write_config(crate, _fake_registry(tmp_path))
     _no_subprocess(monkeypatch)
     logs = []
-    for mode in ("auto", "debian"):
+    for source in ("auto", "debian"):
         assert cs.ensure_sources(crate, tmp_path / "other-cache", logs.append,
-                                 environ={cs.ENV_VAR: mode}) == "debian"
+                                 environ={cs.ENV_VAR: source}) == "debian"
     assert logs
 
 
@@ -392,7 +392,7 @@ def test_cli_bad_env_exits_2(crate, tmp_path):
     assert cs.ENV_VAR in res.stderr
 
 
-def test_cli_crates_io_mode(crate, tmp_path):
+def test_cli_crates_io_source(crate, tmp_path):
     env = dict(os.environ, **{cs.ENV_VAR: "crates.io"})
     res = subprocess.run([sys.executable, str(_TOOL), str(crate), "--cache", str(tmp_path / "c")],
                          env=env, capture_output=True, text=True, check=False)

@@ -5,7 +5,7 @@ import sedac_core
 
 def test_public_api_is_pinned():
     assert sorted(sedac_core.__all__) == sorted([
-        "ENVIRONMENT", "MIN_THRESHOLD", "SCOPES", "CascadeController", "ExitDecisions", "LayerConfig", "MonitorRule",
+        "ENVIRONMENT", "MIN_THRESHOLD", "SCOPES", "ProbeController", "ExitDecisions", "LayerConfig", "MonitorRule",
         "ProbeRule", "Trace", "__version__", "backend", "calibrate_thresholds", "consecutive_exit", "replay",
         "set_backend",
     ])

@@ -84,7 +84,7 @@ def test_replay_probe_rules(backend):
     np.testing.assert_allclose(table["exit_rate"], [2 / 3, 0])
     # a controller's decisions and a confidence-rule replay agree
     layers = [sc.LayerConfig(1, 0.3, 1.0, 0.5), sc.LayerConfig(3, 0.6, 1.0, 0.5), sc.LayerConfig(5, 0.9, 1.0, 0.5)]
-    decisions = sc.CascadeController(layers).evaluate(risk)
+    decisions = sc.ProbeController(layers).evaluate(risk)
     rule = sc.ProbeRule([1.0] * 3, rule="confidence", exit_rates=[0.3, 0.6, 0.9], weights=[0.5] * 3)
     assert sc.replay(trace, [rule])["exits"][0] == (decisions.exit_checkpoint >= 0).sum()
 

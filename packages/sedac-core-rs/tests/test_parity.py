@@ -62,8 +62,8 @@ def risk_case(draw, max_tokens=40):
 
 
 def _decisions(layers, risk, **kw):
-    d = sc.CascadeController(layers, **kw).evaluate(risk)
-    return {"exit_checkpoint": d.exit_checkpoint, "confidence": d.confidence, "soft_ratio": d.soft_ratio}
+    d = sc.ProbeController(layers, **kw).evaluate(risk)
+    return {"exit_checkpoint": d.exit_checkpoint, "confidence": d.confidence, "skip_fraction": d.skip_fraction}
 
 
 @given(risk_case(), decays, st.booleans(), st.sampled_from(["confidence", "threshold"]))
@@ -82,8 +82,8 @@ def test_adaptive_decay_and_soft_steepness_agree(case, decay, soft, rule, bonus,
     risk, layers = case
 
     def run():
-        ctrl = sc.CascadeController(layers, confidence_decay=decay, soft_exit=soft, rule=rule, adaptive_decay=True,
-                                    decay_bonus=float(bonus), soft_k=float(soft_k), calibration_steps=0)
+        ctrl = sc.ProbeController(layers, confidence_decay=decay, soft_exit=soft, rule=rule, adaptive_decay=True,
+                                    decay_bonus=float(bonus), soft_k=float(soft_k), warmup_observations=0)
         for _ in range(observed):
             ctrl.observe(risk)
         out = _decisions_of(ctrl, risk)
@@ -97,28 +97,28 @@ def test_soft_k_4_is_the_original_tanh_and_adaptive_decay_is_off_by_default():
     rng = np.random.default_rng(3)
     risk = rng.gamma(1.5, 0.7, size=(500, 3)).astype(F32)
     layers = [sc.LayerConfig(7, 0.2, 0.8, 0.3), sc.LayerConfig(14, 0.6, 1.0, 0.4), sc.LayerConfig(21, 0.9, 1.2, 0.3)]
-    plain = sc.CascadeController(layers).evaluate(risk)
-    same = sc.CascadeController(layers, soft_k=4.0, adaptive_decay=False, decay_bonus=0.5).evaluate(risk)
-    np.testing.assert_array_equal(plain.soft_ratio, same.soft_ratio)
+    plain = sc.ProbeController(layers).evaluate(risk)
+    same = sc.ProbeController(layers, soft_k=4.0, adaptive_decay=False, decay_bonus=0.5).evaluate(risk)
+    np.testing.assert_array_equal(plain.skip_fraction, same.skip_fraction)
     np.testing.assert_array_equal(plain.confidence, same.confidence)
     c = plain.confidence.astype(np.float64)
-    np.testing.assert_allclose(plain.soft_ratio, np.where(c > 0, np.tanh(2 * c - 1) * 0.5 + 0.5, 0), rtol=1e-5)
-    steep = sc.CascadeController(layers, soft_k=16.0).evaluate(risk).soft_ratio
-    assert ((steep > plain.soft_ratio) == (c > 0.5))[c > 0].mean() > 0.99
-    adaptive = sc.CascadeController(layers, adaptive_decay=True).evaluate(risk)
+    np.testing.assert_allclose(plain.skip_fraction, np.where(c > 0, np.tanh(2 * c - 1) * 0.5 + 0.5, 0), rtol=1e-5)
+    steep = sc.ProbeController(layers, soft_k=16.0).evaluate(risk).skip_fraction
+    assert ((steep > plain.skip_fraction) == (c > 0.5))[c > 0].mean() > 0.99
+    adaptive = sc.ProbeController(layers, adaptive_decay=True).evaluate(risk)
     assert (adaptive.confidence[:, 1:] != plain.confidence[:, 1:]).any()  # the option changes something
     with pytest.raises(ValueError, match="soft_k must be in"):
-        sc.CascadeController(layers, soft_k=0.0)
+        sc.ProbeController(layers, soft_k=0.0)
     with pytest.raises(ValueError, match="decay_bonus must be in"):
-        sc.CascadeController(layers, decay_bonus=2.0)
-    state = sc.CascadeController(layers, adaptive_decay=True, decay_bonus=0.3, soft_k=8.0).state_dict()
-    again = sc.CascadeController.from_state_dict(state)
+        sc.ProbeController(layers, decay_bonus=2.0)
+    state = sc.ProbeController(layers, adaptive_decay=True, decay_bonus=0.3, soft_k=8.0).state_dict()
+    again = sc.ProbeController.from_state_dict(state)
     assert again.state_dict() == state
 
 
 def _decisions_of(ctrl, risk):
     d = ctrl.evaluate(risk)
-    return {"exit_checkpoint": d.exit_checkpoint, "confidence": d.confidence, "soft_ratio": d.soft_ratio}
+    return {"exit_checkpoint": d.exit_checkpoint, "confidence": d.confidence, "skip_fraction": d.skip_fraction}
 
 
 def test_evaluate_agrees_on_the_parallel_path():
@@ -137,11 +137,11 @@ def test_observe_agrees(case, warmup, alpha, batches):
     risk, layers = case
 
     def run():
-        ctrl = sc.CascadeController(layers, alpha=float(alpha), calibration_steps=warmup)
+        ctrl = sc.ProbeController(layers, alpha=float(alpha), warmup_observations=warmup)
         moved = [ctrl.observe(risk) for _ in range(batches)]
-        return {"moved": np.array(moved), "thresholds": ctrl.thresholds, "steps": np.array(ctrl.steps)}
+        return {"moved": np.array(moved), "thresholds": ctrl.thresholds, "observations": np.array(ctrl.observations)}
 
-    assert_same(on_both(run), exact=("moved", "thresholds", "steps"))
+    assert_same(on_both(run), exact=("moved", "thresholds", "observations"))
 
 
 @given(risk_case())
@@ -200,22 +200,22 @@ def test_replay_probe_agrees(case, data):
 
 
 BAD_CALLS = {
-    "risk 1-D": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros(3, F32)),
-    "risk 3-D": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros((2, 1, 1), F32)),
-    "risk columns": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros((2, 2), F32)),
-    "risk strings": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).evaluate(np.array([["a"]])),
-    "observe columns": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)]).observe(np.zeros((2, 3), F32)),
+    "risk 1-D": lambda: sc.ProbeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros(3, F32)),
+    "risk 3-D": lambda: sc.ProbeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros((2, 1, 1), F32)),
+    "risk columns": lambda: sc.ProbeController([sc.LayerConfig(1, 0.5)]).evaluate(np.zeros((2, 2), F32)),
+    "risk strings": lambda: sc.ProbeController([sc.LayerConfig(1, 0.5)]).evaluate(np.array([["a"]])),
+    "observe columns": lambda: sc.ProbeController([sc.LayerConfig(1, 0.5)]).observe(np.zeros((2, 3), F32)),
     "rate > 1": lambda: sc.LayerConfig(1, 1.5),
     "rate NaN": lambda: sc.LayerConfig(1, float("nan")),
     "threshold 0": lambda: sc.LayerConfig(1, 0.5, 0.0),
     "threshold negative": lambda: sc.LayerConfig(1, 0.5, -1.0),
     "weight negative": lambda: sc.LayerConfig(1, 0.5, 1.0, -0.1),
     "layer_idx bool": lambda: sc.LayerConfig(True, 0.5),
-    "decay > 1": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)], confidence_decay=1.5),
-    "alpha 0": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)], alpha=0),
-    "rule": lambda: sc.CascadeController([sc.LayerConfig(1, 0.5)], rule="v6"),
-    "unordered layers": lambda: sc.CascadeController([sc.LayerConfig(5, 0.5), sc.LayerConfig(2, 0.5)]),
-    "no layers": lambda: sc.CascadeController([]),
+    "decay > 1": lambda: sc.ProbeController([sc.LayerConfig(1, 0.5)], confidence_decay=1.5),
+    "alpha 0": lambda: sc.ProbeController([sc.LayerConfig(1, 0.5)], alpha=0),
+    "rule": lambda: sc.ProbeController([sc.LayerConfig(1, 0.5)], rule="v6"),
+    "unordered layers": lambda: sc.ProbeController([sc.LayerConfig(5, 0.5), sc.LayerConfig(2, 0.5)]),
+    "no layers": lambda: sc.ProbeController([]),
     "tau NaN": lambda: sc.consecutive_exit(np.zeros((1, 2), F32), float("nan"), 2),
     "k 0": lambda: sc.consecutive_exit(np.zeros((1, 2), F32), 0.9, 0),
     "min_layer negative": lambda: sc.consecutive_exit(np.zeros((1, 2), F32), 0.9, 1, -1),
@@ -247,8 +247,8 @@ def test_generated_shapes_and_dtypes_behave_the_same(shape, dtype, checkpoints, 
         arr = arr[:, ::2]
     layers = [sc.LayerConfig(i + 1, 0.5) for i in range(checkpoints)]
     for call in (
-        lambda: sc.CascadeController(layers).evaluate(arr).exit_checkpoint,
-        lambda: sc.CascadeController(layers, calibration_steps=0).observe(arr),
+        lambda: sc.ProbeController(layers).evaluate(arr).exit_checkpoint,
+        lambda: sc.ProbeController(layers, warmup_observations=0).observe(arr),
         lambda: sc.consecutive_exit(arr, 0.9, 2),
         lambda: sc.calibrate_thresholds(arr, [0.5] * checkpoints),
         lambda: sc.replay(sc.Trace.risk(arr, [l.layer_idx for l in layers], 8), [sc.ProbeRule([1.0] * checkpoints)]),

@@ -56,9 +56,9 @@ def test_class_methods_match():
         for backend in (_native, _numpy):
             cls = getattr(backend, cls_name)
             for method, params in methods.items():
-                if method == "steps":  # property
-                    static = inspect.getattr_static(cls, "steps")
-                    assert isinstance(static, (property, type(_native.ThresholdState.steps)))
+                if method == "observations":  # property
+                    static = inspect.getattr_static(cls, "observations")
+                    assert isinstance(static, (property, type(_native.ThresholdState.observations)))
                     continue
                 sig = inspect.signature(cls if method == "__init__" else getattr(cls, method))
                 got = [p for p in sig.parameters if p != "self"]

@@ -50,7 +50,7 @@ from typing import Callable
 __all__ = [
     "DEBIAN_CRATES",
     "ENV_VAR",
-    "MODES",
+    "SOURCES",
     "AptSource",
     "config_is_current",
     "debian_archive_uri",
@@ -62,7 +62,7 @@ __all__ = [
     "read_apt_sources",
     "remove_generated_config",
     "render_config",
-    "source_mode",
+    "crate_source",
     "write_config",
 ]
 
@@ -83,7 +83,7 @@ APT_SOURCES_LIST = Path("/etc/apt/sources.list")
 APT_SOURCES_PARTS = Path("/etc/apt/sources.list.d")
 
 ENV_VAR = "SEDAC_CARGO_SOURCE"
-MODES = ("auto", "crates.io", "debian")
+SOURCES = ("auto", "crates.io", "debian")
 
 SOURCE_NAME = "sedac-debian-crates"
 MARKER = "# sedac-cargo-sources: generated file"
@@ -98,14 +98,14 @@ Log = Callable[[str], None]
 # SEDAC_CARGO_SOURCE
 # --------------------------------------------------------------------------
 
-def source_mode(environ: dict[str, str] | None = None) -> str:
-    """The mode chosen by ``SEDAC_CARGO_SOURCE``; ``auto`` when unset or empty."""
+def crate_source(environ: dict[str, str] | None = None) -> str:
+    """The source chosen by ``SEDAC_CARGO_SOURCE``; ``auto`` when unset or empty."""
     env = os.environ if environ is None else environ
     raw = env.get(ENV_VAR, "")
     value = raw.strip().lower() or "auto"
-    if value not in MODES:
+    if value not in SOURCES:
         raise ValueError(
-            f"{ENV_VAR}={raw!r} is not valid; accepted values: {', '.join(MODES)}"
+            f"{ENV_VAR}={raw!r} is not valid; accepted values: {', '.join(SOURCES)}"
         )
     return value
 
@@ -544,14 +544,14 @@ def ensure_sources(crate_dir: Path, cache_dir: Path, log: Log = print,
     See the module docstring for the steps.  Raises ValueError for a bad
     ``SEDAC_CARGO_SOURCE`` and RuntimeError when no source can be set up.
     """
-    mode = source_mode(environ)
+    source = crate_source(environ)
     crate_dir = Path(crate_dir).resolve()
     cache_dir = Path(cache_dir).expanduser().resolve()
     crates = tuple(dict.fromkeys([*DEBIAN_CRATES, *extra_crates]))
     if not (crate_dir / "Cargo.toml").is_file():
         raise RuntimeError(f"{crate_dir / 'Cargo.toml'} does not exist")
 
-    if mode == "crates.io":
+    if source == "crates.io":
         if remove_generated_config(crate_dir):
             log(f"cargo_sources: {ENV_VAR}=crates.io: removed the generated "
                 f"{config_path(crate_dir)}")
@@ -567,7 +567,7 @@ def ensure_sources(crate_dir: Path, cache_dir: Path, log: Log = print,
     if exists and not ours:
         log(f"cargo_sources: note: {config_path(crate_dir)} was not written by this "
             "script; cargo uses it as it is")
-    if mode == "auto":
+    if source == "auto":
         if ours:
             # Stale (its crates are gone): it would make the probe fail offline.
             remove_generated_config(crate_dir)

@@ -19,7 +19,7 @@ def ids(batch=1, length=40, vocab=384):
     return torch.randint(3, vocab, (batch, length), generator=G)
 
 
-def reference_forward(model, x, tau, k, min_layer, protect_last, mode):
+def reference_forward(model, x, tau, k, min_layer, protect_last, scope):
     """Independent reference: the full MLP runs on every row, then the rows the V7 rule says are
     skipped (numpy bookkeeping, first token protected) are zeroed."""
     layout = find_layout(model)
@@ -46,7 +46,7 @@ def reference_forward(model, x, tau, k, min_layer, protect_last, mode):
         def hook(module, args, out):
             if i >= L - protect_last:
                 return out
-            if mode == "cascade":
+            if scope == "cascade":
                 skip = (st["exit"] >= 0) & (st["exit"] < i)
             else:
                 skip = st["run_before"] >= k

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sedac_monitor import clopper_pearson_upper, create_universal_accelerator, load_config
+from sedac_monitor.api import InputError, load_model
 from sedac_monitor.calibrate import BUDGET_NOT_MET, Grid, calibrate, candidate_list
 from sedac_monitor.cli import main
-from sedac_monitor.runtime import InputError, load_model
 
 TEXT = "\n\n".join(f"Record {i}: rivers carry {i % 13} stones past {i * 3} old mills, and the miller counts them."
                    for i in range(300))
@@ -231,7 +231,7 @@ def test_measured_search_returns_the_most_aggressive_passing_candidate_or_none()
 def test_labels_for_several_protect_values_share_work_and_equal_full_forced_passes(tiny):
     """The shared-suffix labels equal one value at a time, and each label is what a whole forward with the
     forced exit attached says (an independent path: every layer recomputed)."""
-    from sedac_monitor.runtime import (
+    from sedac_monitor.api import (
         ForcedExitDecider,
         cascade_labels,
         cascade_labels_for,

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sedac_monitor.runtime import MlpCost
+from sedac_monitor.api import MlpCost
 
 
 def weight_bound(read=1e-3, per_row=1e-6):

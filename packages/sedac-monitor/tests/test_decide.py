@@ -87,7 +87,7 @@ def test_every_decider_follows_one_protocol():
     kept by the caller); a decider that does not declare the protocol is refused with a clear error."""
     import pytest
 
-    from sedac_monitor.runtime import Decider, ForcedExitDecider, RecordingDecider, SkipRuntime
+    from sedac_monitor.api import Decider, ForcedExitDecider, RecordingDecider, SkipRuntime
 
     rule = sedac_core.MonitorRule(0.9, 1, 1, 0, "cascade")
     for d in (MonitorDecider(rule, 4), RecordingDecider(4), ForcedExitDecider(4, 1)):

@@ -268,7 +268,7 @@ def test_bad_host_sync_policy_is_refused():
 
 
 def test_activation_calibrated_channel_order_ranks_by_typical_contribution():
-    from sedac_monitor.runtime import activation_magnitudes
+    from sedac_monitor.api import activation_magnitudes
 
     model = tiny_model("llama")
     layout = find_layout(model)

@@ -10,11 +10,11 @@ def test_public_api_is_pinned():
     assert all(hasattr(sedac_monitor, name) for name in sedac_monitor.__all__)
 
 
-def test_shared_runtime_surface_is_pinned():
+def test_public_api_surface_is_pinned():
     """What sibling packages (and integrations) build on: a change here is an API change."""
-    from sedac_monitor import calibrate, runtime
+    from sedac_monitor import api, calibrate
 
-    assert sorted(runtime.__all__) == sorted([
+    assert sorted(api.__all__) == sorted([
         "ENVIRONMENT", "GATHER_MIN_FRACTION", "HOST_SYNC_POLICIES", "SOFT_GROUPS", "Decider", "DecoderLayout",
         "ExitStats",
         "ForcedExitDecider", "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "Plan",
@@ -26,7 +26,7 @@ def test_shared_runtime_surface_is_pinned():
         "make_skippable", "model_identity", "monitor_rule", "permute_channels", "progress", "read_text",
         "restore_mlp", "similarity", "soft_channels", "split_windows", "subclass_with",
         "teacher_forced", "token_windows"])
-    assert all(hasattr(runtime, name) for name in runtime.__all__)
+    assert all(hasattr(api, name) for name in api.__all__)
     assert sorted(calibrate.__all__) == sorted([
         "BUDGET_NOT_MET", "CHANNELS_NOT_MET", "DEFAULT_MAX_DELTA_PPL", "FORMAT_VERSION", "Grid", "NEVER_EXIT",
         "ORIGINAL_DEFAULTS", "SIGNAL_EDGES", "calibrate_channels",

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from sedac_monitor import create_universal_accelerator, load_config
+from sedac_monitor.api import InputError, load_model, read_text, token_windows
 from sedac_monitor.calibrate import CHANNELS_NOT_MET, calibrate
 from sedac_monitor.cli import main
 from sedac_monitor.layouts import find_layout
-from sedac_monitor.runtime import InputError, load_model, read_text, token_windows
 from sedac_monitor.sparsity import (
     LEVELS,
     SIGNAL_CLAMP,

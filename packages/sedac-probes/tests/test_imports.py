@@ -5,7 +5,7 @@ import sedac_probes
 
 def test_public_api_is_pinned():
     assert sorted(sedac_probes.__all__) == [
-        "LREProbe", "ProbeBank", "ProbeDecider", "ProbeFileError", "ProbeSet", "TorchCascade", "__version__", "load",
+        "LREProbe", "ProbeBank", "ProbeDecider", "ProbeFileError", "ProbeSet", "TorchProbeRule", "__version__", "load",
         "save"]
     assert all(hasattr(sedac_probes, name) for name in sedac_probes.__all__)
 

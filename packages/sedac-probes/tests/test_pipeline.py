@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import sedac_probes
-from sedac_monitor.runtime import (
+from sedac_monitor.api import (
     ForcedExitDecider,
     find_layout,
     load_model,
@@ -136,7 +136,7 @@ def test_training_reports_metrics_and_is_deterministic(pipeline, tmp_path):
 def test_training_that_diverges_says_so():
     """Non-finite data: no epoch's held-out loss is a number, so no state is ever best; the error says why
     instead of failing inside load_state_dict."""
-    from sedac_monitor.runtime import InputError
+    from sedac_monitor.api import InputError
     from sedac_probes.train import train_probe
 
     x = torch.randn(64, 16)
@@ -359,7 +359,7 @@ def test_fused_gate_trains_loads_and_decides_in_the_model_as_on_collected_data(p
     position; its risk inside a forward equals its risk on the collected data the gate was fitted on."""
     from sedac_probes.calibrate import probe_risk
     from sedac_probes.collect import load_data
-    from sedac_probes.decide import ProbeDecider, TorchCascade
+    from sedac_probes.decide import ProbeDecider, TorchProbeRule
     from sedac_probes.fusion import evaluate_fusion
 
     shard = load_file(str(pipeline / "data" / "shard-00000.safetensors"))
@@ -389,7 +389,7 @@ def test_fused_gate_trains_loads_and_decides_in_the_model_as_on_collected_data(p
             self.last_risk = self.risk_matrix(state)
             return state
 
-    decider = LastRisk(fused.bank, TorchCascade([1e-6] * 3, "threshold"), 6)
+    decider = LastRisk(fused.bank, TorchProbeRule([1e-6] * 3, "threshold"), 6)
     windows = data["token_id"].view(12, 63)[:1]
     teacher_forced(layout, windows, decider, 1)
     online = decider.last_risk.numpy()[:63]  # teacher_forced drops the last position; the decider saw 63 rows

@@ -1,4 +1,4 @@
-"""LREProbe / ProbeBank, and the torch cascade against sedac_core."""
+"""LREProbe / ProbeBank, and the torch probe rule against sedac_core."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sedac_core
-from sedac_probes import LREProbe, ProbeBank, ProbeDecider, TorchCascade
+from sedac_probes import LREProbe, ProbeBank, ProbeDecider, TorchProbeRule
 
 
 def make_bank(target="entropy", hidden=32, rank=8, layers=(1, 3, 4)):
@@ -48,18 +48,18 @@ risks = st.sampled_from([0.0, 0.1, 0.5, 0.79, 0.8, 0.81, 1.0, 2.0, 5.0, float("n
        st.sampled_from(["threshold", "confidence"]), st.booleans(),
        st.sampled_from([(0.8, 1.0, 1.2), (0.5, 0.5, 0.5), (2.0, 0.3, 1.0)]),
        st.sampled_from([(0.2, 0.6, 0.9), (0.0, 0.5, 1.0)]), st.sampled_from([0.0, 0.5, 0.9, 1.0]))
-def test_torch_cascade_equals_sedac_core(rows, rule, soft, thr, rates, decay):
+def test_torch_probe_rule_equals_sedac_core(rows, rule, soft, thr, rates, decay):
     risk = np.array(rows, dtype=np.float32).reshape(-1, 3)
     weights = (0.3, 0.4, 0.3)
-    ctrl = sedac_core.CascadeController(
+    ctrl = sedac_core.ProbeController(
         [sedac_core.LayerConfig(i, rates[i], thr[i], weights[i]) for i in range(3)],
         confidence_decay=decay, soft_exit=soft, adaptive=False, rule=rule)
     ref = ctrl.evaluate(risk)
-    cascade = TorchCascade(thr, rule, rates, weights, decay, soft)
-    exit_cp, conf, ratio = cascade.evaluate(torch.from_numpy(risk))
+    probe_rule = TorchProbeRule(thr, rule, rates, weights, decay, soft)
+    exit_cp, conf, ratio = probe_rule.evaluate(torch.from_numpy(risk))
     np.testing.assert_array_equal(exit_cp.numpy(), ref.exit_checkpoint)
     np.testing.assert_array_equal(conf.numpy(), ref.confidence)
-    np.testing.assert_allclose(ratio.numpy(), ref.soft_ratio, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(ratio.numpy(), ref.skip_fraction, rtol=2e-7, atol=0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -70,28 +70,28 @@ def test_torch_cascade_equals_sedac_core(rows, rule, soft, thr, rates, decay):
 def test_torch_adaptive_decay_and_soft_steepness_equal_sedac_core(rows, rule, thr, decay, bonus, history, soft_k):
     risk = np.array(rows, dtype=np.float32).reshape(-1, 3)
     rates, weights = (0.2, 0.6, 0.9), (0.3, 0.4, 0.3)
-    ctrl = sedac_core.CascadeController(
+    ctrl = sedac_core.ProbeController(
         [sedac_core.LayerConfig(i, rates[i], thr[i], weights[i]) for i in range(3)], confidence_decay=decay,
         soft_exit=True, adaptive=False, rule=rule, adaptive_decay=True, decay_bonus=bonus, soft_k=soft_k)
     ctrl._history = float(np.float32(history))  # the EMA observe() keeps; set directly for the comparison
     ref = ctrl.evaluate(risk)
-    cascade = TorchCascade(thr, rule, rates, weights, decay, True, adaptive_decay=True, decay_bonus=bonus,
+    probe_rule = TorchProbeRule(thr, rule, rates, weights, decay, True, adaptive_decay=True, decay_bonus=bonus,
                            soft_k=soft_k)
-    cascade.history.fill_(history)
-    exit_cp, conf, ratio = cascade.evaluate(torch.from_numpy(risk))
+    probe_rule.history.fill_(history)
+    exit_cp, conf, ratio = probe_rule.evaluate(torch.from_numpy(risk))
     np.testing.assert_array_equal(exit_cp.numpy(), ref.exit_checkpoint)
     np.testing.assert_array_equal(conf.numpy(), ref.confidence)
-    np.testing.assert_allclose(ratio.numpy(), ref.soft_ratio, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(ratio.numpy(), ref.skip_fraction, rtol=2e-7, atol=0)
 
 
 def test_probe_decider_drives_the_runtime():
-    from sedac_monitor.runtime import SkipRuntime
+    from sedac_monitor.api import SkipRuntime
 
     _, bank = make_bank("safety", hidden=16, rank=4, layers=(1, 3))
     h = torch.randn(6, 16)
     risk = bank(h)
     thr = [float(risk[:, 0].median()) + 1e-4, 1e-6]  # nobody exits at the second checkpoint
-    decider = ProbeDecider(bank, TorchCascade(thr, "threshold"), num_layers=6, protect_last=1)
+    decider = ProbeDecider(bank, TorchProbeRule(thr, "threshold"), num_layers=6, protect_last=1)
     rt = SkipRuntime(decider, 6, protect_first=0)
     rt.begin(h)
     calls = []
@@ -111,37 +111,37 @@ def test_probe_decider_drives_the_runtime():
 def test_probe_decider_rejects_mismatched_parts():
     _, bank = make_bank(layers=(1, 3, 4))
     with pytest.raises(ValueError, match="3 probes but 2 thresholds"):
-        ProbeDecider(bank, TorchCascade([1.0, 1.0]), 6)
+        ProbeDecider(bank, TorchProbeRule([1.0, 1.0]), 6)
     with pytest.raises(ValueError, match="probe layer 4 is outside a model of 4 layers"):
-        ProbeDecider(bank, TorchCascade([1.0, 1.0, 1.0]), 4)
+        ProbeDecider(bank, TorchProbeRule([1.0, 1.0, 1.0]), 4)
     with pytest.raises(ValueError, match="exit_rates are required"):
-        TorchCascade([1.0], "confidence")
+        TorchProbeRule([1.0], "confidence")
     with pytest.raises(ValueError, match="thresholds must be > 0"):
-        TorchCascade([0.0])
+        TorchProbeRule([0.0])
 
 
 def test_adaptive_thresholds_have_one_owner():
-    """Adaptive: the controller owns the thresholds; the cascade's tensors (what a compiled graph reads)
+    """Adaptive: the controller owns the thresholds; the probe rule's tensors (what a compiled graph reads)
     follow it only when they move, and decide as the controller does."""
     layers = [sedac_core.LayerConfig(i, rate, 0.5, w) for i, rate, w in ((1, 0.2, 0.3), (3, 0.6, 0.4), (4, 0.9, 0.3))]
-    controller = sedac_core.CascadeController(layers, alpha=0.5, calibration_steps=2, rule="confidence",
+    controller = sedac_core.ProbeController(layers, alpha=0.5, warmup_observations=2, rule="confidence",
                                               adaptive_decay=True, decay_bonus=0.5)
-    cascade = TorchCascade.following(controller)
-    assert cascade.controller is controller
-    np.testing.assert_array_equal(cascade.thresholds.numpy(), controller.thresholds)
+    probe_rule = TorchProbeRule.following(controller)
+    assert probe_rule.controller is controller
+    np.testing.assert_array_equal(probe_rule.thresholds.numpy(), controller.thresholds)
     rng = np.random.default_rng(0)
     moves = []
     for _ in range(4):
         risk = rng.uniform(0, 2, size=(64, 3)).astype(np.float32)
-        before = cascade.thresholds.clone()
-        moved = cascade.observe(risk)
+        before = probe_rule.thresholds.clone()
+        moved = probe_rule.observe(risk)
         moves.append(moved)
-        assert moved == (not torch.equal(before, cascade.thresholds))
-        np.testing.assert_array_equal(cascade.thresholds.numpy(), controller.thresholds)
-        assert float(cascade.history) == pytest.approx(controller.history)
+        assert moved == (not torch.equal(before, probe_rule.thresholds))
+        np.testing.assert_array_equal(probe_rule.thresholds.numpy(), controller.thresholds)
+        assert float(probe_rule.history) == pytest.approx(controller.history)
         want = controller.evaluate(risk)
-        exit_cp, _conf, _soft = cascade.evaluate(torch.from_numpy(risk))
+        exit_cp, _conf, _soft = probe_rule.evaluate(torch.from_numpy(risk))
         np.testing.assert_array_equal(exit_cp.numpy(), want.exit_checkpoint)
     assert moves[:2] == [False, False] and any(moves[2:])  # nothing moves during the warm-up
     with pytest.raises(RuntimeError, match="fixed"):
-        TorchCascade([0.5, 0.5]).observe(np.zeros((1, 2), np.float32))
+        TorchProbeRule([0.5, 0.5]).observe(np.zeros((1, 2), np.float32))

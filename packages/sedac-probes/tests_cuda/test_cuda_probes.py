@@ -11,7 +11,7 @@ from sedac_monitor.attach import HFAttachment
 from sedac_monitor.engine import SkipRuntime
 from sedac_monitor.layouts import find_layout
 from sedac_monitor.testing import tiny_model
-from sedac_probes import LREProbe, ProbeBank, ProbeDecider, TorchCascade
+from sedac_probes import LREProbe, ProbeBank, ProbeDecider, TorchProbeRule
 
 DEVICE = "cuda"
 LAYERS = (1, 3)
@@ -38,7 +38,7 @@ def gap(values, q):
 def run(model, bank, x, thresholds, rule, soft, device):
     layout = find_layout(model)
     L = layout.num_layers
-    decider = ProbeDecider(bank, TorchCascade(thresholds, rule, exit_rates=[0.5, 0.5], weights=[0.5, 0.5],
+    decider = ProbeDecider(bank, TorchProbeRule(thresholds, rule, exit_rates=[0.5, 0.5], weights=[0.5, 0.5],
                                               soft_exit=soft, device=torch.device(device)), L)
     runtime = SkipRuntime(decider, L)
     att = HFAttachment(layout, runtime, soft_exit=soft)

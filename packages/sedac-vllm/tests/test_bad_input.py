@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sedac_monitor.runtime import InputError
+from sedac_monitor.api import InputError
 from sedac_vllm import SedacConfig
 from sedac_vllm.config import ConfigError
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from sedac_monitor import create_universal_accelerator
-from sedac_monitor.runtime import HFAttachment, MonitorDecider, RecordingDecider, SkipRuntime, find_layout, load_model
+from sedac_monitor.api import HFAttachment, MonitorDecider, RecordingDecider, SkipRuntime, find_layout, load_model
 from sedac_monitor.sparsity import ChannelSparsity, attach_channels
 from sedac_monitor.testing import tiny_model
-from sedac_probes import ProbeDecider, TorchCascade
+from sedac_probes import ProbeDecider, TorchProbeRule
 from sedac_probes import load as load_probes
 
 pytestmark = pytest.mark.engine  # starts the real vLLM engine
@@ -37,9 +37,9 @@ PROMPTS = [
 ]
 MAX_TOKENS = 12
 L = 6
-MODES = ("compiled", "eager")
-# Qwen2 runs every configuration in both modes; Llama (the same SEDAC wiring, another vLLM model class) runs
-# the equality-to-vanilla and equality-to-HF configurations in vLLM's default compiled mode, to keep CI short
+EXECUTIONS = ("compiled", "eager")
+# Qwen2 runs every configuration in both executions; Llama (the same SEDAC wiring, another vLLM model class) runs
+# the equality-to-vanilla and equality-to-HF configurations in vLLM's default compiled execution, to keep CI short
 QWEN2 = [("qwen2", "compiled"), ("qwen2", "eager")]
 BOTH = QWEN2 + [("llama", "compiled")]
 QWEN2_COMPILED = [("qwen2", "compiled")]
@@ -291,9 +291,9 @@ def engine_runs(family, tmp_path_factory):
          "llm": {"enable_chunked_prefill": True, "max_num_batched_tokens": 32, "max_num_seqs": 32,
                  "enable_prefix_caching": True, "block_size": 32}},
         {"name": "probe", "env": probe_env, "eager_env": {"SEDAC_GATHER": "never"}},
-        # the V6.1 roadmap's serving features: in vLLM's default (compiled) mode only, to keep the suite short
-        {"name": "online", "env": online_env, "modes": ("compiled",)},
-        {"name": "fusion", "modes": ("compiled",),
+        # the V6.1 roadmap's serving features: in vLLM's default (compiled) execution only, to keep the suite short
+        {"name": "online", "env": online_env, "executions": ("compiled",)},
+        {"name": "fusion", "executions": ("compiled",),
          "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "fusion"),
                  "SEDAC_CONFIG": settings("fusion", thresholds=fused_thresholds, adaptive=False)}},
         {"name": "channels", "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(channel_cfg)}},
@@ -303,10 +303,11 @@ def engine_runs(family, tmp_path_factory):
                                      layer_weights=[0.5, 0.5])}},
     ]
     # every configuration twice: vLLM's default (compiled: dynamo + inductor on CPU) and enforce_eager
-    runs = [{**r, "name": f"{r['name']}@{mode}", "llm": {**r.get("llm", {}), "enforce_eager": mode == "eager"},
-             "env": {**r["env"], **(r.get("eager_env", {}) if mode == "eager" else {})}}
-            for mode in MODES for r in base if mode in r.get("modes", MODES)
-            and (full or (mode == "compiled" and r["name"] in LLAMA_RUNS))]
+    runs = [{**r, "name": f"{r['name']}@{execution}",
+             "llm": {**r.get("llm", {}), "enforce_eager": execution == "eager"},
+             "env": {**r["env"], **(r.get("eager_env", {}) if execution == "eager" else {})}}
+            for execution in EXECUTIONS for r in base if execution in r.get("executions", EXECUTIONS)
+            and (full or (execution == "compiled" and r["name"] in LLAMA_RUNS))]
     for r in runs:
         if r["name"].startswith("online@"):
             r["env"] = {**r["env"], "SEDAC_DECISION_LOG": str(tmp / f"decisions-{r['name'].split('@')[1]}.jsonl")}
@@ -330,7 +331,7 @@ def probe_setup(model, prompt_ids, bank, quantile=0.3):
     n = len(bank.layers)
 
     def factory_for(thr):
-        return lambda: RecordingProbe(bank, TorchCascade(thr, "threshold"), L)
+        return lambda: RecordingProbe(bank, TorchProbeRule(thr, "threshold"), L)
 
     def risks(factory, seqs):
         seen = {i: [] for i in range(n)}
@@ -353,20 +354,20 @@ def probe_setup(model, prompt_ids, bank, quantile=0.3):
     raise AssertionError("no probe thresholds with a safe margin found")
 
 
-def runs_in(e2e, mode):
-    """The runs of one mode, by their base name; an engine that failed to start fails the test here."""
+def runs_in(e2e, execution):
+    """The runs of one execution, by their base name; an engine that failed to start fails the test here."""
     out = {}
     for name, res in e2e["results"].items():
         base, _, m = name.partition("@")
-        if m == mode:
+        if m == execution:
             assert "error" not in res, f"{name}: {res['error'][-3000:]}"
             out[base] = res
     return out
 
 
-@pytest.mark.parametrize("e2e,mode", BOTH, indirect=["e2e"])
-def test_disabled_and_tau_above_one_equal_vanilla(e2e, mode):
-    r = runs_in(e2e, mode)
+@pytest.mark.parametrize("e2e,execution", BOTH, indirect=["e2e"])
+def test_disabled_and_tau_above_one_equal_vanilla(e2e, execution):
+    r = runs_in(e2e, execution)
     for name in ("disabled", "tau_above_one"):
         assert r[name]["together"]["tokens"] == r["vanilla"]["together"]["tokens"], name
         assert r[name]["together"]["logprobs"] == r["vanilla"]["together"]["logprobs"], name  # bit-identical
@@ -379,9 +380,9 @@ def test_disabled_and_tau_above_one_equal_vanilla(e2e, mode):
     assert stats["max_host_reads"] == 0 and stats["gathers"] == 0
 
 
-@pytest.mark.parametrize("e2e,mode", BOTH, indirect=["e2e"])
-def test_monitor_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
-    r = runs_in(e2e, mode)
+@pytest.mark.parametrize("e2e,execution", BOTH, indirect=["e2e"])
+def test_monitor_decisions_and_outputs_equal_the_hf_reference(e2e, execution):
+    r = runs_in(e2e, execution)
     run = r["monitor"]["together"]
     seqs = e2e["seqs"]
     assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs  # greedy outputs equal HF's
@@ -396,9 +397,10 @@ def test_monitor_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
     assert run["tokens"] != r["vanilla"]["together"]["tokens"]  # exits changed something
 
 
-@pytest.mark.parametrize("e2e,mode", BOTH, indirect=["e2e"])
-def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
-    assert_equals_hf_probe_run(e2e, runs_in(e2e, mode)["probe"]["together"], e2e["probe_seqs"], e2e["probe_factory"])
+@pytest.mark.parametrize("e2e,execution", BOTH, indirect=["e2e"])
+def test_probe_decisions_and_outputs_equal_the_hf_reference(e2e, execution):
+    assert_equals_hf_probe_run(e2e, runs_in(e2e, execution)["probe"]["together"], e2e["probe_seqs"],
+                               e2e["probe_factory"])
 
 
 def assert_equals_hf_probe_run(e2e, run, seqs, factory):
@@ -409,16 +411,17 @@ def assert_equals_hf_probe_run(e2e, run, seqs, factory):
     assert any(f < L for (_, _, f) in got)
 
 
-@pytest.mark.parametrize("e2e,mode", QWEN2_COMPILED, indirect=["e2e"])
-def test_fused_gate_decisions_and_outputs_equal_the_hf_reference(e2e, mode):
+@pytest.mark.parametrize("e2e,execution", QWEN2_COMPILED, indirect=["e2e"])
+def test_fused_gate_decisions_and_outputs_equal_the_hf_reference(e2e, execution):
     """The fused gate (probe logit, similarity, its trend, position) decides inside vLLM's batched forward as
     the HF reference does."""
-    assert_equals_hf_probe_run(e2e, runs_in(e2e, mode)["fusion"]["together"], e2e["fused_seqs"], e2e["fused_factory"])
+    assert_equals_hf_probe_run(e2e, runs_in(e2e, execution)["fusion"]["together"], e2e["fused_seqs"],
+                               e2e["fused_factory"])
 
 
-@pytest.mark.parametrize("e2e,mode", QWEN2, indirect=["e2e"])
-def test_batch_invariance_chunked_prefill_and_prefix_caching(e2e, mode):
-    r = runs_in(e2e, mode)
+@pytest.mark.parametrize("e2e,execution", QWEN2, indirect=["e2e"])
+def test_batch_invariance_chunked_prefill_and_prefix_caching(e2e, execution):
+    r = runs_in(e2e, execution)
     mon = r["monitor"]
     chunked = r["monitor_chunked_prefix"]
     together = vllm_decisions(mon["together"]["trace"])
@@ -442,11 +445,11 @@ def test_bad_environment_stops_start_up_naming_the_variable(e2e):
     assert "serving.thresholds has 1 values but the probes in" in stderr and "have 2 layers (1,3)" in stderr
 
 
-@pytest.mark.parametrize("e2e,mode", BOTH, indirect=["e2e"])
-def test_statistics_reach_the_metrics_file(e2e, mode):
-    r = runs_in(e2e, mode)
+@pytest.mark.parametrize("e2e,execution", BOTH, indirect=["e2e"])
+def test_statistics_reach_the_metrics_file(e2e, execution):
+    r = runs_in(e2e, execution)
     stats = r["monitor"]["stats"]
-    assert stats is not None and stats["mode"] == "monitor" and stats["tokens"] > 0
+    assert stats is not None and stats["execution"] == "monitor" and stats["tokens"] > 0
     # every real token of every phase, and nothing of vLLM's warm-up forwards (dummy rows)
     assert stats["tokens"] == sum(len(row["pos"]) for phase in ("together", "separate")
                                   for row in r["monitor"][phase]["trace"])
@@ -456,17 +459,17 @@ def test_statistics_reach_the_metrics_file(e2e, mode):
     probe = r["probe"]["stats"]
     # how a layer with skipped rows runs: eager, the monitor gathers wherever rows skip and the probe never
     # does (SEDAC_GATHER); both still equal the HF reference (test_*_equal_the_hf_reference)
-    if mode == "eager":
+    if execution == "eager":
         assert stats["gather"] == "always" and stats["gathers"] > 0
         assert probe["gather"] == "never" and probe["gathers"] == 0 and probe["max_host_reads"] == 0
-    assert probe["mode"] == "probe" and probe["probe_layers"] == [1, 3] and len(probe["thresholds"]) == 2
+    assert probe["execution"] == "probe" and probe["probe_layers"] == [1, 3] and len(probe["thresholds"]) == 2
 
 
-@pytest.mark.parametrize("e2e,mode", QWEN2, indirect=["e2e"])
-def test_channel_soft_exit_with_exits_equals_the_hf_reference(e2e, mode):
+@pytest.mark.parametrize("e2e,execution", QWEN2, indirect=["e2e"])
+def test_channel_soft_exit_with_exits_equals_the_hf_reference(e2e, execution):
     """Channel soft exit and V7 exits together: vLLM's greedy outputs and per-token exits equal the HF
     accelerator's with the same config, and the masks changed what vLLM computes."""
-    r = runs_in(e2e, mode)
+    r = runs_in(e2e, execution)
     run = r["channels"]["together"]
     seqs, model = e2e["channel_seqs"], e2e["model"]
     assert [p + t for p, t in zip(run["prompt_ids"], run["tokens"])] == seqs
@@ -488,10 +491,10 @@ def test_channel_soft_exit_with_exits_equals_the_hf_reference(e2e, mode):
     assert run["tokens"] != vanilla["tokens"] or run["logprobs"] != vanilla["logprobs"]
 
 
-@pytest.mark.parametrize("e2e,mode", QWEN2, indirect=["e2e"])
-def test_soft_exit_runs_truncated_mlps_inside_vllm(e2e, mode):
+@pytest.mark.parametrize("e2e,execution", QWEN2, indirect=["e2e"])
+def test_soft_exit_runs_truncated_mlps_inside_vllm(e2e, execution):
     """V6.1 with soft exit: rows compute a prefix of the (importance-ordered) MLP channels."""
-    run = runs_in(e2e, mode)["probe_soft"]
+    run = runs_in(e2e, execution)["probe_soft"]
     skips = [x for row in run["together"]["trace"] for x in row["row_skips"]]
     fractional = [x for x in skips if 0 < x % 1 < 1]
     assert fractional, "no row computed a truncated MLP"
@@ -500,13 +503,13 @@ def test_soft_exit_runs_truncated_mlps_inside_vllm(e2e, mode):
     assert all(len(t) == MAX_TOKENS for t in run["together"]["tokens"])
 
 
-@pytest.mark.parametrize("e2e,mode", QWEN2_COMPILED, indirect=["e2e"])
-def test_online_calibration_and_decision_log_act_inside_the_served_graph(e2e, mode):
+@pytest.mark.parametrize("e2e,execution", QWEN2_COMPILED, indirect=["e2e"])
+def test_online_calibration_and_decision_log_act_inside_the_served_graph(e2e, execution):
     """SEDAC_ONLINE=1 with a calibration histogram the model's signals cannot match: the first forward
     decides as the plain monitor does, the drift detector fires at its end, and from then on the graph
     (compiled too: it reads tau from a tensor, not a constant) exits nothing. The shadow check ran on every
     exited row (shadow_rate 1); the decision log (rate 1) holds every row with the exit the trace shows."""
-    r = runs_in(e2e, mode)
+    r = runs_in(e2e, execution)
     trace = r["online"]["together"]["trace"]
     plain = r["monitor"]["together"]["trace"]
     assert trace[0]["first_skip"] == plain[0]["first_skip"]
@@ -517,7 +520,7 @@ def test_online_calibration_and_decision_log_act_inside_the_served_graph(e2e, mo
     assert online["fallbacks"] == 1 and online["fallback"] is True
     assert online["drift_kl"] > online["drift_threshold"]
     assert online["checked_rows"] == exited
-    log = [json.loads(line) for line in open(e2e["tmp"] / f"decisions-{mode}.jsonl")]
+    log = [json.loads(line) for line in open(e2e["tmp"] / f"decisions-{execution}.jsonl")]
     want = Counter((p, t, f - 1 if f < L else None) for row in trace
                    for p, t, f in zip(row["pos"], row["tok"], row["first_skip"]))
     assert Counter((rec["pos"], rec["tok"], rec["exit_layer"]) for rec in log) == want

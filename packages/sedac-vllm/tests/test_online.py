@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_runtime import HF, attach, forward, with_settings
+from test_state import HF, attach, forward, with_settings
 
 from sedac_vllm import (
     ConfigError,
@@ -13,7 +13,7 @@ from sedac_vllm import (
     ops,  # noqa: F401 - registers the custom ops
 )
 from sedac_vllm.online import DecisionLog, OnlineCalibrator, kl_divergence
-from sedac_vllm.runtime import VllmSedac
+from sedac_vllm.state import VllmSedac
 
 
 def test_decision_log_is_sampled_and_bounded(tmp_path):
@@ -50,7 +50,7 @@ def test_kl_divergence_is_zero_for_equal_histograms_and_finite_for_disjoint_ones
 
 def calibrator(tau_t, histogram=None, tolerance=0.05, window=100, margin=0.01):
     return OnlineCalibrator(tau_t, 0.9, tolerance, shadow_rate=1.0, window=window, margin=margin,
-                            drift_threshold=0.1, histogram=histogram, min_layer=0, step=0.01)
+                            drift_threshold=0.1, histogram=histogram, min_layer=0, tau_increment=0.01)
 
 
 def shadowed(online, forwards, skipped_work):

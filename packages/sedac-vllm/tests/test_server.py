@@ -74,7 +74,7 @@ def test_32_concurrent_requests_complete_and_metrics_show_sedac(server):
     tokens = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("sedac_tokens_total")]
     assert tokens and tokens[0] >= 32 * 8
     for name in ("sedac_skipped_mlp_blocks_total", "sedac_skipped_mlp_fraction", 'sedac_layer_skip_rate{layer="5"}',
-                 "sedac_exits_total", "sedac_forward_steps_total"):
+                 "sedac_exits_total", "sedac_forwards_total"):
         assert name in text, name
     fraction = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("sedac_skipped_mlp_fraction")]
     assert 0 < fraction[0] < 1

@@ -11,7 +11,7 @@ from sedac_vllm import (
     SedacConfig,
     ops,  # noqa: F401 - registers the custom ops
 )
-from sedac_vllm.runtime import VllmSedac
+from sedac_vllm.state import VllmSedac
 
 HF = {"hidden_size": 16, "num_hidden_layers": 4, "intermediate_size": 32, "vocab_size": 50}
 
@@ -42,7 +42,7 @@ class Identity(torch.nn.Module):
 
 def attach(sedac):
     """Identity "MLPs" routed through the runtime, as the vLLM model classes route theirs."""
-    from sedac_monitor.runtime import make_skippable
+    from sedac_monitor.api import make_skippable
     from sedac_vllm.models import _SedacMLP
 
     mlps = [Identity() for _ in range(4)]
@@ -70,22 +70,22 @@ def test_adaptive_thresholds_move_after_the_warm_up_at_a_bounded_rate(tmp_path):
     cfg = SedacConfig.from_env(with_settings(tmp_path, {
         "SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(make_probes(tmp_path)),
         "SEDAC_METRICS_FILE": str(tmp_path / "m.json"), "SEDAC_TRACE": str(tmp_path / "t")},
-        calibration_steps=2, alpha=0.5, exit_rates=[0.3, 0.5]))
+        warmup_observations=2, alpha=0.5, exit_rates=[0.3, 0.5]))
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     assert sedac.adaptive  # uncalibrated probes with exit rates: thresholds learned from the traffic
-    start = sedac.decider.cascade.thresholds.clone()
+    start = sedac.decider.probe_rule.thresholds.clone()
     assert start.tolist() == [pytest.approx(1e-6)] * 2  # nothing exits during the warm-up
     mlps = attach(sedac)
     forward(sedac, mlps, seed=0)
     forward(sedac, mlps, seed=1)
-    assert torch.equal(sedac.decider.cascade.thresholds, start)  # warm-up
+    assert torch.equal(sedac.decider.probe_rule.thresholds, start)  # warm-up
     forward(sedac, mlps, seed=2)
-    moved = sedac.decider.cascade.thresholds
+    moved = sedac.decider.probe_rule.thresholds
     assert not torch.equal(moved, start)
     assert torch.equal(moved, torch.as_tensor(sedac.controller.thresholds))
     sedac.write_stats()
     stats = json.loads((tmp_path / "m.json").read_text())
-    assert stats["mode"] == "probe" and stats["steps"] == 3 and stats["tokens"] == 3 * 32
+    assert stats["mode"] == "probe" and stats["forwards"] == 3 and stats["tokens"] == 3 * 32
     assert stats["thresholds"] == [float(t) for t in moved.tolist()]
     trace = [json.loads(line) for line in open(tmp_path / "t")]
     assert len(trace) == 3 and trace[0]["tok"] == list(range(32)) and len(trace[0]["first_skip"]) == 32
@@ -98,7 +98,7 @@ def test_calibrated_probes_are_fixed_by_default(tmp_path):
     (d / "sedac_probes.json").write_text(json.dumps(meta))
     cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d)})
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
-    assert sedac.controller is None and sedac.decider.cascade.thresholds.tolist() == [0.5, 0.6000000238418579]
+    assert sedac.controller is None and sedac.decider.probe_rule.thresholds.tolist() == [0.5, 0.6000000238418579]
 
 
 def test_warm_up_forwards_are_not_counted(tmp_path):
@@ -111,7 +111,7 @@ def test_warm_up_forwards_are_not_counted(tmp_path):
     assert sedac.runtime.forwards == 1 and sedac.stats()["tokens"] == 0 and not (tmp_path / "t").exists()
     sedac.warming_up = False
     forward(sedac, mlps, rows=8)
-    assert sedac.runtime.forwards == 2 and sedac.stats()["tokens"] == 8 and sedac.stats()["steps"] == 1
+    assert sedac.runtime.forwards == 2 and sedac.stats()["tokens"] == 8 and sedac.stats()["forwards"] == 1
 
 
 class FakeBase(torch.nn.Module):
@@ -161,9 +161,9 @@ def test_uncalibrated_probes_are_refused_without_thresholds_or_exit_rates(tmp_pa
     probe_env = {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d)}
     cfg = SedacConfig.from_env(with_settings(tmp_path, probe_env, thresholds=[0.3, 0.4]))
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
-    assert sedac.controller is None and sedac.decider.cascade.thresholds.tolist() == pytest.approx([0.3, 0.4])
+    assert sedac.controller is None and sedac.decider.probe_rule.thresholds.tolist() == pytest.approx([0.3, 0.4])
     # exit rates: adaptive, and no token exits before the thresholds are learned
-    cfg = SedacConfig.from_env(with_settings(tmp_path, probe_env, exit_rates=[0.5, 0.5], calibration_steps=5))
+    cfg = SedacConfig.from_env(with_settings(tmp_path, probe_env, exit_rates=[0.5, 0.5], warmup_observations=5))
     sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
     mlps = attach(sedac)
     for seed in range(3):

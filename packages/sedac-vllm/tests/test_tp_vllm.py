@@ -15,14 +15,14 @@ import pytest
 import torch
 from test_e2e_vllm import channel_values, gap_value, run_vllm, vllm_decisions
 
-from sedac_monitor.runtime import HFAttachment, RecordingDecider, SkipRuntime, find_layout, load_model
+from sedac_monitor.api import HFAttachment, RecordingDecider, SkipRuntime, find_layout, load_model
 from sedac_monitor.sparsity import ChannelSparsity, attach_channels
 from sedac_monitor.testing import tiny_model
 
 pytestmark = pytest.mark.engine  # starts the real vLLM engine
 
 L = 6
-MODES = ("compiled", "eager")
+EXECUTIONS = ("compiled", "eager")
 PROMPTS = ["The river ran past the old mill and", "def add(a, b):\n    return", "Q: What colour is the sky? A:",
            "Numbers: 3, 14, 15, 92, 65, 35"]
 
@@ -51,12 +51,12 @@ def tp(tmp_path_factory):
                                   "scope": "cascade", "channels": channels.to_json()}))
     sedac = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(config)}
     runs = []
-    for mode in MODES:
+    for execution in EXECUTIONS:
         for tp_size in (1, 3):
             env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"} if tp_size == 3 else {}
-            llm = {"enforce_eager": mode == "eager", "tensor_parallel_size": tp_size}
-            runs.append({"name": f"vanilla-tp{tp_size}@{mode}", "env": {**env, "VLLM_PLUGINS": ""}, "llm": llm})
-            runs.append({"name": f"sedac-tp{tp_size}@{mode}", "env": {**env, **sedac}, "llm": llm})
+            llm = {"enforce_eager": execution == "eager", "tensor_parallel_size": tp_size}
+            runs.append({"name": f"vanilla-tp{tp_size}@{execution}", "env": {**env, "VLLM_PLUGINS": ""}, "llm": llm})
+            runs.append({"name": f"sedac-tp{tp_size}@{execution}", "env": {**env, **sedac}, "llm": llm})
     results, _ = run_vllm(model_dir, runs, tmp, prompts=PROMPTS)
     for name, res in results.items():
         assert "error" not in res, f"{name}: {res['error'][-3000:]}"
@@ -68,9 +68,9 @@ def differing_tokens(a, b):
     return sum(int(x != y) for ta, tb in zip(a, b) for x, y in zip(ta, tb))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_every_rank_records_the_same_decisions(tp, mode):
-    run = tp[f"sedac-tp3@{mode}"]["together"]
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_every_rank_records_the_same_decisions(tp, execution):
+    run = tp[f"sedac-tp3@{execution}"]["together"]
     assert run["trace"], "rank 0 wrote no trace"
     assert sorted(run["rank_traces"]) == ["1", "2"], "ranks 1 and 2 must write their traces"
     for rank in ("1", "2"):
@@ -80,16 +80,16 @@ def test_every_rank_records_the_same_decisions(tp, mode):
     assert 5 <= exits <= len(first) - 5, "the setting must exit some tokens and keep others"
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_three_ranks_serve_what_one_rank_serves(tp, mode):
-    one, three = tp[f"sedac-tp1@{mode}"]["together"], tp[f"sedac-tp3@{mode}"]["together"]
-    vanilla_gap = differing_tokens(tp[f"vanilla-tp1@{mode}"]["together"]["tokens"],
-                                   tp[f"vanilla-tp3@{mode}"]["together"]["tokens"])
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_three_ranks_serve_what_one_rank_serves(tp, execution):
+    one, three = tp[f"sedac-tp1@{execution}"]["together"], tp[f"sedac-tp3@{execution}"]["together"]
+    vanilla_gap = differing_tokens(tp[f"vanilla-tp1@{execution}"]["together"]["tokens"],
+                                   tp[f"vanilla-tp3@{execution}"]["together"]["tokens"])
     sedac_gap = differing_tokens(one["tokens"], three["tokens"])
     assert sedac_gap <= vanilla_gap, (sedac_gap, vanilla_gap)
     if sedac_gap == 0:
         assert vllm_decisions(three["trace"]) == vllm_decisions(one["trace"])
-    assert three["tokens"] != tp[f"vanilla-tp3@{mode}"]["together"]["tokens"]  # SEDAC acted
+    assert three["tokens"] != tp[f"vanilla-tp3@{execution}"]["together"]["tokens"]  # SEDAC acted
     # logprobs: the same tokens scored alike (all-reduce order may move the last bits)
     if sedac_gap == 0:
         np.testing.assert_allclose(np.concatenate(one["logprobs"]), np.concatenate(three["logprobs"]), atol=1e-3)

@@ -64,10 +64,10 @@ class FixedRateDecider:
 
 
 def sedac_stack(layers: int, rate: float, gather: str, max_rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    from sedac_monitor.runtime import make_skippable
+    from sedac_monitor.api import make_skippable
     from sedac_vllm import SedacConfig
     from sedac_vllm.models import _SedacMLP
-    from sedac_vllm.runtime import VllmSedac
+    from sedac_vllm.state import VllmSedac
 
     torch.manual_seed(0)
     cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_GATHER": gather, "SEDAC_PROTECT_FIRST": "0",

@@ -150,7 +150,7 @@ class Method:
 
 def monitor_method(name: str, family: str, num_layers: int, tau: float, k: int, min_layer: int = 0,
                    protect_last: int = 0, scope: str = "cascade", protect_first: int = 1, note: str = "") -> Method:
-    from sedac_monitor.runtime import MonitorDecider, monitor_rule
+    from sedac_monitor.api import MonitorDecider, monitor_rule
 
     rule = monitor_rule(num_layers, tau, k, min_layer, protect_last, scope)
     return Method(name, family, lambda: MonitorDecider(rule, num_layers),
@@ -163,15 +163,15 @@ def probe_method(name: str, family: str, probes: Any, num_layers: int, threshold
                  weights: Optional[Sequence[float]] = None, decay: float = 0.9, soft_exit: bool = False,
                  protect_last: int = 0, note: str = "", adaptive_decay: bool = False, soft_k: float = 4.0,
                  soft_orders: Optional[List[Any]] = None) -> Method:
-    from sedac_probes.decide import ProbeDecider, TorchCascade
+    from sedac_probes.decide import ProbeDecider, TorchProbeRule
 
     assert thresholds is not None, f"{name}: the probes are not calibrated"  # ProbeSet.thresholds is None then
     thresholds = [float(t) for t in thresholds]
 
     def make():
-        cascade = TorchCascade(thresholds, rule, exit_rates, weights, decay, soft_exit,
+        probe_rule = TorchProbeRule(thresholds, rule, exit_rates, weights, decay, soft_exit,
                                adaptive_decay=adaptive_decay, soft_k=soft_k)
-        return ProbeDecider(probes.bank, cascade, num_layers, protect_last)
+        return ProbeDecider(probes.bank, probe_rule, num_layers, protect_last)
 
     return Method(name, family, make, {"target": probes.target, "thresholds": [round(t, 5) for t in thresholds],
                                        "rule": rule, "soft_exit": soft_exit, "layers": probes.layers,

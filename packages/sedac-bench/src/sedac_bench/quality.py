@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from sedac_monitor.runtime import HFAttachment, Pass, SkipRuntime, teacher_forced
+from sedac_monitor.api import HFAttachment, Pass, SkipRuntime, teacher_forced
 
 from .methods import Method
 from .metrics import ModelShape, compute_summary, delta_ppl, identical_prefix, mean_context, perplexity

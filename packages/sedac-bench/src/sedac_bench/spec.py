@@ -76,7 +76,7 @@ def decode_seconds(model, prompt: torch.Tensor, new_tokens: int, repeats: int = 
 
 def measure(layout, windows: torch.Tensor, base_top1: torch.Tensor, exit_layers: Sequence[int],
             new_tokens: int = 32, log=print) -> Dict[str, Any]:
-    from sedac_monitor.runtime import ForcedExitDecider, HFAttachment, SkipRuntime, teacher_forced
+    from sedac_monitor.api import ForcedExitDecider, HFAttachment, SkipRuntime, teacher_forced
 
     L = layout.num_layers
     rows: List[Dict[str, Any]] = []

@@ -50,7 +50,7 @@ def _first_skips(layout, ids: torch.Tensor, make_decider: Callable[[], Any], pro
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """First skipped layer per token of one forward (a fresh decider from ``make_decider``). With a mask,
     positions count real tokens only, as a server's would (left padding shifts nothing)."""
-    from sedac_monitor.runtime import HFAttachment, SkipRuntime
+    from sedac_monitor.api import HFAttachment, SkipRuntime
 
     rt = SkipRuntime(make_decider(), layout.num_layers, protect_first)
     att = HFAttachment(layout, rt)
@@ -73,7 +73,7 @@ def robustness(layout, tok, text: str, cfg: Dict[str, Any], windows: int = 4, le
     batched together left-padded, in two compositions (all of them; then the last ones first, without
     the first). A token's decision may depend on its own sequence only, so it must not change.
     """
-    from sedac_monitor.runtime import MonitorDecider, monitor_rule, token_windows
+    from sedac_monitor.api import MonitorDecider, monitor_rule, token_windows
 
     L = layout.num_layers
     if make_decider is None:
@@ -146,8 +146,8 @@ def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Pa
 
 def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool = True, log: Log = print,
           command: str = "sedac-bench suite") -> Path:
+    from sedac_monitor.api import find_layout, load_config, load_model, read_text, teacher_forced, token_windows
     from sedac_monitor.calibrate import calibrate, measure, write_config
-    from sedac_monitor.runtime import find_layout, load_config, load_model, read_text, teacher_forced, token_windows
 
     from .run import machine
 
@@ -165,7 +165,7 @@ def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool 
         write_config(calibrate(model_dir, texts["enwiki"], "conservative", 0.05, tokens=2048, log=log,
                                model_and_tokenizer=(model, tok)), config)
     cfg = load_config(config, L)
-    from sedac_monitor.runtime import monitor_rule
+    from sedac_monitor.api import monitor_rule
 
     rule = monitor_rule(L, cfg["tau"], cfg["consecutive_k"], cfg["min_layer"], cfg["protect_last"], cfg["scope"])
     results: Dict[str, Any] = {"command": command, "machine": machine(), "config": str(config),

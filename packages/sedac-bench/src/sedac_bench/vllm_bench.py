@@ -66,10 +66,10 @@ def _stats(path: str) -> Dict[str, Any]:
         return {}
 
 
-def _wait_stats(path: str, previous_steps: int, timeout: float = 3.0) -> Dict[str, Any]:
+def _wait_stats(path: str, previous_forwards: int, timeout: float = 3.0) -> Dict[str, Any]:
     deadline = time.time() + timeout
     s = _stats(path)
-    while time.time() < deadline and s.get("steps", 0) <= previous_steps:
+    while time.time() < deadline and s.get("forwards", 0) <= previous_forwards:
         time.sleep(0.05)
         s = _stats(path)
     return s
@@ -127,7 +127,7 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
                 conn.send({"seconds": dt, "more": engine.has_unfinished_requests(),
                            "generated": sum(len(o.outputs[0].token_ids) for o in outs if o.finished)})
             elif op == "end":  # what SEDAC skipped during the run
-                after = _wait_stats(metrics, before.get("steps", 0)) if before or os.path.exists(metrics) else {}
+                after = _wait_stats(metrics, before.get("forwards", 0)) if before or os.path.exists(metrics) else {}
                 tokens = after.get("tokens", 0) - before.get("tokens", 0)
                 skipped = after.get("skipped_mlp_blocks", 0.0) - before.get("skipped_mlp_blocks", 0.0)
                 layers = after.get("num_layers") or 1

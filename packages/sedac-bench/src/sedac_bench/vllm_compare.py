@@ -53,28 +53,29 @@ def drift_verdict(check: Dict[str, Any], tolerance: float) -> Optional[Dict[str,
 
 
 def vllm_targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The overhead and realized/ideal targets, per mode and workload, as measured (pass or fail)."""
+    """The overhead and realized/ideal targets, per execution and workload, as measured (pass or fail)."""
     out = []
-    for mode in ("compiled", "eager"):
-        for r in data.get(mode, {}).get("rows", []):
+    for execution in ("compiled", "eager"):
+        for r in data.get(execution, {}).get("rows", []):
             if r["config"] == NO_EXITS:
                 overhead = 1 / r["speedup"] - 1
-                out.append({"mode": mode, "workload": r["workload"], "target": "no-exit overhead <= 2%",
+                out.append({"execution": execution, "workload": r["workload"], "target": "no-exit overhead <= 2%",
                             "value": overhead, "passed": overhead <= TARGETS["no_exit_overhead_max"]})
                 # the same row read as the noise gauge: it does vanilla's work, so it must sit near 1.0x
-                out.append({"mode": mode, "workload": r["workload"], "target": "no-exit gauge within 1.0x ± 3%",
+                out.append({"execution": execution, "workload": r["workload"],
+                            "target": "no-exit gauge within 1.0x ± 3%",
                             "value": r["speedup"], "passed": abs(r["speedup"] - 1) <= TARGETS["gauge_band"]})
             elif r["config"] == DEFAULTS and r.get("byte_speedup_ratio") is not None:
                 goal = TARGETS[f"realized_ideal_{r['kind']}"]
-                out.append({"mode": mode, "workload": r["workload"],
+                out.append({"execution": execution, "workload": r["workload"],
                             "target": f"realized/byte-aware ideal >= {goal} (original defaults)",
                             "value": r["byte_speedup_ratio"], "passed": r["byte_speedup_ratio"] >= goal})
-        rows = {(r["workload"], r["config"]): r for r in data.get(mode, {}).get("rows", [])}
+        rows = {(r["workload"], r["config"]): r for r in data.get(execution, {}).get("rows", [])}
         for (workload, config), r in rows.items():
             if config != CALIBRATED or (workload, NO_EXITS) not in rows:
                 continue
             gauge = rows[(workload, NO_EXITS)]["speedup"]
-            out.append({"mode": mode, "workload": workload,
+            out.append({"execution": execution, "workload": workload,
                         "target": "V7 calibrated >= no exits - 0.5%, both >= 0.98x",
                         "value": r["speedup"] - gauge,
                         "passed": r["speedup"] >= gauge - 0.005 and min(r["speedup"], gauge) >= 0.98})
@@ -82,7 +83,7 @@ def vllm_targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def targets_lines(targets: List[Dict[str, Any]]) -> List[str]:
-    return [f"{t['mode']:8s} {t['workload']:36s} {t['target']:38s} {t['value']:+.3f} "
+    return [f"{t['execution']:8s} {t['workload']:36s} {t['target']:38s} {t['value']:+.3f} "
             f"{'pass' if t['passed'] else 'FAIL'}" for t in targets]
 
 
@@ -145,7 +146,7 @@ class VllmStages:
     def vllm_workloads(self, batches, rounds: int) -> List[Dict[str, Any]]:
         """Prefill-heavy (prompts of ``prefill_len`` tokens, 1 out) and decode-heavy (32-token prompts,
         ``decode_out`` out) workloads per batch size, each with its own held-out prompts in every round."""
-        from sedac_monitor.runtime import read_text
+        from sedac_monitor.api import read_text
 
         v = self.size["vllm"]
         text = read_text(self.texts["lee_news"]) + "\n\n" + read_text(self.texts["pydoc_topics"])
@@ -162,9 +163,9 @@ class VllmStages:
         return workloads
 
     def wallclock_vllm(self, folders=("llama",)) -> None:
-        """vLLM throughput, SEDAC configurations against vanilla in the same mode, interleaved
+        """vLLM throughput, SEDAC configurations against vanilla in the same execution, interleaved
         (sedac_bench.vllm_bench): compiled (vLLM's default) and eager (``enforce_eager``)."""
-        from sedac_monitor.runtime import read_text
+        from sedac_monitor.api import read_text
 
         v = self.size["vllm"]
         rounds = v["rounds"]
@@ -232,7 +233,7 @@ class VllmStages:
         return float(np.median(ideals)) if ideals else None
 
     def _vllm_rows(self, raw: Dict[str, Any], workloads: List[Dict[str, Any]], folder: str,
-                   mode: str) -> List[Dict[str, Any]]:
+                   execution: str) -> List[Dict[str, Any]]:
         rows = []
         for w in workloads:
             base = raw["runs"]["vanilla"][w["name"]]
@@ -256,7 +257,7 @@ class VllmStages:
                              **realized_vs_ideal(speed, ideal), "byte_ideal_speedup": byte_ideal,
                              "byte_speedup_ratio": speed / byte_ideal if byte_ideal else None,
                              "gathers": gathers})
-                self.log(f"  {folder} {mode} {w['name']:36s} {name:24s} {speed:.3f}x "
+                self.log(f"  {folder} {execution} {w['name']:36s} {name:24s} {speed:.3f}x "
                          f"[{min(paired):.3f}-{max(paired):.3f}] (FLOP ideal {ideal:.3f}x, byte-aware ideal "
                          f"{'n/a' if byte_ideal is None else f'{byte_ideal:.3f}x'}, skipped {skipped:.2%}, "
                          f"gather-path layer calls {gathers:.0f})")

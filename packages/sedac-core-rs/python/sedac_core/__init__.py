@@ -8,10 +8,10 @@ chooses. Both give identical decisions on identical inputs.
 from ._api import (
     MIN_THRESHOLD,
     SCOPES,
-    CascadeController,
     ExitDecisions,
     LayerConfig,
     MonitorRule,
+    ProbeController,
     ProbeRule,
     Trace,
     calibrate_thresholds,
@@ -28,7 +28,7 @@ set_backend()
 __all__ = [
     "MIN_THRESHOLD",
     "SCOPES",
-    "CascadeController",
+    "ProbeController",
     "ENVIRONMENT",
     "ExitDecisions",
     "LayerConfig",

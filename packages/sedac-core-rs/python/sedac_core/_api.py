@@ -35,7 +35,7 @@ RULES = {"threshold": 0, "confidence": 1}
 SCOPES = ("cascade", "per_layer")
 """What a run of K high similarities does: ``cascade`` exits the token (every later MLP skipped),
 ``per_layer`` skips each layer's MLP while the run lasts."""
-_STATE_FORMAT = "sedac_core.CascadeController"
+_STATE_FORMAT = "sedac_core.ProbeController"
 _STATE_VERSION = 1
 
 # ---------------------------------------------------------------------------
@@ -121,12 +121,12 @@ def _labels(name: str, value: Any, shape: Tuple[int, ...]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# V6 cascade
+# V6 probe rule
 
 
 @dataclass(frozen=True)
 class LayerConfig:
-    """One probe checkpoint of a cascade.
+    """One probe checkpoint of a V6 probe rule.
 
     ``target_exit_rate`` is both the share of tokens the adaptive threshold aims
     to let exit here (V6.0) and the accumulated confidence needed to exit (V6.1),
@@ -148,18 +148,18 @@ class LayerConfig:
 
 @dataclass(frozen=True)
 class ExitDecisions:
-    """Per-token decisions of :meth:`CascadeController.evaluate`.
+    """Per-token decisions of :meth:`ProbeController.evaluate`.
 
     ``exit_checkpoint[t]`` is the index of the first checkpoint where token ``t``
     exits, -1 for none. ``confidence[t, i]`` is the accumulated confidence C_i
-    and ``soft_ratio[t, i]`` the fraction of MLP channels to skip after
+    and ``skip_fraction[t, i]`` the fraction of MLP channels to skip after
     checkpoint ``i`` for a token that has not fully exited (0 with soft exit off
     or C_i <= 0); both are given for every checkpoint.
     """
 
     exit_checkpoint: np.ndarray
     confidence: np.ndarray
-    soft_ratio: np.ndarray
+    skip_fraction: np.ndarray
     layers: Tuple[int, ...]
 
     @property
@@ -169,17 +169,17 @@ class ExitDecisions:
         return np.where(self.exit_checkpoint >= 0, layers[np.maximum(self.exit_checkpoint, 0)], -1).astype(np.int32)
 
 
-class CascadeController:
-    """V6.0 / V6.1 cascade decisions with adaptive thresholds.
+class ProbeController:
+    """V6.0 / V6.1 probe decisions with adaptive thresholds.
 
     Parameters
     ----------
     layers: the checkpoints, in increasing ``layer_idx``.
-    alpha: EMA step of adaptive threshold updates, in (0, 1].
+    alpha: EMA rate of adaptive threshold updates, in (0, 1].
     confidence_decay: gamma in C_i = C_{i-1} * gamma + conf_i * w_i, in [0, 1].
     soft_exit: report soft-exit ratios (otherwise they are zero).
     adaptive: let :meth:`observe` move thresholds.
-    calibration_steps: observations counted before thresholds start to move.
+    warmup_observations: observations counted before thresholds start to move.
     rule: ``"confidence"`` (V6.1: exit when C_i >= target_exit_rate_i) or
         ``"threshold"`` (V6.0: exit when risk_i < threshold_i).
     adaptive_decay: replace gamma by a per-token, per-checkpoint decay (the V6.1 roadmap's
@@ -196,7 +196,7 @@ class CascadeController:
     """
 
     def __init__(self, layers: Sequence[LayerConfig], *, alpha: float = 0.1, confidence_decay: float = 0.9,
-                 soft_exit: bool = True, adaptive: bool = True, calibration_steps: int = 50,
+                 soft_exit: bool = True, adaptive: bool = True, warmup_observations: int = 50,
                  rule: str = "confidence", adaptive_decay: bool = False, decay_bonus: float = 0.0,
                  soft_k: float = 4.0) -> None:
         if isinstance(layers, LayerConfig) or not isinstance(layers, Iterable):
@@ -215,7 +215,7 @@ class CascadeController:
         self._decay = _real("confidence_decay", confidence_decay, 0, 1)
         self._soft = _bool("soft_exit", soft_exit)
         self._adaptive = _bool("adaptive", adaptive)
-        self._calibration_steps = _int("calibration_steps", calibration_steps)
+        self._warmup_observations = _int("warmup_observations", warmup_observations)
         self._rule = _choice("rule", rule, RULES)
         self._adaptive_decay = _bool("adaptive_decay", adaptive_decay)
         self._decay_bonus = _real("decay_bonus", decay_bonus, 0, 1)
@@ -227,7 +227,7 @@ class CascadeController:
         self._kernel = _backend.kernel()
         self._state = self._kernel.ThresholdState(
             [layer.initial_threshold for layer in layers], self._targets.tolist(),
-            float(np.float32(self._alpha)), self._calibration_steps, self._adaptive)
+            float(np.float32(self._alpha)), self._warmup_observations, self._adaptive)
 
     # -- properties
     @property
@@ -244,9 +244,9 @@ class CascadeController:
         return np.array(self._state.thresholds(), dtype=np.float32)
 
     @property
-    def steps(self) -> int:
+    def observations(self) -> int:
         """Non-empty observations seen so far."""
-        return int(self._state.steps)
+        return int(self._state.observations)
 
     @property
     def rule(self) -> str:
@@ -303,22 +303,22 @@ class CascadeController:
             "confidence_decay": self._decay,
             "soft_exit": self._soft,
             "adaptive": self._adaptive,
-            "calibration_steps": self._calibration_steps,
+            "warmup_observations": self._warmup_observations,
             "rule": self._rule,
             "adaptive_decay": self._adaptive_decay,
             "decay_bonus": self._decay_bonus,
             "soft_k": self._soft_k,
             "history": self._history,
             "thresholds": [float(t) for t in self._state.thresholds()],
-            "steps": self.steps,
+            "observations": self.observations,
         }
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> "CascadeController":
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "ProbeController":
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")
         keys = ("format", "format_version", "layers", "alpha", "confidence_decay", "soft_exit", "adaptive",
-                "calibration_steps", "rule", "thresholds", "steps")
+                "warmup_observations", "rule", "thresholds", "observations")
         for key in keys:
             if key not in state:
                 raise ValueError(f"state_dict is missing {key!r}")
@@ -335,19 +335,19 @@ class CascadeController:
             layers.append(LayerConfig(**layer))
         ctrl = cls(layers, alpha=state["alpha"], confidence_decay=state["confidence_decay"],
                    soft_exit=state["soft_exit"], adaptive=state["adaptive"],
-                   calibration_steps=state["calibration_steps"], rule=state["rule"],
+                   warmup_observations=state["warmup_observations"], rule=state["rule"],
                    # keys added later: optional, so older states still load
                    adaptive_decay=state.get("adaptive_decay", False), decay_bonus=state.get("decay_bonus", 0.0),
                    soft_k=state.get("soft_k", 4.0))
         ctrl._history = _real("state_dict 'history'", state.get("history", 0.0), 0, 1)
         thresholds = _vector("state_dict 'thresholds'", state["thresholds"], len(layers), 0, lo_open=True)
         ctrl._state.set_thresholds(list(thresholds))
-        ctrl._state.set_steps(_int("state_dict 'steps'", state["steps"]))
+        ctrl._state.set_observations(_int("state_dict 'observations'", state["observations"]))
         return ctrl
 
     def __repr__(self) -> str:
-        return (f"CascadeController(layers={self.layer_indices}, rule={self._rule!r}, "
-                f"thresholds={[round(t, 4) for t in self._state.thresholds()]}, steps={self.steps})")
+        return (f"ProbeController(layers={self.layer_indices}, rule={self._rule!r}, "
+                f"thresholds={[round(t, 4) for t in self._state.thresholds()]}, observations={self.observations})")
 
 
 # ---------------------------------------------------------------------------
@@ -410,7 +410,7 @@ class MonitorRule:
 @dataclass(frozen=True)
 class ProbeRule:
     """A V6 configuration to replay (hard exits): per-checkpoint thresholds,
-    ``rule`` as in :class:`CascadeController`; the confidence rule needs
+    ``rule`` as in :class:`ProbeController`; the confidence rule needs
     ``exit_rates`` (weights default to 1)."""
 
     thresholds: Tuple[float, ...]

@@ -72,7 +72,7 @@ def _exit_checkpoint(risk, thresholds, targets, conf, rule_code):
     return _first_true(hits)
 
 
-def soft_ratio(conf, k=4.0):
+def skip_fraction(conf, k=4.0):
     """1 / (1 + exp(0.5k - kC)) (k = 4: tanh(2C - 1) * 0.5 + 0.5); zero unless C > 0."""
     k = _F32(k)
     with np.errstate(all="ignore"):
@@ -87,7 +87,7 @@ def evaluate(risk, thresholds, targets, weights, decay, rule_code, soft, soft_k,
     conf = _accumulate(risk, thresholds, weights, decay, adaptive)
     out_exit[:] = _exit_checkpoint(risk, thresholds, targets, conf, rule_code)
     out_conf[...] = conf
-    out_soft[...] = soft_ratio(conf, soft_k) if soft else 0
+    out_soft[...] = skip_fraction(conf, soft_k) if soft else 0
 
 
 def _consecutive(similarity, tau, k, min_layer):
@@ -135,15 +135,15 @@ def ema(old, target, alpha):
 class ThresholdState:
     """Adaptive thresholds guarded by a lock (the Rust twin uses atomics)."""
 
-    def __init__(self, thresholds, targets, alpha, calibration_steps, adaptive):
+    def __init__(self, thresholds, targets, alpha, warmup_observations, adaptive):
         if len(thresholds) != len(targets):
             raise ValueError(f"{len(thresholds)} thresholds but {len(targets)} target exit rates")
         self._thr = np.asarray(thresholds, dtype=_F32).copy()
         self._targets = np.asarray(targets, dtype=_F32)
         self._alpha = _F32(alpha)
-        self._calibration_steps = int(calibration_steps)
+        self._warmup_observations = int(warmup_observations)
         self._adaptive = bool(adaptive)
-        self._steps = 0
+        self._observations = 0
         self._lock = threading.Lock()
 
     def thresholds(self):
@@ -157,12 +157,12 @@ class ThresholdState:
             self._thr[:] = np.asarray(values, dtype=_F32)
 
     @property
-    def steps(self):
-        return self._steps
+    def observations(self):
+        return self._observations
 
-    def set_steps(self, steps):
+    def set_observations(self, observations):
         with self._lock:
-            self._steps = int(steps)
+            self._observations = int(observations)
 
     def observe(self, risk):
         c = self._thr.size
@@ -171,9 +171,9 @@ class ThresholdState:
         if risk.shape[0] == 0:
             return False
         with self._lock:
-            step = self._steps
-            self._steps += 1
-        if not self._adaptive or step < self._calibration_steps:
+            seen = self._observations
+            self._observations += 1
+        if not self._adaptive or seen < self._warmup_observations:
             return False
         q = np.array([quantile_finite(risk[:, i], self._targets[i]) for i in range(c)], dtype=_F32)
         updated = False

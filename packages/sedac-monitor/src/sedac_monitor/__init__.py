@@ -4,7 +4,7 @@
 ``with`` block; ``sedac-monitor calibrate`` finds the setting with the most
 skipped work within a risk budget and writes ``sedac_config.json``.
 
-One job per module, shared with sedac-probes and sedac-vllm through :mod:`sedac_monitor.runtime`:
+One job per module, shared with sedac-probes and sedac-vllm through :mod:`sedac_monitor.api`:
 ``decide`` (the decider protocol, the V7 rule in torch, the recording and forced-exit deciders), ``engine``
 (:class:`~sedac_monitor.engine.SkipRuntime`: a decider's plans applied to MLP calls, host-sync policy),
 ``stats`` (exit statistics), ``channels`` (soft exit's channel order, truncation and masks), ``patching``

@@ -148,7 +148,7 @@ CONFIG_KEYS = ("tau", "consecutive_k", "min_layer", "protect_last", "scope")
 
 def load_config(config: Union[str, Path, Dict[str, Any]], num_layers: Optional[int] = None) -> Dict[str, Any]:
     """Read and check a ``sedac_config.json`` (path or dict); the one loader of this format (sedac-vllm
-    uses it too). Errors are :class:`~sedac_monitor.runtime.InputError` naming the file and field."""
+    uses it too). Errors are :class:`~sedac_monitor.api.InputError` naming the file and field."""
     source = "config"
     if isinstance(config, (str, Path)):
         path = Path(config)

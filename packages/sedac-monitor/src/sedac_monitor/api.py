@@ -1,7 +1,7 @@
-"""The shared torch runtime: what sedac-probes, sedac-vllm, sedac-bench (and your own integration)
+"""sedac-monitor's public API: what sedac-probes, sedac-vllm, sedac-bench (and your own integration)
 build on. This module is the public surface; everything it exports is part of sedac-monitor's API
 (pinned by its tests), so a change here is an API change. The modules it gathers from
-(``engine``, ``decide``, ``layouts``, ``hf``) are implementation.
+(listed in the package docstring) are implementation.
 
 * **Skipping MLP work**: :class:`SkipRuntime` applies per-row plans (skip / keep a fraction of the
   channels) to MLP calls; :func:`make_skippable` / :func:`restore_mlp` swap an MLP's class so its

@@ -19,13 +19,13 @@ SOFT_GROUPS = 16
 
 def soft_channels(skip: torch.Tensor, keep: torch.Tensor, intermediate: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """A soft-exit plan as channel counts: ``m`` (int64[rows], channels each row computes: ``keep`` of them
-    rounded up to a multiple of ``intermediate / SOFT_GROUPS``, 0 for skipped rows) and ``frac`` (float[rows],
+    rounded up to a multiple of ``intermediate / SOFT_GROUPS``, 0 for skipped rows) and ``partial`` (float[rows],
     the fraction of the MLP each row skips partially: 0 for skipped and full rows). Pure torch (compiles)."""
-    step = max(intermediate // SOFT_GROUPS, 1)
-    m = torch.clamp(torch.ceil(keep.float() * intermediate / step) * step, max=intermediate).to(torch.int64)
+    group = max(intermediate // SOFT_GROUPS, 1)
+    m = torch.clamp(torch.ceil(keep.float() * intermediate / group) * group, max=intermediate).to(torch.int64)
     m = torch.where(skip, torch.zeros_like(m), m)
-    frac = torch.where(skip, torch.zeros(1, device=m.device), (intermediate - m).float() / intermediate)
-    return m, frac
+    partial = torch.where(skip, torch.zeros(1, device=m.device), (intermediate - m).float() / intermediate)
+    return m, partial
 
 
 def _hf_weights(mlp: Any):  # an HF gate/up/down MLP (submodules reached by attribute)
@@ -52,7 +52,7 @@ def channel_order(mlp: Any, activation: Optional[torch.Tensor] = None) -> torch.
 
     Without ``activation``: the data-free :func:`channel_importance`. With ``activation`` (the mean
     ``|act(gate(x)) * up(x)|`` of each intermediate channel on calibration text, see
-    :func:`sedac_monitor.runtime.activation_magnitudes`): ``activation[c] * ||W_down[:, c]||``, the
+    :func:`sedac_monitor.api.activation_magnitudes`): ``activation[c] * ||W_down[:, c]||``, the
     channel's typical contribution to the MLP's output."""
     if activation is None:
         imp = channel_importance(mlp)

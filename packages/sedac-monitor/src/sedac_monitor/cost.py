@@ -259,11 +259,11 @@ def measure_model(layout, max_rows: int = PREFILL_ROWS, context: int = 64) -> Me
         forward["prefill"] = _time(lambda: model(input_ids=ids), budget=0.0, batches=2)
         for b in DECODE_BATCHES:
             ctx = torch.randint(0, vocab, (b, context), generator=gen).to(param.device)
-            step = torch.randint(0, vocab, (b, 1), generator=gen).to(param.device)
+            token = torch.randint(0, vocab, (b, 1), generator=gen).to(param.device)
             past = model(input_ids=ctx, use_cache=True).past_key_values
             # each call appends one position to the cache: a few calls at ~`context` tokens
             forward[f"decode_b{b}"] = _time(
-                lambda step=step, past=past: model(input_ids=step, past_key_values=past, use_cache=True),
+                lambda token=token, past=past: model(input_ids=token, past_key_values=past, use_cache=True),
                 budget=0.0, batches=3)
     return {"cost": cost, "forward_seconds": forward, "prefill_rows": max_rows}
 

@@ -8,7 +8,7 @@ skip counts) on the same similarity matrix — tested property by property.
 Positions follow sedac_core: ``S_l`` compares the residual stream after
 decoder layer ``l`` with the stream entering it; a cascade exit at ``l`` skips
 the MLPs of layers ``l+1 .. num_layers-protect_last-1``. In ``per_layer``
-mode a layer's MLP is skipped while the run of ``S >= tau`` ending at the
+scope a layer's MLP is skipped while the run of ``S >= tau`` ending at the
 previous layer is at least ``k`` long.
 """
 
@@ -48,7 +48,7 @@ class Decider(Protocol):
     """What SEDAC's runtimes ask of a decider (the V7 monitor, the V6 probes, the benchmark's baselines).
 
     One protocol, functional: the state of a forward is a value the caller keeps and passes back, so the
-    Hugging Face hooks (:class:`sedac_monitor.runtime.SkipRuntime`) and vLLM's compiled forward
+    Hugging Face hooks (:class:`sedac_monitor.api.SkipRuntime`) and vLLM's compiled forward
     (sedac-vllm) drive a decider the same way::
 
         state = decider.start(stream)              # the stream entering layer 0, [rows, hidden]
@@ -90,7 +90,7 @@ class Decider(Protocol):
 class MonitorDecider:
     """The V7 rule over the rows (tokens) of one forward pass, as a :class:`Decider`.
 
-    ``monotone`` is True in cascade mode: a row skipped at a layer stays skipped
+    ``monotone`` is True in the cascade scope: a row skipped at a layer stays skipped
     at every later layer that can skip (the runtime may reuse a compaction).
     :meth:`advance` takes a similarity column directly (tests, replay parity).
     """
@@ -111,8 +111,7 @@ class MonitorDecider:
         # time (sedac-vllm's online calibration); same comparisons either way
         self.tau_t: Optional[torch.Tensor] = torch.tensor(self.tau, dtype=torch.float32) if tau_tensor else None
         self.k, self.min_layer = int(rule.k), int(rule.min_layer)
-        self.cascade = rule.scope == "cascade"
-        self.monotone = self.cascade
+        self.monotone = rule.scope == "cascade"
         self._end = max(self.num_layers - int(rule.protect_last), 0)
 
     def start(self, stream: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -135,7 +134,7 @@ class MonitorDecider:
         """(run, exited) after ``layer`` given that layer's similarity column ``s``."""
         if layer >= self.min_layer:
             run = (run + 1) * (s >= (self.tau if self.tau_t is None else self.tau_t))
-        if self.cascade and layer >= self.min_layer + self.k - 1:
+        if self.monotone and layer >= self.min_layer + self.k - 1:
             exited = exited | (run >= self.k)
         return run, exited
 
@@ -144,7 +143,7 @@ class MonitorDecider:
         where no row can skip, known without looking at the data."""
         if layer >= self._end or layer < self.min_layer + self.k:
             return None, None
-        if self.cascade:
+        if self.monotone:
             return state["exited"], None  # exits decided at layers < `layer`
         return state["run"] >= self.k, None
 

@@ -72,7 +72,7 @@ class SkipRuntime:
         if not isinstance(decider, Decider):
             raise TypeError(f"{type(decider).__name__} is not a decider: SkipRuntime needs start(stream), "
                             "step(layer, stream, state), plan(layer, state) and the properties monotone, "
-                            "wants_positions, step_layers (see sedac_monitor.runtime.Decider)")
+                            "wants_positions, step_layers (see sedac_monitor.api.Decider)")
         if host_sync is not None and host_sync not in HOST_SYNC_POLICIES:
             raise ValueError(f"host_sync must be one of {HOST_SYNC_POLICIES}, got {host_sync!r}")
         self.decider = decider
@@ -85,7 +85,7 @@ class SkipRuntime:
         self.modules: Dict[int, nn.Module] = {}  # patched MLPs by layer (for the custom op)
         self._valid: Optional[torch.Tensor] = None
         self._rows, self._device = 0, torch.device("cpu")
-        self._mode = self._policy(self._device)
+        self._sync = self._policy(self._device)
         self._acc: Optional[Dict[str, torch.Tensor]] = None
         self._active: Optional[torch.Tensor] = None
         self._read_layer: Optional[int] = None
@@ -129,8 +129,8 @@ class SkipRuntime:
         self._acc = None  # this forward's per-row results so far (see _record)
         self._active = None
         self.host_reads = 0
-        self._mode = self._policy(device)
-        self._read_layer = self._choose_read_layer() if self._mode == "forward" else None
+        self._sync = self._policy(device)
+        self._read_layer = self._choose_read_layer() if self._sync == "forward" else None
 
     def after_layer(self, layer: int, stream: torch.Tensor) -> None:
         wanted = self.decider.step_layers
@@ -139,7 +139,7 @@ class SkipRuntime:
         if layer == self.num_layers - 1:
             self.finish()
 
-    def _record(self, layer: int, skip: torch.Tensor, frac: Optional[torch.Tensor] = None) -> None:
+    def _record(self, layer: int, skip: torch.Tensor, partial: Optional[torch.Tensor] = None) -> None:
         """Fold one layer's plan into this forward's per-row results at once. Nothing of the plan is
         kept: inside a compiled graph the tensors an op receives are the compiler's buffers, which it
         reuses for later values once the op returns."""
@@ -159,9 +159,9 @@ class SkipRuntime:
         n = (skip if valid is None else skip & valid).sum()
         acc["full"][layer] += n
         acc["skipped"][layer] += n
-        if frac is not None:  # partial skips: counted as work, not as exits
-            acc["row_skips"] += frac
-            acc["skipped"][layer] += (frac if valid is None else frac * valid).double().sum()
+        if partial is not None:  # partial skips: counted as work, not as exits
+            acc["row_skips"] += partial
+            acc["skipped"][layer] += (partial if valid is None else partial * valid).double().sum()
 
     def _record_everything_skipped(self, layer: int) -> None:
         """:meth:`_record` for a plan that skips every row, each of which already skipped an earlier layer
@@ -249,7 +249,7 @@ class SkipRuntime:
         return best
 
     def _may_read(self, layer: int) -> bool:
-        policy = self._mode
+        policy = self._sync
         if policy == "layer":
             return True
         if policy == "forward":
@@ -334,8 +334,8 @@ class SkipRuntime:
         return out
 
     def _soft(self, layer, flat, skip, keep, full, truncated, intermediate):
-        m, frac = soft_channels(skip, keep, intermediate)
-        self._record(layer, skip, frac)
+        m, partial = soft_channels(skip, keep, intermediate)
+        self._record(layer, skip, partial)
         if not self._may_read(layer):
             # masked: every row computes every channel, and each row keeps the first m of them
             return truncated(flat, m)

@@ -22,7 +22,7 @@ class InputError(ValueError):
 
 
 def load_model(model_dir: Any, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a local HF folder, in eval mode on the CPU."""
+    """(model, tokenizer) from a local HF folder, in eval() on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)

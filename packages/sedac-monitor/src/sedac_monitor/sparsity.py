@@ -520,7 +520,7 @@ def propagation(layout: DecoderLayout, windows: torch.Tensor, rec: Recording, er
 
 
 def channel_path(layout: DecoderLayout, search: torch.Tensor, batch_size: int = 4, max_work: float = 0.5,
-                 step: float = 0.01, weight: float = 0.0, rec: Optional[Recording] = None,
+                 increment: float = 0.01, weight: float = 0.0, rec: Optional[Recording] = None,
                  sensitivity_tokens: int = 128) -> Tuple[Recording, List[ChannelSparsity]]:
     """The candidates a calibration measures: points of the greedy allocation (errors scaled by
     :func:`propagation`, measured on the first ``sensitivity_tokens`` of the search text: two forwards per
@@ -532,10 +532,10 @@ def channel_path(layout: DecoderLayout, search: torch.Tensor, batch_size: int = 
                               batch_size=batch_size, weight=weight)
     path = greedy_path([[k * e for e in row] for k, row in zip(k_in, err_in)],
                        [[k * e for e in row] for k, row in zip(k_mid, err_mid)], max_work)
-    points, target = [], step
+    points, target = [], increment
     for levels in path:
         s = sparsity_at(rec, levels, weight)
         if s.mlp_work_saved >= target - 1e-9:
             points.append(s)
-            target += step
+            target += increment
     return rec, points[::-1]

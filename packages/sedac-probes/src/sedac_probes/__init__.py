@@ -7,7 +7,7 @@ code, :func:`load` reads (and validates) a probe directory and
 
 from importlib import metadata as _metadata
 
-from .decide import ProbeDecider, TorchCascade
+from .decide import ProbeDecider, TorchProbeRule
 from .io import ProbeFileError, ProbeSet, load, save
 from .probe import LREProbe, ProbeBank
 
@@ -19,7 +19,7 @@ __all__ = [
     "ProbeDecider",
     "ProbeFileError",
     "ProbeSet",
-    "TorchCascade",
+    "TorchProbeRule",
     "__version__",
     "load",
     "save",

@@ -22,7 +22,7 @@ def bench(model_dir: Any, probe_dir: Optional[Any] = None, tokens: int = 2048, r
           model_and_tokenizer: Any = None) -> Dict[str, Any]:
     """Time one checkpoint probe (``risk_at``), all probes in one call (``bank(h)``) and decoder layer
     ``L // 2`` (with its attention over the ``tokens``-long prefix) on the same ``[tokens, hidden]`` input."""
-    from sedac_monitor.runtime import find_layout, load_model
+    from sedac_monitor.api import find_layout, load_model
 
     from .io import load
     from .probe import LREProbe, ProbeBank
@@ -58,7 +58,7 @@ def bench(model_dir: Any, probe_dir: Optional[Any] = None, tokens: int = 2048, r
         positions = torch.arange(flat.shape[0])
         fused = ProbeBank(bank.layers, H, bank.rank, "fusion")
         fused.load_state_dict(bank.state_dict(), strict=False)
-        from sedac_monitor.runtime import similarity
+        from sedac_monitor.api import similarity
 
         def gate():
             s = similarity(flat, prev)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 import sedac_core
+from sedac_monitor.api import InputError
 from sedac_monitor.calibrate import BUDGET_NOT_MET, DEFAULT_MAX_DELTA_PPL, measured_search
-from sedac_monitor.runtime import InputError
 
 from .collect import load_data, load_probes_for
 from .io import update_meta
@@ -163,7 +163,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
     measured = measurer.measure(thresholds) if measurer is not None and status == "ok" else None
     expected, advice = None, None
     if measured is not None:  # what the thresholds would gain on this machine (MLP and forward timed here)
-        from sedac_monitor.runtime import expected_speedups, measure_model, recommendation
+        from sedac_monitor.api import expected_speedups, measure_model, recommendation
 
         assert measurer is not None  # measured only with one
         costs = measure_model(measurer.layout)
@@ -216,7 +216,7 @@ class _Measurer:
 
     def __init__(self, model: Any, model_and_tokenizer: Any, data: Dict[str, Any], probes: Any,
                  protect_last: int) -> None:
-        from sedac_monitor.runtime import find_layout, load_model, model_identity, teacher_forced
+        from sedac_monitor.api import find_layout, load_model, model_identity, teacher_forced
 
         m, _ = model_and_tokenizer or load_model(model)
         ident = model_identity(m)
@@ -232,15 +232,15 @@ class _Measurer:
         self.history: List[Dict[str, Any]] = []
 
     def measure(self, thresholds: Sequence[float]) -> Dict[str, Any]:
-        from sedac_monitor.runtime import teacher_forced
+        from sedac_monitor.api import teacher_forced
 
-        from .decide import ProbeDecider, TorchCascade
+        from .decide import ProbeDecider, TorchProbeRule
 
         wanted = [float(t) for t in thresholds]
         for h in self.history:
             if h["thresholds"] == wanted:
                 return h
-        decider = ProbeDecider(self.probes.bank, TorchCascade(wanted), self.layout.num_layers, self.protect_last)
+        decider = ProbeDecider(self.probes.bank, TorchProbeRule(wanted), self.layout.num_layers, self.protect_last)
         run = teacher_forced(self.layout, self.windows, decider, 4, desc="measure", protect_first=self.protect_first)
         base = self.base
         assert run.row_skips is not None  # teacher_forced ran with a decider

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from sedac_monitor.runtime import InputError, UnsupportedModelError
+    from sedac_monitor.api import InputError, UnsupportedModelError
 
     from .io import ProbeFileError
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from sedac_monitor.runtime import (
+from sedac_monitor.api import (
     InputError,
     cascade_labels,
     find_layout,

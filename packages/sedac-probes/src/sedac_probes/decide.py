@@ -1,6 +1,6 @@
-"""V6.0 / V6.1 cascade decisions in torch, one checkpoint at a time.
+"""V6.0 / V6.1 probe decisions in torch, one checkpoint at a time.
 
-The torch twin of ``sedac_core.CascadeController.evaluate``: the same float32
+The torch twin of ``sedac_core.ProbeController.evaluate``: the same float32
 operations in the same order, so exits and accumulated confidence are
 identical to sedac_core's on the same risk matrix (tested); soft ratios may
 differ by one ulp (``exp``). Used inside model forwards by the HF runtime
@@ -21,9 +21,9 @@ def _clamp01(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 0, torch.zeros_like(x), torch.where(x > 1, torch.ones_like(x), x))
 
 
-class TorchCascade:
+class TorchProbeRule:
     """Decision parameters as tensors: ``thresholds`` can be updated in place
-    (adaptive mode) without re-creating the object."""
+    (adaptive thresholds) without re-creating the object."""
 
     def __init__(self, thresholds: Sequence[float], rule: str = "threshold",
                  exit_rates: Optional[Sequence[float]] = None, weights: Optional[Sequence[float]] = None,
@@ -49,7 +49,7 @@ class TorchCascade:
                              f"{self.weights.numel()} weights")
         self.decay = torch.tensor(decay, dtype=torch.float32, device=device)
         self.soft_exit = bool(soft_exit)
-        # the V6.1 roadmap's options (see sedac_core.CascadeController): off / the original tanh by default
+        # the V6.1 roadmap's options (see sedac_core.ProbeController): off / the original tanh by default
         if not (0.0 <= decay_bonus <= 1.0):
             raise ValueError(f"decay_bonus must be in [0, 1], got {decay_bonus}")
         if not (soft_k > 0):
@@ -58,12 +58,12 @@ class TorchCascade:
         self.bonus = torch.tensor(decay_bonus, dtype=torch.float32, device=device)
         self.history = torch.zeros((), dtype=torch.float32, device=device)  # updated in place by the caller
         self.soft_k = torch.tensor(soft_k, dtype=torch.float32, device=device)
-        # the sedac_core.CascadeController that owns the thresholds (adaptive; see `following`), or None
+        # the sedac_core.ProbeController that owns the thresholds (adaptive; see `following`), or None
         self.controller: Any = None
 
     @classmethod
-    def following(cls, controller: Any, device: Optional[torch.device] = None) -> "TorchCascade":
-        """The decision parameters of an adaptive ``sedac_core.CascadeController``, which owns the
+    def following(cls, controller: Any, device: Optional[torch.device] = None) -> "TorchProbeRule":
+        """The decision parameters of an adaptive ``sedac_core.ProbeController``, which owns the
         thresholds: :meth:`observe` feeds it the observed risks and copies its thresholds (and the adaptive
         decay's exit history) into these tensors only when they moved."""
         st = controller.state_dict()
@@ -80,7 +80,7 @@ class TorchCascade:
         """Adaptive thresholds: hand a forward's risks (``[rows, checkpoints]``, NaN where not reached) to
         the controller and mirror what moved. Returns whether the thresholds moved."""
         if self.controller is None:
-            raise RuntimeError("TorchCascade.observe: these thresholds are fixed (no controller follows them)")
+            raise RuntimeError("TorchProbeRule.observe: these thresholds are fixed (no controller follows them)")
         moved = self.controller.observe(risk)
         if moved:
             self.thresholds.copy_(torch.as_tensor(self.controller.thresholds))
@@ -92,7 +92,7 @@ class TorchCascade:
     def checkpoints(self) -> int:
         return int(self.thresholds.numel())
 
-    def to(self, device: torch.device) -> "TorchCascade":
+    def to(self, device: torch.device) -> "TorchProbeRule":
         for name in ("thresholds", "targets", "weights", "decay", "bonus", "history", "soft_k"):
             setattr(self, name, getattr(self, name).to(device))
         return self
@@ -122,7 +122,7 @@ class TorchCascade:
 
     def evaluate(self, risk: torch.Tensor):
         """Whole-matrix form (``[tokens, checkpoints]``), as sedac_core's
-        ``evaluate``: (exit_checkpoint int32, confidence, soft_ratio)."""
+        ``evaluate``: (exit_checkpoint int32, confidence, skip_fraction)."""
         n, c = risk.shape
         acc = torch.zeros(n, dtype=torch.float32, device=risk.device)
         exit_cp = torch.full((n,), -1, dtype=torch.int32, device=risk.device)
@@ -137,19 +137,19 @@ class TorchCascade:
 
 
 class ProbeDecider:
-    """V6 decider for :class:`sedac_monitor.runtime.SkipRuntime`: at checkpoint
-    layers, applies the probe to the residual stream and advances the cascade.
+    """V6 decider for :class:`sedac_monitor.api.SkipRuntime`: at checkpoint
+    layers, applies the probe to the residual stream and advances the probe rule.
 
     An exited token skips the MLPs of every later layer below
     ``num_layers - protect_last``. With soft exit, a token that has not exited
-    computes only a fraction ``1 - soft_ratio`` of the MLP channels of the
+    computes only a fraction ``1 - skip_fraction`` of the MLP channels of the
     layers after a checkpoint. ``last_risk`` keeps the risks of the last
     forward (``[rows, checkpoints]``, NaN where not reached) for adaptive
     threshold updates.
 
-    A :class:`sedac_monitor.runtime.Decider` (``start`` / ``step`` / ``plan``,
+    A :class:`sedac_monitor.api.Decider` (``start`` / ``step`` / ``plan``,
     pure torch, compiled into vLLM's graph and driven by the HF hooks alike).
-    Exits are a cascade, so ``monotone`` is True. It steps at its checkpoint
+    An exited token skips every later MLP (the cascade scope), so ``monotone`` is True. It steps at its checkpoint
     layers only (``step_layers``); :meth:`risk_matrix` reads a forward's risks
     from its state.
 
@@ -160,14 +160,14 @@ class ProbeDecider:
 
     monotone = True
 
-    def __init__(self, bank, cascade: TorchCascade, num_layers: int, protect_last: int = 0,
+    def __init__(self, bank, probe_rule: TorchProbeRule, num_layers: int, protect_last: int = 0,
                  exits: bool = True) -> None:
-        if len(bank.layers) != cascade.checkpoints:
-            raise ValueError(f"{len(bank.layers)} probes but {cascade.checkpoints} thresholds")
+        if len(bank.layers) != probe_rule.checkpoints:
+            raise ValueError(f"{len(bank.layers)} probes but {probe_rule.checkpoints} thresholds")
         if bank.layers[-1] >= num_layers:
             raise ValueError(f"probe layer {bank.layers[-1]} is outside a model of {num_layers} layers")
         self.bank = bank
-        self.cascade = cascade
+        self.probe_rule = probe_rule
         self.num_layers = int(num_layers)
         self.protect_last = int(protect_last)
         self._index = {layer: i for i, layer in enumerate(bank.layers)}
@@ -187,7 +187,7 @@ class ProbeDecider:
                  "soft": torch.zeros(rows, dtype=torch.float32, device=dev),
                  "risks": (), "confs": ()}
         if self.fused:
-            from sedac_monitor.runtime import similarity  # noqa: F401 - fails early if missing
+            from sedac_monitor.api import similarity  # noqa: F401 - fails early if missing
 
             a = stream.float()
             if positions is None:
@@ -201,7 +201,7 @@ class ProbeDecider:
         if not self.exits:
             return state
         if self.fused:
-            from sedac_monitor.runtime import similarity
+            from sedac_monitor.api import similarity
 
             a = stream.float()
             norm2 = torch.linalg.vecdot(a, a)
@@ -215,7 +215,7 @@ class ProbeDecider:
             return state
         else:
             risk = self.bank.risk_at(i, stream)
-        hit, acc, soft = self.cascade.step(i, risk, state["acc"])
+        hit, acc, soft = self.probe_rule.step(i, risk, state["acc"])
         exit_layer = state["exit_layer"]
         exit_layer = torch.where((exit_layer < 0) & hit, torch.full_like(exit_layer, layer), exit_layer)
         return {**state, "acc": acc, "exit_layer": exit_layer, "soft": soft, "risks": state["risks"] + (risk,),
@@ -225,7 +225,7 @@ class ProbeDecider:
         """``[rows, checkpoints]`` float32 risks of this forward, NaN for checkpoints not reached."""
         risks = list(state["risks"])
         rows = state["acc"].shape[0]
-        while len(risks) < self.cascade.checkpoints:
+        while len(risks) < self.probe_rule.checkpoints:
             risks.append(torch.full((rows,), float("nan"), dtype=torch.float32, device=state["acc"].device))
         return torch.stack(risks, 1)
 
@@ -234,5 +234,5 @@ class ProbeDecider:
             return None, None  # before the first checkpoint or in the protected tail: nobody skips
         exit_layer = state["exit_layer"]
         skip = (exit_layer >= 0) & (exit_layer < layer)
-        keep = 1.0 - state["soft"] if self.cascade.soft_exit else None
+        keep = 1.0 - state["soft"] if self.probe_rule.soft_exit else None
         return skip, keep

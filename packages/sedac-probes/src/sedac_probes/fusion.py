@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from sedac_monitor.runtime import InputError
+from sedac_monitor.api import InputError
 
 from .collect import load_data, load_probes_for
 from .io import save
@@ -193,7 +193,7 @@ def gate_cost(bank: ProbeBank, tokens: int = 2048, repeats: int = 5) -> Dict[str
     h = torch.randn(tokens, bank.hidden_size)
     prev = torch.randn(tokens, bank.hidden_size)
     pos = torch.arange(tokens)
-    from sedac_monitor.runtime import similarity
+    from sedac_monitor.api import similarity
 
     def extra():
         s = similarity(h, prev)

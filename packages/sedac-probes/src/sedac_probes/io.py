@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, cast
 
 import torch
 
-from sedac_monitor.runtime import model_identity
+from sedac_monitor.api import model_identity
 
 from .probe import FUSION_FEATURES, GATE_TENSORS, TARGETS, LREProbe, ProbeBank
 
@@ -191,7 +191,7 @@ def load(directory: Any, model_config: Any = None, fingerprint: Optional[str] = 
 
     ``model_config`` (HF config object, dict or model): the probes must have
     been made for a model of the same hidden size, depth, MLP width and
-    vocabulary. ``fingerprint`` (see ``sedac_monitor.runtime.model_identity``):
+    vocabulary. ``fingerprint`` (see ``sedac_monitor.api.model_identity``):
     when given, it must match the one recorded, which tells checkpoints of one
     architecture apart. Errors name the file and the problem.
     """

@@ -8,7 +8,7 @@ from typing import Any, Tuple
 import numpy as np
 import torch
 
-from sedac_monitor.runtime import InputError
+from sedac_monitor.api import InputError
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from sedac_monitor.runtime import InputError, progress
+from sedac_monitor.api import InputError, progress
 
 from .collect import load_data
 from .io import save

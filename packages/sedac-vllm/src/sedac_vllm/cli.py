@@ -85,7 +85,7 @@ def check(model: str, env: Dict[str, str]) -> List[str]:
     cfg.check_model(layers)
     lines = [f"model {model}: {arch}, {layers} layers, hidden {text['hidden_size']}", cfg.describe()]
     if cfg.mode == "monitor":
-        from sedac_monitor.runtime import monitor_rule
+        from sedac_monitor.api import monitor_rule
 
         try:
             monitor_rule(layers, cfg.tau, cfg.consecutive_k, cfg.min_layer, cfg.protect_last, cfg.scope)
@@ -95,7 +95,7 @@ def check(model: str, env: Dict[str, str]) -> List[str]:
         if advice:  # what `sedac-monitor calibrate` measured on the machine that calibrated
             lines.append(f"calibrated setting: {advice}")
     else:
-        from sedac_monitor.runtime import model_identity
+        from sedac_monitor.api import model_identity
         from sedac_probes.io import ProbeFileError, load
 
         try:

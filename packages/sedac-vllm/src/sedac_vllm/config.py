@@ -51,7 +51,7 @@ VARIABLES: Dict[str, str] = {
     "SEDAC_ONLINE": "0 or 1: online calibration with drift detection, monitor mode (default 0)",
     "SEDAC_RISK_TOLERANCE": "top-1 risk to hold, number in (0, 1) (default: the config's max_risk, else 0.05)",
     "SEDAC_DECISION_LOG": "path: append a sampled per-token decision log as JSON lines (default: off)",
-    "SEDAC_LOG_EVERY": "integer >= 0: log exit statistics every N forward steps, 0 = never (default 50)",
+    "SEDAC_LOG_EVERY": "integer >= 0: log exit statistics every N forwards, 0 = never (default 50)",
     "SEDAC_METRICS_FILE": "path the engine writes its statistics to, read by /metrics (default: a temp file)",
     "SEDAC_TRACE": "path: append per-token decisions of every forward as JSON lines (debugging, tests)",
 }
@@ -63,8 +63,8 @@ SETTINGS: Dict[str, str] = {
     "exit_rates": "list of numbers in [0, 1], one per probe layer (default: the file's, else [0.2, 0.6, 0.9])",
     "adaptive": "true or false: thresholds learned from traffic (default: false if the probe file is calibrated, "
                 "else true)",
-    "calibration_steps": "integer >= 0: forwards without exits while adaptive thresholds warm up (default 50)",
-    "alpha": "adaptive EMA step, number in (0, 1] (default 0.1)",
+    "warmup_observations": "integer >= 0: forwards without exits while adaptive thresholds warm up (default 50)",
+    "alpha": "adaptive EMA rate, number in (0, 1] (default 0.1)",
     "confidence_decay": "number in [0, 1] (default 0.9)",
     "layer_weights": "list of numbers >= 0, one per probe layer (default [0.3, 0.4, 0.3] for three)",
     "soft_k": "soft-exit steepness k of 1 / (1 + exp(-k (C - 0.5))), number > 0 (default 4: the original tanh "
@@ -194,7 +194,7 @@ class SedacConfig:
     exit_rates: Optional[List[float]] = None
     rule: str = "threshold"
     adaptive: Optional[bool] = None
-    calibration_steps: int = 50
+    warmup_observations: int = 50
     confidence_decay: float = 0.9
     soft_exit: bool = False
     soft_k: float = 4.0
@@ -252,7 +252,7 @@ class SedacConfig:
         cfg.thresholds = s.numbers("thresholds", 0.0, lo_open=True)
         cfg.exit_rates = s.numbers("exit_rates", 0.0, 1.0)
         cfg.adaptive = s.flag("adaptive", None)
-        cfg.calibration_steps = s.integer("calibration_steps", cfg.calibration_steps, 0)
+        cfg.warmup_observations = s.integer("warmup_observations", cfg.warmup_observations, 0)
         cfg.alpha = s.number("alpha", cfg.alpha, 0.0, 1.0, lo_open=True)
         cfg.confidence_decay = s.number("confidence_decay", cfg.confidence_decay, 0.0, 1.0)
         cfg.layer_weights = s.numbers("layer_weights", 0.0)
@@ -342,7 +342,7 @@ def _check_names(env: Mapping[str, str]) -> None:
     import difflib
 
     import sedac_core
-    from sedac_monitor.runtime import ENVIRONMENT as MONITOR_ENVIRONMENT
+    from sedac_monitor.api import ENVIRONMENT as MONITOR_ENVIRONMENT
 
     known = set(VARIABLES) | set(sedac_core.ENVIRONMENT) | set(MONITOR_ENVIRONMENT)
     for name in sorted(k for k in env if k.startswith("SEDAC_") and k not in known):
@@ -443,7 +443,7 @@ def _read_file(self: Any, path: str) -> Dict[str, Any]:  # on the draft, in from
 
 
 def _monitor_file(self: Any, path: str) -> None:  # on the draft, in from_env
-    from sedac_monitor.runtime import InputError, load_config
+    from sedac_monitor.api import InputError, load_config
 
     try:
         data = load_config(path)

@@ -6,7 +6,7 @@ server process. The worker writes its statistics to ``SEDAC_METRICS_FILE``
 the API server exposes them through a collector registered in
 prometheus_client's default registry by :func:`sedac_vllm.plugin.register`.
 With several API servers (``--api-server-count > 1``, Prometheus
-multiprocess mode) vLLM serves another registry: read the JSON file instead.
+multiprocess metrics) vLLM serves another registry: read the JSON file instead.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class SedacCollector:
         yield CounterMetricFamily("sedac_tokens", "Tokens that went through SEDAC decisions", value=s["tokens"])
         yield CounterMetricFamily("sedac_skipped_mlp_blocks", "MLP blocks skipped (soft exits count fractionally)",
                                   value=s["skipped_mlp_blocks"])
-        yield CounterMetricFamily("sedac_forward_steps", "Model forward passes seen by SEDAC", value=s["steps"])
+        yield CounterMetricFamily("sedac_forwards", "Model forward passes seen by SEDAC", value=s["forwards"])
         yield GaugeMetricFamily("sedac_skipped_mlp_fraction", "Skipped MLP blocks / (tokens x layers)",
                                 value=s["skipped_mlp_fraction"])
         yield GaugeMetricFamily("sedac_exited_fraction", "Fraction of tokens that skipped at least one MLP",

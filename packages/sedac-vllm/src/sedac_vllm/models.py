@@ -17,7 +17,7 @@ The decision math is plain torch on tensors that flow from layer to layer, so
 vLLM's compiler (dynamo + inductor on CPU, piecewise CUDA graphs on GPU) puts
 it in the model's graph; only the data-dependent row selection and the
 bookkeeping live in the two custom ops, registered when the plugin loads.
-Eager mode (``enforce_eager``) runs the same code without compiling it.
+Eager execution (``enforce_eager``) runs the same code without compiling it.
 
 Decisions are per row of vLLM's flattened ``[num_tokens, hidden]`` batch and
 depend only on that row's own residual stream and position, so a request's
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 
-from sedac_monitor.runtime import (
+from sedac_monitor.api import (
     SkippableMLP,
     channel_mask,
     channel_order,
@@ -44,7 +44,7 @@ from sedac_monitor.runtime import (
 )
 
 from . import ops
-from . import runtime as rt_mod
+from . import state as rt_mod
 from .config import ConfigError
 from .plugin import active_config
 
@@ -60,7 +60,7 @@ class _SedacDecoderLayer:
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
         sedac, index = self._sedac, self._sedac_index
         if index == 0:
-            # a copy: vLLM's fused add+RMSNorm later updates these tensors in place (eager mode)
+            # a copy: vLLM's fused add+RMSNorm later updates these tensors in place (eager execution)
             sedac.begin((hidden_states if residual is None else hidden_states + residual).clone(), positions)
         hidden, residual = super().forward(positions, hidden_states, residual, *args, **kwargs)
         sedac.after_layer(index, hidden, residual, positions)
@@ -69,7 +69,7 @@ class _SedacDecoderLayer:
 
 class _SedacMLP(SkippableMLP):
     """vLLM's MLP with the plan taken from the in-graph decider state: layers where no row can skip run
-    vLLM's MLP untouched; elsewhere :meth:`VllmSedac.run_mlp <sedac_vllm.runtime.VllmSedac.run_mlp>` picks
+    vLLM's MLP untouched; elsewhere :meth:`VllmSedac.run_mlp <sedac_vllm.state.VllmSedac.run_mlp>` picks
     the masked path (in the graph) or the gather path (the ``sedac::skip_mlp`` op) by what each costs."""
 
     _sedac_owner: "rt_mod.VllmSedac"
@@ -155,12 +155,12 @@ def quantization(linear: torch.nn.Module) -> Optional[str]:
 def eager_activation(mlp: torch.nn.Module):
     """The MLP's activation as a plain callable for use inside SEDAC's op, or None to use vLLM's forward.
 
-    In compiled mode vLLM disables its custom activation kernels and wraps their torch-native code in
+    Compiled, vLLM disables its custom activation kernels and wraps their torch-native code in
     ``torch.compile``, for calls from inside opaque ops. Called per layer from SEDAC's op that wrapper costs
     about 100 µs a call on CPU (guards, recompiles for new shapes) — more than the activation itself for a
     decode batch — and gives the same values as the native code run directly (checked bit for bit: the
     e2e tests compare SEDAC without exits to vanilla vLLM). So the native code is called directly; an
-    enabled kernel (eager mode) is called as vLLM calls it. Quantized MLPs (which may fuse the activation
+    enabled kernel (eager execution) is called as vLLM calls it. Quantized MLPs (which may fuse the activation
     with the next layer's input quantization) keep vLLM's forward.
     """
     act, down = getattr(mlp, "act_fn", None), getattr(mlp, "down_proj", None)
@@ -337,7 +337,7 @@ class SedacModelMixin(_VllmCausalLM):
 def _measure_cost(model: Any, sedac: "rt_mod.VllmSedac") -> None:
     """Before the first forward (weights loaded and repacked by then): time the layers' MLPs, called in turn
     as a forward calls them, which decides where gathering pays (see :meth:`VllmSedac.measure_cost
-    <sedac_vllm.runtime.VllmSedac.measure_cost>`)."""
+    <sedac_vllm.state.VllmSedac.measure_cost>`)."""
     from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
     mlps = [layer.mlp for layer in model.model.layers]

@@ -1,7 +1,7 @@
 """Watching SEDAC while it serves: a sampled decision log, and online calibration with drift detection.
 
 Both are off by default and run inside SEDAC's ops (eager Python, once per layer or once per forward),
-so they work in vLLM's compiled mode too.
+so they work in vLLM's compiled graph too.
 
 * :class:`DecisionLog` (``SEDAC_DECISION_LOG``): for a sampled fraction of tokens, one JSON line with
   the token's position, id, exit layer and, per layer, the signal, the threshold and (probes) the
@@ -60,7 +60,7 @@ class DecisionLog:
         self.full = self.written >= self.max_bytes
         self.records = 0
 
-    def write(self, step: int, positions: torch.Tensor, tokens: Optional[torch.Tensor], first_skip: torch.Tensor,
+    def write(self, forward: int, positions: torch.Tensor, tokens: Optional[torch.Tensor], first_skip: torch.Tensor,
               signals: Optional[np.ndarray], signal_layers: List[int], thresholds: List[float],
               confidences: Optional[np.ndarray], num_layers: int, kind: str) -> int:
         """Append records for a sample of this forward's rows; returns how many were written."""
@@ -83,7 +83,7 @@ class DecisionLog:
                     entry["confidence"] = _num(confidences[r, j])
                 layers.append(entry)
             exit_layer = first[r] - 1 if first[r] < num_layers else None
-            lines.append(json.dumps({"step": step, "pos": pos[r], "tok": None if tok is None else tok[r],
+            lines.append(json.dumps({"forward": forward, "pos": pos[r], "tok": None if tok is None else tok[r],
                                      "kind": kind, "decision": "exit" if exit_layer is not None else "stay",
                                      "exit_layer": exit_layer, "layers": layers}))
         data = "\n".join(lines) + "\n"
@@ -122,7 +122,7 @@ class OnlineCalibrator:
 
     def __init__(self, tau_t: torch.Tensor, tau: float, tolerance: float, shadow_rate: float, window: int,
                  margin: float, drift_threshold: float, histogram: Optional[Dict[str, Any]], min_layer: int,
-                 seed: int = 0, step: float = 0.0005) -> None:
+                 seed: int = 0, tau_increment: float = 0.0005) -> None:
         self.tau_t, self.tau_calibrated = tau_t, float(tau)
         self.tau = float(tau)
         if margin > 0:
@@ -132,7 +132,8 @@ class OnlineCalibrator:
                            margin, tau)
         self.lo, self.hi = max(0.0, self.tau - margin), 1.0
         self.tolerance, self.shadow_rate, self.window = float(tolerance), float(shadow_rate), int(window)
-        self.drift_threshold, self.step, self.min_layer = float(drift_threshold), float(step), int(min_layer)
+        self.drift_threshold, self.min_layer = float(drift_threshold), int(min_layer)
+        self.tau_increment = float(tau_increment)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)  # same draws on every TP rank
         self.edges = np.asarray(histogram["edges"], dtype=np.float64) if histogram else None
         self.reference = np.asarray(histogram["counts"], dtype=np.float64) if histogram else None
@@ -214,10 +215,10 @@ class OnlineCalibrator:
                 logger.warning("SEDAC drift over (KL %.3f): exits enabled again at tau %.4f", self.drift_kl, self.tau)
         if self.risk_estimate is not None and self.checked >= min(self.window, 50):
             if self.risk_estimate > self.tolerance and self.tau < self.hi:
-                self.tau = min(self.hi, self.tau + 2 * self.step)
+                self.tau = min(self.hi, self.tau + 2 * self.tau_increment)
                 self.adjustments += 1
             elif self.risk_estimate < self.tolerance / 2 and self.tau > self.lo:
-                self.tau = max(self.lo, self.tau - self.step)
+                self.tau = max(self.lo, self.tau - self.tau_increment)
                 self.adjustments += 1
         self.tau_t.fill_(1.5 if self.fallback else self.tau)
 

@@ -4,7 +4,7 @@
 traces the model, so no op is ever registered while a graph is traced.
 
 * ``sedac::skip_mlp(x, skip, keep, key, layer) -> Tensor``: one layer's MLP with the plan applied by
-  the gather path (:meth:`VllmSedac.gather <sedac_vllm.runtime.VllmSedac.gather>`: the active rows only).
+  the gather path (:meth:`VllmSedac.gather <sedac_vllm.state.VllmSedac.gather>`: the active rows only).
   Its output feeds the residual stream, so the compiler keeps it.
 * ``sedac::finish(counter!, stream, positions, risk, signals, conf, first, row_skips, skipped, full, key)
   -> ()``: end of a forward, with the per-row and per-layer results the graph kept —
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import runtime as rt_mod
+from . import state as rt_mod
 
 LIBRARY = torch.library.Library("sedac", "FRAGMENT")
 """The ``sedac`` op namespace."""

@@ -1,8 +1,8 @@
-"""One SEDAC runtime per vLLM model instance: the decider, statistics, trace and adaptive thresholds.
+"""One SEDAC state per vLLM model instance: the decider, statistics, trace and adaptive thresholds.
 
-The decision code is sedac-monitor's (V7, :class:`sedac_monitor.runtime.MonitorDecider`)
+The decision code is sedac-monitor's (V7, :class:`sedac_monitor.api.MonitorDecider`)
 and sedac-probes' (V6, :class:`sedac_probes.decide.ProbeDecider`); the gather path's
-gather -> MLP -> scatter is sedac-monitor's :class:`~sedac_monitor.runtime.SkipRuntime` (shared with
+gather -> MLP -> scatter is sedac-monitor's :class:`~sedac_monitor.api.SkipRuntime` (shared with
 the Hugging Face accelerator). This module wires them to vLLM's flattened ``[num_tokens, hidden]``
 batch: one lookup per forward (``get(key)`` from the ops), the MLPs by layer (``mlps``).
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, cast
 
 import torch
 
-from sedac_monitor.runtime import ExitStats, MlpCost, SkipRuntime, soft_channels
+from sedac_monitor.api import ExitStats, MlpCost, SkipRuntime, soft_channels
 
 from .config import ConfigError, SedacConfig
 
@@ -45,10 +45,10 @@ class VllmSedac:
         self.cfg = cfg
         self.num_layers = num_layers
         self.tp_rank = tp_rank
-        self.controller: Optional[sedac_core.CascadeController] = None
+        self.controller: Optional[sedac_core.ProbeController] = None
         self.probes: Optional[ProbeSet] = None
         self.adaptive = False
-        self.step = 0
+        self.forwards = 0
         self._dirty = False
         self._writer: Optional[threading.Thread] = None
         self._input_ids: Optional[torch.Tensor] = None
@@ -114,7 +114,7 @@ class VllmSedac:
                                 evidence.get("signal_histogram"), c.min_layer)
 
     def _monitor_decider(self):
-        from sedac_monitor.runtime import MonitorDecider, monitor_rule
+        from sedac_monitor.api import MonitorDecider, monitor_rule
 
         c = self.cfg
         try:
@@ -125,7 +125,7 @@ class VllmSedac:
 
     def _probe_decider(self, hf_config: Any, hidden_size: int, device: torch.device):
         import sedac_core
-        from sedac_probes.decide import ProbeDecider, TorchCascade
+        from sedac_probes.decide import ProbeDecider, TorchProbeRule
         from sedac_probes.io import ProbeFileError, load
 
         c = self.cfg
@@ -156,23 +156,23 @@ class VllmSedac:
                     f"the probes in {c.probe_dir} are not calibrated, so SEDAC has no thresholds for their "
                     f"{probes.target} risk. Run `sedac-probes calibrate`, or set, in the SEDAC_CONFIG file's "
                     "\"serving\" object, \"thresholds\" (fixed thresholds) or \"exit_rates\" with \"adaptive\" left "
-                    "on (thresholds learned from traffic; no token exits during the \"calibration_steps\" warm-up).")
+                    "on (thresholds learned from traffic; no token exits during the \"warmup_observations\" warm-up).")
             thresholds = [sedac_core.MIN_THRESHOLD] * n
-        if adaptive and exits:  # the controller owns the thresholds; the cascade's tensors mirror them
-            self.controller = sedac_core.CascadeController(
+        if adaptive and exits:  # the controller owns the thresholds; the probe rule's tensors mirror them
+            self.controller = sedac_core.ProbeController(
                 [sedac_core.LayerConfig(layer, exit_rates[i], thresholds[i], weights[i]) for i, layer in
                  enumerate(layers)],
                 alpha=c.alpha, confidence_decay=c.confidence_decay, soft_exit=c.soft_exit, adaptive=True,
-                calibration_steps=c.calibration_steps, rule=c.rule, adaptive_decay=c.adaptive_decay,
+                warmup_observations=c.warmup_observations, rule=c.rule, adaptive_decay=c.adaptive_decay,
                 decay_bonus=c.decay_bonus, soft_k=c.soft_k)
-            cascade = TorchCascade.following(self.controller, device)
+            probe_rule = TorchProbeRule.following(self.controller, device)
         else:
-            cascade = TorchCascade(thresholds, c.rule, exit_rates, weights, c.confidence_decay, c.soft_exit,
+            probe_rule = TorchProbeRule(thresholds, c.rule, exit_rates, weights, c.confidence_decay, c.soft_exit,
                                    device, adaptive_decay=c.adaptive_decay, decay_bonus=c.decay_bonus,
                                    soft_k=c.soft_k)
         self.probes = probes
         self.adaptive = adaptive and exits  # the configuration's value, resolved against the probe file
-        return ProbeDecider(probes.bank, cascade, self.num_layers, c.protect_last, exits=exits)
+        return ProbeDecider(probes.bank, probe_rule, self.num_layers, c.protect_last, exits=exits)
 
     # -- per forward: in the model's graph (pure torch, no host reads) ----------
     def begin(self, stream: torch.Tensor, positions: torch.Tensor) -> None:
@@ -204,15 +204,15 @@ class VllmSedac:
                 keep = torch.where(allowed, keep, torch.ones_like(keep))
         return skip, keep
 
-    def note(self, layer: int, skip: torch.Tensor, frac: Optional[torch.Tensor]) -> torch.Tensor:
+    def note(self, layer: int, skip: torch.Tensor, partial: Optional[torch.Tensor]) -> torch.Tensor:
         """Fold one layer's plan into this forward's results (in the graph); returns the MLP rows it skips
         (a soft exit's partial rows fractionally)."""
         state = self.state
         first = state["first"]
         state["first"] = torch.where(skip & (first == self.num_layers), layer, first)
         full = skip.sum()
-        skipped = full.double() if frac is None else full.double() + frac.double().sum()
-        state["row_skips"] = state["row_skips"] + (skip.float() if frac is None else skip.float() + frac)
+        skipped = full.double() if partial is None else full.double() + partial.double().sum()
+        state["row_skips"] = state["row_skips"] + (skip.float() if partial is None else skip.float() + partial)
         state[f"full{layer}"], state[f"skipped{layer}"] = full, skipped
         return skipped
 
@@ -236,8 +236,8 @@ class VllmSedac:
         if keep is not None:
             if skip is None:
                 skip = torch.zeros(keep.shape[0], dtype=torch.bool, device=keep.device)
-            m, frac = soft_channels(skip, keep, mlp._sedac_inter)
-            skipped = self.note(layer, skip, frac)
+            m, partial = soft_channels(skip, keep, mlp._sedac_inter)
+            skipped = self.note(layer, skip, partial)
         else:
             skipped = self.note(layer, skip, None)
         if x.device.type != "cpu":
@@ -330,9 +330,9 @@ class VllmSedac:
             self.mlp_seconds += self.num_layers * float(self.cost.seconds(rows))
             self.ideal_saved_seconds += float(self.cost.saved(rows, results[2].cpu().numpy()).sum())
         self.runtime.end_forward(positions.shape[0], positions.device)
-        self.step += 1
+        self.forwards += 1
         if self.controller is not None and risk is not None and risk.numel():
-            self.decider.cascade.observe(risk.float().cpu().numpy())
+            self.decider.probe_rule.observe(risk.float().cpu().numpy())
         signals_np = signals.float().cpu().numpy() if signals is not None and signals.numel() else None
         if self.online is not None:
             self.online.end_forward(stream, self.runtime.last_first_skip, self.num_layers, signals_np,
@@ -348,9 +348,9 @@ class VllmSedac:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._flush_loop, name="sedac-metrics", daemon=True)
                 self._writer.start()
-        if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+        if self.cfg.log_every and self.forwards % self.cfg.log_every == 0:
             s = self.stats()
-            logger.info("SEDAC step %d: %d tokens, skipped MLP %.2f%%, exited %.2f%%", self.step, s["tokens"],
+            logger.info("SEDAC forward %d: %d tokens, skipped MLP %.2f%%, exited %.2f%%", self.forwards, s["tokens"],
                         100 * s["skipped_mlp_fraction"], 100 * s["exited_fraction"])
 
     def cache_key(self) -> Dict[str, Any]:
@@ -369,14 +369,14 @@ class VllmSedac:
             thresholds, kind = [tau], "monitor (signal: similarity S_l)"
         else:
             layers = list(self.decider.bank.layers)
-            thresholds = [float(t) for t in self.decider.cascade.thresholds.tolist()]
+            thresholds = [float(t) for t in self.decider.probe_rule.thresholds.tolist()]
             assert self.probes is not None  # probe mode loaded them
-            kind = f"probe {self.decider.cascade.rule} (signal: {self.probes.target} risk)"
+            kind = f"probe {self.decider.probe_rule.rule} (signal: {self.probes.target} risk)"
         conf_np = conf.float().cpu().numpy() if conf is not None and conf.numel() else None
         assert self.decision_log is not None  # the caller checked
         assert self.runtime.last_first_skip is not None  # the forward finished
-        self.decision_log.write(self.step, positions, self._input_ids, self.runtime.last_first_skip, signals, layers,
-                                thresholds, conf_np, self.num_layers, kind)
+        self.decision_log.write(self.forwards, positions, self._input_ids, self.runtime.last_first_skip, signals,
+                                layers, thresholds, conf_np, self.num_layers, kind)
 
     def _write_trace(self) -> None:
         # called once the forward finished (per-row results set), only when a trace file is configured
@@ -394,7 +394,7 @@ class VllmSedac:
     def stats(self) -> Dict[str, Any]:
         st = self.runtime.stats
         base: Dict[str, Any] = st.as_dict() if st is not None else ExitStats.empty(self.num_layers)
-        base.update(mode=self.cfg.mode, steps=self.step, num_layers=self.num_layers, pid=os.getpid(),
+        base.update(mode=self.cfg.mode, forwards=self.forwards, num_layers=self.num_layers, pid=os.getpid(),
                     time=time.time(),
                     # the most plans any forward read on the host inside sedac::skip_mlp (0: the op never ran)
                     max_host_reads=self.runtime.max_host_reads,
@@ -404,7 +404,7 @@ class VllmSedac:
                     gathers=self.gathers, gather=self.cfg.gather,
                     cost=self.cost.to_json() if self.cost else None)
         if self.cfg.mode == "probe":
-            base["thresholds"] = [float(t) for t in self.decider.cascade.thresholds.tolist()]
+            base["thresholds"] = [float(t) for t in self.decider.probe_rule.thresholds.tolist()]
             base["probe_layers"] = list(self.decider.bank.layers)
         if self.online is not None:
             base["online"] = self.online.stats()
