@@ -6,7 +6,11 @@ Figures are printed (run with -s); the wall-clock ratio is reported, not asserte
 
 import json
 
+import pytest
+
 from sedac_monitor.cli import evaluate, main
+
+pytestmark = pytest.mark.slow  # minutes on 2 cores; the quick loop deselects it
 
 
 def test_calibrated_monitor_on_held_out_text(assets, tmp_path, capsys):

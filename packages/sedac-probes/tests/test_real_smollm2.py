@@ -1,7 +1,7 @@
 """The real SmolLM2-135M: train on Wikipedia text, evaluate and calibrate on held-out news text.
 
 Needs the assets `nox -s tests` builds (SEDAC_ASSETS); a missing asset fails, it is never skipped.
-The figures are printed (run with -s, or read the nox log) for the issue's closing note.
+The figures are printed (run with -s, or read the nox log).
 """
 
 import json
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from sedac_probes.cli import main
+
+pytestmark = pytest.mark.slow  # minutes on 2 cores; the quick loop deselects it
 
 
 @pytest.fixture(scope="module")
