@@ -2,24 +2,15 @@
 
 import argparse
 
-import pytest
-
 from sedac_monitor.cli import main
-from sedac_monitor.testing import options_without_help, subcommands
+from sedac_monitor.testing import cli_help, options_without_help, subcommands
 
 
-def help_of(capsys, *argv):
-    with pytest.raises(SystemExit) as stop:
-        main([*argv, "--help"])
-    assert stop.value.code == 0
-    return capsys.readouterr().out
-
-
-def test_every_option_has_help(capsys):
-    names = subcommands(help_of(capsys))
+def test_every_option_has_help():
+    names = subcommands(cli_help(main))
     assert {"calibrate", "evaluate"} <= set(names)
     for name in names:
-        text = help_of(capsys, name)
+        text = cli_help(main, name)
         assert "--model" in text
         assert options_without_help(text) == [], f"sedac-monitor {name}"
 

@@ -8,15 +8,15 @@ forward pre-hooks; the dense matrices still run, so these are quality and work f
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from sedac_monitor.api import Pass, channel_importance, teacher_forced
 from sedac_monitor.sparsity import ChannelCounts, ChannelSparsity, attach_channels
 
-from .metrics import MAX_RISK, ModelShape, delta_ppl, perplexity
+from .metrics import MAX_RISK, delta_ppl, perplexity
+from .stages import BenchState
 
 UNION_ROWS = 16
 """Rows per group when counting weight bytes at batch > 1: a matrix's column can be skipped only where every
@@ -161,29 +161,9 @@ def targets(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
             "met": work_met and all(beats.values())}
 
 
-class ChannelStages:
+class ChannelStages(BenchState):
     """The channel soft exit stage of :class:`~sedac_bench.run.Bench` (a mixin: it reads the bench's model,
     texts, size and results)."""
-
-    # what the bench provides (set by Bench.__init__ and Bench.load; see sedac_bench.run)
-    out: Path
-    work: Path
-    size: Dict[str, Any]
-    size_name: str
-    texts: Dict[str, Path]
-    model: Any
-    tok: Any
-    layout: Any
-    model_dir: Path
-    results: Dict[str, Any]
-    shape: ModelShape
-    L: int
-    eval_windows: torch.Tensor
-    monitor_cfg: Dict[str, Any]
-    probes: Dict[str, Any]
-    log: Callable[[str], None]
-    timed: Callable[[str], Any]
-    base: Pass  # the unmodified held-out pass (QualityStages.held_out_trace)
 
     def channel_soft_exit(self) -> None:
         """Channel soft exit: calibrated on enwiki within the demo's budget (exits off), then measured on the

@@ -4,8 +4,6 @@ speculative drafts and the HF eager wall-clock."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -13,36 +11,13 @@ from .methods import (
     Method,
     StaticDropDecider,
 )
-from .metrics import ModelShape, compute_summary, mean_context, realized_vs_ideal
+from .metrics import compute_summary, mean_context, realized_vs_ideal
 from .quality import greedy_agreement
+from .stages import BenchState
 
 
-class ExtraStages:
+class ExtraStages(BenchState):
     """A mixin of :class:`~sedac_bench.run.Bench`: it reads the bench's model, texts, size and results."""
-
-    # what the bench provides (set by Bench.__init__ and Bench.load; see sedac_bench.run)
-    out: Path
-    work: Path
-    size: Dict[str, Any]
-    size_name: str
-    texts: Dict[str, Path]
-    model: Any
-    tok: Any
-    layout: Any
-    model_dir: Path
-    results: Dict[str, Any]
-    shape: ModelShape
-    L: int
-    eval_windows: torch.Tensor
-    monitor_cfg: Dict[str, Any]
-    probes: Dict[str, Any]
-    log: Callable[[str], None]
-    timed: Callable[[str], Any]
-    # what QualityStages provides: the held-out pass, the methods and their rows, the headline method
-    base: Any
-    rows: List[Dict[str, Any]]
-    best: Dict[str, Any]
-    methods: Callable[[], List[Any]]
 
     def generation(self) -> None:
         prompts = [w[:48] for w in self.eval_windows[: self.size["gen_prompts"]]]

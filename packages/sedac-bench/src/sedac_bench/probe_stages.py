@@ -3,35 +3,12 @@ training, calibration and held-out metrics (the full size adds the fused gate an
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Dict
-
-import torch
-
-from .metrics import MAX_RISK, ModelShape
+from .metrics import MAX_RISK
+from .stages import BenchState
 
 
-class ProbeStages:
+class ProbeStages(BenchState):
     """A mixin of :class:`~sedac_bench.run.Bench`: it reads the bench's model, texts, size and results."""
-
-    # what the bench provides (set by Bench.__init__ and Bench.load; see sedac_bench.run)
-    out: Path
-    work: Path
-    size: Dict[str, Any]
-    size_name: str
-    texts: Dict[str, Path]
-    model: Any
-    tok: Any
-    layout: Any
-    model_dir: Path
-    results: Dict[str, Any]
-    shape: ModelShape
-    L: int
-    eval_windows: torch.Tensor
-    monitor_cfg: Dict[str, Any]
-    probes: Dict[str, Any]
-    log: Callable[[str], None]
-    timed: Callable[[str], Any]
 
     def train_probes(self) -> None:
         from sedac_probes.calibrate import calibrate as calibrate_probes

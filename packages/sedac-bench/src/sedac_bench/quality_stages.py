@@ -5,8 +5,7 @@ sweeps."""
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -24,35 +23,17 @@ from .methods import (
     probe_method,
     shortgpt_order,
 )
-from .metrics import MAX_RISK, ModelShape
+from .metrics import MAX_RISK
 from .quality import evaluate
+from .stages import BenchState
 
 PARETO_GOAL = {"skipped": 0.021, "delta_ppl": 0.05}
 """At <= 5% held-out risk: at least 3x the 0.70% of MLP work the calibrated V7 monitor skipped before the
 V6.1 roadmap's options, with ΔPPL <= 5% (and lower risk and ΔPPL than random skipping at equal rates)."""
 
 
-class QualityStages:
+class QualityStages(BenchState):
     """A mixin of :class:`~sedac_bench.run.Bench`: it reads the bench's model, texts, size and results."""
-
-    # what the bench provides (set by Bench.__init__ and Bench.load; see sedac_bench.run)
-    out: Path
-    work: Path
-    size: Dict[str, Any]
-    size_name: str
-    texts: Dict[str, Path]
-    model: Any
-    tok: Any
-    layout: Any
-    model_dir: Path
-    results: Dict[str, Any]
-    shape: ModelShape
-    L: int
-    eval_windows: torch.Tensor
-    monitor_cfg: Dict[str, Any]
-    probes: Dict[str, Any]
-    log: Callable[[str], None]
-    timed: Callable[[str], Any]
 
     def held_out_trace(self) -> None:
         """Unmodified pass on the held-out text, with similarities, probe risks and cascade labels for every

@@ -8,11 +8,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .metrics import MAX_RISK, ModelShape, compute_summary, mean_context, realized_vs_ideal
+from .metrics import MAX_RISK, compute_summary, mean_context, realized_vs_ideal
+from .stages import BenchState
 
 NO_EXITS = "on, no exits (tau 1.5)"
 CALIBRATED = "V7 calibrated"
@@ -107,23 +108,9 @@ class HeldOutStream:
         return out
 
 
-class VllmStages:
+class VllmStages(BenchState):
     """The vLLM stages of :class:`~sedac_bench.run.Bench` (a mixin: it reads the bench's model, texts, size
     and output folder)."""
-
-    # what the bench provides (set by Bench.__init__ and Bench.load)
-    out: Path
-    work: Path
-    size: Dict[str, Any]
-    texts: Dict[str, Path]
-    tok: Any
-    model_dir: Path
-    qwen_dir: Path
-    results: Dict[str, Any]
-    shape: ModelShape
-    L: int
-    log: Callable[[str], None]
-    timed: Callable[[str], Any]
 
     def vllm_configs(self) -> List[Dict[str, Any]]:
         cfg_path = self.out / "sedac_config.json"

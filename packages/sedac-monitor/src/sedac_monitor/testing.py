@@ -7,10 +7,12 @@ head_dim is 64, the size vLLM's CPU attention accepts.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -95,6 +97,18 @@ def options_without_help(help_text: str) -> List[str]:
         if not (same_line or next_line):
             missing.append(m.group(1))
     return missing
+
+
+def cli_help(main: Callable[[List[str]], Any], *argv: str) -> str:
+    """What ``main([*argv, "--help"])`` prints (argparse exits with 0 after printing it)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main([*argv, "--help"])
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                raise
+    return out.getvalue()
 
 
 def subcommands(help_text: str) -> List[str]:
