@@ -153,3 +153,28 @@ def test_online_needs_the_monitor_and_is_exported(tmp_path):
     online = sedac.stats()["online"]
     assert online["checked_rows"] > 0 and online["risk_estimate"] is not None
     assert online["drift_kl"] is None  # no calibration histogram in an env-only config: drift detection off
+
+
+def test_decision_log_never_holds_a_partial_line(tmp_path, monkeypatch, caplog):
+    """Each forward's records are one append; a write the disk cuts short is taken back; a torn last line
+    left by something else is cut off at start. Every line of the file parses."""
+    path = tmp_path / "d.jsonl"
+    args = (torch.arange(6), None, torch.full((6,), 4), np.zeros((6, 1)), [0], [0.5], None, 4, "monitor")
+    log = DecisionLog(str(path), 1.0, max_bytes=10 ** 6)
+    assert log.write(0, *args) == 6
+    good = path.read_bytes()
+    # a disk that takes only part of a write
+    import sedac_vllm.online as online
+
+    real_write = online.os.write
+    monkeypatch.setattr(online.os, "write", lambda fd, b: real_write(fd, b[: len(b) // 2]))
+    assert log.write(1, *args) == 0 and log.full
+    monkeypatch.setattr(online.os, "write", real_write)
+    assert path.read_bytes() == good and "cut short" in caplog.text
+    # a torn last line from an earlier crash: cut off when the log is opened again
+    path.write_bytes(good + b'{"forward": 2, "pos"')
+    again = DecisionLog(str(path), 1.0, max_bytes=10 ** 6)
+    assert path.read_bytes() == good and again.written == len(good) and "partial line" in caplog.text
+    assert again.write(3, *args) == 6
+    lines = path.read_text().splitlines()
+    assert len(lines) == 12 and all(json.loads(line)["forward"] in (0, 3) for line in lines)

@@ -51,12 +51,15 @@ DRIFT_SIGNALS_PER_BIN = 50
 
 
 class DecisionLog:
-    """Sampled, size-bounded per-token decision records as JSON lines."""
+    """Sampled, size-bounded per-token decision records as JSON lines, never a partial one: each forward's
+    records are one ``write`` on a file opened for appending (the kernel appends it whole, so a process
+    killed between forwards leaves whole lines); a write the disk cut short is truncated back, and a torn
+    last line found at start (a crash of something else writing there) is cut off, with a warning."""
 
     def __init__(self, path: str, rate: float, max_bytes: int, seed: int = 0) -> None:
         self.path, self.rate, self.max_bytes = path, float(rate), int(max_bytes)
         self.rng = np.random.default_rng(seed)
-        self.written = os.path.getsize(path) if os.path.exists(path) else 0
+        self.written = _whole_lines(path)
         self.full = self.written >= self.max_bytes
         self.records = 0
 
@@ -92,11 +95,36 @@ class DecisionLog:
             logger.warning("SEDAC decision log %s reached its size bound (%d bytes); no more records",
                            self.path, self.max_bytes)
             return 0
-        with open(self.path, "a") as fh:
-            fh.write(data)
-        self.written += len(data)
+        raw = data.encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            done = os.write(fd, raw)
+            if done != len(raw):  # the disk took part of it: take that back, write no more
+                os.ftruncate(fd, start)
+                self.full = True
+                logger.warning("SEDAC decision log %s: a write was cut short (%d of %d bytes; disk full?); "
+                               "it was taken back and no more records are written", self.path, done, len(raw))
+                return 0
+        finally:
+            os.close(fd)
+        self.written += len(raw)
         self.records += len(lines)
         return len(lines)
+
+
+def _whole_lines(path: str) -> int:
+    """The size of ``path`` once a torn last line (no newline at its end) is cut off; 0 if it is missing."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            logger.warning("SEDAC decision log %s ended in a partial line (%d bytes); cut off", path,
+                           len(data) - keep)
+            fh.truncate(keep)
+    return keep
 
 
 def _num(x: Any) -> Optional[float]:
