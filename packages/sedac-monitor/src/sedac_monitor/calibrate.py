@@ -370,7 +370,7 @@ def _channel_config(layout: DecoderLayout, model_dir: Any, text_file: Any, searc
     if chosen is not None:
         best = max((m for m in measured if m["passes"]), key=lambda m: m["mlp_work_saved"])
         advice = (f"channel soft exit within budget skips {best['mlp_work_saved']:.1%} of MLP FLOPs (at one "
-                  "token per step, as much of the MLP weights read); the masked path computes the dense "
+                  "token per forward, as much of the MLP weights read); the masked path computes the dense "
                   "matrices, so time is saved only by a kernel that reads the active channels' weights alone")
     else:
         advice = ("no channel sparsity met the budget on this text: a looser --max-risk/--max-delta-ppl or a "

@@ -14,7 +14,7 @@ from .layouts import DecoderLayout
 from .loading import batches
 
 SOFT_GROUPS = 16
-"""Soft exit computes channel counts in steps of intermediate_size / SOFT_GROUPS."""
+"""Soft exit computes channel counts in multiples of intermediate_size / SOFT_GROUPS."""
 
 
 def soft_channels(skip: torch.Tensor, keep: torch.Tensor, intermediate: int) -> Tuple[torch.Tensor, torch.Tensor]:

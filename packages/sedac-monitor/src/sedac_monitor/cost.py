@@ -244,7 +244,7 @@ class MeasuredModel(TypedDict):
 def measure_model(layout, max_rows: int = PREFILL_ROWS, context: int = 64) -> MeasuredModel:
     """What :func:`expected_speedups` needs, measured on a Hugging Face model on this machine: one layer's
     MLP cost (:class:`MlpCost`, with the gather path SEDAC's runtime runs), the time of a prefill forward of
-    ``max_rows`` tokens and of a decode step at each of :data:`DECODE_BATCHES` (``context`` tokens cached)."""
+    ``max_rows`` tokens and of a decode forward at each of :data:`DECODE_BATCHES` (``context`` tokens cached)."""
     model = layout.model
     mlp = in_turn([layer.mlp for layer in layout.layers])
     param = next(model.parameters())

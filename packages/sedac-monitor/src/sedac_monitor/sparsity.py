@@ -15,7 +15,7 @@ fraction of entries zeroed whatever the weight; ``signal_weight`` 0 is one fixed
 
 :func:`calibrate_channels` fits the thresholds on calibration text: one threshold per layer and matrix for
 each sparsity level (the quantiles of the recorded magnitudes), a greedy allocation of levels across layers
-and matrices (the step that adds the least MLP-output error per FLOP saved, the error measured on the
+and matrices (the move that adds the least MLP-output error per FLOP saved, the error measured on the
 recorded inputs relative to the residual stream), and the measured search of ``sedac-monitor calibrate``
 along that path: the most MLP work whose teacher-forced top-1 risk and ΔPPL are within the budget.
 
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 LEVELS = tuple(round(0.05 * i, 2) for i in range(19))
-"""Sparsity levels the allocation moves through (0 to 90% of a matrix's input entries, steps of 5%)."""
+"""Sparsity levels the allocation moves through (0 to 90% of a matrix's input entries, 5% apart)."""
 INPUT_SHARE = 2.0 / 3.0
 """Share of a gate/up/down MLP's FLOPs (and weight bytes) behind its input: gate and up, two of three
 equal matrices; the down projection's input carries the remaining third."""
@@ -423,7 +423,7 @@ def local_errors(layout: DecoderLayout, rec: Recording, weight: float = 0.0
 def greedy_path(err_in: Sequence[Sequence[float]], err_mid: Sequence[Sequence[float]],
                 max_work: float = 0.6) -> List[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
     """Level allocations (per layer: input level, inner level), from dense up to ``max_work`` of the MLP
-    FLOPs saved, each adding the one step (a layer's matrix, one level up) of least error per FLOP."""
+    FLOPs saved, each adding the one move (a layer's matrix, one level up) of least error per FLOP."""
     L = len(err_in)
     a, b = [0] * L, [0] * L
     path = [(tuple(a), tuple(b))]

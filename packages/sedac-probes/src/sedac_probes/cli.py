@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_number("--epochs", int, 1), default=20,
                    help="most passes over the training split; early stopping may end sooner (default 20)")
     t.add_argument("--batch-size", type=_number("--batch-size", int, 1), default=1024,
-                   help="tokens per optimizer step (default 1024)")
+                   help="tokens per optimizer update (default 1024)")
     t.add_argument("--rank", type=_number("--rank", int, 1), default=64,
                    help="width of the probe's low-rank projection (default 64)")
     t.add_argument("--lr", type=_number("--lr", float, 0.0, lo_open=True), default=1e-3,

@@ -49,7 +49,7 @@ def checkpoint_features(bank: ProbeBank, data: Dict[str, Any], i: int, layer: in
     return fusion_features(z, s, s_prev, data["position"][rows])
 
 
-def fit_gate(x: torch.Tensor, safe: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> Dict[str, torch.Tensor]:
+def fit_gate(x: torch.Tensor, safe: torch.Tensor, l2: float = 1e-3, iterations: int = 200) -> Dict[str, torch.Tensor]:
     """Logistic regression of ``safe`` on standardised ``x``: {weight [F], bias [], mean [F], std [F]}."""
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
@@ -60,7 +60,7 @@ def fit_gate(x: torch.Tensor, safe: torch.Tensor, l2: float = 1e-3, steps: int =
     prior = float(y.mean().clamp(1e-4, 1 - 1e-4))
     with torch.no_grad():
         b.fill_(np.log(prior / (1 - prior)))
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()

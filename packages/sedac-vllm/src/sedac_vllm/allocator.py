@@ -1,7 +1,7 @@
 """glibc's malloc, told to keep freed memory for reuse (CPU only).
 
 In vLLM's compiled graph on CPU each MLP that may skip rows sits in a ``torch.cond`` branch, and the
-compiler plans the memory of a branch on its own: the MLP's intermediate tensors (a prefill step of 2,048
+compiler plans the memory of a branch on its own: the MLP's intermediate tensors (a prefill forward of 2,048
 tokens: 25 MB for the gate/up projection of the bundled SmolLM2) are allocated and freed at every layer,
 where vanilla vLLM's single graph reuses one buffer. glibc serves such sizes with fresh ``mmap`` pages and
 returns them when freed, so every layer pays page faults again: measured on the bundled SmolLM2, 16
