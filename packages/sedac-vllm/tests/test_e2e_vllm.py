@@ -449,7 +449,7 @@ def test_bad_environment_stops_start_up_naming_the_variable(e2e):
 def test_statistics_reach_the_metrics_file(e2e, execution):
     r = runs_in(e2e, execution)
     stats = r["monitor"]["stats"]
-    assert stats is not None and stats["execution"] == "monitor" and stats["tokens"] > 0
+    assert stats is not None and stats["mode"] == "monitor" and stats["tokens"] > 0
     # every real token of every phase, and nothing of vLLM's warm-up forwards (dummy rows)
     assert stats["tokens"] == sum(len(row["pos"]) for phase in ("together", "separate")
                                   for row in r["monitor"][phase]["trace"])
@@ -462,7 +462,7 @@ def test_statistics_reach_the_metrics_file(e2e, execution):
     if execution == "eager":
         assert stats["gather"] == "always" and stats["gathers"] > 0
         assert probe["gather"] == "never" and probe["gathers"] == 0 and probe["max_host_reads"] == 0
-    assert probe["execution"] == "probe" and probe["probe_layers"] == [1, 3] and len(probe["thresholds"]) == 2
+    assert probe["mode"] == "probe" and probe["probe_layers"] == [1, 3] and len(probe["thresholds"]) == 2
 
 
 @pytest.mark.parametrize("e2e,execution", QWEN2, indirect=["e2e"])
