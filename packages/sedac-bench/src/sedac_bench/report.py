@@ -350,7 +350,7 @@ def vllm_section(folder: str, data: Dict[str, Any]) -> List[str]:
                                               "once (the quick size: a process's memory placement, up to 5% on a "
                                               "workload, stays in the spread instead of averaging out)")
               + "; every round gives all of them the same new held-out prompts (the prefix cache never "
-              "hits). The engines run in lockstep: each takes one engine step in turn, so the steps compared are "
+              "hits). The engines run in lockstep: each takes one forward in turn, so the forwards compared are "
               "milliseconds apart and the machine's drift in speed falls on all alike. Speed-up = median over "
               "rounds of vanilla's time / SEDAC's time in the same round [min–max]; times are medians. The "
               "`on, no exits` row does the same work as vanilla plus SEDAC's bookkeeping: its speed-up is "
@@ -417,7 +417,7 @@ def expected_section(calibration: Dict[str, Any], data: Dict[str, Any]) -> List[
         return []
     L = ["### Expected speed-up (`sedac-monitor calibrate`) against measured (vLLM compiled)", "",
          "calibrate's estimate: from the setting's per-layer skip rates on the calibration text, one MLP's time "
-         "at every batch size, a 512-token prefill and decode steps timed with Hugging Face on this machine "
+         "at every batch size, a 512-token prefill and decode forwards timed with Hugging Face on this machine "
          "(rows skip independently; the gather path only where it pays). Error = measured / expected − 1.", "",
          f"Calibrate's line: {calibration['evidence'].get('recommendation', 'n/a')}", "",
          "| workload | configuration | expected | measured | error |", "|---|---|---|---|---|"]

@@ -35,7 +35,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
     # wall-clock, the V6.1 roadmap's soft-exit variants); "probe_targets": the probes trained (the quick size
     # trains the safety probe only, the one the V6.1 rows use).
     # vLLM: decode-heavy and prefill-heavy prompts per batch size (prefill-heavy runs take more prompts: their
-    # steps are long, and a run needs several steps to interleave; at batch 1, 8 prompts made runs of 8 steps
+    # forwards are long, and a run needs several to interleave; at batch 1, 8 prompts made runs of 8 forwards
     # under a second, whose no-exit gauge ranged 0.79-1.00x over 4 rounds, while 32 stayed within
     # 0.99-1.00x; likewise decode at batch 4: 4 prompts read 1.000-1.022x over 4 rounds, 16 read 0.996-1.011x),
     # prefill prompt length, decode tokens out,

