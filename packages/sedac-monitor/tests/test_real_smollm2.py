@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from sedac_monitor.calibrate import DEFAULT_MAX_DELTA_PPL
 from sedac_monitor.cli import evaluate, main
 
 pytestmark = pytest.mark.slow  # minutes on 2 cores; the quick loop deselects it
@@ -34,6 +35,9 @@ def test_calibrated_monitor_on_held_out_text(assets, tmp_path, capsys):
     # the original defaults skip most MLP work and destroy the predictions; the calibrated setting does not
     assert seeds["skipped_mlp_fraction"] > 0.5 and seeds["measured_risk"] > 0.5
     assert held["config"]["measured_risk"] < seeds["measured_risk"] / 4
+    # the distribution budget holds on the calibration text and on held-out text (max ΔPPL, default 2%)
+    assert cfg["max_delta_ppl"] == DEFAULT_MAX_DELTA_PPL and chosen["delta_ppl"] <= DEFAULT_MAX_DELTA_PPL
+    assert held["config"]["delta_ppl"] <= DEFAULT_MAX_DELTA_PPL
     assert held["timing"]["unpatched_s"] > 0 and held["timing"]["patched_s"] > 0
 
 
