@@ -31,8 +31,13 @@ def byte_aware_ideal(vanilla_s: List[float], runs: List[Dict[str, Any]]) -> Opti
     (per layer and forward, ``t(rows) - t(rows - skipped)``, so a row saves weight reads only where the whole
     batch skips), with a free gather path: vanilla's time over vanilla's time less that saving, per round
     (the engine's own accounting, ``ideal_saved_seconds``), median over rounds. None without the accounting."""
-    ideals = [v / (v - r["ideal_saved_seconds"]) for v, r in zip(vanilla_s, runs)
-              if r.get("mlp_seconds") and r["ideal_saved_seconds"] < v]
+    return ideal_over(vanilla_s, [r["ideal_saved_seconds"] if r.get("mlp_seconds") else None for r in runs])
+
+
+def ideal_over(vanilla_s: List[float], saved_s: List[Optional[float]]) -> Optional[float]:
+    """Median over rounds of vanilla's time over vanilla's time less what could be saved in that round (None
+    where the engine kept no MLP accounting); None if no round has it."""
+    ideals = [v / (v - s) for v, s in zip(vanilla_s, saved_s) if s is not None and s < v]
     return float(np.median(ideals)) if ideals else None
 
 
@@ -216,8 +221,7 @@ class VllmStages(BenchState):
             return None
         saved = row["weight_bytes_saved_b1"] if workload["kind"] == "decode" and workload["batch"] == 1 \
             else row["weight_bytes_saved_b16"]
-        ideals = [v / (v - r["mlp_seconds"] * saved) for v, r in zip(vanilla_s, runs) if r.get("mlp_seconds")]
-        return float(np.median(ideals)) if ideals else None
+        return ideal_over(vanilla_s, [r["mlp_seconds"] * saved if r.get("mlp_seconds") else None for r in runs])
 
     def _vllm_rows(self, raw: Dict[str, Any], workloads: List[Dict[str, Any]], folder: str,
                    execution: str) -> List[Dict[str, Any]]:

@@ -44,7 +44,7 @@ from sedac_monitor.api import (
 )
 
 from . import ops
-from . import state as rt_mod
+from . import state as state_mod
 from .config import ConfigError
 from .plugin import active_config
 
@@ -54,7 +54,7 @@ logger = logging.getLogger("sedac_vllm")
 class _SedacDecoderLayer:
     """Mixin in front of vLLM's decoder-layer class."""
 
-    _sedac: "rt_mod.VllmSedac"
+    _sedac: "state_mod.VllmSedac"
     _sedac_index: int
 
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
@@ -72,7 +72,7 @@ class _SedacMLP(SkippableMLP):
     vLLM's MLP untouched; elsewhere :meth:`VllmSedac.run_mlp <sedac_vllm.state.VllmSedac.run_mlp>` picks
     the masked path (in the graph) or the gather path (the ``sedac::skip_mlp`` op) by what each costs."""
 
-    _sedac_owner: "rt_mod.VllmSedac"
+    _sedac_owner: "state_mod.VllmSedac"
 
     _sedac_act: Any = None
     # channel soft exit: whether this layer masks its input and its down projection's input; the two
@@ -273,7 +273,7 @@ class SedacModelMixin(_VllmCausalLM):
         sched = getattr(vllm_config, "scheduler_config", None)
         max_rows = max(int(getattr(sched, "max_num_batched_tokens", 0) or 0),
                        int(getattr(sched, "max_num_seqs", 0) or 0), 1)
-        sedac = rt_mod.VllmSedac(cfg, text_config, len(layers), int(text_config.hidden_size), device,
+        sedac = state_mod.VllmSedac(cfg, text_config, len(layers), int(text_config.hidden_size), device,
                                  get_tensor_model_parallel_rank(), max_rows=max_rows)
         self._sedac_dtype = vllm_config.model_config.dtype
         self._sedac_hidden = int(text_config.hidden_size)
@@ -334,7 +334,7 @@ class SedacModelMixin(_VllmCausalLM):
         return loaded
 
 
-def _measure_cost(model: Any, sedac: "rt_mod.VllmSedac") -> None:
+def _measure_cost(model: Any, sedac: "state_mod.VllmSedac") -> None:
     """Before the first forward (weights loaded and repacked by then): time the layers' MLPs, called in turn
     as a forward calls them, which decides where gathering pays (see :meth:`VllmSedac.measure_cost
     <sedac_vllm.state.VllmSedac.measure_cost>`)."""
@@ -361,7 +361,7 @@ def _is_dummy_run() -> bool:
     return not is_forward_context_available() or get_forward_context().attn_metadata is None
 
 
-def _adapt_compilation(vllm_config: Any, sedac: "rt_mod.VllmSedac") -> None:
+def _adapt_compilation(vllm_config: Any, sedac: "state_mod.VllmSedac") -> None:
     """Make vLLM's compilation SEDAC-aware:
 
     * SEDAC's settings are baked into the compiled graph (thresholds, layers), so they join the

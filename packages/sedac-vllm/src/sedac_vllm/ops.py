@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import state as rt_mod
+from . import state as state_mod
 
 LIBRARY = torch.library.Library("sedac", "FRAGMENT")
 """The ``sedac`` op namespace."""
@@ -42,7 +42,7 @@ def register_op(name: str, schema: str, impl: Callable[..., Any], fake: Callable
 
 def _skip_mlp(x: torch.Tensor, skip: Optional[torch.Tensor], keep: Optional[torch.Tensor], key: str,
               layer: int) -> torch.Tensor:
-    return rt_mod.get(key).gather(layer, x, skip, keep)
+    return state_mod.get(key).gather(layer, x, skip, keep)
 
 
 def _skip_mlp_fake(x, skip, keep, key, layer):
@@ -56,7 +56,7 @@ CUDA-graph pieces, because their work depends on the data."""
 def _finish(counter: torch.Tensor, stream: torch.Tensor, positions: torch.Tensor, risk: torch.Tensor,
             signals: torch.Tensor, conf: torch.Tensor, first: torch.Tensor, row_skips: torch.Tensor,
             skipped: torch.Tensor, full: torch.Tensor, key: str) -> None:
-    rt_mod.get(key).end_of_forward(positions, risk if risk.numel() else None, stream, signals, conf,
+    state_mod.get(key).end_of_forward(positions, risk if risk.numel() else None, stream, signals, conf,
                                    (first, row_skips, skipped, full))
     counter += 1
 
