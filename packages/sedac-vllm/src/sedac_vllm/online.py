@@ -118,12 +118,16 @@ def _whole_lines(path: str) -> int:
     if not os.path.exists(path):
         return 0
     with open(path, "rb+") as fh:
-        data = fh.read()
-        keep = data.rfind(b"\n") + 1
-        if keep != len(data):
-            logger.warning("SEDAC decision log %s ended in a partial line (%d bytes); cut off", path,
-                           len(data) - keep)
-            fh.truncate(keep)
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return size  # whole lines: nothing more to read (the log may be large)
+        fh.seek(0)
+        keep = fh.read().rfind(b"\n") + 1
+        logger.warning("SEDAC decision log %s ended in a partial line (%d bytes); cut off", path, size - keep)
+        fh.truncate(keep)
     return keep
 
 
