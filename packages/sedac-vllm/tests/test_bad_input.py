@@ -117,9 +117,9 @@ def test_every_documented_input_gives_the_documented_error(tmp_path, capsys):
 
 
 def test_the_documented_requests_are_the_ones_the_server_test_sends():
-    from test_server import MALFORMED
+    from sedac_vllm.load import malformed_requests
 
-    assert [r[0] for r in table("## Requests")] == [what for what, _ in MALFORMED]
+    assert [r[0] for r in table("## Requests")] == [what for what, _ in malformed_requests("tiny", 512)]
 
 
 @pytest.mark.parametrize("line", [line for line in DOC.read_text().splitlines() if line.startswith("| `SEDAC_")])

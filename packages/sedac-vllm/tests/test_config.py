@@ -191,9 +191,10 @@ def test_cli_serve_and_check_arguments(tmp_path, capsys):
 def test_serve_drains_in_flight_requests_unless_told_otherwise():
     from sedac_vllm.cli import SHUTDOWN_TIMEOUT, with_drain
 
-    assert with_drain(["--port", "8000"]) == ["--port", "8000", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
-    assert with_drain(["--shutdown-timeout", "0"]) == ["--shutdown-timeout", "0"]  # the user's choice stays
-    assert with_drain(["--shutdown-timeout=5"]) == ["--shutdown-timeout=5"]
+    mw = ["--middleware", "sedac_vllm.drain.DrainMiddleware"]
+    assert with_drain(["--port", "8000"]) == ["--port", "8000", *mw, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
+    assert with_drain(["--shutdown-timeout", "0"]) == ["--shutdown-timeout", "0", *mw]  # the user's choice stays
+    assert with_drain(["--shutdown-timeout=5"]) == ["--shutdown-timeout=5", *mw]
 
 
 def test_check_names_the_fix_for_a_broken_vllm_install(monkeypatch):

@@ -1,6 +1,15 @@
-"""`sedac-vllm serve` on localhost: 32 concurrent OpenAI-API requests, then /metrics shows SEDAC's counters;
-malformed requests get a 4xx with a message and the server answers afterwards; SIGTERM under load lets every
-request in flight finish, then the server stops."""
+"""`sedac-vllm serve` on localhost, compiled, with one rank and with three (tensor parallelism):
+
+* 256 concurrent completions mixed with malformed requests: every good request is answered, its output
+  equals the same request served alone (greedy), every malformed one gets a 4xx with a message, the server
+  answers afterwards, and the counters on /metrics add up to the requests served;
+* SIGTERM with 256 requests in flight, 48 or more of them inside the engine: each is answered in full or,
+  if the server had not yet read it, refused with a 503 saying it is shutting down; none is lost or cut
+  short, and the server stops within 60 s.
+
+A bounded version of ``sedac-bench load``, which runs the same checks on the bundled SmolLM2 at a larger
+load and reports latency percentiles.
+"""
 
 import json
 import os
@@ -8,121 +17,101 @@ import shutil
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from sedac_monitor.testing import tiny_model
+from sedac_vllm import load
+from sedac_vllm.drain import SHUTTING_DOWN
 from sedac_vllm.server import free_port, running_server
 
 pytestmark = pytest.mark.engine  # starts the real vLLM engine
 
-
-def get(url, timeout=5):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read().decode()
-
-
-def post(url, body, timeout=300):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+CONTEXT = 512
+CONCURRENT = 256
+STARTED = 48  # requests in the engine when SIGTERM comes (the engine runs 64 at a time)
 
 
-@pytest.fixture(scope="module", params=["compiled", "eager"])
+@pytest.fixture(scope="module", params=[1, 3], ids=["tp1", "tp3"])
 def server(request, tmp_path_factory):
-    """`sedac-vllm serve` as a user starts it (vLLM compiles the model by default), and with --enforce-eager."""
-    tmp = tmp_path_factory.mktemp(f"serve-{request.param}")
-    tiny_model("qwen2", tmp / "model")
+    """`sedac-vllm serve` as a user starts it (vLLM compiles the model by default), with 1 and 3 ranks."""
+    tp = request.param
+    tmp = tmp_path_factory.mktemp(f"serve-tp{tp}")
+    # head counts and sizes divisible by 3 (vLLM splits heads and the MLP across the ranks)
+    tiny_model("qwen2", tmp / "model", hidden=192, intermediate=384, num_attention_heads=3, num_key_value_heads=3)
     config = tmp / "sedac_config.json"
     config.write_text(json.dumps({"tau": 0.9, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
                                   "scope": "cascade", "model": {"num_layers": 6}}))
     port = free_port()
     exe = shutil.which("sedac-vllm") or str(Path(sys.executable).with_name("sedac-vllm"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "SEDAC_METRICS_FILE": str(tmp / "metrics.json")}
+    if tp == 3:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1|0"
     cmd = [exe, "serve", str(tmp / "model"), "--sedac-config", str(config), "--port", str(port), "--host",
-           "127.0.0.1", "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32",
-           "--served-model-name", "tiny"]
-    if request.param == "eager":
-        cmd.append("--enforce-eager")
-    with running_server(cmd, env, port, tmp / "server.log") as base:
-        yield base, tmp
+           "127.0.0.1", "--dtype", "float32", "--max-model-len", str(CONTEXT), "--max-num-seqs", "64",
+           "--served-model-name", "tiny", "--tensor-parallel-size", str(tp)]
+    with running_server(cmd, env, port, tmp / "server.log", startup_timeout=600) as base:
+        yield base, tp
 
 
-def test_32_concurrent_requests_complete_and_metrics_show_sedac(server):
-    base, tmp = server
-
-    def complete(i):
-        return post(base + "/v1/completions", {"model": "tiny", "prompt": f"Request {i}: the river and the mill",
-                                               "max_tokens": 16, "temperature": 0})
-
-    with ThreadPoolExecutor(32) as pool:
-        replies = list(pool.map(complete, range(32)))
-    assert len(replies) == 32
-    assert all(r["choices"][0]["finish_reason"] in ("length", "stop") for r in replies)
-    assert all(r["usage"]["completion_tokens"] >= 1 for r in replies)
-    deadline = time.time() + 10
-    while True:  # the engine writes its statistics at most every half second
-        _, text = get(base + "/metrics")
-        if "sedac_tokens_total" in text:
-            break
-        assert time.time() < deadline, "no SEDAC counters on /metrics"
-        time.sleep(0.5)
-    tokens = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("sedac_tokens_total")]
-    assert tokens and tokens[0] >= 32 * 8
-    for name in ("sedac_skipped_mlp_blocks_total", "sedac_skipped_mlp_fraction", 'sedac_layer_skip_rate{layer="5"}',
-                 "sedac_exits_total", "sedac_forwards_total"):
-        assert name in text, name
-    fraction = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("sedac_skipped_mlp_fraction")]
-    assert 0 < fraction[0] < 1
-    assert "vllm:" in text  # vLLM's own metrics are still there
+def good_request(i, max_tokens=16, **extra):
+    # under 16 tokens: no full KV block, so the prefix cache cannot serve a repeat from the first run
+    return {"model": "tiny", "prompt": f"{i} the mill", "max_tokens": max_tokens, "temperature": 0, **extra}
 
 
-MALFORMED = [  # (what is wrong, the request body)
-    ("prompt longer than the context", {"model": "tiny", "prompt": "the mill " * 200, "max_tokens": 4}),
-    ("negative max_tokens", {"model": "tiny", "prompt": "the river", "max_tokens": -5}),
-    ("absurd max_tokens", {"model": "tiny", "prompt": "the river", "max_tokens": 10 ** 9}),
-    ("unknown model", {"model": "no-such-model", "prompt": "the river", "max_tokens": 4}),
-    ("max_tokens of the wrong type", {"model": "tiny", "prompt": "the river", "max_tokens": "four"}),
-    ("prompt of the wrong type", {"model": "tiny", "prompt": {"text": "the river"}, "max_tokens": 4}),
-    ("empty prompt", {"model": "tiny", "prompt": "", "max_tokens": 4}),
-    ("invalid UTF-8", b'{"model": "tiny", "prompt": "the \xff\xfe river", "max_tokens": 4}'),
-]
+def settled_metrics(base, key, expected, timeout=10.0):
+    """/metrics once ``key`` reads ``expected`` (the worker writes its statistics every 0.2 s), or the last
+    scrape after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        m = load.scrape(base)
+        if m.get(key) == expected or time.time() > deadline:
+            return m
+        time.sleep(0.3)
 
 
-def status_of(url, body):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
+def test_256_concurrent_with_malformed_all_answered_as_alone_and_metrics_add_up(server):
+    base, tp = server
+    before = load.scrape(base)
+    good = [good_request(i) for i in range(CONCURRENT)]
+    malformed = load.malformed_requests("tiny", CONTEXT)
+    replies = load.fire(base, load.interleave(good, malformed), CONCURRENT + len(malformed))
+    summary = load.summarize(replies)
+    assert summary["lost"] == 0, summary
+    goods = [r for r in replies if r.kind == "good"]
+    assert [r.outcome for r in goods] == ["answered"] * CONCURRENT, summary
+    bad = {r.kind: (r.status, r.body[:300]) for r in replies if r.kind != "good"}
+    assert sorted(bad) == sorted(what for what, _ in malformed)
+    assert not {k: v for k, v in bad.items() if not 400 <= (v[0] or 0) < 500}, f"not a 4xx: {bad}"
+    assert all(r.message() for r in replies if r.kind != "good"), f"an error without a message: {bad}"
+    usage = [r.json()["usage"] for r in goods]
+    assert all(u["completion_tokens"] >= 1 for u in usage)
 
+    # the counters add up: vLLM's, and SEDAC's against vLLM's (every token a forward ran through once:
+    # the prompt's uncached tokens and each generated token but the last, which no forward reads)
+    d_vllm = {k: v - before.get(k, 0.0) for k, v in load.scrape(base).items()}
+    assert d_vllm["vllm:request_success_total"] == CONCURRENT
+    assert d_vllm["vllm:prompt_tokens_total"] == sum(u["prompt_tokens"] for u in usage)
+    assert d_vllm["vllm:generation_tokens_total"] == sum(u["completion_tokens"] for u in usage)
+    forwarded = (d_vllm["vllm:prompt_tokens_total"] - d_vllm["vllm:prompt_tokens_cached_total"]
+                 + d_vllm["vllm:generation_tokens_total"] - CONCURRENT)
+    after = settled_metrics(base, "sedac_tokens_total", before.get("sedac_tokens_total", 0.0) + forwarded)
+    assert after["sedac_tokens_total"] - before.get("sedac_tokens_total", 0.0) == forwarded
+    assert after["sedac_exits_total"] == after["sedac_tokens_total"]  # every token has one exit layer (or none)
+    assert after["sedac_forwards_total"] > before.get("sedac_forwards_total", 0.0)
+    assert 0 < after["sedac_skipped_mlp_fraction"] < 1  # SEDAC acted
+    for name in ("sedac_skipped_mlp_blocks_total", "sedac_layer_skip_rate", "sedac_exited_fraction"):
+        assert name in after, name
 
-def message_of(text):
-    """The error message of an error response: vLLM's ``{"error": {"message"}}`` or FastAPI's ``{"detail"}``."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return None
-    err = body.get("error") if isinstance(body, dict) else None
-    return (err.get("message") if isinstance(err, dict) else None) or (body.get("message") if isinstance(
-        body, dict) else None) or (body.get("detail") if isinstance(body, dict) else None)
-
-
-def test_malformed_requests_get_a_4xx_naming_the_problem_and_the_server_goes_on(server):
-    base, _ = server
-    got = {what: status_of(base + "/v1/completions", body) for what, body in MALFORMED}
-    wrong = {what: code for what, (code, _) in got.items() if not 400 <= code < 500}
-    assert not wrong, f"not a 4xx: {wrong}"
-    without = {what: text[:300] for what, (_, text) in got.items() if not message_of(text)}
-    assert not without, f"no error message: {without}"
-    ok = post(base + "/v1/completions", {"model": "tiny", "prompt": "the river", "max_tokens": 4, "temperature": 0})
-    assert ok["choices"][0]["finish_reason"] == "length"
+    # each output equals the same request served alone (all of them with one rank; every 8th with three,
+    # where a request alone is slower)
+    sample = range(0, CONCURRENT, 1 if tp == 1 else 8)
+    cached_before = load.scrape(base)["vllm:prompt_tokens_cached_total"]
+    alone = {i: load.send(base, "good", good[i]) for i in sample}
+    assert load.scrape(base)["vllm:prompt_tokens_cached_total"] == cached_before, "served from the prefix cache"
+    differ = {i: (goods[i].text(), a.text()) for i, a in alone.items() if a.text() != goods[i].text()}
+    assert not differ, f"{len(differ)} of {len(alone)} differ from the request served alone: {list(differ.items())[:3]}"
 
 
 def test_sigterm_under_load_lets_the_requests_in_flight_finish(server):
@@ -133,24 +122,29 @@ def test_sigterm_under_load_lets_the_requests_in_flight_finish(server):
     port = int(base.rsplit(":", 1)[1])
     pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
                and c.status == psutil.CONN_LISTEN)
+    requests = [("good", good_request(i, 48, ignore_eos=True)) for i in range(CONCURRENT)]
+    from concurrent.futures import ThreadPoolExecutor
 
-    def complete(i):
-        try:
-            r = post(base + "/v1/completions", {"model": "tiny", "prompt": f"Request {i}: the river and the mill",
-                                                "max_tokens": 48, "temperature": 0, "ignore_eos": True}, timeout=120)
-            return "answered" if r["usage"]["completion_tokens"] == 48 else "short"
-        except urllib.error.HTTPError as exc:
-            return f"HTTP {exc.code}"
-        except OSError as exc:  # connection refused or cut: a lost request
-            return f"lost ({type(exc).__name__})"
-
-    with ThreadPoolExecutor(48) as pool:
-        futures = [pool.submit(complete, i) for i in range(48)]
-        time.sleep(1.5)  # every request sent, none finished
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(load.fire, base, requests, CONCURRENT, 150)
+        started = 0.0
+        deadline = time.time() + 60
+        while started < STARTED and time.time() < deadline:  # the signal comes once the engine has work
+            time.sleep(0.2)
+            m = load.scrape(base)
+            started = m.get("vllm:num_requests_running", 0.0) + m.get("vllm:num_requests_waiting", 0.0)
+        assert started >= STARTED, f"only {started:.0f} requests reached the engine within 60 s"
         stopped_at = time.time()
         os.kill(pid, signal.SIGTERM)
-        outcomes = [f.result(timeout=150) for f in futures]  # none hangs
+        replies = future.result(timeout=200)  # none hangs
     while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         assert time.time() - stopped_at < 60, "the server did not stop within 60 s of SIGTERM"
         time.sleep(0.5)
-    assert outcomes == ["answered"] * 48, {o: outcomes.count(o) for o in set(outcomes)}
+    # each request was answered in full, or refused with a 503 saying the server is shutting down (one the
+    # server had not yet started when the signal came); none lost, cut short or failed otherwise
+    outcomes = ["answered" if r.outcome == "answered" and r.json()["usage"]["completion_tokens"] == 48
+                else "refused" if r.status == 503 and r.message() == SHUTTING_DOWN
+                else f"{r.outcome}: {r.body[:200]}" for r in replies]
+    counts = {o: outcomes.count(o) for o in set(outcomes)}
+    assert set(outcomes) <= {"answered", "refused"}, counts
+    assert outcomes.count("answered") >= STARTED, counts  # those the engine had, at least

@@ -18,7 +18,8 @@ USAGE = """usage: sedac-vllm serve MODEL [--sedac-config FILE|DIR] [any `vllm se
 --sedac-config takes a sedac_config.json (monitor mode, from `sedac-monitor calibrate`) or a probe
 directory (probe mode, from `sedac-probes train` + `calibrate`). Other SEDAC_* variables in the
 environment still apply. `serve` sets SEDAC_ENABLED=1 and runs `vllm serve`, by default with
---shutdown-timeout 30: on SIGTERM the requests in flight finish (for up to 30 s) before it stops."""
+--shutdown-timeout 30: on SIGTERM the server refuses new requests (503) and lets those in flight
+finish (for up to 30 s) before it stops."""
 
 
 SHUTDOWN_TIMEOUT = 30
@@ -26,9 +27,13 @@ SHUTDOWN_TIMEOUT = 30
 ``--shutdown-timeout``, whose default 0 aborts them at once); a ``--shutdown-timeout`` given is kept."""
 
 
+DRAIN_MIDDLEWARE = "sedac_vllm.drain.DrainMiddleware"
+
+
 def with_drain(vllm_args: Sequence[str]) -> List[str]:
-    """``vllm_args`` with ``--shutdown-timeout SHUTDOWN_TIMEOUT`` unless it sets one."""
-    args = list(vllm_args)
+    """``vllm_args`` with ``--shutdown-timeout SHUTDOWN_TIMEOUT`` unless it sets one, and with SEDAC's drain
+    at the front door (:mod:`sedac_vllm.drain`: requests accepted but not yet in the engine finish too)."""
+    args = [*vllm_args, "--middleware", DRAIN_MIDDLEWARE]
     if any(a == "--shutdown-timeout" or a.startswith("--shutdown-timeout=") for a in args):
         return args
     return [*args, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
