@@ -1,4 +1,4 @@
-"""``sedac-bench`` command line: assets, run, suite, readme."""
+"""``sedac-bench`` command line: assets, run, suite, load, readme."""
 
 from __future__ import annotations
 
@@ -48,6 +48,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="where suite.md and suite.json go (default: bench-results)")
     s.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
     s.add_argument("--no-server", action="store_true", help="skip the latency-under-load part")
+    ld = sub.add_parser("load", help="sedac-vllm serve under concurrent load mixed with malformed requests, then "
+                                     "SIGTERM under load: outcomes by kind, latency P50/P99, /metrics counters")
+    ld.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
+    ld.add_argument("--out", type=Path, default=Path("bench-results"),
+                    help="where load.md and load.json go (default: bench-results)")
+    ld.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
+    ld.add_argument("--requests", type=int, default=1024, help="good completions to send (default 1024)")
+    ld.add_argument("--concurrency", type=int, default=256, help="requests in flight at once (default 256)")
+    ld.add_argument("--max-tokens", type=int, default=32, help="tokens per completion (default 32)")
+    ld.add_argument("--alone", type=int, default=32,
+                    help="outputs checked against the same request served alone (default 32)")
     m = sub.add_parser("readme", help="regenerate the READMEs' marked results blocks from a results.json")
     m.add_argument("--results", type=Path, default=Path("bench-results/results.json"),
                    help="results.json of a `sedac-bench run` (default bench-results/results.json)")
@@ -72,6 +83,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             report = suite(args.cache, args.out, args.config, server=not args.no_server, log=log, command=command)
             print(report)
+        elif args.command == "load":
+            from .load_bench import load_run
+
+            print(load_run(args.cache, args.out, args.config, args.requests, args.concurrency, args.max_tokens,
+                           args.alone, log=log, command=command))
         else:
             from .report import update_readme
 

@@ -1,5 +1,5 @@
 """The full size's extra stages of :class:`~sedac_bench.run.Bench`: greedy generation agreement,
-speculative drafts and the HF eager wall-clock."""
+speculative drafts, the HF eager wall-clock and serving under load."""
 
 from __future__ import annotations
 
@@ -97,3 +97,12 @@ class ExtraStages(BenchState):
         self.results["wallclock_hf"] = {"methods": names, "cases": out,
                                         "quality": {n: {k: chosen[n][k] for k in ("risk", "delta_ppl")}
                                                     for n in names}}
+
+    def serving_load(self) -> None:
+        """`sedac-vllm serve` with the calibrated V7 config under load and malformed requests, then SIGTERM
+        under load (``sedac-bench load`` with its defaults; see :mod:`sedac_bench.load_bench`)."""
+        from . import load_bench
+
+        with self.timed("serving under load and faults"):
+            self.results["serving_load"] = load_bench.measure(
+                self.root, self.out, self.out / "sedac_config.json", 1024, 256, 32, 32, self.log, self.command)

@@ -166,6 +166,8 @@ def run(root: Optional[Path] = None, out: Path = Path("bench-results"), size: st
         b.wallclock_hf()
     if vllm:
         b.wallclock_vllm(folders)
+    if vllm and b.size["extras"]:
+        b.serving_load()
     b.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results = _jsonable(b.results)
     # saved before plotting, so a failure there loses no measurement (the report rewrites it)

@@ -15,6 +15,8 @@ class BenchState:
     """Declarations only (for the type checker and the reader); :class:`~sedac_bench.run.Bench` sets them."""
 
     # set by Bench.__init__ and Bench.load
+    root: Path  # the assets folder
+    command: str
     out: Path
     work: Path
     size: Dict[str, Any]

@@ -144,10 +144,21 @@ def _serve_latencies(model: Path, env: Dict[str, str], sedac_config: Optional[Pa
     return lat
 
 
+def calibrated_config(path: Path, root: Path, log: Log, model_and_tokenizer: Any = None) -> Path:
+    """A V7 config calibrated on the bundled enwiki text at max risk 0.05 (the demo's budget), written to
+    ``path``; the bundled SmolLM2 Llama folder under the assets folder ``root``."""
+    from sedac_monitor.calibrate import calibrate, write_config
+
+    log("calibrating V7 on enwiki (max risk 0.05) ...")
+    write_config(calibrate(root / assets_mod.LLAMA, root / assets_mod.TEXTS["enwiki"], "conservative", 0.05,
+                           tokens=2048, log=log, model_and_tokenizer=model_and_tokenizer), path)
+    return path
+
+
 def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool = True, log: Log = print,
           command: str = "sedac-bench suite") -> Path:
     from sedac_monitor.api import find_layout, load_config, load_model, read_text, teacher_forced, token_windows
-    from sedac_monitor.calibrate import calibrate, measure, write_config
+    from sedac_monitor.calibrate import measure
 
     from .run import machine
 
@@ -160,10 +171,7 @@ def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool 
     layout = find_layout(model)
     L = layout.num_layers
     if config is None:
-        config = out / "suite_sedac_config.json"
-        log("calibrating V7 on enwiki (max risk 0.05) ...")
-        write_config(calibrate(model_dir, texts["enwiki"], "conservative", 0.05, tokens=2048, log=log,
-                               model_and_tokenizer=(model, tok)), config)
+        config = calibrated_config(out / "suite_sedac_config.json", root, log, (model, tok))
     cfg = load_config(config, L)
     from sedac_monitor.api import monitor_rule
 
