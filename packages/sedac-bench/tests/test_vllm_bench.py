@@ -89,3 +89,68 @@ def test_warm_up_without_prompt_tokens_is_a_clear_error():
 
     with pytest.raises(ValueError, match="no prompt tokens"):
         warm_up_batches({"workloads": [{"batch": 1, "prompt_sets": [[]]}]})
+
+
+class Top1Engine:
+    """Answers ``top1``: vanilla predicts each prompt's tokens; the other flips the first position of every
+    prompt and reports online statistics that grow with each call."""
+
+    def __init__(self, flips: bool) -> None:
+        self.flips, self.calls = flips, 0
+
+    def ask(self, cmd):
+        assert cmd["op"] == "top1"
+        self.calls += 1
+        top1 = [list(p) for p in cmd["prompts"]]
+        if self.flips:
+            for row in top1:
+                row[0] += 1
+        n = sum(len(p) for p in cmd["prompts"]) * self.calls
+        online = {"totals": {"rows": n, "exited_rows": n // 10, "checked_rows": n // 20, "changed_rows": n // 200},
+                  "errors_per_exit": 0.5, "risk_estimate": 0.01, "tau": 0.99, "drift_kl": 0.02, "fallback": False,
+                  "fallbacks": 0}
+        return {"top1": top1, "stats": {"tokens": n, "skipped_mlp_blocks": n * 3, "num_layers": 30,
+                                        "skipped_mlp_fraction": 0.1, "online": online}}
+
+
+def test_top1_windows_measure_against_vanilla_and_difference_the_online_totals():
+    from sedac_bench.report import online_windows_lines
+    from sedac_bench.vllm_bench import top1_check
+    from sedac_bench.vllm_compare import ONLINE
+
+    engines = {"vanilla": Top1Engine(False), ONLINE: Top1Engine(True)}
+    prompts = [list(range(10)), list(range(10, 20))]
+    windows = [{"label": "news 1", "prompts": prompts}, {"label": "random tokens 1", "prompts": prompts[:1]}]
+    out = top1_check(engines, prompts, ["vanilla", ONLINE], windows)[ONLINE]
+    assert out["measured_risk"] == pytest.approx(2 / 20)
+    w1, w2 = out["windows"]
+    assert (w1["label"], w1["positions"], w1["measured_risk"]) == ("news 1", 20, pytest.approx(0.1))
+    # second call's totals minus the first's: 20 rows, 2 exited, 1 checked, 0 changed
+    assert w1["exited_fraction"] == pytest.approx(0.1) and w1["first_order"] == 0.0
+    assert w1["estimate"] == pytest.approx(0.1 * 0.5)  # exits x errors per exit beats the shadow check's 0
+    assert w1["skipped_mlp_fraction"] == pytest.approx(3 / 30)
+    assert w2["positions"] == 10 and w2["measured_risk"] == pytest.approx(0.1)
+    text = "\n".join(online_windows_lines({ONLINE: out}))
+    assert "| news 1 | 20 | 10.00% | 5.00% | -5.00% | 0.00% (1) | 10.00% |" in text
+    assert "Drift fallbacks began in: no window." in text
+
+
+def test_traffic_windows_are_distinct_and_in_serving_order():
+    import os
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from sedac_bench import assets
+    from sedac_bench.vllm_compare import traffic_windows
+
+    root = Path(os.environ.get("SEDAC_ASSETS") or "")
+    assert (root / "text").is_dir(), "SEDAC_ASSETS is not set to built assets: run the suite through `nox -s tests`"
+    tok = AutoTokenizer.from_pretrained(root / assets.LLAMA)
+    windows = traffic_windows(tok, {k: root / v for k, v in assets.TEXTS.items()}, 2, length=64, each=1)
+    assert [w["label"] for w in windows] == ["news 1", "Python docs 1", "shuffled news 1", "random tokens 1",
+                                             "news again 1"]
+    assert all(len(w["prompts"]) == 2 and all(len(p) == 64 for p in w["prompts"]) for w in windows)
+    news, shuffled = windows[0]["prompts"], windows[2]["prompts"]
+    assert [sorted(p) for p in news] == [sorted(p) for p in shuffled] and news != shuffled
+    assert windows[4]["prompts"] != news

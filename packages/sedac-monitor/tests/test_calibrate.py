@@ -65,6 +65,29 @@ def test_measured_numbers_are_what_the_accelerator_does(result, tiny_dir, text_f
     assert int((out != base).sum()) == result["evidence"]["chosen"]["errors"] > 0
 
 
+def test_online_correction_counts_exits_and_what_a_first_order_check_sees(result, tiny_dir, text_file):
+    """The errors per exit sedac-vllm's online estimate uses: the chosen setting's measured errors over the
+    tokens that exited, counted independently here; a first-order check sees at most the exited tokens."""
+    from sedac_monitor.api import MonitorDecider, find_layout, monitor_rule
+    from sedac_monitor.loading import read_text, token_windows
+    from sedac_monitor.teacher import first_order_changes
+
+    oc = result["evidence"]["online_correction"]
+    chosen = result["evidence"]["chosen"]
+    assert oc["measured_errors"] == chosen["errors"] and oc["tokens"] == chosen["tokens"]
+    assert oc["exited"] == round(chosen["exit_rate"] * chosen["tokens"]) > 0
+    assert oc["errors_per_exit"] == pytest.approx(oc["measured_errors"] / oc["exited"])
+    assert 0 <= oc["first_order_changed"] <= oc["exited"]
+    model, tok = load_model(tiny_dir / "llama")
+    layout = find_layout(model)
+    windows = token_windows(tok, read_text(text_file), 128, 8)
+    never = MonitorDecider(monitor_rule(6, 1.5, 1, 0, 0, "cascade"), 6)
+    assert first_order_changes(layout, windows, never) == {"tokens": 8 * 127, "exited": 0, "changed": 0}
+    everyone = MonitorDecider(monitor_rule(6, -1.0, 1, 0, 0, "cascade"), 6)  # every token exits at once
+    c = first_order_changes(layout, windows, everyone, protect_first=1)
+    assert c["exited"] == 8 * 126 and 0 < c["changed"] <= c["exited"]  # position 0 never exits
+
+
 def test_confidence_splits_the_text_and_bounds_the_risk(tiny_dir, text_file):
     r = calibrate(tiny_dir / "llama", text_file, max_risk=0.3, confidence=0.9, tokens=1024, max_length=128,
                   grid=GRID, budget=4, log=lambda m: None)

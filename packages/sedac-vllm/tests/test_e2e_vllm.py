@@ -272,7 +272,7 @@ def engine_runs(family, tmp_path_factory):
         "format": "sedac_config", "tau": tau, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
         "scope": "cascade", "protect_first": 1, "max_risk": 0.05,
         "evidence": {"signal_histogram": {"edges": [0.0, 0.01, 1.0], "counts": [1000, 0], "min_layer": 1}},
-        "serving": {"shadow_rate": 1, "decision_log_rate": 1}}))
+        "serving": {"shadow_rate": 1, "decision_log_rate": 1, "online_window": 10}}))  # a histogram matures fast
     online_env = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(online_cfg), "SEDAC_ONLINE": "1"}
     # channel soft exit with V7 exits, from a config file as `sedac-monitor calibrate --channels` writes one
     channel_cfg = tmp / "channel_config.json"

@@ -78,6 +78,8 @@ def test_shadow_check_raises_tau_when_skipped_work_changes_the_top1():
     st = online.stats()
     assert st["risk_estimate"] == pytest.approx(0.5, rel=0.05)  # all checked rows changed x half the rows exited
     assert st["tau"] > 0.9 and float(tau_t) == st["tau"] and st["adjustments"] > 0
+    # undecayed totals: every forward's six rows, three exited, all three checked and changed
+    assert st["totals"] == {"rows": 360, "exited_rows": 180, "checked_rows": 180, "changed_rows": 180}
     # skipped work that changes nothing: tau comes back down, but never below its bound
     online.checked = online.changed = 0.0
     shadowed(online, 200, torch.zeros_like)
@@ -116,7 +118,8 @@ def test_drift_falls_back_to_no_exits_and_recovers():
     online = calibrator(tau_t, {"edges": edges, "counts": [0, 2, 98]})
     ident = torch.nn.Identity()
     similar = np.full((50, 4), 0.97)
-    online.end_forward(torch.zeros(50, 4), torch.full((50,), 4), 4, similar, ident, ident, counted=True)
+    for _ in range(20):  # 200 signals a forward: the histogram matures (1500 signals for a window of 100)
+        online.end_forward(torch.zeros(50, 4), torch.full((50,), 4), 4, similar, ident, ident, counted=True)
     assert not online.fallback and online.drift_kl < 0.1
     shifted = np.full((50, 4), 0.5)  # a text whose signal looks nothing like the calibration text's
     for _ in range(40):
@@ -128,15 +131,36 @@ def test_drift_falls_back_to_no_exits_and_recovers():
 
 
 def test_a_young_histogram_does_not_count_as_drift():
+    from sedac_vllm.online import drift_min_signals
+
     tau_t = torch.tensor(0.9)
     online = calibrator(tau_t, {"edges": [0.0, 0.9, 0.95, 1.0], "counts": [0, 2, 98]})
+    assert drift_min_signals(3, 100) == 1500  # half of the 3000 signals a window of 100 spans (> 50 per bin)
     ident = torch.nn.Identity()
     shifted = np.full((10, 4), 0.5)  # 40 signals a forward, all unlike the calibration text's
-    for _ in range(3):  # about 118 signals (the histogram decays): fewer than 50 per bin of 3
+    forwards = 0
+    while online.recent.sum() + 40 * (1 - online.recent.sum() / 3000) < 1500:  # the next forward leaves it young
         online.end_forward(torch.zeros(10, 4), torch.full((10,), 4), 4, shifted, ident, ident, counted=True)
-    assert online.drift_kl is None and not online.fallback and float(tau_t) == pytest.approx(0.9)
+        forwards += 1
+        assert online.drift_kl is None and not online.fallback and float(tau_t) == pytest.approx(0.9)
+    assert forwards > 30
     online.end_forward(torch.zeros(10, 4), torch.full((10,), 4), 4, shifted, ident, ident, counted=True)
     assert online.drift_kl > 0.1 and online.fallback and online.fallbacks == 1
+
+
+def test_the_estimate_counts_the_damage_exits_do_to_later_tokens():
+    """With the calibration's errors per exit, the estimate is at least exit fraction x errors per exit,
+    though the shadow check sees no change: tau rises on that alone."""
+    tau_t = torch.tensor(0.9)
+    online = OnlineCalibrator(tau_t, 0.9, 0.05, shadow_rate=1.0, window=100, margin=0.0, drift_threshold=0.1,
+                              histogram=None, min_layer=0, tau_increment=0.01, errors_per_exit=0.2)
+    shadowed(online, 30, torch.zeros_like)  # half the rows exit, no top-1 moves in the shadow check
+    st = online.stats()
+    assert st["risk_estimate"] == pytest.approx(0.5 * 0.2) and st["errors_per_exit"] == 0.2
+    assert st["tau"] > 0.9
+    plain = calibrator(torch.tensor(0.9))
+    shadowed(plain, 30, torch.zeros_like)
+    assert plain.stats()["risk_estimate"] == 0.0 and plain.tau <= 0.9  # the shadow check alone: no rise
 
 
 def test_online_needs_the_monitor_and_is_exported(tmp_path):

@@ -129,6 +129,10 @@ def write(results: Dict[str, Any], out: Path, figures: List[str]) -> Path:
     for folder, data in results.get("vllm", {}).items():
         L += vllm_section(folder, data)
         L += expected_section(results.get("monitor_calibration", {}), data)
+    if "serving_load" in results:
+        from .load_bench import report_lines
+
+        L += [*report_lines(results["serving_load"]), ""]
     L += roadmap_section(results)
     L += ["## Timings of this run", "", *[f"- {k}: {v:.0f} s" for k, v in results["timings"].items()], ""]
     path = out / "report.md"
@@ -288,6 +292,7 @@ def roadmap_section(results: Dict[str, Any]) -> List[str]:
               f" | {_f(drift['drift_kl'])} ({_f(drift['drift_threshold'])}) | {pct(drift['risk_estimate'])} | "
               f"{_f(drift['tau'], 4)} ({_f(drift['tau_calibrated'], 4)}) | {pct(drift['skipped_mlp_fraction'])} |",
               f"| V7 calibrated, online off | {pct(drift['measured_risk_without_online'])} | | | | | | |", ""]
+        L += online_windows_lines(results.get("vllm", {}).get("llama", {}).get("top1_check", {}))
     else:
         L += ["(not run: this run timed no vLLM engines)", ""]
     L += ["### Token decision log", "",
@@ -328,6 +333,38 @@ def roadmap_section(results: Dict[str, Any]) -> List[str]:
               f"{'met' if met['skipped'] else '**not met**'}; ΔPPL: {'met' if met['delta_ppl'] else '**not met**'}; "
               f"beats random: {'yes' if met['beats_random'] else '**no**'}. (Chosen on the held-out text itself, "
               "so an optimistic reading.)", ""]
+    return L
+
+
+def online_windows_lines(check: Dict[str, Any]) -> List[str]:
+    """The online estimate against the truth, per window of traffic unlike the calibration text."""
+    from .vllm_compare import ONLINE
+
+    rows = check.get(ONLINE, {}).get("windows")
+    if not rows:
+        return []
+    off = {w["label"]: w for w in check.get("V7 calibrated", {}).get("windows", [])}
+    L = ["Then windows of traffic unlike the calibration text, in this order (each against vanilla vLLM on "
+         "the same prompts). *Estimate* is the online estimator's value on the window's own traffic (the larger "
+         "of the shadow check's and exited tokens x the calibration's errors per exit), *shadow alone* the "
+         "first-order check's (changed / checked shadow rows x exited / rows), *running* the decayed estimate "
+         "that moves tau; error = estimate - measured:", "",
+         "| window | positions | measured risk | estimate | error | shadow alone (checked rows) | exited | running "
+         "| tau | drift KL | fallback | skipped MLP | online off: measured |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in rows:
+        est = w.get("estimate")
+        L.append(f"| {w['label']} | {w['positions']} | {pct(w['measured_risk'])} | "
+                 f"{pct(est) if est is not None else 'n/a'} | "
+                 f"{signed_pct(est - w['measured_risk']) if est is not None else 'n/a'} | "
+                 f"{pct(w.get('first_order'))} ({w.get('checked_rows', 0)}) | {pct(w.get('exited_fraction'))} | "
+                 f"{pct(w.get('running_estimate'))} | {_f(w.get('tau'), 4)} | {_f(w.get('drift_kl'))} | "
+                 f"{'on' if w.get('fallback') else 'off'} | {pct(w.get('skipped_mlp_fraction'))} | "
+                 f"{pct(off[w['label']]['measured_risk']) if w['label'] in off else ''} |")
+    before = (check[ONLINE].get("online") or {}).get("fallbacks", 0)  # at the end of the pooled check
+    fired = [w["label"] for i, w in enumerate(rows)
+             if w.get("fallbacks_so_far", 0) > (rows[i - 1].get("fallbacks_so_far", 0) if i else before)]
+    L += ["", "Drift fallbacks began in: " + (", ".join(fired) if fired else "no window") + ".", ""]
     return L
 
 

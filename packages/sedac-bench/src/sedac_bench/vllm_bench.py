@@ -40,7 +40,7 @@ import resource
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Dict, List, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
 from sedac_vllm import allocator
 
@@ -71,6 +71,18 @@ def _wait_stats(path: str, previous_forwards: int, timeout: float = 3.0) -> Dict
     deadline = time.time() + timeout
     s = _stats(path)
     while time.time() < deadline and s.get("forwards", 0) <= previous_forwards:
+        time.sleep(0.05)
+        s = _stats(path)
+    return s
+
+
+def _stats_since(path: str, since: float, timeout: float = 1.0) -> Dict[str, Any]:
+    """The statistics file once written at or after ``since`` (the engine writes it at most 0.2 s after a
+    forward), so it counts every forward before ``since``; after ``timeout`` s, what is there (a file last
+    written before ``since`` but after the last forward is complete too)."""
+    deadline = time.time() + timeout
+    s = _stats(path)
+    while s and s.get("time", 0) < since and time.time() < deadline:
         time.sleep(0.05)
         s = _stats(path)
     return s
@@ -141,7 +153,8 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
                               for k in ("mlp_seconds", "ideal_saved_seconds", "gathers")},
                            "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
             elif op == "top1":
-                conn.send({"top1": _prompt_top1(llm, cmd["prompts"]), "stats": _wait_stats(metrics, -1, 1.0)})
+                top1 = _prompt_top1(llm, cmd["prompts"])
+                conn.send({"top1": top1, "stats": _stats_since(metrics, time.time())})
             else:
                 raise ValueError(f"unknown command {op!r}")
     except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which stops the benchmark
@@ -287,19 +300,60 @@ def lockstep_run(engines: Dict[str, Engine], order: List[str], prompts: List[Lis
     return res
 
 
-def top1_check(engines: Dict[str, Engine], prompts: List[List[int]], names: List[str]) -> Dict[str, Any]:
+def _risk(ref: List[List[int]], got: List[List[int]]) -> Tuple[float, int]:
+    pairs = [(a, b) for ra, rb in zip(ref, got) for a, b in zip(ra, rb)]
+    return sum(a != b for a, b in pairs) / max(1, len(pairs)), len(pairs)
+
+
+def top1_check(engines: Dict[str, Engine], prompts: List[List[int]], names: List[str],
+               windows: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Held-out top-1 risk of every engine against vanilla on the same prompts, and each engine's SEDAC
-    statistics afterwards (online calibration state included)."""
+    statistics afterwards (online calibration state included).
+
+    ``windows`` ({"label", "prompts"}, served in order after that): per window and engine, the risk measured
+    against vanilla on the window's prompts beside, for online calibration, the estimator's value on the same
+    traffic (from the differences of its undecayed totals: the larger of the shadow check's changed / checked
+    x exited / rows and exited / rows x the calibration's errors per exit; the shadow check's alone too),
+    the running estimate that moves tau, tau, the drift score and whether the fallback was on."""
     ref = engines["vanilla"].ask({"op": "top1", "prompts": prompts})["top1"]
     out: Dict[str, Any] = {}
+    last: Dict[str, Dict[str, Any]] = {}
     for name in names[1:]:
         reply = engines[name].ask({"op": "top1", "prompts": prompts})
-        pairs = [(a, b) for ra, rb in zip(ref, reply["top1"]) for a, b in zip(ra, rb)]
-        risk = sum(a != b for a, b in pairs) / max(1, len(pairs))
-        stats = reply["stats"]
-        out[name] = {"measured_risk": risk, "positions": len(pairs), "online": stats.get("online"),
+        risk, n = _risk(ref, reply["top1"])
+        stats = last[name] = reply["stats"]
+        out[name] = {"measured_risk": risk, "positions": n, "online": stats.get("online"),
                      "skipped_mlp_fraction": stats.get("skipped_mlp_fraction")}
-        progress(f"[top-1 check] {name}: held-out top-1 risk {risk:.2%} over {len(pairs)} positions")
+        progress(f"[top-1 check] {name}: held-out top-1 risk {risk:.2%} over {n} positions")
+    for w in windows or []:
+        ref = engines["vanilla"].ask({"op": "top1", "prompts": w["prompts"]})["top1"]
+        for name in names[1:]:
+            reply = engines[name].ask({"op": "top1", "prompts": w["prompts"]})
+            risk, n = _risk(ref, reply["top1"])
+            before, after = last[name], reply["stats"]
+            last[name] = after
+            row: Dict[str, Any] = {"label": w["label"], "positions": n, "measured_risk": risk}
+            tokens = after["tokens"] - before["tokens"]
+            if tokens > 0:
+                row["skipped_mlp_fraction"] = ((after["skipped_mlp_blocks"] - before["skipped_mlp_blocks"])
+                                               / (tokens * after["num_layers"]))
+            on, on0 = after.get("online"), before.get("online")
+            if on and on0:
+                d = {k: on["totals"][k] - on0["totals"][k] for k in on["totals"]}
+                exited = d["exited_rows"] / d["rows"] if d["rows"] else 0.0
+                first = d["changed_rows"] / d["checked_rows"] * exited if d["checked_rows"] else None
+                epe = on.get("errors_per_exit")
+                # the estimator's value on this window's traffic, as OnlineCalibrator forms it
+                row["estimate"] = (None if first is None and epe is None
+                                   else min(1.0, max(first or 0.0, exited * epe if epe is not None else 0.0)))
+                row.update(first_order=first, checked_rows=d["checked_rows"], exited_fraction=exited,
+                           running_estimate=on["risk_estimate"], tau=on["tau"], drift_kl=on["drift_kl"],
+                           fallback=on["fallback"], fallbacks_so_far=on["fallbacks"])
+            out[name].setdefault("windows", []).append(row)
+            est = row.get("estimate")
+            progress(f"[top-1 window {w['label']}] {name}: measured {risk:.2%} over {n} positions"
+                     + (f", estimate {est:.2%}, tau {row['tau']:.4f}, drift KL {row['drift_kl'] or 0:.3f}"
+                        f"{' FALLBACK' if row['fallback'] else ''}" if "tau" in row and est is not None else ""))
     return out
 
 
@@ -342,7 +396,7 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
                     for i, n in enumerate(names)))
             check = group.get("top1_check")
             if check and r == rounds - 1:
-                out["top1_check"] = top1_check(engines, check["prompts"], names)
+                out["top1_check"] = top1_check(engines, check["prompts"], names, check.get("windows"))
         except BaseException:
             for engine in engines.values():
                 engine.stop()

@@ -93,6 +93,44 @@ def targets_lines(targets: List[Dict[str, Any]]) -> List[str]:
             f"{'pass' if t['passed'] else 'FAIL'}" for t in targets]
 
 
+def traffic_windows(tok: Any, texts: Dict[str, Path], prompts: int, length: int = 256,
+                    each: int = 2) -> List[Dict[str, Any]]:
+    """Windows of traffic unlike the calibration text (Wikipedia), in the order the online-calibration check
+    serves them: held-out news, Python's documentation (prose with code), news with its tokens shuffled and
+    tokens drawn at random from the texts' vocabulary (shifts no real text makes: the drift detector should
+    fire), then news again (it must recover). ``each``
+    windows of ``prompts`` prompts of ``length`` tokens per kind; the news windows come from the text's
+    start (the held-out top-1 check reads its end)."""
+    import random
+
+    from sedac_monitor.api import read_text
+
+    def ids(name: str) -> List[int]:
+        return tok(read_text(texts[name]), add_special_tokens=False)["input_ids"]
+
+    news, docs = ids("lee_news"), ids("pydoc_topics")
+    need = 2 * each * prompts * length
+    if len(news) < need + 16 * 257 or len(docs) < each * prompts * length:
+        raise ValueError(f"held-out texts too short for {each} windows of {prompts} x {length} tokens per kind")
+    rng = random.Random(0)
+
+    def cut(stream: List[int], start: int, shuffle: bool = False) -> List[List[int]]:
+        out = [stream[start + i * length:start + (i + 1) * length] for i in range(prompts)]
+        if shuffle:
+            out = [rng.sample(p, len(p)) for p in out]
+        return out
+
+    step = prompts * length
+    windows = [{"label": f"news {i + 1}", "prompts": cut(news, i * step)} for i in range(each)]
+    windows += [{"label": f"Python docs {i + 1}", "prompts": cut(docs, i * step)} for i in range(each)]
+    windows += [{"label": f"shuffled news {i + 1}", "prompts": cut(news, i * step, shuffle=True)} for i in range(each)]
+    vocab = sorted(set(news) | set(docs))
+    windows += [{"label": f"random tokens {i + 1}", "prompts": [[rng.choice(vocab) for _ in range(length)]
+                                                                for _ in range(prompts)]} for i in range(each)]
+    windows += [{"label": f"news again {i + 1}", "prompts": cut(news, (each + i) * step)} for i in range(each)]
+    return windows
+
+
 class HeldOutStream:
     """Consecutive token windows from held-out text. When the text runs out it starts again, shifted by
     a few tokens, so no window repeats another's prefix blocks (vLLM's prefix cache never hits)."""
@@ -171,8 +209,11 @@ class VllmStages(BenchState):
             # the drift test: held-out news windows, top-1 of every engine against vanilla (prompt logprobs)
             news = self.tok(read_text(self.texts["lee_news"]), add_special_tokens=False)["input_ids"]
             check = [news[-(i + 1) * 256 - 1:-i * 256 - 1] for i in range(v["top1_windows"])]  # the news text's end
+            top1: Dict[str, Any] = {"prompts": check}
+            if any(c["name"] == ONLINE for c in configs):  # the online estimate against the truth, per window
+                top1["windows"] = traffic_windows(self.tok, self.texts, v["top1_windows"] // 2)
             groups: List[Dict[str, Any]] = [
-                {"name": "compiled", "llm": {}, "configs": configs, "top1_check": {"prompts": check}}]
+                {"name": "compiled", "llm": {}, "configs": configs, "top1_check": top1}]
             if eager_configs:
                 groups.append({"name": "eager", "llm": {"enforce_eager": True}, "configs": eager_configs})
             data: Dict[str, Any] = {}

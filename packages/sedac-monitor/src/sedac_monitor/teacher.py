@@ -182,3 +182,49 @@ def cascade_labels_for(layout: DecoderLayout, windows: torch.Tensor, positions: 
         for handle in handles:
             handle.remove()
     return Pass(torch.cat(top1), torch.cat(nll)), {q: torch.cat(v) for q, v in safe.items()}
+
+
+def first_order_changes(layout: DecoderLayout, windows: torch.Tensor, decider: Any, batch_size: int = 4,
+                        protect_first: int = 1) -> Dict[str, int]:
+    """What an online shadow check sees, on every position: run ``windows`` with ``decider`` attached and,
+    for each token that skipped MLPs, add the skipped MLPs' outputs (computed on the inputs they were
+    skipped on) back to its final residual stream; count the tokens whose top-1 that moves. It is first
+    order: it does not replay how the skipped work would have changed later attention, so it reads lower
+    than the measured risk (its ratio to the measured risk corrects sedac-vllm's online estimate).
+
+    Returns ``{"tokens", "exited", "changed"}`` over the windows' positions but each window's last."""
+    L = layout.num_layers
+    runtime = SkipRuntime(decider, L, protect_first)
+    delta: Dict[str, torch.Tensor] = {}
+
+    def shadow(layer: int, flat: torch.Tensor, skip: torch.Tensor, full: Callable) -> None:
+        idx = skip.nonzero().squeeze(1)
+        if idx.numel():
+            buf = delta.setdefault("d", torch.zeros(flat.shape, dtype=torch.float32))
+            buf.index_add_(0, idx, full(flat.index_select(0, idx)).float())
+
+    runtime.shadow = shadow
+    captured: Dict[str, torch.Tensor] = {}
+    hook = layout.final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+    attachment = HFAttachment(layout, runtime)
+    counts = {"tokens": 0, "exited": 0, "changed": 0}
+    try:
+        with torch.no_grad():
+            for sl in progress(list(batches(windows.shape[0], batch_size)), desc="first-order check"):
+                ids = windows[sl]
+                delta.clear()
+                served = layout.model(input_ids=ids, use_cache=False).logits.float()[:, :-1].argmax(-1)
+                assert runtime.last_first_skip is not None  # finish() ran
+                exited = (runtime.last_first_skip.view(ids.shape) < L)[:, :-1]
+                changed = torch.zeros_like(exited)
+                if "d" in delta:
+                    h = captured["h"]
+                    full = h.float() + delta["d"].view(h.shape)
+                    changed = (layout.logits(full.to(h.dtype)).float()[:, :-1].argmax(-1) != served) & exited
+                counts["tokens"] += int(exited.numel())
+                counts["exited"] += int(exited.sum())
+                counts["changed"] += int(changed.sum())
+    finally:
+        attachment.detach()
+        hook.remove()
+    return counts

@@ -75,7 +75,7 @@ SETTINGS: Dict[str, str] = {
     "decision_log_max_mb": "size bound of the decision log in MB, number > 0 (default 64)",
     "shadow_rate": "fraction of rows shadow-checked by online calibration, number in (0, 1] (default 0.05)",
     "drift_threshold": "KL divergence that counts as drift, number > 0 (default 0.1)",
-    "online_window": "checked rows the running risk estimate spans, integer >= 1 (default 2000)",
+    "online_window": "rows (and shadow-checked rows) the running risk estimate spans, integer >= 1 (default 2000)",
     "online_margin": "how far below the calibrated tau online calibration may loosen, number >= 0 (default 0: it "
                      "only tightens; above 0 is a throughput option, not a safety one)",
 }

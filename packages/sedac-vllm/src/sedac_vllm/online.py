@@ -14,8 +14,14 @@ so they work in vLLM's compiled graph too.
     the served residual stream is compared with the top-1 from that stream plus the skipped MLP outputs.
     It is a first-order estimate (it does not replay how the skipped work would have changed later
     attention inputs), cheap: the extra work is the shadow fraction of the skipped work plus the LM head
-    on the checked rows. The running risk estimate = changed / checked × the fraction of tokens that
-    exit, over a window of ``online_window`` checked rows.
+    on the checked rows. Its estimate = changed / checked × the fraction of tokens that exit, over a
+    window of ``online_window`` checked rows. It sees only damage to the exiting token itself, and most
+    top-1 errors fall on later tokens, through attention to the exited ones (on SmolLM2 at the calibrated
+    setting the shadow check saw one of 14 measured errors; through vLLM it read 3-8x below the measured
+    risk on held-out news). So the **running risk estimate** is the larger of that and the fraction of
+    tokens that exit × ``errors_per_exit``, the top-1 errors per exiting token measured by ``sedac-monitor
+    calibrate`` for the chosen setting (the config's ``evidence.online_correction``): the exit fraction is
+    read on every row, so it tracks the traffic without sampling noise.
   - **threshold control**: when the estimate exceeds ``SEDAC_RISK_TOLERANCE``, tau rises (fewer exits);
     when it is under half the tolerance, tau falls back, never below the calibrated tau (by default online
     calibration only tightens: the estimate is first order and can read low, so it must never make SEDAC
@@ -23,7 +29,8 @@ so they work in vLLM's compiled graph too.
     far below the calibrated value: a throughput option, taken on an estimate whose error is not bounded.
   - **drift detection**: the histogram of the similarity signal of recent tokens is compared with the
     calibration text's (written by ``sedac-monitor calibrate`` into ``sedac_config.json``) by KL
-    divergence, once it holds ``DRIFT_SIGNALS_PER_BIN`` signals per bin (a young histogram is noise); above
+    divergence, once it holds ``DRIFT_SIGNALS_PER_BIN`` signals per bin and half the signals it spans
+    (:func:`drift_min_signals`: a young histogram is noise); above
     ``drift_threshold`` SEDAC falls back to no exits until the divergence drops below half of it.
 
 Every state change is logged; the statistics file (and so ``/metrics``) carries the running estimate,
@@ -48,6 +55,16 @@ EPS = 1e-4
 # the calibration text's own distribution over B bins has an expected KL of about (B - 1) / (2n) from it,
 # under 0.01 here, a tenth of the default drift_threshold; a younger histogram would be noise.
 DRIFT_SIGNALS_PER_BIN = 50
+# ... and half of what it spans (it decays over online_window x 30 signals): one sequence's signals are
+# alike, so a histogram of a few sequences is young whatever its count. With only the count above, held-out
+# news served through vLLM tripped the detector on its first prompts (KL over 0.1, then 0.02-0.04 once a
+# few thousand tokens were in).
+DRIFT_SPAN_FRACTION = 0.5
+
+
+def drift_min_signals(bins: int, window: int) -> float:
+    """Signals the recent histogram must hold before it is compared with the calibration text's."""
+    return max(DRIFT_SIGNALS_PER_BIN * bins, DRIFT_SPAN_FRACTION * window * 30.0)
 
 
 class DecisionLog:
@@ -154,7 +171,7 @@ class OnlineCalibrator:
 
     def __init__(self, tau_t: torch.Tensor, tau: float, tolerance: float, shadow_rate: float, window: int,
                  margin: float, drift_threshold: float, histogram: Optional[Dict[str, Any]], min_layer: int,
-                 seed: int = 0, tau_increment: float = 0.0005) -> None:
+                 seed: int = 0, tau_increment: float = 0.0005, errors_per_exit: Optional[float] = None) -> None:
         self.tau_t, self.tau_calibrated = tau_t, float(tau)
         self.tau = float(tau)
         if margin > 0:
@@ -166,6 +183,11 @@ class OnlineCalibrator:
         self.tolerance, self.shadow_rate, self.window = float(tolerance), float(shadow_rate), int(window)
         self.drift_threshold, self.min_layer = float(drift_threshold), int(min_layer)
         self.tau_increment = float(tau_increment)
+        self.errors_per_exit = None if errors_per_exit is None else float(errors_per_exit)
+        if self.errors_per_exit is None:
+            logger.warning("SEDAC online calibration: the config carries no errors_per_exit (recalibrate with "
+                           "sedac-monitor calibrate), so the estimate is the shadow check's alone, which reads low "
+                           "(it misses the damage exits do to later tokens)")
         self.generator = torch.Generator(device="cpu").manual_seed(seed)  # same draws on every TP rank
         self.edges = np.asarray(histogram["edges"], dtype=np.float64) if histogram else None
         self.reference = np.asarray(histogram["counts"], dtype=np.float64) if histogram else None
@@ -174,7 +196,11 @@ class OnlineCalibrator:
                            "sedac-monitor calibrate), so drift detection is off")
         self.recent = None if self.edges is None else np.zeros(len(self.edges) - 1)
         self.checked = self.changed = 0.0  # decayed counts over about `window` checked rows
-        self.exit_fraction = 0.0
+        # the same, undecayed, with the rows behind the exit fraction: the estimator's value over any span of
+        # traffic is (changed / checked) x (exited / rows) of that span's differences (the benchmark's windows)
+        self.totals = {"rows": 0, "exited_rows": 0, "checked_rows": 0, "changed_rows": 0}
+        self.exit_fraction = 0.0  # exited / rows, decayed over about `window` rows
+        self._rows = self._exited = 0.0
         self.risk_estimate: Optional[float] = None
         self.drift_kl: Optional[float] = None
         self.fallback = False
@@ -208,8 +234,13 @@ class OnlineCalibrator:
             return
         rows = first_skip.shape[0]
         if rows:
-            exited = float((first_skip < num_layers).float().mean())
-            self.exit_fraction = 0.95 * self.exit_fraction + 0.05 * exited if self.checked else exited
+            n_exited = int((first_skip < num_layers).sum())
+            keep = max(0.0, 1.0 - rows / self.window)  # weighted by rows: a prefill counts as its tokens
+            self._rows = self._rows * keep + rows
+            self._exited = self._exited * keep + n_exited
+            self.exit_fraction = self._exited / self._rows
+            self.totals["rows"] += rows
+            self.totals["exited_rows"] += n_exited
         if touched is not None and bool(touched.any()):
             idx = touched.nonzero().squeeze(1)
             served = stream.index_select(0, idx)
@@ -222,14 +253,18 @@ class OnlineCalibrator:
             keep = max(0.0, 1.0 - n / self.window)
             self.checked = self.checked * keep + n
             self.changed = self.changed * keep + changed
-        if self.checked > 0:
-            self.risk_estimate = self.changed / self.checked * self.exit_fraction
+            self.totals["checked_rows"] += int(n)
+            self.totals["changed_rows"] += int(changed)
+        if self.checked > 0 or self.errors_per_exit is not None:
+            shadow = self.changed / self.checked * self.exit_fraction if self.checked > 0 else 0.0
+            propagated = self.exit_fraction * self.errors_per_exit if self.errors_per_exit is not None else 0.0
+            self.risk_estimate = min(1.0, max(shadow, propagated))
         if signals is not None and self.edges is not None and signals.size:
             s = signals[:, self.min_layer:] if signals.shape[1] > self.min_layer else signals
             counts, _ = np.histogram(np.clip(s[np.isfinite(s)], self.edges[0], self.edges[-1]), bins=self.edges)
             keep = max(0.0, 1.0 - counts.sum() / (self.window * 30.0))
             self.recent = self.recent * keep + counts
-            if self.recent.sum() >= DRIFT_SIGNALS_PER_BIN * self.recent.size:
+            if self.recent.sum() >= drift_min_signals(self.recent.size, self.window):
                 assert self.reference is not None  # read from the histogram with edges
                 self.drift_kl = kl_divergence(self.recent, self.reference)
         self._control()
@@ -245,7 +280,8 @@ class OnlineCalibrator:
             elif self.fallback and self.drift_kl < self.drift_threshold / 2:
                 self.fallback = False
                 logger.warning("SEDAC drift over (KL %.3f): exits enabled again at tau %.4f", self.drift_kl, self.tau)
-        if self.risk_estimate is not None and self.checked >= min(self.window, 50):
+        if self.risk_estimate is not None and (self.checked >= min(self.window, 50) or (
+                self.errors_per_exit is not None and self.totals["rows"] >= self.window)):
             if self.risk_estimate > self.tolerance and self.tau < self.hi:
                 self.tau = min(self.hi, self.tau + 2 * self.tau_increment)
                 self.adjustments += 1
@@ -259,4 +295,4 @@ class OnlineCalibrator:
                 "tolerance": self.tolerance, "drift_kl": self.drift_kl, "drift_threshold": self.drift_threshold,
                 "fallback": self.fallback, "fallbacks": self.fallbacks, "tau": self.tau,
                 "tau_calibrated": self.tau_calibrated, "tau_bounds": [self.lo, self.hi],
-                "adjustments": self.adjustments}
+                "adjustments": self.adjustments, "totals": dict(self.totals), "errors_per_exit": self.errors_per_exit}

@@ -111,7 +111,8 @@ class VllmSedac:
         self.decider.tau_t = self.decider.tau_t.to(device)
         return OnlineCalibrator(self.decider.tau_t, self.decider.tau, float(tolerance), c.shadow_rate,
                                 c.online_window, c.online_margin, c.drift_threshold,
-                                evidence.get("signal_histogram"), c.min_layer)
+                                evidence.get("signal_histogram"), c.min_layer,
+                                errors_per_exit=(evidence.get("online_correction") or {}).get("errors_per_exit"))
 
     def _monitor_decider(self):
         from sedac_monitor.api import MonitorDecider, monitor_rule
