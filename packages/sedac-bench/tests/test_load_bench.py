@@ -58,3 +58,9 @@ def test_report_lines_say_what_happened():
 def test_load_refuses_nonsense_counts(flag, tmp_path, capsys):
     assert main(["load", "--out", str(tmp_path), flag]) == 2
     assert "must be at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--prompts=0", "--each=0", "--tolerance=0", "--tolerance=1.5"])
+def test_online_refuses_nonsense_settings(flag, tmp_path, capsys):
+    assert main(["online", "--out", str(tmp_path), flag]) == 2
+    assert "must be at least 1" in capsys.readouterr().err

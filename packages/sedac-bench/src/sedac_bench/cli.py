@@ -1,4 +1,4 @@
-"""``sedac-bench`` command line: assets, run, suite, load, readme."""
+"""``sedac-bench`` command line: assets, run, suite, load, online, readme."""
 
 from __future__ import annotations
 
@@ -59,6 +59,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ld.add_argument("--max-tokens", type=int, default=32, help="tokens per completion (default 32)")
     ld.add_argument("--alone", type=int, default=32,
                     help="outputs checked against the same request served alone (default 32)")
+    on = sub.add_parser("online", help="online calibration through vLLM: per window of traffic unlike the "
+                                       "calibration text, its risk estimate against the risk measured against vanilla")
+    on.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
+    on.add_argument("--out", type=Path, default=Path("bench-results"),
+                    help="where online.md and online.json go (default: bench-results)")
+    on.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
+    on.add_argument("--prompts", type=int, default=8, help="prompts of 256 tokens per window (default 8)")
+    on.add_argument("--each", type=int, default=2, help="windows per kind of text (default 2)")
+    on.add_argument("--tolerance", type=float, default=0.05, help="SEDAC_RISK_TOLERANCE (default 0.05)")
     m = sub.add_parser("readme", help="regenerate the READMEs' marked results blocks from a results.json")
     m.add_argument("--results", type=Path, default=Path("bench-results/results.json"),
                    help="results.json of a `sedac-bench run` (default bench-results/results.json)")
@@ -83,6 +92,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             report = suite(args.cache, args.out, args.config, server=not args.no_server, log=log, command=command)
             print(report)
+        elif args.command == "online":
+            from .online_bench import online_run
+
+            print(online_run(args.cache, args.out, args.config, args.prompts, args.each, args.tolerance, log=log,
+                             command=command))
         elif args.command == "load":
             from .load_bench import load_run
 

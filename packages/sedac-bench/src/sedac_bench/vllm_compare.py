@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -131,6 +131,21 @@ def traffic_windows(tok: Any, texts: Dict[str, Path], prompts: int, length: int 
     return windows
 
 
+def run_vllm_bench(spec_path: Path, out_path: Path, log_path: Path, log: Callable[[str], None]) -> None:
+    """:mod:`sedac_bench.vllm_bench` on ``spec_path`` in a subprocess (vLLM's engines in their own
+    processes), its progress lines to ``log``, vLLM's output to ``log_path``; raises with the log's end."""
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "sedac_bench.vllm_bench", str(spec_path), str(out_path)],
+                                stdout=subprocess.PIPE, stderr=log_file, text=True)
+        assert proc.stdout is not None  # stdout=PIPE
+        for line in proc.stdout:
+            log("  " + line.rstrip())
+        code = proc.wait()
+    if code != 0:
+        tail = log_path.read_text()[-5000:]
+        raise RuntimeError(f"the vLLM benchmark failed (log: {log_path}):\n{tail}")
+
+
 class HeldOutStream:
     """Consecutive token windows from held-out text. When the text runs out it starts again, shifted by
     a few tokens, so no window repeats another's prefix blocks (vLLM's prefix cache never hits)."""
@@ -239,16 +254,7 @@ class VllmStages(BenchState):
             self.results["vllm"][folder] = data
 
     def _run_vllm_bench(self, spec_path: Path, out_path: Path, log_path: Path) -> None:
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "sedac_bench.vllm_bench", str(spec_path), str(out_path)],
-                                    stdout=subprocess.PIPE, stderr=log_file, text=True)
-            assert proc.stdout is not None  # stdout=PIPE
-            for line in proc.stdout:
-                self.log("  " + line.rstrip())
-            code = proc.wait()
-        if code != 0:
-            tail = log_path.read_text()[-5000:]
-            raise RuntimeError(f"the vLLM benchmark failed (log: {log_path}):\n{tail}")
+        run_vllm_bench(spec_path, out_path, log_path, self.log)
 
     def _channel_byte_ideal(self, vanilla_s: List[float], runs: List[Dict[str, Any]],
                             workload: Dict[str, Any]) -> Optional[float]:
