@@ -23,6 +23,14 @@ def display_path(arg: str) -> str:
         return str(Path("…", *path.parts[-2:]))
 
 
+def _assets_out_config(p: argparse.ArgumentParser, name: str) -> None:
+    """--cache, --out and --config of the commands that serve a calibrated config and write NAME.md/.json."""
+    p.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help=f"where {name}.md and {name}.json go (default: bench-results)")
+    p.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="sedac-bench", description="SEDAC benchmarks and their assets")
@@ -43,17 +51,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--folders", default="llama", help="model folders for vLLM: llama, qwen2 or llama,qwen2")
     s = sub.add_parser("suite", help="the original SEDAC documents' test suite: quality, robustness, "
                                              "distribution shift, latency")
-    s.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
-    s.add_argument("--out", type=Path, default=Path("bench-results"),
-                   help="where suite.md and suite.json go (default: bench-results)")
-    s.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
+    _assets_out_config(s, "suite")
     s.add_argument("--no-server", action="store_true", help="skip the latency-under-load part")
     ld = sub.add_parser("load", help="sedac-vllm serve under concurrent load mixed with malformed requests, then "
                                      "SIGTERM under load: outcomes by kind, latency P50/P99, /metrics counters")
-    ld.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
-    ld.add_argument("--out", type=Path, default=Path("bench-results"),
-                    help="where load.md and load.json go (default: bench-results)")
-    ld.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
+    _assets_out_config(ld, "load")
     ld.add_argument("--requests", type=int, default=1024, help="good completions to send (default 1024)")
     ld.add_argument("--concurrency", type=int, default=256, help="requests in flight at once (default 256)")
     ld.add_argument("--max-tokens", type=int, default=32, help="tokens per completion (default 32)")
@@ -61,10 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="outputs checked against the same request served alone (default 32)")
     on = sub.add_parser("online", help="online calibration through vLLM: per window of traffic unlike the "
                                        "calibration text, its risk estimate against the risk measured against vanilla")
-    on.add_argument("--cache", type=Path, default=None, help="asset directory (built if missing)")
-    on.add_argument("--out", type=Path, default=Path("bench-results"),
-                    help="where online.md and online.json go (default: bench-results)")
-    on.add_argument("--config", type=Path, default=None, help="sedac_config.json (default: calibrate one)")
+    _assets_out_config(on, "online")
     on.add_argument("--prompts", type=int, default=8, help="prompts of 256 tokens per window (default 8)")
     on.add_argument("--each", type=int, default=2, help="windows per kind of text (default 2)")
     on.add_argument("--tolerance", type=float, default=0.05, help="SEDAC_RISK_TOLERANCE (default 0.05)")
