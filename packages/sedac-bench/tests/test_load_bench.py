@@ -47,9 +47,11 @@ def test_report_lines_say_what_happened():
     assert "2 of 2 sampled outputs equal" in text
     assert "4 requests in flight: 3 answered, 1 5xx; the server stopped 12.5 s after" in text
     r = result()
-    r["sigterm"].update(refused=1, short=1)
+    r["sigterm"].update(refused=1, short=1, cut_off=0)
     assert ("3 answered, 1 5xx (of the answered, 1 cut short) (of the 5xx, 1 refused with 503 before they "
             "started") in "\n".join(load_bench.report_lines(r))
+    r["sigterm"].update(refused=0, short=0, cut_off=1)
+    assert "(of the 5xx, 1 answered with 503 when the shutdown timeout ran out" in "\n".join(load_bench.report_lines(r))
     bad = "\n".join(load_bench.report_lines(result(lost=1, stopped=False)))
     assert "**lost 1**" in bad and "had NOT stopped" in bad and "| good | 3 | 0 | 0 | 1 |" in bad
 

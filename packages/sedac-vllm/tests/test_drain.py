@@ -85,3 +85,37 @@ def test_the_wrapped_shutdown_drains_then_passes_on_the_time_left():
     assert door.draining and len(calls) == 1 and 9.0 < calls[0] < 9.8
     Engine().shutdown(timeout=0)  # abort mode stays abort, no wait
     assert calls[-1] == 0
+
+
+def test_requests_still_in_flight_when_the_time_is_up_get_a_503():
+    from vllm.exceptions import GracefulHTTPError
+
+    from sedac_vllm.drain import CUT_OFF
+
+    door = FrontDoor()
+    door.enter()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    door.loop = loop
+    got, calls = [], []
+
+    class Processor:
+        def propagate_error(self, e):  # on the loop, as vLLM's output handler calls it
+            assert asyncio.get_running_loop() is loop
+            got.append(e)
+            door.leave()  # the request's handler answers and leaves
+
+    class Engine:
+        output_processor = Processor()
+
+        def shutdown(self, timeout=None):
+            calls.append(timeout)
+
+    wrap_shutdown(Engine, door)
+    t = time.monotonic()
+    Engine().shutdown(timeout=0.3)  # the request never finishes on its own
+    assert 0.25 < time.monotonic() - t < 5 and calls == [0.0] and door.in_flight == 0
+    assert len(got) == 1 and isinstance(got[0], GracefulHTTPError)
+    assert got[0].http_status == 503 and got[0].message == CUT_OFF
+    loop.call_soon_threadsafe(loop.stop)

@@ -150,10 +150,11 @@ def measure(root: Path, out: Path, config: Path, requests: int, concurrency: int
                     break
                 time.sleep(0.2)
             stop_s = time.time() - stopped_at
-        from sedac_vllm.drain import SHUTTING_DOWN
+        from sedac_vllm.drain import CUT_OFF, SHUTTING_DOWN
 
         results["sigterm"] = {**load.summarize(term), "stopped_s": stop_s,
                               "refused": sum(r.status == 503 and r.message() == SHUTTING_DOWN for r in term),
+                              "cut_off": sum(r.status == 503 and r.message() == CUT_OFF for r in term),
                               "short": sum(r.outcome == "answered" and r.json()["usage"]["completion_tokens"]
                                            < max_tokens for r in term),
                               "stopped": not (psutil.pid_exists(pid)
@@ -190,6 +191,8 @@ def report_lines(r: Dict[str, Any]) -> List[str]:
               + (f" (of the answered, {term['short']} cut short)" if term.get("short") else "")
               + (f" (of the 5xx, {term['refused']} refused with 503 before they started: the server was "
                  f"shutting down)" if term.get("refused") else "")
+              + (f" (of the 5xx, {term['cut_off']} answered with 503 when the shutdown timeout ran out before "
+                 f"they finished)" if term.get("cut_off") else "")
               + f"; the server {'stopped' if term['stopped'] else 'had NOT stopped'} {term['stopped_s']:.1f} s after "
               f"the signal" + (f" (latency of the answered: P99 {tl['p99']:.2f} s)" if tl else "") + "."]
     return lines

@@ -9,11 +9,14 @@ cut off. Under load that is most of them (256 requests in flight on 2 cores: 62 
 the requests in flight on the work routes (every POST but health and metrics); when vLLM stops its engine
 client after SIGTERM or SIGINT, the server first refuses new work with a 503 naming the shutdown (clients
 and load balancers retry elsewhere), waits until the requests in flight have been answered or the shutdown
-timeout has passed, and then lets vLLM stop the engine with what remains of the timeout.
+timeout has passed, and then lets vLLM stop the engine with what remains of the timeout. Requests still in
+flight when the time is up get a 503 naming the shutdown (vLLM alone would leave them waiting on outputs that
+never come, and the server waiting on their connections).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -25,14 +28,28 @@ logger = logging.getLogger("sedac_vllm")
 SHUTTING_DOWN = "the server is shutting down (SIGTERM); the request was not started: retry it on another instance"
 
 
+CUT_OFF = ("the server shut down before this request finished: it was still running when the shutdown timeout "
+           "after SIGTERM ran out; retry it on another instance")
+
+
 class FrontDoor:
-    """Requests in flight, and whether the server still takes new ones (thread-safe)."""
+    """Requests in flight, and whether the server still takes new ones (thread-safe). ``loop`` is the API
+    server's event loop (the middleware notes it), where the requests' output queues live."""
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self.in_flight = 0
         self.draining = False
         self.refused = 0
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def wait_empty(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s until nothing is in flight; returns how many still are."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.in_flight > 0 and time.monotonic() < deadline:
+                self._lock.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            return self.in_flight
 
     def enter(self) -> bool:
         """Count a new request in; False (not counted) once draining."""
@@ -85,6 +102,7 @@ class DrainMiddleware:
         if not is_work(scope):
             await self.app(scope, receive, send)
             return
+        DOOR.loop = asyncio.get_running_loop()
         if not DOOR.enter():
             body = json.dumps({"error": {"message": SHUTTING_DOWN, "type": "ServiceUnavailableError",
                                          "code": 503}}).encode()
@@ -120,6 +138,31 @@ def install() -> bool:
     return True
 
 
+def cut_off(engine: Any, door: FrontDoor, grace: float = 10.0) -> None:
+    """Requests still in flight once the drain's time is up get an error response now (HTTP 503, naming the
+    shutdown): vLLM's abort stops the engine, and their handlers would wait on outputs that never come (the
+    server then waits on their connections without end). The error goes into every open request's output
+    queue on the server's event loop; this waits up to ``grace`` s for the responses to go out."""
+    processor = getattr(engine, "output_processor", None)
+    if door.in_flight == 0 or door.loop is None or processor is None:
+        return
+    try:
+        from http import HTTPStatus
+
+        from vllm.exceptions import GracefulHTTPError
+
+        error: Exception = GracefulHTTPError(CUT_OFF, HTTPStatus.SERVICE_UNAVAILABLE)
+    except ImportError:  # a vLLM without it: a 500 naming the cause
+        error = RuntimeError(CUT_OFF)
+    try:
+        door.loop.call_soon_threadsafe(processor.propagate_error, error)
+    except RuntimeError:  # the loop is closed: nothing left to answer
+        return
+    left = door.wait_empty(grace)
+    logger.warning("SEDAC drain: the shutdown timeout ran out; requests still in flight were answered with a 503"
+                   + (f" ({left} still open)" if left else ""))
+
+
 def wrap_shutdown(cls: Any, door: FrontDoor) -> Callable[..., Any]:
     """Replace ``cls.shutdown(self, timeout)`` by one that drains ``door`` first and passes on the time left;
     returns the original."""
@@ -128,6 +171,7 @@ def wrap_shutdown(cls: Any, door: FrontDoor) -> Callable[..., Any]:
     def shutdown(self: Any, timeout: Optional[float] = None) -> None:
         if timeout:  # drain mode; 0 or None: vLLM aborts at once, and so do we
             timeout = door.drain(timeout)
+            cut_off(self, door)
         original(self, timeout=timeout)
 
     cls.shutdown = shutdown
