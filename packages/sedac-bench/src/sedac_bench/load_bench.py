@@ -110,6 +110,7 @@ def measure(root: Path, out: Path, config: Path, requests: int, concurrency: int
         results["startup_s"] = time.time() - t0
         log(f"server up in {results['startup_s']:.0f} s; warming up ...")
         load.send(base, "warm-up", {"model": "m", "prompt": "Warm-up.", "max_tokens": 4})
+        time.sleep(1.0)  # the worker writes its statistics every 0.2 s: the warm-up's tokens are counted before
         before = load.scrape(base)
 
         def progress(done: int, total: int) -> None:
