@@ -28,7 +28,7 @@ def online_run(root: Optional[Path], out: Path, config: Optional[Path], prompts:
     from .report import online_windows_lines, pct
     from .run import machine
     from .suite import calibrated_config
-    from .vllm_compare import ONLINE, run_vllm_bench, traffic_windows
+    from .vllm_compare import ONLINE, news_end, run_vllm_bench, traffic_windows
 
     if prompts < 1 or each < 1 or not 0 < tolerance < 1:
         raise ValueError("--prompts and --each must be at least 1, --tolerance in (0, 1)")
@@ -45,7 +45,7 @@ def online_run(root: Optional[Path], out: Path, config: Optional[Path], prompts:
     texts = {k: root / v for k, v in assets_mod.TEXTS.items()}
     windows = traffic_windows(tok, texts, prompts, each=each)
     news = tok(read_text(texts["lee_news"]), add_special_tokens=False)["input_ids"]
-    check = [news[-(i + 1) * 256 - 1:-i * 256 - 1] for i in range(8)]  # the news text's end, as the full size
+    check = news_end(news, 8)  # as the full size
     online_env = {"SEDAC_ENABLED": "1", "SEDAC_ONLINE": "1", "SEDAC_RISK_TOLERANCE": str(tolerance)}
     configs = [{"name": "vanilla", "env": {"SEDAC_ENABLED": "0"}},
                {"name": "V7 calibrated", "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(Path(config).resolve())}},

@@ -339,13 +339,13 @@ def top1_check(engines: Dict[str, Engine], prompts: List[List[int]], names: List
                                                / (tokens * after["num_layers"]))
             on, on0 = after.get("online"), before.get("online")
             if on and on0:
+                from sedac_vllm.online import risk_estimate
+
                 d = {k: on["totals"][k] - on0["totals"][k] for k in on["totals"]}
                 exited = d["exited_rows"] / d["rows"] if d["rows"] else 0.0
-                first = d["changed_rows"] / d["checked_rows"] * exited if d["checked_rows"] else None
-                epe = on.get("errors_per_exit")
+                first = risk_estimate(d["changed_rows"], d["checked_rows"], exited, None)  # the shadow check's
                 # the estimator's value on this window's traffic, as OnlineCalibrator forms it
-                row["estimate"] = (None if first is None and epe is None
-                                   else min(1.0, max(first or 0.0, exited * epe if epe is not None else 0.0)))
+                row["estimate"] = risk_estimate(d["changed_rows"], d["checked_rows"], exited, on.get("errors_per_exit"))
                 row.update(first_order=first, checked_rows=d["checked_rows"], exited_fraction=exited,
                            running_estimate=on["risk_estimate"], tau=on["tau"], drift_kl=on["drift_kl"],
                            fallback=on["fallback"], fallbacks_so_far=on["fallbacks"])

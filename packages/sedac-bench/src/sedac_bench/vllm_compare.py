@@ -93,6 +93,12 @@ def targets_lines(targets: List[Dict[str, Any]]) -> List[str]:
             f"{'pass' if t['passed'] else 'FAIL'}" for t in targets]
 
 
+def news_end(news: List[int], n: int, length: int = 256) -> List[List[int]]:
+    """``n`` windows of ``length`` tokens from the end of the news text (the held-out top-1 check's prompts;
+    :func:`traffic_windows` reads the text's start)."""
+    return [news[-(i + 1) * length - 1:-i * length - 1] for i in range(n)]
+
+
 def traffic_windows(tok: Any, texts: Dict[str, Path], prompts: int, length: int = 256,
                     each: int = 2) -> List[Dict[str, Any]]:
     """Windows of traffic unlike the calibration text (Wikipedia), in the order the online-calibration check
@@ -223,7 +229,7 @@ class VllmStages(BenchState):
             model_dir = self.model_dir if folder == "llama" else self.qwen_dir
             # the drift test: held-out news windows, top-1 of every engine against vanilla (prompt logprobs)
             news = self.tok(read_text(self.texts["lee_news"]), add_special_tokens=False)["input_ids"]
-            check = [news[-(i + 1) * 256 - 1:-i * 256 - 1] for i in range(v["top1_windows"])]  # the news text's end
+            check = news_end(news, v["top1_windows"])
             top1: Dict[str, Any] = {"prompts": check}
             if any(c["name"] == ONLINE for c in configs):  # the online estimate against the truth, per window
                 top1["windows"] = traffic_windows(self.tok, self.texts, v["top1_windows"] // 2)

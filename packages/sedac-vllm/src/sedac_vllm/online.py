@@ -166,6 +166,17 @@ def _smoothed(counts: Any) -> np.ndarray:
     return c / c.sum()
 
 
+def risk_estimate(changed: float, checked: float, exit_fraction: float,
+                  errors_per_exit: Optional[float]) -> Optional[float]:
+    """The online risk estimate: the larger of the shadow check's (changed / checked shadow rows x the
+    fraction of rows that exit) and the exit fraction x ``errors_per_exit``, at most 1; None with neither."""
+    if checked <= 0 and errors_per_exit is None:
+        return None
+    shadow = changed / checked * exit_fraction if checked > 0 else 0.0
+    propagated = exit_fraction * errors_per_exit if errors_per_exit is not None else 0.0
+    return min(1.0, max(shadow, propagated))
+
+
 class OnlineCalibrator:
     """Shadow-checked risk estimate, bounded tau control and drift fallback for the V7 monitor."""
 
@@ -256,9 +267,7 @@ class OnlineCalibrator:
             self.totals["checked_rows"] += int(n)
             self.totals["changed_rows"] += int(changed)
         if self.checked > 0 or self.errors_per_exit is not None:
-            shadow = self.changed / self.checked * self.exit_fraction if self.checked > 0 else 0.0
-            propagated = self.exit_fraction * self.errors_per_exit if self.errors_per_exit is not None else 0.0
-            self.risk_estimate = min(1.0, max(shadow, propagated))
+            self.risk_estimate = risk_estimate(self.changed, self.checked, self.exit_fraction, self.errors_per_exit)
         if signals is not None and self.edges is not None and signals.size:
             s = signals[:, self.min_layer:] if signals.shape[1] > self.min_layer else signals
             counts, _ = np.histogram(np.clip(s[np.isfinite(s)], self.edges[0], self.edges[-1]), bins=self.edges)
