@@ -21,24 +21,42 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable, Dict, FrozenSet, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
 HIDDEN, INTERMEDIATE = 576, 1536
 
 
+class _Linear(torch.nn.Linear):
+    """A linear layer that returns ``(output, bias)``, as vLLM's linear layers do."""
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:  # type: ignore[override]
+        return super().forward(x), None
+
+
+class SiluAndMul(torch.nn.Module):
+    """vLLM's activation of a merged gate/up output: ``silu(gate) * up``."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+
 class Mlp(torch.nn.Module):
-    """A gate/up/down SiLU MLP with vLLM's merged ``gate_up_proj`` layout."""
+    """A gate/up/down SiLU MLP shaped as vLLM's: a merged ``gate_up_proj``, ``act_fn``, ``down_proj``, linear
+    layers returning ``(output, bias)``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate_up_proj = torch.nn.Linear(HIDDEN, 2 * INTERMEDIATE, bias=False)
-        self.down_proj = torch.nn.Linear(INTERMEDIATE, HIDDEN, bias=False)
+        self.gate_up_proj = _Linear(HIDDEN, 2 * INTERMEDIATE, bias=False)
+        self.act_fn = SiluAndMul()
+        self.down_proj = _Linear(INTERMEDIATE, HIDDEN, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(torch.nn.functional.silu(gate) * up)
+        h, _ = self.gate_up_proj(x)
+        y, _ = self.down_proj(self.act_fn(h))
+        return y
 
 
 class FixedRateDecider:
@@ -63,10 +81,11 @@ class FixedRateDecider:
         return (None, None) if layer == 0 else (state["skip"], None)
 
 
-def sedac_stack(layers: int, rate: float, gather: str, max_rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def sedac_stack(layers: int, rate: float, gather: str, max_rows: int,
+                inner_mask: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     from sedac_monitor.api import make_skippable
     from sedac_vllm import SedacConfig
-    from sedac_vllm.models import _SedacMLP
+    from sedac_vllm.models import _SedacMLP, eager_activation, inner_mask_zeroes_rows
     from sedac_vllm.state import VllmSedac
 
     torch.manual_seed(0)
@@ -81,6 +100,8 @@ def sedac_stack(layers: int, rate: float, gather: str, max_rows: int) -> Callabl
         m: Any = Mlp()  # its class is swapped for a _SedacMLP subclass (make_skippable): no static type says so
         make_skippable(m, sedac.runtime, i, mixin=_SedacMLP)
         m._sedac_owner = sedac
+        m._sedac_act = eager_activation(m)
+        m._sedac_inner_mask = inner_mask and inner_mask_zeroes_rows(m)
         sedac.mlps[i] = m
         mlps.append(m)
     sedac.measure_cost([m._sedac_full for m in mlps], HIDDEN, torch.float32, torch.device("cpu"))

@@ -22,6 +22,7 @@ counting weight reads as well as FLOPs: the "byte-aware ideal" the benchmark rep
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypedDict, Union
@@ -108,14 +109,20 @@ class MlpCost:
     def max_rows(self) -> int:
         return max(self.points)
 
+    @functools.cached_property
+    def _curve(self) -> "tuple[np.ndarray, np.ndarray, float]":
+        # the interpolation's nodes, built once: a serving engine reads seconds() at the end of every forward
+        xs = np.array([0.0] + sorted(self.points), dtype=np.float64)
+        ys = np.maximum.accumulate(np.array([0.0] + [self.points[r] for r in sorted(self.points)]))
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 2 else ys[-1] / xs[-1]
+        return xs, ys, float(slope)
+
     def seconds(self, rows: "float | np.ndarray") -> np.ndarray:
         """Seconds of one MLP call on ``rows`` rows (fractional rows allowed: a soft exit's partial rows),
         linear between measured sizes and beyond the largest, zero at zero rows, never decreasing."""
-        xs = np.array([0.0] + sorted(self.points), dtype=np.float64)
-        ys = np.maximum.accumulate(np.array([0.0] + [self.points[r] for r in sorted(self.points)]))
+        xs, ys, slope = self._curve
         r = np.asarray(rows, dtype=np.float64)
         inside = np.interp(r, xs, ys)
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 2 else ys[-1] / xs[-1]
         return np.where(r > xs[-1], ys[-1] + (r - xs[-1]) * slope, inside)
 
     def overhead(self, rows: "int | np.ndarray") -> np.ndarray:

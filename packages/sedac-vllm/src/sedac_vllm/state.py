@@ -329,7 +329,9 @@ class VllmSedac:
         if self.cost and results is not None:
             rows = positions.shape[0]
             self.mlp_seconds += self.num_layers * float(self.cost.seconds(rows))
-            self.ideal_saved_seconds += float(self.cost.saved(rows, results[2].cpu().numpy()).sum())
+            skipped = results[2].cpu().numpy()
+            if skipped.any():  # most forwards skip nothing: no interpolation to do
+                self.ideal_saved_seconds += float(self.cost.saved(rows, skipped).sum())
         self.runtime.end_forward(positions.shape[0], positions.device)
         self.forwards += 1
         if self.controller is not None and risk is not None and risk.numel():
