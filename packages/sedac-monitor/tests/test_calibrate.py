@@ -280,3 +280,14 @@ def test_labels_for_several_protect_values_share_work_and_equal_full_forced_pass
     assert int(shared[0].sum()) < shared[0].numel()
     with pytest.raises(ValueError, match="protect_last"):
         cascade_labels_for(layout, windows, range(L), (-1,))
+
+
+def test_a_perplexity_blow_up_reads_as_a_factor():
+    from sedac_monitor.calibrate import measured_text, ppl_text
+
+    assert ppl_text(0.0081) == "+0.81%"
+    assert ppl_text(-0.001) == "-0.10%"
+    assert ppl_text(462500.0166) == "×4.63e+05"  # not "+46250001.66%"
+    m = {"measured_risk": 0.0386, "risk_upper_bound": 0.0493, "delta_ppl": 0.0, "delta_ppl_upper_bound": 0.0047}
+    assert measured_text(m, True) == "3.86% (bound 4.93%), ΔPPL +0.00% (bound +0.47%)"
+    assert measured_text(m, False) == "3.86%, ΔPPL +0.00%"

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from sedac_monitor.calibrate import ppl_text
+
 from .vllm_compare import CHANNELS, NO_EXITS
 
 START, END = "<!-- sedac-bench:results:start -->", "<!-- sedac-bench:results:end -->"
@@ -17,11 +19,7 @@ def pct(x: Optional[float], digits: int = 2) -> str:
 
 
 def signed_pct(x: Optional[float]) -> str:
-    if x is None:
-        return "n/a"
-    if abs(x) >= 10:
-        return f"×{1 + x:.3g}"
-    return f"{x * 100:+.2f}%"
+    return "n/a" if x is None else ppl_text(x)
 
 
 HEADLINE_BATCHES = (4, 16)

@@ -56,6 +56,21 @@ STRATEGIES = {"conservative": 0.05, "balanced": 0.15, "aggressive": 0.30}
 """Default max-risk per strategy (``--max-risk`` overrides)."""
 DEFAULT_MAX_DELTA_PPL = 0.02
 """The distribution budget: the largest ΔPPL a chosen setting may cost (``--max-delta-ppl`` overrides)."""
+
+
+def ppl_text(x: float) -> str:
+    """A relative perplexity change for people: ``+0.81%``; from +1000% on, the factor (``×4.6e+05``), which
+    a percentage with eight digits hides."""
+    return f"×{1 + x:.3g}" if abs(x) >= 10 else f"{x:+.2%}"
+
+
+def measured_text(m: Dict[str, Any], bounded: bool) -> str:
+    """``3.86% (bound 4.93%), ΔPPL +0.00% (bound +0.47%)``: a measured setting's risk and ΔPPL for the log."""
+    risk = f"{m['measured_risk']:.2%}" + (f" (bound {m['risk_upper_bound']:.2%})" if bounded else "")
+    ppl = ppl_text(m["delta_ppl"]) + (f" (bound {ppl_text(m['delta_ppl_upper_bound'])})" if bounded else "")
+    return f"{risk}, ΔPPL {ppl}"
+
+
 ORIGINAL_DEFAULTS = {"tau": 0.98, "consecutive_k": 2, "min_layer": 0, "protect_last": 0, "scope": "cascade"}
 """The V7 defaults of the original SEDAC documents (no protected first token there)."""
 DEFAULT_TAUS = (0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.9925, 0.995, 0.9975, 0.999)
@@ -285,9 +300,7 @@ def calibrate(model_dir: Any, text_file: Any, strategy: str = "balanced", max_ri
         measured.append(m)
         log(f"  {m['scope']:9s} tau={m['tau']:<7g} K={m['consecutive_k']} min_layer={m['min_layer']:<2d} "
             f"protect_last={m['protect_last']}: skipped {m['skipped_mlp_fraction']:.2%}, risk "
-            f"{m['measured_risk']:.2%}" + (f" (bound {m['risk_upper_bound']:.2%})" if level else "")
-            + f", ΔPPL {m['delta_ppl']:+.2%}" + (f" (bound {m['delta_ppl_upper_bound']:+.2%})" if level else "")
-            + f" -> {'ok' if m['passes'] else 'over budget'}")
+            f"{measured_text(m, bool(level))} -> {'ok' if m['passes'] else 'over budget'}")
         return m["passes"]
 
     # candidates run from most to least skipped work
@@ -450,9 +463,7 @@ def calibrate_channels(layout: DecoderLayout, search: torch.Tensor, certify: tor
         m["candidate"] = index
         measured.append(m)
         log(f"  channels at {s.mlp_work_saved:.1%} of MLP work: saved {m['mlp_work_saved']:.2%}, risk "
-            f"{m['measured_risk']:.2%}" + (f" (bound {m['risk_upper_bound']:.2%})" if level else "")
-            + f", ΔPPL {m['delta_ppl']:+.2%}" + (f" (bound {m['delta_ppl_upper_bound']:+.2%})" if level else "")
-            + f" -> {'ok' if m['passes'] else 'over budget'}")
+            f"{measured_text(m, bool(level))} -> {'ok' if m['passes'] else 'over budget'}")
         return bool(m["passes"])
 
     found = measured_search(len(candidates), passes, budget)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from .calibrate import DEFAULT_MAX_DELTA_PPL, STRATEGIES, calibrate, measure, write_config
+from .calibrate import DEFAULT_MAX_DELTA_PPL, STRATEGIES, calibrate, measure, ppl_text, write_config
 from .layouts import UnsupportedModelError
 from .loading import InputError
 
@@ -167,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.channels:
                 if chosen:
                     print(f"  channel soft exit: MLP work saved {chosen['mlp_work_saved']:.2%}, risk "
-                          f"{chosen['measured_risk']:.2%}, ΔPPL {chosen['delta_ppl']:+.2%} on {chosen['tokens']} "
+                          f"{chosen['measured_risk']:.2%}, ΔPPL {ppl_text(chosen['delta_ppl'])} on {chosen['tokens']} "
                           "tokens")
                 print(f"  {ev['recommendation']}")
                 return 0
@@ -175,10 +175,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  scope={cfg['scope']} tau={cfg['tau']} K={cfg['consecutive_k']} "
                       f"min_layer={cfg['min_layer']} protect_last={cfg['protect_last']}: skipped MLP "
                       f"{chosen['skipped_mlp_fraction']:.2%}, risk {chosen['measured_risk']:.2%}, "
-                      f"ΔPPL {chosen['delta_ppl']:+.2%} on {chosen['tokens']} tokens")
+                      f"ΔPPL {ppl_text(chosen['delta_ppl'])} on {chosen['tokens']} tokens")
             s = ev["original_defaults"]
             print(f"  original defaults (tau 0.98, K 2, cascade): skipped {s['skipped_mlp_fraction']:.2%}, "
-                  f"risk {s['measured_risk']:.2%}, ΔPPL {s['delta_ppl']:+.2%}")
+                  f"risk {s['measured_risk']:.2%}, ΔPPL {ppl_text(s['delta_ppl'])}")
             print(f"  {ev['recommendation']}")
         else:
             result = evaluate(args.model, args.text, args.config, args.tokens, args.max_length, args.batch_size,
@@ -188,7 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 channel = (f"  channel soft exit saved {m['channel_mlp_work_saved']:.2%}"
                            if "channel_mlp_work_saved" in m else "")
                 print(f"{name:17s} skipped MLP {m['skipped_mlp_fraction']:.2%}{channel}  risk "
-                      f"{m['measured_risk']:.2%}  ΔPPL {m['delta_ppl']:+.2%}  ({m['tokens']} tokens of {args.text})")
+                      f"{m['measured_risk']:.2%}  ΔPPL {ppl_text(m['delta_ppl'])}  "
+                      f"({m['tokens']} tokens of {args.text})")
             if "timing" in result:
                 t = result["timing"]
                 print(f"prefill {t['prefill_tokens']} tokens: unpatched {t['unpatched_s']:.3f} s, patched "

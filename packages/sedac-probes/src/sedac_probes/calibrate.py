@@ -30,7 +30,7 @@ import torch
 
 import sedac_core
 from sedac_monitor.api import InputError
-from sedac_monitor.calibrate import BUDGET_NOT_MET, DEFAULT_MAX_DELTA_PPL, measured_search
+from sedac_monitor.calibrate import BUDGET_NOT_MET, DEFAULT_MAX_DELTA_PPL, measured_search, ppl_text
 
 from .collect import load_data, load_probes_for
 from .io import update_meta
@@ -206,7 +206,7 @@ def calibrate(probe_dir: Any, data_dir: Any, exit_rates: Optional[Sequence[float
     log(f"thresholds {[round(t, 4) for t in thresholds]} ({how}): exit rate {e['exit_rate']:.2%}, skipped MLP "
         f"{e['skipped_mlp']:.2%}, estimated risk {e['disagreement']:.2%} on {risk.shape[0]} tokens"
         + ("" if measured is None else f"; measured by running the model: risk {measured['risk']:.2%}, skipped "
-                                       f"{measured['skipped_mlp']:.2%}, ΔPPL {measured['delta_ppl']:+.2%}"))
+                                       f"{measured['skipped_mlp']:.2%}, ΔPPL {ppl_text(measured['delta_ppl'])}"))
     log(advice or "expected speed-up: not timed (give --model to time the MLP and the forward on this machine)")
     return evidence
 
@@ -282,7 +282,7 @@ def _best(trace, cands: List[List[float]], protect_last: int, max_risk: float, m
         m = measurer.measure(cands[order[i]])
         ok = _within(m, max_risk, max_delta_ppl)
         log(f"  measured thresholds {[round(float(t), 4) for t in cands[order[i]]]}: risk {m['risk']:.2%}, "
-            f"ΔPPL {m['delta_ppl']:+.2%}, skipped {m['skipped_mlp']:.2%} -> {'ok' if ok else 'over budget'}")
+            f"ΔPPL {ppl_text(m['delta_ppl'])}, skipped {m['skipped_mlp']:.2%} -> {'ok' if ok else 'over budget'}")
         return ok
 
     found = measured_search(len(order), passes, budget)
