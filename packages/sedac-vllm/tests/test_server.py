@@ -15,7 +15,6 @@ load and reports latency percentiles.
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -123,31 +122,13 @@ def test_sigterm_under_load_answers_every_request_in_flight(server):
     """Runs last for its server: it stops it. Three ranks: each request is answered in full, or refused with
     a 503 if the server had not yet read it. One rank, with a shutdown timeout too short for its load: those
     still running when it runs out get a 503 naming the shutdown. None lost, none cut short, none hanging."""
-    import psutil
-
     base, tp = server
-    port = int(base.rsplit(":", 1)[1])
-    pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
-               and c.status == psutil.CONN_LISTEN)
     tokens = 400 if tp == 1 else 48  # one rank: 256 x 400 tokens, far more than 5 s of work
     requests = [("good", good_request(i, tokens, ignore_eos=True)) for i in range(CONCURRENT)]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(load.fire, base, requests, CONCURRENT, 150)
-        started = 0.0
-        deadline = time.time() + 60
-        while started < STARTED and time.time() < deadline:  # the signal comes once the engine has work
-            time.sleep(0.2)
-            m = load.scrape(base)
-            started = m.get("vllm:num_requests_running", 0.0) + m.get("vllm:num_requests_waiting", 0.0)
-        assert started >= STARTED, f"only {started:.0f} requests reached the engine within 60 s"
-        stopped_at = time.time()
-        os.kill(pid, signal.SIGTERM)
-        replies = future.result(timeout=200)  # none hangs
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        assert time.time() - stopped_at < 60, "the server did not stop within 60 s of SIGTERM"
-        time.sleep(0.5)
+    stop = load.sigterm_under_load(base, requests, CONCURRENT, in_engine=STARTED, timeout=150, stop_within=60)
+    assert stop.in_engine >= STARTED, f"only {stop.in_engine:.0f} requests reached the engine within 60 s"
+    assert stop.stopped, "the server did not stop within 60 s of SIGTERM"
+    replies = stop.replies
     outcomes = ["answered" if r.outcome == "answered" and r.json()["usage"]["completion_tokens"] == tokens
                 else "refused" if r.status == 503 and r.message() == SHUTTING_DOWN
                 else "cut off" if r.status == 503 and r.message() == CUT_OFF

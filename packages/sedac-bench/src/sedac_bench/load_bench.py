@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -134,32 +132,18 @@ def measure(root: Path, out: Path, config: Path, requests: int, concurrency: int
         same = [load.send(base, "good", good[i]).text() == goods[i].text() for i in sample]
         results["alone"] = {"checked": len(same), "equal": sum(same)}
         # SIGTERM with requests in flight
-        import psutil  # type: ignore[import-untyped]  # comes with vLLM
-
-        pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
-                   and c.status == psutil.CONN_LISTEN)
         wave = [("good", {**g, "prompt": "Again: " + g["prompt"], "ignore_eos": True}) for g in good[:concurrency]]
         log(f"SIGTERM with {len(wave)} requests in flight ...")
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(load.fire, base, wave, concurrency, 300)
-            time.sleep(2.0)
-            stopped_at = time.time()
-            os.kill(pid, signal.SIGTERM)
-            term = future.result()
-            while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                if time.time() - stopped_at > 120:
-                    break
-                time.sleep(0.2)
-            stop_s = time.time() - stopped_at
+        stop = load.sigterm_under_load(base, wave, concurrency, timeout=300)
+        term = stop.replies
         from sedac_vllm.drain import CUT_OFF, SHUTTING_DOWN
 
-        results["sigterm"] = {**load.summarize(term), "stopped_s": stop_s,
+        results["sigterm"] = {**load.summarize(term), "stopped_s": stop.seconds, "in_engine": stop.in_engine,
                               "refused": sum(r.status == 503 and r.message() == SHUTTING_DOWN for r in term),
                               "cut_off": sum(r.status == 503 and r.message() == CUT_OFF for r in term),
                               "short": sum(r.outcome == "answered" and r.json()["usage"]["completion_tokens"]
                                            < max_tokens for r in term),
-                              "stopped": not (psutil.pid_exists(pid)
-                                              and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)}
+                              "stopped": stop.stopped}
     return results
 
 
@@ -185,7 +169,8 @@ def report_lines(r: Dict[str, Any]) -> List[str]:
     tl = term["latency_s"]
     lines += ["", f"- **Served alone**: {r['alone']['equal']} of {r['alone']['checked']} sampled outputs equal the "
                   f"same request served alone (greedy).",
-              f"- **SIGTERM** with {term['requests']} requests in flight: "
+              f"- **SIGTERM** with {term['requests']} requests in flight"
+              + (f" ({term['in_engine']:.0f} of them in the engine)" if "in_engine" in term else "") + ": "
               + ", ".join(f"{n} {o}" for o, n in
                           ((o, sum(c.get(o, 0) for c in term["by_kind"].values()))
                            for o in ("answered", "4xx", "5xx", "lost")) if n)

@@ -4,7 +4,8 @@ Good completions and malformed requests are sent together from a thread pool; ev
 with its HTTP status, its latency and its body, so a caller can check that each good request was
 answered, that each malformed one got a 4xx with a message, and that nothing was lost (a connection
 refused or cut without a response). :func:`scrape` reads Prometheus ``/metrics`` into numbers, so a
-caller can check that the counters add up to the requests served.
+caller can check that the counters add up to the requests served. :func:`sigterm_under_load` stops the
+server with SIGTERM while it serves, and keeps every reply.
 
 Used by the server test (a bounded load in ``nox -s tests``) and by ``sedac-bench load`` (the larger
 run whose figures go into its report).
@@ -13,6 +14,8 @@ run whose figures go into its report).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -154,3 +157,48 @@ def summarize(replies: Sequence[Reply]) -> Dict[str, Any]:
             "good_answered": len(good),
             "latency_s": ({"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                            "max": float(lat.max())} if lat.size else None)}
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """What :func:`sigterm_under_load` saw."""
+
+    replies: List[Reply]
+    """every request's reply, in the order sent"""
+    in_engine: float
+    """requests running or waiting in the engine (vLLM's gauges) when the signal was sent"""
+    seconds: float
+    """from the signal until the server's process was gone (or until ``stop_within`` ran out)"""
+    stopped: bool
+    """whether the process was gone within ``stop_within`` seconds"""
+
+
+def sigterm_under_load(base: str, requests: Sequence[Tuple[str, Body]], concurrency: int, in_engine: int = 48,
+                       wait_s: float = 60, timeout: float = 300, stop_within: float = 120) -> Stopped:
+    """Send ``requests`` from ``concurrency`` threads to the server at ``base`` (on this machine) and, once
+    ``in_engine`` of them are running or waiting in its engine (or ``wait_s`` has passed), send SIGTERM to the
+    process listening on its port; wait for every reply and for the process to go."""
+    import psutil  # type: ignore[import-untyped]  # comes with vLLM
+
+    port = int(base.rsplit(":", 1)[1].split("/", 1)[0])
+    pid = next((c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                and c.status == psutil.CONN_LISTEN), None)
+    if pid is None:
+        raise RuntimeError(f"no process of this machine listens on port {port}")
+
+    def gone() -> bool:
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(fire, base, requests, concurrency, timeout)
+        seen, deadline = 0.0, time.time() + wait_s
+        while seen < in_engine and time.time() < deadline:
+            time.sleep(0.2)
+            m = scrape(base)
+            seen = m.get("vllm:num_requests_running", 0.0) + m.get("vllm:num_requests_waiting", 0.0)
+        signalled = time.time()
+        os.kill(pid, signal.SIGTERM)
+        replies = future.result()  # each request gives up after `timeout`: none hangs here
+    while not gone() and time.time() - signalled < stop_within:
+        time.sleep(0.2)
+    return Stopped(replies, seen, time.time() - signalled, gone())
