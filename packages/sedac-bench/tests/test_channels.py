@@ -88,3 +88,21 @@ def test_vllm_serves_the_channel_setting_only_when_one_met_the_budget(tmp_path):
     stages.results = {"channels": {"config": {"status": "ok", "channels": {}}}}
     served = {c["name"]: c for c in stages.vllm_configs()}
     assert served[CHANNELS]["env"]["SEDAC_CONFIG"] == str(tmp_path / "sedac_channels_config.json")
+
+
+def test_fixed_sparsity_is_measured_on_both_sides_of_the_work():
+    levels = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    measured = []
+
+    def level_row(level):  # a level saves a little less work than its level, as measured
+        measured.append(level)
+        return {"mlp_flops_saved": 0.967 * level, "risk": level / 3}
+
+    rows = channels.bracket(levels, 0.1458, level_row)
+    assert measured == [0.1, 0.15, 0.2]  # 15% saves 14.50%: one more level above
+    assert channels.at_work(rows, 0.1458) is not None
+    measured.clear()
+    rows = channels.bracket(levels, 0.12, level_row)
+    assert measured == [0.1, 0.15] and channels.at_work(rows, 0.12) is not None
+    measured.clear()
+    assert len(channels.bracket(levels, 0.9, level_row)) == 1 and measured == [0.3]  # beyond the last level

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import sedac_core
+from sedac_monitor.calibrate import ppl_text
 
 from .methods import (
     Method,
@@ -131,7 +132,7 @@ class QualityStages(BenchState):
                 r = evaluate(self.layout, self.eval_windows, m, self.base, self.shape)
                 rows.append(r)
                 self.log(f"  {m.name:45s} skipped {r['skipped_mlp_fraction']:6.2%}  risk {r['risk']:6.2%}  "
-                         f"ΔPPL {r['delta_ppl']:+.2%}")
+                         f"ΔPPL {ppl_text(r['delta_ppl'])}")
         # the headline SEDAC setting is the calibrated V7 one: chosen on the calibration text (max risk 5%),
         # never on the held-out text it is judged on; baselines get its compute
         best = rows[0]

@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from sedac_monitor.calibrate import ppl_text
+
 from . import assets as assets_mod
 from .metrics import latency_percentiles
 
@@ -185,7 +187,7 @@ def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool 
     results["tests"]["quality"] = {"delta_ppl": q["delta_ppl"], "risk": q["measured_risk"],
                                    "skipped_mlp_fraction": q["skipped_mlp_fraction"],
                                    "pass": q["delta_ppl"] < THRESHOLDS["delta_ppl"]}
-    log(f"quality: ΔPPL {q['delta_ppl']:+.2%} -> {'PASS' if results['tests']['quality']['pass'] else 'FAIL'}")
+    log(f"quality: ΔPPL {ppl_text(q['delta_ppl'])} -> {'PASS' if results['tests']['quality']['pass'] else 'FAIL'}")
     # robustness
     rb = robustness(layout, tok, read_text(texts["lee_news"]), cfg)
     rb["pass"] = min(rb["rebatch_consistency"], rb["paraphrase_consistency"]) > THRESHOLDS["consistency"]
@@ -221,7 +223,7 @@ def suite(root: Optional[Path], out: Path, config: Optional[Path], server: bool 
              f"{results['machine'].get('cpu_model', '')}, {results['machine']['cpu_count']} cores.", "",
              "| test | measured | threshold | result |", "|---|---|---|---|"]
     t = results["tests"]
-    lines.append(f"| quality | ΔPPL {t['quality']['delta_ppl']:+.2%} (risk {t['quality']['risk']:.2%}, skipped "
+    lines.append(f"| quality | ΔPPL {ppl_text(t['quality']['delta_ppl'])} (risk {t['quality']['risk']:.2%}, skipped "
                  f"{t['quality']['skipped_mlp_fraction']:.2%}) | ΔPPL < 1% | "
                  f"{'PASS' if t['quality']['pass'] else 'FAIL'} |")
     lines.append(f"| robustness | re-batching {rb['rebatch_consistency']:.1%}, paraphrase "
