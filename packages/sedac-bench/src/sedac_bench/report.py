@@ -149,7 +149,11 @@ def channel_section(results: Dict[str, Any]) -> List[str]:
          "Per token, the MLP skips the weights its small activations would multiply: a magnitude threshold per "
          "layer on the MLP's input (gate and up skip those input channels) and on the down projection's input. "
          "`sedac-monitor calibrate --channels` chose the thresholds on the calibration text within max risk "
-         f"{pct(cfg['max_risk'], 0)} and max ΔPPL {pct(cfg['max_delta_ppl'], 0)} (status: {cfg['status']}); "
+         f"{pct(cfg['max_risk'], 0)} and max ΔPPL {pct(cfg['max_delta_ppl'], 0)}"
+         + (f", both as upper bounds at {pct(cfg['confidence'], 0)} confidence (searched on "
+            f"{cfg['evidence']['search_tokens']} tokens, measured on {cfg['evidence']['measurement_tokens']} others)"
+            if cfg.get("confidence") else "")
+         + f" (status: {cfg['status']}); "
          "exits are off in that setting. Weight bytes: at batch 1 a token reads only its active channels' "
          f"weights; at batch {ch['union_rows']} a weight is skipped only where every row of the batch skips it "
          f"(counted over groups of {ch['union_rows']} consecutive held-out tokens). These are quality and work "
