@@ -40,7 +40,8 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-HIDDEN, INTERMEDIATE = 576, 1536
+from .layer_bench import HIDDEN, INTERMEDIATE, silu_and_mul
+
 TARGET = 1.1
 """Speed-up over dense, at batch 1 with 85% of the weights read, that a channel kernel must be able to
 reach (the contiguous prefix) before it is worth building."""
@@ -57,27 +58,23 @@ def _variants(layers: int, keep: float, rows: int, seed: int = 0) -> Dict[str, C
     idx_in = [torch.randperm(HIDDEN, generator=g)[:k_in].sort().values for _ in range(layers)]
     idx_mid = [torch.randperm(INTERMEDIATE, generator=g)[:k_mid].sort().values for _ in range(layers)]
 
-    def act(h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
     def dense() -> torch.Tensor:
         y = x
         for i in range(layers):
-            y = F.linear(act(F.linear(x, gate_up[i])), down[i])
+            y = F.linear(silu_and_mul(F.linear(x, gate_up[i])), down[i])
         return y
 
     def dense_t() -> torch.Tensor:
         y = x
         for i in range(layers):
-            y = act(x @ gate_up_t[i]) @ down_t[i]
+            y = silu_and_mul(x @ gate_up_t[i]) @ down_t[i]
         return y
 
     def prefix() -> torch.Tensor:
         y = x
         xs = x[:, :k_in]
         for i in range(layers):
-            h = act(xs @ gate_up_t[i][:k_in])
+            h = silu_and_mul(xs @ gate_up_t[i][:k_in])
             y = h[:, :k_mid] @ down_t[i][:k_mid]
         return y
 
@@ -85,7 +82,7 @@ def _variants(layers: int, keep: float, rows: int, seed: int = 0) -> Dict[str, C
         y = x
         for i in range(layers):
             a, b = idx_in[i], idx_mid[i]
-            h = act(x.index_select(1, a) @ gate_up_t[i].index_select(0, a))
+            h = silu_and_mul(x.index_select(1, a) @ gate_up_t[i].index_select(0, a))
             y = h.index_select(1, b) @ down_t[i].index_select(0, b)
         return y
 
@@ -97,7 +94,7 @@ def _variants(layers: int, keep: float, rows: int, seed: int = 0) -> Dict[str, C
         def vllm_dense() -> torch.Tensor:
             y = x
             for i in range(layers):
-                y = d_mm[i](act(gu_mm[i](x)))
+                y = d_mm[i](silu_and_mul(gu_mm[i](x)))
             return y
         out["vLLM dense"] = vllm_dense
         cut = _vllm_linear([w[:, :k_in].contiguous() for w in gate_up], [w[:, :k_mid].contiguous() for w in down])
@@ -108,7 +105,7 @@ def _variants(layers: int, keep: float, rows: int, seed: int = 0) -> Dict[str, C
             y = x
             xs = x[:, :k_in].contiguous()
             for i in range(layers):
-                y = d_cut[i](act(gu_cut[i](xs))[:, :k_mid].contiguous())
+                y = d_cut[i](silu_and_mul(gu_cut[i](xs))[:, :k_mid].contiguous())
             return y
         out["vLLM contiguous prefix"] = vllm_prefix
     return out

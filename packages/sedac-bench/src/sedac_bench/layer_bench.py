@@ -35,12 +35,17 @@ class _Linear(torch.nn.Linear):
         return super().forward(x), None
 
 
-class SiluAndMul(torch.nn.Module):
+def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     """vLLM's activation of a merged gate/up output: ``silu(gate) * up``."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+class SiluAndMul(torch.nn.Module):
+    """:func:`silu_and_mul` as a module, as vLLM's MLP holds its activation (``act_fn``)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
+        return silu_and_mul(h)
 
 
 class Mlp(torch.nn.Module):
