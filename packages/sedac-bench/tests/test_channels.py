@@ -1,6 +1,7 @@
 """The channel soft exit benchmark's building blocks on a tiny model and constructed cases: what the masks
 count, what the baselines zero, the target's verdict, and the report section and plot."""
 
+import pytest
 import torch
 
 from sedac_bench import channels, plots, report
@@ -106,3 +107,8 @@ def test_fixed_sparsity_is_measured_on_both_sides_of_the_work():
     assert measured == [0.1, 0.15] and channels.at_work(rows, 0.12) is not None
     measured.clear()
     assert len(channels.bracket(levels, 0.9, level_row)) == 1 and measured == [0.3]  # beyond the last level
+
+
+def test_bracket_needs_a_level_to_measure():
+    with pytest.raises(ValueError, match="at least one sparsity level"):
+        channels.bracket([0.0], 0.1, lambda level: {"mlp_flops_saved": level})

@@ -105,3 +105,13 @@ def test_every_malformed_request_names_the_served_model_or_is_meant_not_to():
             assert (body["model"] == "tiny") != (what == "unknown model")
     long = dict(reqs)["prompt longer than the context"]
     assert len(long["prompt"].split()) > 64
+
+
+def test_sigterm_under_load_names_a_port_nobody_listens_on():
+    import socket
+
+    with socket.socket() as s:  # a port just freed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match=f"listens on port {port}"):
+        load.sigterm_under_load(f"http://127.0.0.1:{port}", [], 1)
