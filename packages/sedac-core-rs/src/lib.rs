@@ -9,7 +9,10 @@
 //! produce the same decisions on the same inputs; the float operations are written
 //! in the same order on both sides (no fused multiply-add, f32 throughout, quantiles
 //! interpolated in f64) so that this holds bit for bit for the decisions.
+//! [`channel`]'s MLP is arithmetic, not a decision: its twin is the masked dense
+//! MLP, equal up to float rounding (a GEMM sums in another order).
 
+pub mod channel;
 pub mod decide;
 pub mod replay;
 

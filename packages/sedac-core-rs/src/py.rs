@@ -9,6 +9,7 @@
 // PyResult return with clippy >= 1.80 (fixed in later pyo3 releases).
 #![allow(clippy::useless_conversion)]
 
+use crate::channel;
 use crate::decide::{self, ProbeParams, Rule};
 use crate::replay::{self, Counts, MonitorConfig, ProbeConfig};
 use pyo3::buffer::{Element, PyBuffer};
@@ -179,6 +180,52 @@ fn consecutive_exit(
             view_mut(&o)
         })
     })
+    .map_err(shape_error)
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn gated_mlp(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    gate_up: &Bound<'_, PyAny>,
+    down: &Bound<'_, PyAny>,
+    t_in: f32,
+    t_mid: f32,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<(usize, usize)> {
+    let x = buffer::<f32>(x, "x", "float32", 2)?;
+    let gate_up = buffer::<f32>(gate_up, "gate_up", "float32", 2)?;
+    let down = buffer::<f32>(down, "down", "float32", 2)?;
+    let o = output::<f32>(out, "out", "float32", 2)?;
+    disjoint(&[span(&o)], &[span(&x), span(&gate_up), span(&down)])?;
+    let (rows, hidden, inter) = (x.shape()[0], x.shape()[1], down.shape()[0]);
+    if gate_up.shape() != [hidden, 2 * inter] || down.shape()[1] != hidden || o.shape() != x.shape()
+    {
+        return Err(shape_error(format!(
+            "gated_mlp: x {:?}, gate_up {:?}, down {:?}, out {:?}: expected [rows, hidden], [hidden, 2*inter], \
+             [inter, hidden], [rows, hidden]",
+            x.shape(),
+            gate_up.shape(),
+            down.shape(),
+            o.shape()
+        )));
+    }
+    py.allow_threads(|| {
+        // SAFETY: as in `evaluate`.
+        channel::gated_mlp(
+            unsafe { view(&x) },
+            rows,
+            hidden,
+            inter,
+            unsafe { view(&gate_up) },
+            unsafe { view(&down) },
+            t_in,
+            t_mid,
+            unsafe { view_mut(&o) },
+        )
+    })
+    .map(|k| (k.input, k.inner))
     .map_err(shape_error)
 }
 
@@ -481,6 +528,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MIN_THRESHOLD", decide::MIN_THRESHOLD)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(consecutive_exit, m)?)?;
+    m.add_function(wrap_pyfunction!(gated_mlp, m)?)?;
     m.add_function(wrap_pyfunction!(quantiles, m)?)?;
     m.add_function(wrap_pyfunction!(replay_monitor, m)?)?;
     m.add_function(wrap_pyfunction!(replay_probe, m)?)?;

@@ -1,4 +1,5 @@
-"""sedac_core: SEDAC's exit decisions, adaptive thresholds, calibration and trace replay.
+"""sedac_core: SEDAC's exit decisions, adaptive thresholds, calibration, trace replay, and channel soft
+exit's MLP kernel.
 
 The same API runs on a Rust extension (``sedac_core._native``, pyo3 + rayon) or
 on numpy; ``backend()`` says which, ``SEDAC_CORE_BACKEND=auto|rust|python``
@@ -8,14 +9,18 @@ chooses. Both give identical decisions on identical inputs.
 from ._api import (
     MIN_THRESHOLD,
     SCOPES,
+    ChannelMlp,
     ExitDecisions,
+    GatedMlp,
     LayerConfig,
     MonitorRule,
     ProbeController,
     ProbeRule,
     Trace,
     calibrate_thresholds,
+    channel_major,
     consecutive_exit,
+    gated_mlp,
     replay,
 )
 from ._backend import ENV, __version__, backend, set_backend
@@ -28,9 +33,11 @@ set_backend()
 __all__ = [
     "MIN_THRESHOLD",
     "SCOPES",
+    "ChannelMlp",
     "ProbeController",
     "ENVIRONMENT",
     "ExitDecisions",
+    "GatedMlp",
     "LayerConfig",
     "MonitorRule",
     "ProbeRule",
@@ -38,7 +45,9 @@ __all__ = [
     "__version__",
     "backend",
     "calibrate_thresholds",
+    "channel_major",
     "consecutive_exit",
+    "gated_mlp",
     "replay",
     "set_backend",
 ]

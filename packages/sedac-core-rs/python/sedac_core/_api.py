@@ -22,7 +22,7 @@ import math
 import numbers
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 
@@ -575,3 +575,112 @@ def replay(trace: Trace, configs: Sequence[Union[MonitorRule, ProbeRule]]) -> Re
             "skipped_mlp": skipped / (denom * trace.num_layers),
             "disagreement": np.where(measurable, unsafe / denom, np.nan),
         }
+
+
+# ---------------------------------------------------------------------------
+# channel soft exit's MLP
+
+
+class GatedMlp(NamedTuple):
+    """What :func:`gated_mlp` returns: the output, and how many channels some row kept (so how many rows of
+    each weight matrix were read)."""
+
+    out: np.ndarray
+    kept_input: int
+    kept_inner: int
+
+
+def channel_major(gate_up_weight: Any, down_weight: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """A gated MLP's weights in the layout :func:`gated_mlp` reads, from torch's ``[out, in]`` layout:
+    ``gate_up_weight`` ``[2 * inter, hidden]`` (gate rows first, as vLLM's merged ``gate_up_proj``) and
+    ``down_weight`` ``[hidden, inter]`` become ``[hidden, 2 * inter]`` and ``[inter, hidden]``, float32,
+    C-contiguous (copies: keep them, this is not for every call)."""
+    gu = _matrix("gate_up_weight", gate_up_weight, "[2 * inter, hidden]")
+    dn = _matrix("down_weight", down_weight, "[hidden, inter]")
+    if gu.shape[0] % 2 or gu.shape != (2 * dn.shape[1], dn.shape[0]):
+        raise ValueError(f"gate_up_weight must be [2 * inter, hidden] and down_weight [hidden, inter]; got "
+                         f"{list(gu.shape)} and {list(dn.shape)}")
+    return np.ascontiguousarray(gu.T), np.ascontiguousarray(dn.T)
+
+
+def _weights(name: str, arr: Any, shape: Tuple[int, int], doc: str) -> np.ndarray:
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 2 or not arr.flags.c_contiguous:
+        what = f"{type(arr).__name__}" if not isinstance(arr, np.ndarray) else (
+            f"a {arr.ndim}-D {arr.dtype} array{'' if arr.flags.c_contiguous else ', not C-contiguous'}")
+        raise TypeError(f"{name} must be a C-contiguous 2-D float32 array {doc} (channel_major() makes one; "
+                        f"weights are never copied per call), got {what}")
+    if arr.shape != shape:
+        raise ValueError(f"{name} must be {doc} = {list(shape)}, got {list(arr.shape)}")
+    return arr
+
+
+def gated_mlp(x: Any, gate_up: np.ndarray, down: np.ndarray, t_in: float = 0.0, t_mid: float = 0.0, *,
+              out: Optional[np.ndarray] = None) -> GatedMlp:
+    """A gated MLP (``down(silu(gate) * up)``, SiLU as torch computes it) with channel soft exit's masks: each
+    row's entries of ``x`` below ``t_in`` in magnitude, and of the down projection's input below ``t_mid``,
+    count as zero (NaN entries are kept; a threshold of 0 keeps every entry).
+
+    The Rust backend reads only the weights of channels some row keeps (``gate_up`` and ``down`` channel-major,
+    see :func:`channel_major`), so its time falls with the work where the weights' reads bound it (one or two
+    rows); the numpy backend runs the masked dense MLP. Both give the same values up to float rounding.
+    ``x`` is ``[rows, hidden]``; ``out`` (optional, float32 ``[rows, hidden]``) is written and returned."""
+    xs = _matrix("x", x, "[rows, hidden]")
+    rows, hidden = xs.shape
+    if not isinstance(down, np.ndarray) or down.ndim != 2:
+        _weights("down", down, (0, hidden), "[inter, hidden]")
+    inter = down.shape[0]
+    gu = _weights("gate_up", gate_up, (hidden, 2 * inter), "[hidden, 2 * inter]")
+    dn = _weights("down", down, (inter, hidden), "[inter, hidden]")
+    lo = _real("t_in", t_in, 0.0)
+    mid = _real("t_mid", t_mid, 0.0)
+    if out is None:
+        out = np.empty((rows, hidden), dtype=np.float32)
+    elif not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (rows, hidden) \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writable C-contiguous float32 array of shape {[rows, hidden]}")
+    kept = _backend.kernel().gated_mlp(xs, gu, dn, float(np.float32(lo)), float(np.float32(mid)), out)
+    return GatedMlp(out, int(kept[0]), int(kept[1]))
+
+
+class ChannelMlp:
+    """One gated MLP prepared for :func:`gated_mlp`'s kernel: its weights copied once into the channel-major
+    layout (see :func:`channel_major`) and its two thresholds, checked once, so a call checks nothing in
+    Python (a serving engine calls it once per layer per forward; :func:`gated_mlp` spends about 10 µs a
+    call on its checks). The backend is the one active when it was made."""
+
+    def __init__(self, gate_up_weight: Any, down_weight: Any, t_in: float = 0.0, t_mid: float = 0.0) -> None:
+        self.gate_up, self.down = channel_major(gate_up_weight, down_weight)
+        self.t_in = float(np.float32(_real("t_in", t_in, 0.0)))
+        self.t_mid = float(np.float32(_real("t_mid", t_mid, 0.0)))
+        self._kernel = _backend.kernel()
+
+    def with_thresholds(self, t_in: float, t_mid: float) -> "ChannelMlp":
+        """The same weights (shared, not copied) with other thresholds."""
+        other = object.__new__(ChannelMlp)
+        other.gate_up, other.down, other._kernel = self.gate_up, self.down, self._kernel
+        other.t_in = float(np.float32(_real("t_in", t_in, 0.0)))
+        other.t_mid = float(np.float32(_real("t_mid", t_mid, 0.0)))
+        return other
+
+    @property
+    def hidden(self) -> int:
+        return int(self.down.shape[1])
+
+    @property
+    def inter(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the channel-major weights (a copy beside the caller's own)."""
+        return int(self.gate_up.nbytes + self.down.nbytes)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> Tuple[int, int]:
+        """Write the MLP of ``x`` into ``out`` (both C-contiguous float32 ``[rows, hidden]``: the kernel
+        rejects anything else with a TypeError or ValueError, it converts nothing); return the channels some
+        row kept, of the input and of the down projection's input."""
+        return self._kernel.gated_mlp(x, self.gate_up, self.down, self.t_in, self.t_mid, out)
+
+    def __repr__(self) -> str:
+        return (f"ChannelMlp(hidden={self.hidden}, inter={self.inter}, t_in={self.t_in:g}, "
+                f"t_mid={self.t_mid:g})")

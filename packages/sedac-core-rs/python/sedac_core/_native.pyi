@@ -31,6 +31,14 @@ def consecutive_exit(
     min_layer: int,
     out: np.ndarray,  # int32 [tokens], written
 ) -> None: ...
+def gated_mlp(
+    x: np.ndarray,  # float32 [rows, hidden]
+    gate_up: np.ndarray,  # float32 [hidden, 2 * inter], channel-major, gate outputs first
+    down: np.ndarray,  # float32 [inter, hidden], channel-major
+    t_in: float,
+    t_mid: float,
+    out: np.ndarray,  # float32 [rows, hidden], written
+) -> tuple[int, int]: ...  # channels some row kept: of the input, of the down projection's input
 def quantiles(
     risk: np.ndarray,  # float32 [tokens, columns]
     rates: np.ndarray,  # float32 [columns]

@@ -106,6 +106,28 @@ def consecutive_exit(similarity, tau, k, min_layer, out):
     out[:] = _consecutive(similarity, _F32(tau), int(k), int(min_layer))
 
 
+def gated_mlp(x, gate_up, down, t_in, t_mid, out):
+    """The masked dense MLP that ``channel::gated_mlp`` computes reading only the kept channels' weights
+    (equal up to float rounding: BLAS sums in another order)."""
+    for name, arr in (("x", x), ("gate_up", gate_up), ("down", down)):
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 2 or not arr.flags.c_contiguous:
+            raise TypeError(f"{name}: expected a C-contiguous 2-D float32 array")
+    _check_out("out", out, np.float32, 2)
+    rows, hidden = x.shape
+    inter = down.shape[0]
+    if out.shape != x.shape or gate_up.shape != (hidden, 2 * inter) or down.shape != (inter, hidden):
+        raise ValueError(f"gate_up must be [hidden, 2*inter] = [{hidden}, {2 * inter}] and down [inter, hidden] = "
+                         f"[{inter}, {hidden}] (got {list(gate_up.shape)} and {list(down.shape)})")
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN and infinities propagate as in the Rust kernel
+        keep_in = ~(np.abs(x) < _F32(t_in))
+        h = np.where(keep_in, x, _F32(0)) @ gate_up
+        g = h[:, :inter]
+        a = (g / (_F32(1) + np.exp(-g))) * h[:, inter:]
+        keep_mid = ~(np.abs(a) < _F32(t_mid))
+        out[:] = np.where(keep_mid, a, _F32(0)) @ down
+    return int(keep_in.any(axis=0).sum()), int(keep_mid.any(axis=0).sum())
+
+
 def quantile_finite(values, q):
     """Linear-interpolation quantile of the finite values, in float64, rounded to float32."""
     finite = np.sort(values[np.isfinite(values)])

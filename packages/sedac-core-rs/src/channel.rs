@@ -1,0 +1,380 @@
+//! Channel soft exit's MLP: a gated MLP (`silu(gate) * up`, then the down
+//! projection) that reads only the weights of the channels some row keeps.
+//!
+//! Each token's entries whose magnitude is below a threshold count as zero: the
+//! MLP input's entries below `t_in`, the down projection input's below `t_mid`.
+//! A dense kernel multiplies those zeros anyway and reads every weight; at
+//! decode with one or two rows the MLP's time is the time to read its weights,
+//! so the only way to turn the zeros into time is not to read the weights they
+//! multiply. Here the weights are stored channel-major — row `i` of `gate_up`
+//! holds input channel `i`'s weights to every gate and up output, row `k` of
+//! `down` intermediate channel `k`'s weights to every output — so a kept
+//! channel's weights are one contiguous run, and a channel no row keeps is not
+//! read at all. The result is the masked dense MLP's (up to float rounding: the
+//! sums run in a different order than a GEMM's).
+//!
+//! Every output is a sum over the kept channels in increasing channel order,
+//! whatever the number of threads: the work is split over output columns, never
+//! over the summed channels, so results do not depend on the thread count.
+//! Masks follow the float comparison `!(|v| < t)`: a NaN entry is kept (and makes
+//! its sums NaN, as in the dense MLP), a threshold of 0 keeps every entry.
+
+use rayon::prelude::*;
+
+/// Output columns per parallel task: 512 of gate/up's, 96 of down's (a task then
+/// reads 2 KiB or 384 B of each kept channel's row: whole cache lines).
+const GATE_UP_COLUMNS: usize = 512;
+const DOWN_COLUMNS: usize = 96;
+
+/// How many channels some row kept: `input` of the MLP's input (gate/up rows
+/// read), `inner` of the down projection's input (down rows read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub input: usize,
+    pub inner: usize,
+}
+
+/// SiLU as torch computes it on CPU: `v / (1 + exp(-v))`.
+#[inline]
+pub fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+#[inline]
+fn kept(v: f32, t: f32) -> bool {
+    v.abs() >= t || v.is_nan()
+}
+
+/// `acc[r, j] += Σ_c src[r, c] * w[c, c0 + j]` over `channels` in increasing order, for `j < n`: one
+/// block of output columns of `src @ w` restricted to the given rows of `w` (`[_, w_stride]`, row-major).
+/// Four channels per pass over the block (four weight rows streamed at once, the accumulator read and
+/// written once per four), the additions still one channel after another, so the sum is the sequential one.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn accumulate_impl(
+    acc: &mut [f32],
+    rows: usize,
+    n: usize,
+    src: &[f32],
+    src_stride: usize,
+    w: &[f32],
+    w_stride: usize,
+    c0: usize,
+    channels: &[usize],
+) {
+    let row = |c: usize| &w[c * w_stride + c0..c * w_stride + c0 + n];
+    let mut groups = channels.chunks_exact(4);
+    for g in &mut groups {
+        let (w0, w1, w2, w3) = (row(g[0]), row(g[1]), row(g[2]), row(g[3]));
+        for r in 0..rows {
+            let s = &src[r * src_stride..(r + 1) * src_stride];
+            let (a0, a1, a2, a3) = (s[g[0]], s[g[1]], s[g[2]], s[g[3]]);
+            let out = &mut acc[r * n..(r + 1) * n];
+            for ((((o, &p), &q), &u), &v) in out.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3) {
+                *o = (((*o + a0 * p) + a1 * q) + a2 * u) + a3 * v;
+            }
+        }
+    }
+    for &c in groups.remainder() {
+        let wc = row(c);
+        for r in 0..rows {
+            let a0 = src[r * src_stride + c];
+            for (o, &p) in acc[r * n..(r + 1) * n].iter_mut().zip(wc) {
+                *o += a0 * p;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate_avx2(
+    acc: &mut [f32],
+    rows: usize,
+    n: usize,
+    src: &[f32],
+    src_stride: usize,
+    w: &[f32],
+    w_stride: usize,
+    c0: usize,
+    channels: &[usize],
+) {
+    accumulate_impl(acc, rows, n, src, src_stride, w, w_stride, c0, channels)
+}
+
+/// [`accumulate_impl`] compiled for AVX2 where the CPU has it (8 floats per instruction; no fused
+/// multiply-add, so the values are the same as without it).
+#[allow(clippy::too_many_arguments)]
+fn accumulate(
+    acc: &mut [f32],
+    rows: usize,
+    n: usize,
+    src: &[f32],
+    src_stride: usize,
+    w: &[f32],
+    w_stride: usize,
+    c0: usize,
+    channels: &[usize],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe {
+            accumulate_avx2(acc, rows, n, src, src_stride, w, w_stride, c0, channels)
+        };
+    }
+    accumulate_impl(acc, rows, n, src, src_stride, w, w_stride, c0, channels)
+}
+
+/// `out = down(mask_mid(silu(g) * u))` with `[g | u] = gate_up(mask_in(x))`, per row.
+///
+/// `x`: `[rows, hidden]`; `gate_up`: `[hidden, 2 * inter]` (channel-major, gate
+/// outputs first); `down`: `[inter, hidden]`; `out`: `[rows, hidden]`, written.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_mlp(
+    x: &[f32],
+    rows: usize,
+    hidden: usize,
+    inter: usize,
+    gate_up: &[f32],
+    down: &[f32],
+    t_in: f32,
+    t_mid: f32,
+    out: &mut [f32],
+) -> Result<Kept, String> {
+    let wide = 2 * inter;
+    if x.len() != rows * hidden || out.len() != rows * hidden {
+        return Err(format!(
+            "x and out must hold rows*hidden = {} values (got {} and {})",
+            rows * hidden,
+            x.len(),
+            out.len()
+        ));
+    }
+    if gate_up.len() != hidden * wide || down.len() != inter * hidden {
+        return Err(format!(
+            "gate_up must be [hidden, 2*inter] = [{hidden}, {wide}] and down [inter, hidden] = [{inter}, {hidden}] \
+             (got {} and {} values)",
+            gate_up.len(),
+            down.len()
+        ));
+    }
+    if rows == 0 || hidden == 0 {
+        return Ok(Kept { input: 0, inner: 0 });
+    }
+    if inter == 0 {
+        out.fill(0.0);
+        return Ok(Kept { input: 0, inner: 0 });
+    }
+
+    // The masked input, and the channels some row keeps.
+    let mut xm = vec![0.0f32; rows * hidden];
+    let mut active_in = Vec::with_capacity(hidden);
+    for i in 0..hidden {
+        let mut any = false;
+        for r in 0..rows {
+            let v = x[r * hidden + i];
+            if kept(v, t_in) {
+                xm[r * hidden + i] = v;
+                any = true;
+            }
+        }
+        if any {
+            active_in.push(i);
+        }
+    }
+
+    // gate/up: each task owns a block of output columns, summing the kept rows in order.
+    let h_blocks: Vec<Vec<f32>> = (0..wide.div_ceil(GATE_UP_COLUMNS))
+        .into_par_iter()
+        .map(|b| {
+            let c0 = b * GATE_UP_COLUMNS;
+            let n = GATE_UP_COLUMNS.min(wide - c0);
+            let mut acc = vec![0.0f32; rows * n];
+            accumulate(
+                &mut acc, rows, n, &xm, hidden, gate_up, wide, c0, &active_in,
+            );
+            acc
+        })
+        .collect();
+    let mut h = vec![0.0f32; rows * wide];
+    for (b, block) in h_blocks.iter().enumerate() {
+        let c0 = b * GATE_UP_COLUMNS;
+        let n = block.len() / rows;
+        for r in 0..rows {
+            h[r * wide + c0..r * wide + c0 + n].copy_from_slice(&block[r * n..(r + 1) * n]);
+        }
+    }
+
+    // The activation, the inner mask, and the intermediate channels some row keeps.
+    let mut a = vec![0.0f32; rows * inter];
+    let mut active_mid = Vec::with_capacity(inter);
+    for k in 0..inter {
+        let mut any = false;
+        for r in 0..rows {
+            let v = silu(h[r * wide + k]) * h[r * wide + inter + k];
+            if kept(v, t_mid) {
+                a[r * inter + k] = v;
+                any = true;
+            }
+        }
+        if any {
+            active_mid.push(k);
+        }
+    }
+
+    // down: the same, over the kept intermediate channels.
+    let y_blocks: Vec<Vec<f32>> = (0..hidden.div_ceil(DOWN_COLUMNS))
+        .into_par_iter()
+        .map(|b| {
+            let c0 = b * DOWN_COLUMNS;
+            let n = DOWN_COLUMNS.min(hidden - c0);
+            let mut acc = vec![0.0f32; rows * n];
+            accumulate(&mut acc, rows, n, &a, inter, down, hidden, c0, &active_mid);
+            acc
+        })
+        .collect();
+    for (b, block) in y_blocks.iter().enumerate() {
+        let c0 = b * DOWN_COLUMNS;
+        let n = block.len() / rows;
+        for r in 0..rows {
+            out[r * hidden + c0..r * hidden + c0 + n].copy_from_slice(&block[r * n..(r + 1) * n]);
+        }
+    }
+    Ok(Kept {
+        input: active_in.len(),
+        inner: active_mid.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The masked dense MLP in f64, weights in torch's `[out, in]` layout.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        x: &[f32],
+        rows: usize,
+        hidden: usize,
+        inter: usize,
+        gu: &[f32],
+        dn: &[f32],
+        t_in: f32,
+        t_mid: f32,
+    ) -> Vec<f64> {
+        let wide = 2 * inter;
+        let mut out = vec![0.0f64; rows * hidden];
+        for r in 0..rows {
+            let xm: Vec<f64> = (0..hidden)
+                .map(|i| {
+                    let v = x[r * hidden + i];
+                    if kept(v, t_in) {
+                        v as f64
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let h: Vec<f64> = (0..wide)
+                .map(|j| (0..hidden).map(|i| xm[i] * gu[i * wide + j] as f64).sum())
+                .collect();
+            for k in 0..inter {
+                let v = (silu(h[k] as f32) * h[inter + k] as f32) as f64;
+                if !kept(v as f32, t_mid) {
+                    continue;
+                }
+                for c in 0..hidden {
+                    out[r * hidden + c] += v * dn[k * hidden + c] as f64;
+                }
+            }
+        }
+        out
+    }
+
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_masked_dense_mlp() {
+        for &(rows, hidden, inter) in &[(1, 7, 5), (2, 600, 700), (3, 96, 513)] {
+            let x = pseudo(rows * hidden, 1);
+            let gu = pseudo(hidden * 2 * inter, 2);
+            let dn = pseudo(inter * hidden, 3);
+            for &(t_in, t_mid) in &[(0.0, 0.0), (0.3, 0.0), (0.0, 0.5), (0.5, 1.0), (2.0, 0.0)] {
+                let mut out = vec![f32::NAN; rows * hidden];
+                let kept =
+                    gated_mlp(&x, rows, hidden, inter, &gu, &dn, t_in, t_mid, &mut out).unwrap();
+                assert!(kept.input <= hidden && kept.inner <= inter);
+                let want = reference(&x, rows, hidden, inter, &gu, &dn, t_in, t_mid);
+                for (o, w) in out.iter().zip(&want) {
+                    assert!(
+                        (*o as f64 - w).abs() <= 1e-3 * (1.0 + w.abs()),
+                        "{o} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn counts_the_channels_some_row_keeps() {
+        // Row 0 keeps channel 0 only, row 1 channel 2 only: channels 0 and 2 are read.
+        let x = [1.0, 0.1, 0.0, 0.0, 0.1, -1.0];
+        let (gu, dn) = (vec![1.0f32; 3 * 4], vec![1.0f32; 2 * 3]);
+        let mut out = [0.0f32; 6];
+        let kept = gated_mlp(&x, 2, 3, 2, &gu, &dn, 0.5, 0.0, &mut out).unwrap();
+        assert_eq!(kept.input, 2);
+        assert_eq!(kept.inner, 2);
+    }
+
+    #[test]
+    fn nan_is_kept_and_threshold_zero_keeps_everything() {
+        let x = [f32::NAN, 0.0];
+        let (gu, dn) = (vec![1.0f32; 2 * 2], vec![1.0f32; 2]);
+        let mut out = [0.0f32; 2];
+        let kept = gated_mlp(&x, 1, 2, 1, &gu, &dn, 10.0, 0.0, &mut out).unwrap();
+        assert_eq!(kept.input, 1);
+        assert!(out.iter().all(|v| v.is_nan()));
+        let kept = gated_mlp(&[0.0, 0.0], 1, 2, 1, &gu, &dn, 0.0, 0.0, &mut out).unwrap();
+        assert_eq!((kept.input, kept.inner), (2, 1));
+        assert_eq!(out, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn wrong_lengths_are_errors() {
+        let mut out = [0.0f32; 2];
+        assert!(gated_mlp(&[0.0; 3], 1, 2, 1, &[0.0; 4], &[0.0; 2], 0.0, 0.0, &mut out).is_err());
+        assert!(gated_mlp(&[0.0; 2], 1, 2, 1, &[0.0; 3], &[0.0; 2], 0.0, 0.0, &mut out).is_err());
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (rows, hidden, inter) = (2, 576, 1536);
+        let x = pseudo(rows * hidden, 4);
+        let gu = pseudo(hidden * 2 * inter, 5);
+        let dn = pseudo(inter * hidden, 6);
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![0.0f32; rows * hidden];
+            pool.install(|| {
+                gated_mlp(&x, rows, hidden, inter, &gu, &dn, 0.2, 0.1, &mut out).unwrap()
+            });
+            out
+        };
+        assert_eq!(run(1), run(3));
+    }
+}
