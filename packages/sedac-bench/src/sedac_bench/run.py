@@ -48,7 +48,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
               "vllm": {"batches": (1, 16), "prompts": {1: 4, 16: 16},
                        "prefill_prompts": {1: 32, 16: 32}, "prefill_len": 128,
                        "decode_out": 32, "rounds": 3, "restart": False, "eager_batches": (), "top1_windows": 8,
-                       "configs": ("vanilla", "channels calibrated (masked)"),
+                       "configs": ("vanilla", "channels calibrated"),
                        "eager_configs": ()}},
     "full": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
              "hf_repeats": 2, "extras": True, "probe_targets": ("entropy", "safety"),
@@ -56,7 +56,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
                       "prefill_prompts": {1: 32, 4: 64, 16: 64, 64: 128}, "prefill_len": 128,
                       "decode_out": 32, "rounds": 4, "restart": True, "eager_batches": (4, 16), "top1_windows": 16,
                       "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
-                                  "V7 calibrated + online calibration", "channels calibrated (masked)"),
+                                  "V7 calibrated + online calibration", "channels calibrated"),
                       "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
 }
 

@@ -148,9 +148,13 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
                            "skipped_mlp_fraction": skipped / (tokens * layers) if tokens else 0.0,
                            # the engine's cost model (MLP time measured at start-up): MLP seconds of the run's
                            # forwards, what their plans could save counting weight reads (byte-aware ideal),
-                           # and how many layer calls took the gather path
+                           # how many layer calls took the gather path, how many ran the channel kernel and up
+                           # to which batch size it runs
                            **{k: after.get(k, 0) - before.get(k, 0)
                               for k in ("mlp_seconds", "ideal_saved_seconds", "gathers")},
+                           "kernel_calls": (after.get("channel_kernel", {}).get("calls", 0)
+                                            - before.get("channel_kernel", {}).get("calls", 0)),
+                           "kernel_up_to_rows": after.get("channel_kernel", {}).get("up_to_rows"),
                            "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
             elif op == "top1":
                 top1 = _prompt_top1(llm, cmd["prompts"])

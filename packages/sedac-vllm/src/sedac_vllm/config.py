@@ -76,10 +76,14 @@ SETTINGS: Dict[str, str] = {
     "shadow_rate": "fraction of rows shadow-checked by online calibration, number in (0, 1] (default 0.05)",
     "drift_threshold": "KL divergence that counts as drift, number > 0 (default 0.1)",
     "online_window": "rows (and shadow-checked rows) the running risk estimate spans, integer >= 1 (default 2000)",
+    "channel_kernel": "'auto', 'always' or 'never': with channel soft exit, whether a layer's MLP runs through the "
+                      "kernel that reads only the kept channels' weights (CPU, float32; a channel-major copy of the "
+                      "MLP weights): at the batch sizes where it measured faster than the dense MLP at start-up "
+                      "(default auto), at every batch size, or never (masked on the dense matrices)",
     "online_margin": "how far below the calibrated tau online calibration may loosen, number >= 0 (default 0: it "
                      "only tightens; above 0 is a throughput option, not a safety one)",
 }
-MOVED = {"SEDAC_" + k.upper(): k for k in SETTINGS}
+MOVED = {"SEDAC_" + k.upper(): k for k in SETTINGS if k != "channel_kernel"}
 """Former variables -> their key in the file's "serving" object (named in the error a stale variable gets)."""
 REMOVED = {"SEDAC_PROBE_LAYERS": "the probe file's layers are used", "SEDAC_PROBE_RANK": "the probe file's rank is "
            "used", "SEDAC_MONITOR_MODE": "the exit scope is SEDAC_SCOPE (cascade or per_layer)"}
@@ -223,6 +227,9 @@ class SedacConfig:
     # channel soft exit from the file's "channels": per layer, the MLP input's and the down projection input's
     # magnitude thresholds (None: every channel computed)
     channels: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
+    # and the sparsities they gave on the calibration text (what the channel kernel is timed at on start-up)
+    channel_sparsity: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
+    channel_kernel: str = "auto"
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "SedacConfig":
@@ -267,6 +274,7 @@ class SedacConfig:
         cfg.drift_threshold = s.number("drift_threshold", cfg.drift_threshold, 0.0, lo_open=True)
         cfg.online_window = s.integer("online_window", cfg.online_window, 1)
         cfg.online_margin = s.number("online_margin", cfg.online_margin, 0.0)
+        cfg.channel_kernel = s.choice("channel_kernel", cfg.channel_kernel, ("auto", "always", "never"))
         cfg.log_every = parse_int(env, "SEDAC_LOG_EVERY", cfg.log_every)
         cfg.metrics_file = _get(env, "SEDAC_METRICS_FILE")
         cfg.trace = _get(env, "SEDAC_TRACE")
@@ -396,6 +404,13 @@ class _Settings:
             raise self._bad(key)
         return self.serving[key]
 
+    def choice(self, key: str, default: str, choices: Tuple[str, ...]) -> str:
+        if key not in self.serving:
+            return default
+        if self.serving[key] not in choices:
+            raise self._bad(key)
+        return str(self.serving[key])
+
     def numbers(self, key: str, lo: float = -math.inf, hi: float = math.inf,
                 lo_open: bool = False) -> Optional[List[float]]:
         if key not in self.serving:
@@ -458,6 +473,7 @@ def _monitor_file(self: Any, path: str) -> None:  # on the draft, in from_env
                               "served by sedac-vllm (thresholds scaled per token by the stream's movement run in "
                               "the Hugging Face accelerator only); recalibrate with --signal-weight 0")
         self.channels = (channels.input_thresholds, channels.inner_thresholds)
+        self.channel_sparsity = (channels.input_sparsity, channels.inner_sparsity)
     self.tau, self.consecutive_k, self.min_layer = data["tau"], data["consecutive_k"], data["min_layer"]
     self.protect_last, self.scope = data["protect_last"], data["scope"]
     self.protect_first = data.get("protect_first", self.protect_first)

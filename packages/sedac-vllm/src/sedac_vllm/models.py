@@ -43,7 +43,7 @@ from sedac_monitor.api import (
     subclass_with,
 )
 
-from . import ops
+from . import channel_kernel, ops
 from . import state as state_mod
 from .config import ConfigError
 from .plugin import active_config
@@ -87,8 +87,11 @@ class _SedacMLP(SkippableMLP):
 
     def _sedac_vanilla(self, x):
         if self._sedac_channels is not None:
-            return self._sedac_masked_mlp(x)
+            return self._sedac_owner.channel_mlp(self, x)
         return super(SkippableMLP, self).forward(x)
+
+    def _sedac_kernel_op(self, x):
+        return torch.ops.sedac.channel_mlp(x, self._sedac_owner.key, self._sedac_layer)
 
     def _sedac_masked_mlp(self, x, skip=None):
         """vLLM's MLP (gate/up, activation, down, as its forward runs them) with entries of the inputs zeroed,
@@ -136,7 +139,7 @@ class _SedacMLP(SkippableMLP):
         called directly too (see :func:`direct_mlp`)."""
         act = self._sedac_act
         if self._sedac_channels is not None:
-            return self._sedac_masked_mlp(x)
+            return self._sedac_owner.channel_mlp(self, x)
         if act is None:
             return super(SkippableMLP, self).forward(x)
         direct = self._sedac_direct
@@ -316,6 +319,12 @@ class SedacModelMixin(_VllmCausalLM):
             sedac.mlps[i] = layer.mlp
             layer.mlp._sedac_act = eager_activation(layer.mlp)
             layer.mlp._sedac_inner_mask = inner_mask_zeroes_rows(layer.mlp)
+        if cfg.channels is not None and cfg.channel_kernel != "never":
+            why = channel_kernel.unusable(layers[0].mlp)
+            if why:
+                logger.info("SEDAC: channel soft exit runs masked on the dense matrices (the channel kernel "
+                            "cannot run this MLP: %s)", why)
+            sedac.kernel_wanted = not why
         self._sedac = sedac
         sedac.final_norm = self.model.norm  # the shadow check's top-1: final norm, then vLLM's own LM head
         sedac.compute_logits = self.compute_logits
@@ -353,6 +362,14 @@ class SedacModelMixin(_VllmCausalLM):
                 mlp._sedac_down = mlp.down_proj.weight.detach().clone()
             logger.info("SEDAC soft exit: MLP channels ordered by importance in %d layers (and copied for "
                         "truncated computation)", len(self.model.layers))
+        if sedac is not None and sedac.kernel_wanted:
+            assert sedac.cfg.channels is not None  # kernel_wanted implies channels
+            t_in, t_mid = sedac.cfg.channels
+            nbytes = sum(channel_kernel.prepare(layer.mlp, t_in[i], t_mid[i])
+                         for i, layer in enumerate(self.model.layers))
+            logger.info("SEDAC channel soft exit: the MLP weights copied channel-major for the channel kernel "
+                        "(%.0f MiB more memory; the serving setting \"channel_kernel\": \"never\" saves it)",
+                        nbytes / 2**20)
         return loaded
 
 
@@ -372,8 +389,10 @@ def _measure_cost(model: Any, sedac: "state_mod.VllmSedac") -> None:
         return
     device = next(model.parameters()).device
     timed = [f if f is not None else mlp._sedac_full for f, mlp in zip(local, mlps)]
-    sedac.measure_cost(timed, model._sedac_hidden, model._sedac_dtype, device,
-                       get_tp_group().broadcast_object if tp > 1 else None)
+    broadcast = get_tp_group().broadcast_object if tp > 1 else None
+    sedac.measure_cost(timed, model._sedac_hidden, model._sedac_dtype, device, broadcast)
+    if sedac.kernel_wanted:
+        sedac.time_kernel(channel_kernel.runner(tp), broadcast)
 
 
 def _is_dummy_run() -> bool:

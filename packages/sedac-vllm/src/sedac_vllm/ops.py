@@ -6,6 +6,9 @@ traces the model, so no op is ever registered while a graph is traced.
 * ``sedac::skip_mlp(x, skip, keep, key, layer) -> Tensor``: one layer's MLP with the plan applied by
   the gather path (:meth:`VllmSedac.gather <sedac_vllm.state.VllmSedac.gather>`: the active rows only).
   Its output feeds the residual stream, so the compiler keeps it.
+* ``sedac::channel_mlp(x, key, layer) -> Tensor``: one layer's MLP through channel soft exit's kernel
+  (:meth:`VllmSedac.kernel_mlp <sedac_vllm.state.VllmSedac.kernel_mlp>`: reads only the weights of the
+  channels some row keeps; CPU only, never in a GPU graph).
 * ``sedac::finish(counter!, stream, positions, risk, signals, conf, first, row_skips, skipped, full, key)
   -> ()``: end of a forward, with the per-row and per-layer results the graph kept —
   statistics, trace, adaptive thresholds, decision log, online calibration. It has no output anyone
@@ -48,6 +51,14 @@ def _skip_mlp(x: torch.Tensor, skip: Optional[torch.Tensor], keep: Optional[torc
 def _skip_mlp_fake(x, skip, keep, key, layer):
     return torch.empty_like(x)
 
+
+def _channel_mlp(x: torch.Tensor, key: str, layer: int) -> torch.Tensor:
+    return state_mod.get(key).kernel_mlp(layer, x)
+
+
+def _channel_mlp_fake(x, key, layer):
+    return torch.empty_like(x)
+
 SPLITTING_OPS = ["sedac::skip_mlp", "sedac::finish"]
 """The ops vLLM's piecewise (GPU) compilation must split the graph at: they run eagerly, between
 CUDA-graph pieces, because their work depends on the data."""
@@ -69,6 +80,7 @@ def _finish_fake(counter, stream, positions, risk, signals, conf, first, row_ski
 # dead-code elimination keeps it. Never returns (a view of) ``x``.
 register_op("skip_mlp", "(Tensor x, Tensor? skip, Tensor? keep, str key, int layer) -> Tensor", _skip_mlp,
             _skip_mlp_fake)
+register_op("channel_mlp", "(Tensor x, str key, int layer) -> Tensor", _channel_mlp, _channel_mlp_fake)
 register_op("finish", "(Tensor(a!) counter, Tensor stream, Tensor positions, Tensor risk, Tensor signals, "
             "Tensor conf, Tensor first, Tensor row_skips, Tensor skipped, Tensor full, str key) -> ()",
             _finish, _finish_fake)

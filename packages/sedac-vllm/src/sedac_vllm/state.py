@@ -73,6 +73,14 @@ class VllmSedac:
         self.mlp_seconds = 0.0  # the MLP time of every counted forward, as the cost model predicts it
         self.ideal_saved_seconds = 0.0  # what the plans could have saved of it (weight reads counted)
         self.gathers = 0  # layer calls that took the gather path (the op)
+        # channel soft exit's kernel (see channel_kernel): kernel_rows[rows] says whether a layer's MLP on that
+        # many rows runs through it; read by the compiled graph, filled when the kernel is timed (before the
+        # first forward). None: the kernel is not used.
+        self.kernel_rows: Optional[torch.Tensor] = None
+        self.kernel_calls = 0  # layer calls that ran the kernel (the sedac::channel_mlp op)
+        self.kernel_timing: Dict[str, Any] = {}
+        self.run_kernel: Any = None  # f(mlp, x), set with kernel_rows
+        self.kernel_wanted = False  # set by the model: channels configured, the kernel can run this MLP
         self.mlps: Dict[int, Any] = {}  # the patched MLPs by layer (set by the model)
         # this forward's decider state, flowing from layer to layer inside the compiled graph. Always this one
         # dict, changed item by item and never rebound: dynamo (torch 2.13) loses a rebinding of an object's
@@ -224,7 +232,9 @@ class VllmSedac:
         * masked, in the graph: vLLM's own MLP on every row, skipped rows zeroed (a soft exit: every channel
           computed, each row's own count kept). Costs what a layer without exits costs;
         * gathered, in the ``sedac::skip_mlp`` op: the active rows only (grouped by channel count for a
-          soft exit), where the rows it removes save more than the op's own cost (``need``, measured).
+          soft exit), where the rows it removes save more than the op's own cost (``need``, measured), and
+          with channel soft exit at the batch sizes where the channel kernel runs (it runs there, on the
+          active rows).
 
         On CPU the choice is a ``torch.cond`` on the plan (compiled) or a Python branch (eager). On GPU,
         where vLLM splits the graph at SEDAC's ops and replays the pieces as CUDA graphs, a data-dependent
@@ -247,9 +257,28 @@ class VllmSedac:
         pays = skipped >= self.need[torch.sym_min(rows, self.max_rows)]
         if self.online is not None:  # the shadow check runs inside the op: every layer where rows skip goes there
             pays = skipped > 0
+        if self.kernel_rows is not None and mlp._sedac_channels is not None:
+            # at the batch sizes where the channel kernel runs, the op runs it (on the active rows only)
+            pays = pays | self.kernel_rows[torch.sym_min(rows, self.max_rows)]
         if torch.compiler.is_compiling():
             return torch.cond(pays, mlp._sedac_op, mlp._sedac_masked, (x, skip, keep, m))
         return mlp._sedac_op(x, skip, keep, m) if bool(pays) else mlp._sedac_masked(x, skip, keep, m)
+
+    def channel_mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        """A layer's MLP under channel soft exit, no row skipping: through the channel kernel (the
+        ``sedac::channel_mlp`` op) at the batch sizes where it measured faster, else masked in the graph.
+        Compiled, the choice is a ``torch.cond`` on the batch size (read from ``kernel_rows``, a tensor)."""
+        if self.kernel_rows is None:
+            return mlp._sedac_masked_mlp(x)
+        use = self.kernel_rows[torch.sym_min(x.shape[0], self.max_rows)]
+        if torch.compiler.is_compiling():
+            return torch.cond(use, mlp._sedac_kernel_op, mlp._sedac_masked_mlp, (x,))
+        return mlp._sedac_kernel_op(x) if bool(use) else mlp._sedac_masked_mlp(x)
+
+    def kernel_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The ``sedac::channel_mlp`` op's body (eager): the layer's MLP through the channel kernel."""
+        self.kernel_calls += 1
+        return self.run_kernel(self.mlps[layer], x)
 
     def gather(self, layer: int, x: torch.Tensor, skip: Optional[torch.Tensor],
                keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -257,6 +286,38 @@ class VllmSedac:
         mlp = self.mlps[layer]
         self.gathers += 1
         return self.runtime.apply(layer, x, skip, keep, mlp._sedac_full, mlp._sedac_truncated, mlp._sedac_inter)
+
+    def time_kernel(self, run: Any, broadcast: Any = None) -> None:
+        """Fill ``kernel_rows``: the batch sizes whose MLP runs through the channel kernel — up to where it
+        measured faster than the MLP's measured time (``channel_kernel`` ``auto``; rank 0's measurement
+        decides for every rank), or every size (``always``)."""
+        from . import channel_kernel
+
+        mlps = [self.mlps[i] for i in range(self.num_layers)]
+        self.run_kernel = run
+        measured: Dict[int, Any] = {}
+        if self.cfg.channel_kernel == "always":
+            upto = self.max_rows
+        elif not self.cost:
+            logger.info("SEDAC: the MLP's time could not be measured, so the channel kernel is not used")
+            return
+        else:
+            assert self.cfg.channel_sparsity is not None  # a config's channels carry their sparsities
+            cost = self.cost
+            upto, measured = channel_kernel.crossover(
+                mlps, lambda i, x: torch.ops.sedac.channel_mlp(x, self.key, i),
+                lambda r: float(cost.seconds(r)), *self.cfg.channel_sparsity)
+            self.kernel_calls = 0  # the timing's calls are not served ones
+            if broadcast is not None:
+                upto, measured = broadcast((upto, measured))
+        rows = torch.zeros(self.max_rows + 1, dtype=torch.bool)
+        rows[1:upto + 1] = True
+        self.kernel_rows = rows.to(self.need.device)
+        self.kernel_timing = {"up_to_rows": upto, "measured": {str(r): v for r, v in measured.items()}}
+        logger.info("SEDAC: channel kernel (reads only the kept channels' weights) at batch sizes up to %d "
+                    "(serving.channel_kernel=%s)%s", upto, self.cfg.channel_kernel, "".join(
+                        f"; {r} rows: kernel {1e6 * v['kernel_s']:.0f} us, dense {1e6 * v['dense_s']:.0f} us"
+                        for r, v in measured.items()))
 
     def measure_cost(self, local: Any, hidden: int, dtype: torch.dtype, device: torch.device,
                      broadcast: Any = None) -> MlpCost:
@@ -361,7 +422,7 @@ class VllmSedac:
         from sedac_vllm import __version__
 
         return {"version": __version__, "config": self.cfg.describe(), "layers": self.num_layers,
-                "signals": self.keep_signals, "online": self.cfg.online,
+                "signals": self.keep_signals, "online": self.cfg.online, "channel_kernel": self.kernel_wanted,
                 "rule": repr(getattr(self.decider, "rule", None)),
                 "probes": list(getattr(getattr(self.decider, "bank", None), "layers", ()) or ())}
 
@@ -405,6 +466,8 @@ class VllmSedac:
                     # have saved with a free gather path (weight reads counted: the byte-aware ideal)
                     mlp_seconds=self.mlp_seconds, ideal_saved_seconds=self.ideal_saved_seconds,
                     gathers=self.gathers, gather=self.cfg.gather,
+                    channel_kernel={"setting": self.cfg.channel_kernel, "calls": self.kernel_calls,
+                                    **self.kernel_timing},
                     cost=self.cost.to_json() if self.cost else None)
         if self.cfg.mode == "probe":
             base["thresholds"] = [float(t) for t in self.decider.probe_rule.thresholds.tolist()]
