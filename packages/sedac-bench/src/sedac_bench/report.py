@@ -219,6 +219,11 @@ def channel_vllm_lines(results: Dict[str, Any]) -> List[str]:
         how = "masked on the dense matrices: the channel kernel measured slower than the dense MLP at start-up"
     else:
         how = "masked on the dense matrices: the channel kernel did not run"
+    timed = next((r["kernel_measured"] for r in rows if r.get("kernel_measured")), None)
+    if timed:  # one engine's start-up timing: per layer call, the kernel (at the calibrated sparsities) and the MLP
+        how += "; one engine's start-up timing, µs per layer call, kernel / dense MLP: " + ", ".join(
+            f"{n} row{'s' if n != '1' else ''} {1e6 * v['kernel_s']:.0f} / {1e6 * v['dense_s']:.0f}"
+            for n, v in timed.items())
     L = [f"Served by vLLM compiled ({how}; against vanilla, median of paired rounds [min–max]); byte-aware ideal: "
          "the engine's measured MLP time less the weight share its rows need not read (the figures above):", "",
          "| workload | speed-up | byte-aware ideal | layer calls through the kernel | target | result |",

@@ -155,6 +155,7 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
                            "kernel_calls": (after.get("channel_kernel", {}).get("calls", 0)
                                             - before.get("channel_kernel", {}).get("calls", 0)),
                            "kernel_up_to_rows": after.get("channel_kernel", {}).get("up_to_rows"),
+                           "kernel_measured": after.get("channel_kernel", {}).get("measured"),
                            "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
             elif op == "top1":
                 top1 = _prompt_top1(llm, cmd["prompts"])

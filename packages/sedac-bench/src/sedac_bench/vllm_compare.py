@@ -304,7 +304,9 @@ class VllmStages(BenchState):
                              **realized_vs_ideal(speed, ideal), "byte_ideal_speedup": byte_ideal,
                              "byte_speedup_ratio": speed / byte_ideal if byte_ideal else None,
                              "gathers": gathers, "kernel_calls": kernel_calls,
-                             "kernel_up_to_rows": kernel_rows or None})
+                             "kernel_up_to_rows": kernel_rows or None,
+                             "kernel_measured": next((r["kernel_measured"] for r in runs if r.get("kernel_measured")),
+                                                     None)})
                 self.log(f"  {folder} {execution} {w['name']:36s} {name:24s} {speed:.3f}x "
                          f"[{min(paired):.3f}-{max(paired):.3f}] (FLOP ideal {ideal:.3f}x, byte-aware ideal "
                          f"{'n/a' if byte_ideal is None else f'{byte_ideal:.3f}x'}, skipped {skipped:.2%}, "
