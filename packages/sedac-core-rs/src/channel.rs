@@ -127,6 +127,63 @@ fn accumulate(
     accumulate_impl(acc, rows, n, src, src_stride, w, w_stride, c0, channels)
 }
 
+/// Per row, the entries `value(r, i)` for `i < width` that `t` keeps (the others zero), and the
+/// columns some row keeps, in increasing order.
+fn masked(
+    rows: usize,
+    width: usize,
+    t: f32,
+    value: impl Fn(usize, usize) -> f32,
+) -> (Vec<f32>, Vec<usize>) {
+    let mut out = vec![0.0f32; rows * width];
+    let mut active = Vec::with_capacity(width);
+    for i in 0..width {
+        let mut any = false;
+        for r in 0..rows {
+            let v = value(r, i);
+            if kept(v, t) {
+                out[r * width + i] = v;
+                any = true;
+            }
+        }
+        if any {
+            active.push(i);
+        }
+    }
+    (out, active)
+}
+
+/// `dst[r, :] = src[r, :] @ w` (`w` is `[_, width]`) summed over the rows of `w` listed in `channels`
+/// only; the output columns split into blocks of `block`, one parallel task each.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    src: &[f32],
+    rows: usize,
+    src_stride: usize,
+    w: &[f32],
+    width: usize,
+    channels: &[usize],
+    block: usize,
+    dst: &mut [f32],
+) {
+    let blocks: Vec<Vec<f32>> = (0..width.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let c0 = b * block;
+            let n = block.min(width - c0);
+            let mut acc = vec![0.0f32; rows * n];
+            accumulate(&mut acc, rows, n, src, src_stride, w, width, c0, channels);
+            acc
+        })
+        .collect();
+    for (b, acc) in blocks.iter().enumerate() {
+        let (c0, n) = (b * block, acc.len() / rows);
+        for r in 0..rows {
+            dst[r * width + c0..r * width + c0 + n].copy_from_slice(&acc[r * n..(r + 1) * n]);
+        }
+    }
+}
+
 /// `out = down(mask_mid(silu(g) * u))` with `[g | u] = gate_up(mask_in(x))`, per row.
 ///
 /// `x`: `[rows, hidden]`; `gate_up`: `[hidden, 2 * inter]` (channel-major, gate
@@ -168,80 +225,33 @@ pub fn gated_mlp(
         return Ok(Kept { input: 0, inner: 0 });
     }
 
-    // The masked input, and the channels some row keeps.
-    let mut xm = vec![0.0f32; rows * hidden];
-    let mut active_in = Vec::with_capacity(hidden);
-    for i in 0..hidden {
-        let mut any = false;
-        for r in 0..rows {
-            let v = x[r * hidden + i];
-            if kept(v, t_in) {
-                xm[r * hidden + i] = v;
-                any = true;
-            }
-        }
-        if any {
-            active_in.push(i);
-        }
-    }
-
-    // gate/up: each task owns a block of output columns, summing the kept rows in order.
-    let h_blocks: Vec<Vec<f32>> = (0..wide.div_ceil(GATE_UP_COLUMNS))
-        .into_par_iter()
-        .map(|b| {
-            let c0 = b * GATE_UP_COLUMNS;
-            let n = GATE_UP_COLUMNS.min(wide - c0);
-            let mut acc = vec![0.0f32; rows * n];
-            accumulate(
-                &mut acc, rows, n, &xm, hidden, gate_up, wide, c0, &active_in,
-            );
-            acc
-        })
-        .collect();
+    // the masked input and the channels some row keeps, then gate/up over those channels only
+    let (xm, active_in) = masked(rows, hidden, t_in, |r, i| x[r * hidden + i]);
     let mut h = vec![0.0f32; rows * wide];
-    for (b, block) in h_blocks.iter().enumerate() {
-        let c0 = b * GATE_UP_COLUMNS;
-        let n = block.len() / rows;
-        for r in 0..rows {
-            h[r * wide + c0..r * wide + c0 + n].copy_from_slice(&block[r * n..(r + 1) * n]);
-        }
-    }
-
-    // The activation, the inner mask, and the intermediate channels some row keeps.
-    let mut a = vec![0.0f32; rows * inter];
-    let mut active_mid = Vec::with_capacity(inter);
-    for k in 0..inter {
-        let mut any = false;
-        for r in 0..rows {
-            let v = silu(h[r * wide + k]) * h[r * wide + inter + k];
-            if kept(v, t_mid) {
-                a[r * inter + k] = v;
-                any = true;
-            }
-        }
-        if any {
-            active_mid.push(k);
-        }
-    }
-
-    // down: the same, over the kept intermediate channels.
-    let y_blocks: Vec<Vec<f32>> = (0..hidden.div_ceil(DOWN_COLUMNS))
-        .into_par_iter()
-        .map(|b| {
-            let c0 = b * DOWN_COLUMNS;
-            let n = DOWN_COLUMNS.min(hidden - c0);
-            let mut acc = vec![0.0f32; rows * n];
-            accumulate(&mut acc, rows, n, &a, inter, down, hidden, c0, &active_mid);
-            acc
-        })
-        .collect();
-    for (b, block) in y_blocks.iter().enumerate() {
-        let c0 = b * DOWN_COLUMNS;
-        let n = block.len() / rows;
-        for r in 0..rows {
-            out[r * hidden + c0..r * hidden + c0 + n].copy_from_slice(&block[r * n..(r + 1) * n]);
-        }
-    }
+    product(
+        &xm,
+        rows,
+        hidden,
+        gate_up,
+        wide,
+        &active_in,
+        GATE_UP_COLUMNS,
+        &mut h,
+    );
+    // the activation, the inner mask, and down over the intermediate channels some row keeps
+    let (a, active_mid) = masked(rows, inter, t_mid, |r, k| {
+        silu(h[r * wide + k]) * h[r * wide + inter + k]
+    });
+    product(
+        &a,
+        rows,
+        inter,
+        down,
+        hidden,
+        &active_mid,
+        DOWN_COLUMNS,
+        out,
+    );
     Ok(Kept {
         input: active_in.len(),
         inner: active_mid.len(),
