@@ -13,18 +13,35 @@
 //! read at all. The result is the masked dense MLP's (up to float rounding: the
 //! sums run in a different order than a GEMM's).
 //!
-//! Every output is a sum over the kept channels in increasing channel order,
-//! whatever the number of threads: the work is split over output columns, never
-//! over the summed channels, so results do not depend on the thread count.
+//! Every output is a sum over the kept channels in increasing channel order, in
+//! fixed chunks of kept channels whose partial sums are added in chunk order: the
+//! chunks follow the channel list, not the thread count, so results do not
+//! depend on the number of threads.
 //! Masks follow the float comparison `!(|v| < t)`: a NaN entry is kept (and makes
 //! its sums NaN, as in the dense MLP), a threshold of 0 keeps every entry.
 
 use rayon::prelude::*;
 
-/// Output columns per parallel task: 512 of gate/up's, 96 of down's (a task then
-/// reads 2 KiB or 384 B of each kept channel's row: whole cache lines).
-const GATE_UP_COLUMNS: usize = 512;
-const DOWN_COLUMNS: usize = 96;
+/// Floats at the start of a weight row fetched ahead of use (eight cache lines).
+const PREFETCH_FLOATS: usize = 128;
+
+#[inline(always)]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: a prefetch is a hint; the address is inside `data`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+/// Kept channels per parallel task (see [`product`]).
+const CHANNELS_PER_TASK: usize = 128;
 
 /// How many channels some row kept: `input` of the MLP's input (gate/up rows
 /// read), `inner` of the down projection's input (down rows read).
@@ -64,7 +81,17 @@ fn accumulate_impl(
 ) {
     let row = |c: usize| &w[c * w_stride + c0..c * w_stride + c0 + n];
     let mut groups = channels.chunks_exact(4);
+    let mut next = 4;
     for g in &mut groups {
+        // the next group's rows start where the CPU's prefetcher has no stream yet (a dropped channel
+        // leaves a gap): ask for their first cache lines now
+        for &c in channels
+            .get(next..(next + 4).min(channels.len()))
+            .unwrap_or(&[])
+        {
+            prefetch(&row(c)[..n.min(PREFETCH_FLOATS)]);
+        }
+        next += 4;
         let (w0, w1, w2, w3) = (row(g[0]), row(g[1]), row(g[2]), row(g[3]));
         for r in 0..rows {
             let s = &src[r * src_stride..(r + 1) * src_stride];
@@ -154,7 +181,10 @@ fn masked(
 }
 
 /// `dst[r, :] = src[r, :] @ w` (`w` is `[_, width]`) summed over the rows of `w` listed in `channels`
-/// only; the output columns split into blocks of `block`, one parallel task each.
+/// only. The listed channels split into chunks of [`CHANNELS_PER_TASK`], one parallel task each, which
+/// reads its channels' whole rows (one contiguous stream per channel, neighbours adjacent in memory:
+/// what lets the CPU prefetch) into a partial sum of its own; the partial sums are then added in chunk
+/// order. The chunks are fixed by the channel list, not by the thread count, so neither is the result.
 #[allow(clippy::too_many_arguments)]
 fn product(
     src: &[f32],
@@ -163,23 +193,20 @@ fn product(
     w: &[f32],
     width: usize,
     channels: &[usize],
-    block: usize,
     dst: &mut [f32],
 ) {
-    let blocks: Vec<Vec<f32>> = (0..width.div_ceil(block))
-        .into_par_iter()
-        .map(|b| {
-            let c0 = b * block;
-            let n = block.min(width - c0);
-            let mut acc = vec![0.0f32; rows * n];
-            accumulate(&mut acc, rows, n, src, src_stride, w, width, c0, channels);
+    let partials: Vec<Vec<f32>> = channels
+        .par_chunks(CHANNELS_PER_TASK)
+        .map(|chunk| {
+            let mut acc = vec![0.0f32; rows * width];
+            accumulate(&mut acc, rows, width, src, src_stride, w, width, 0, chunk);
             acc
         })
         .collect();
-    for (b, acc) in blocks.iter().enumerate() {
-        let (c0, n) = (b * block, acc.len() / rows);
-        for r in 0..rows {
-            dst[r * width + c0..r * width + c0 + n].copy_from_slice(&acc[r * n..(r + 1) * n]);
+    dst.fill(0.0);
+    for acc in &partials {
+        for (d, &p) in dst.iter_mut().zip(acc) {
+            *d += p;
         }
     }
 }
@@ -228,30 +255,12 @@ pub fn gated_mlp(
     // the masked input and the channels some row keeps, then gate/up over those channels only
     let (xm, active_in) = masked(rows, hidden, t_in, |r, i| x[r * hidden + i]);
     let mut h = vec![0.0f32; rows * wide];
-    product(
-        &xm,
-        rows,
-        hidden,
-        gate_up,
-        wide,
-        &active_in,
-        GATE_UP_COLUMNS,
-        &mut h,
-    );
+    product(&xm, rows, hidden, gate_up, wide, &active_in, &mut h);
     // the activation, the inner mask, and down over the intermediate channels some row keeps
     let (a, active_mid) = masked(rows, inter, t_mid, |r, k| {
         silu(h[r * wide + k]) * h[r * wide + inter + k]
     });
-    product(
-        &a,
-        rows,
-        inter,
-        down,
-        hidden,
-        &active_mid,
-        DOWN_COLUMNS,
-        out,
-    );
+    product(&a, rows, inter, down, hidden, &active_mid, out);
     Ok(Kept {
         input: active_in.len(),
         inner: active_mid.len(),
