@@ -108,10 +108,13 @@ def synthetic_inputs(kernels: Sequence[Any], rows: int, input_sparsity: Sequence
 
 
 def time_kernel(mlps: Sequence[Any], call: Callable[[int, torch.Tensor], Any], rows: int,
-                input_sparsity: Sequence[float], inner_sparsity: Sequence[float], repeats: int = 5) -> float:
+                input_sparsity: Sequence[float], inner_sparsity: Sequence[float], repeats: int = 5,
+                between: Optional[Callable[[int, torch.Tensor], Any]] = None) -> float:
     """Median seconds of one layer's ``call(layer, x)`` (the ``sedac::channel_mlp`` op as served) on
     ``rows`` rows at the calibrated sparsities (:func:`synthetic_inputs`; each MLP's kernel swapped for the
-    timing copy meanwhile), the layers called in turn (so the weights come from memory, as in a forward)."""
+    timing copy meanwhile), the layers called in turn (so the weights come from memory, as in a forward).
+    ``between(layer, x)``, untimed, runs before each call: torch's own work between two MLPs in a forward
+    (its OpenMP threads keep spinning for a while after it, and compete with the kernel's threads)."""
     cases = synthetic_inputs([m._sedac_kernel for m in mlps], rows, input_sparsity, inner_sparsity)
     xs = [torch.from_numpy(x) for _, x in cases]
     served = [m._sedac_kernel for m in mlps]
@@ -122,10 +125,14 @@ def time_kernel(mlps: Sequence[Any], call: Callable[[int, torch.Tensor], Any], r
         for i, x in enumerate(xs):  # warm-up
             call(i, x)
         for _ in range(repeats):
-            t = time.perf_counter()
+            spent = 0.0
             for i, x in enumerate(xs):
+                if between is not None:
+                    between(i, x)
+                t = time.perf_counter()
                 call(i, x)
-            times.append((time.perf_counter() - t) / len(xs))
+                spent += time.perf_counter() - t
+            times.append(spent / len(xs))
     finally:
         for m, k in zip(mlps, served):
             m._sedac_kernel = k
@@ -133,14 +140,15 @@ def time_kernel(mlps: Sequence[Any], call: Callable[[int, torch.Tensor], Any], r
 
 
 def crossover(mlps: Sequence[Any], call: Callable[[int, torch.Tensor], Any], dense_seconds: Callable[[int], float],
-              input_sparsity: Sequence[float], inner_sparsity: Sequence[float]) -> "tuple[int, dict]":
+              input_sparsity: Sequence[float], inner_sparsity: Sequence[float],
+              between: Optional[Callable[[int, torch.Tensor], Any]] = None) -> "tuple[int, dict]":
     """The largest batch size of :data:`TIMED_ROWS` up to which the kernel beat the dense MLP's measured time
     (``dense_seconds(rows)``) by :data:`MARGIN` at every size (0: none), and the times measured. Every size
     is timed whatever the results (with tensor parallelism each timed call all-reduces, so every rank must
     make the same calls)."""
     measured = {}
     for rows in TIMED_ROWS:
-        kernel = time_kernel(mlps, call, rows, input_sparsity, inner_sparsity)
+        kernel = time_kernel(mlps, call, rows, input_sparsity, inner_sparsity, between=between)
         measured[rows] = {"kernel_s": kernel, "dense_s": float(dense_seconds(rows))}
     best = 0
     for rows in TIMED_ROWS:

@@ -392,7 +392,7 @@ def _measure_cost(model: Any, sedac: "state_mod.VllmSedac") -> None:
     broadcast = get_tp_group().broadcast_object if tp > 1 else None
     sedac.measure_cost(timed, model._sedac_hidden, model._sedac_dtype, device, broadcast)
     if sedac.kernel_wanted:
-        sedac.time_kernel(channel_kernel.runner(tp), broadcast)
+        sedac.time_kernel(channel_kernel.runner(tp), broadcast, timed)
 
 
 def _is_dummy_run() -> bool:

@@ -287,10 +287,11 @@ class VllmSedac:
         self.gathers += 1
         return self.runtime.apply(layer, x, skip, keep, mlp._sedac_full, mlp._sedac_truncated, mlp._sedac_inter)
 
-    def time_kernel(self, run: Any, broadcast: Any = None) -> None:
+    def time_kernel(self, run: Any, broadcast: Any = None, dense: Any = None) -> None:
         """Fill ``kernel_rows``: the batch sizes whose MLP runs through the channel kernel — up to where it
         measured faster than the MLP's measured time (``channel_kernel`` ``auto``; rank 0's measurement
-        decides for every rank), or every size (``always``)."""
+        decides for every rank), or every size (``always``). ``dense``: every layer's MLP as timed for the
+        cost model, run untimed before each kernel call (the torch work around it in a forward)."""
         from . import channel_kernel
 
         mlps = [self.mlps[i] for i in range(self.num_layers)]
@@ -306,7 +307,8 @@ class VllmSedac:
             cost = self.cost
             upto, measured = channel_kernel.crossover(
                 mlps, lambda i, x: torch.ops.sedac.channel_mlp(x, self.key, i),
-                lambda r: float(cost.seconds(r)), *self.cfg.channel_sparsity)
+                lambda r: float(cost.seconds(r)), *self.cfg.channel_sparsity,
+                between=None if dense is None else lambda i, x: dense[i](x))
             self.kernel_calls = 0  # the timing's calls are not served ones
             if broadcast is not None:
                 upto, measured = broadcast((upto, measured))
