@@ -46,7 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--size", choices=("quick", "full"), default="quick",
                    help="quick: the demo (about 15 minutes on 2 cores; --no-vllm skips the vLLM part); full: every "
                         "stage and table (greedy generation, speculative drafts, HF wall-clock, soft-exit variants, "
-                        "vLLM at batch 1/4/16/64 compiled and eager; about an hour)")
+                        "vLLM at batch 1/4/16/64 compiled and eager; about two hours on 2 cores: each of the vLLM "
+                        "comparison's 4 rounds starts six compiled engines anew, about 20 minutes a round)")
     r.add_argument("--no-vllm", action="store_true", help="skip the vLLM throughput part")
     r.add_argument("--folders", default="llama", help="model folders for vLLM: llama, qwen2 or llama,qwen2")
     s = sub.add_parser("suite", help="the original SEDAC documents' test suite: quality, robustness, "
