@@ -62,24 +62,21 @@ fn kept(v: f32, t: f32) -> bool {
     v.abs() >= t || v.is_nan()
 }
 
-/// `acc[r, j] += Σ_c src[r, c] * w[c, c0 + j]` over `channels` in increasing order, for `j < n`: one
-/// block of output columns of `src @ w` restricted to the given rows of `w` (`[_, w_stride]`, row-major).
-/// Four channels per pass over the block (four weight rows streamed at once, the accumulator read and
-/// written once per four), the additions still one channel after another, so the sum is the sequential one.
-#[allow(clippy::too_many_arguments)]
+/// `acc[r, :] += Σ_c src[r, c] * w[c, :]` over `channels` in increasing order: `src @ w` restricted to
+/// the given rows of `w` (`[_, width]`, row-major). Four channels per pass (four weight rows streamed at
+/// once, the accumulator read and written once per four), the additions still one channel after
+/// another, so the sum is the sequential one.
 #[inline(always)]
 fn accumulate_impl(
     acc: &mut [f32],
     rows: usize,
-    n: usize,
     src: &[f32],
     src_stride: usize,
     w: &[f32],
-    w_stride: usize,
-    c0: usize,
+    width: usize,
     channels: &[usize],
 ) {
-    let row = |c: usize| &w[c * w_stride + c0..c * w_stride + c0 + n];
+    let row = |c: usize| &w[c * width..(c + 1) * width];
     let mut groups = channels.chunks_exact(4);
     let mut next = 4;
     for g in &mut groups {
@@ -89,14 +86,14 @@ fn accumulate_impl(
             .get(next..(next + 4).min(channels.len()))
             .unwrap_or(&[])
         {
-            prefetch(&row(c)[..n.min(PREFETCH_FLOATS)]);
+            prefetch(&row(c)[..width.min(PREFETCH_FLOATS)]);
         }
         next += 4;
         let (w0, w1, w2, w3) = (row(g[0]), row(g[1]), row(g[2]), row(g[3]));
         for r in 0..rows {
             let s = &src[r * src_stride..(r + 1) * src_stride];
             let (a0, a1, a2, a3) = (s[g[0]], s[g[1]], s[g[2]], s[g[3]]);
-            let out = &mut acc[r * n..(r + 1) * n];
+            let out = &mut acc[r * width..(r + 1) * width];
             for ((((o, &p), &q), &u), &v) in out.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3) {
                 *o = (((*o + a0 * p) + a1 * q) + a2 * u) + a3 * v;
             }
@@ -106,7 +103,7 @@ fn accumulate_impl(
         let wc = row(c);
         for r in 0..rows {
             let a0 = src[r * src_stride + c];
-            for (o, &p) in acc[r * n..(r + 1) * n].iter_mut().zip(wc) {
+            for (o, &p) in acc[r * width..(r + 1) * width].iter_mut().zip(wc) {
                 *o += a0 * p;
             }
         }
@@ -115,43 +112,35 @@ fn accumulate_impl(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn accumulate_avx2(
     acc: &mut [f32],
     rows: usize,
-    n: usize,
     src: &[f32],
     src_stride: usize,
     w: &[f32],
-    w_stride: usize,
-    c0: usize,
+    width: usize,
     channels: &[usize],
 ) {
-    accumulate_impl(acc, rows, n, src, src_stride, w, w_stride, c0, channels)
+    accumulate_impl(acc, rows, src, src_stride, w, width, channels)
 }
 
 /// [`accumulate_impl`] compiled for AVX2 where the CPU has it (8 floats per instruction; no fused
 /// multiply-add, so the values are the same as without it).
-#[allow(clippy::too_many_arguments)]
 fn accumulate(
     acc: &mut [f32],
     rows: usize,
-    n: usize,
     src: &[f32],
     src_stride: usize,
     w: &[f32],
-    w_stride: usize,
-    c0: usize,
+    width: usize,
     channels: &[usize],
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe {
-            accumulate_avx2(acc, rows, n, src, src_stride, w, w_stride, c0, channels)
-        };
+        return unsafe { accumulate_avx2(acc, rows, src, src_stride, w, width, channels) };
     }
-    accumulate_impl(acc, rows, n, src, src_stride, w, w_stride, c0, channels)
+    accumulate_impl(acc, rows, src, src_stride, w, width, channels)
 }
 
 /// Per row, the entries `value(r, i)` for `i < width` that `t` keeps (the others zero), and the
@@ -185,7 +174,6 @@ fn masked(
 /// reads its channels' whole rows (one contiguous stream per channel, neighbours adjacent in memory:
 /// what lets the CPU prefetch) into a partial sum of its own; the partial sums are then added in chunk
 /// order. The chunks are fixed by the channel list, not by the thread count, so neither is the result.
-#[allow(clippy::too_many_arguments)]
 fn product(
     src: &[f32],
     rows: usize,
@@ -199,7 +187,7 @@ fn product(
         .par_chunks(CHANNELS_PER_TASK)
         .map(|chunk| {
             let mut acc = vec![0.0f32; rows * width];
-            accumulate(&mut acc, rows, width, src, src_stride, w, width, 0, chunk);
+            accumulate(&mut acc, rows, src, src_stride, w, width, chunk);
             acc
         })
         .collect();

@@ -17,14 +17,11 @@ does; rank 0's timing decides for all ranks.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-
-logger = logging.getLogger("sedac_vllm")
 
 TIMED_ROWS = (1, 2, 4, 8)
 """Batch sizes the kernel is timed at on start-up, in order; it runs up to the last one before its first
