@@ -19,8 +19,105 @@
 //! depend on the number of threads.
 //! Masks follow the float comparison `!(|v| < t)`: a NaN entry is kept (and makes
 //! its sums NaN, as in the dense MLP), a threshold of 0 keeps every entry.
+//!
+//! The chunks run on rayon's pool, or, once [`set_parallel_for`] has been given
+//! one, through an external `parallel_for` such as torch's `torch_parallel_for`:
+//! inside a serving engine that puts them on the engine's own intra-op threads,
+//! under the thread count and CPU binding the engine gave them, instead of on a
+//! second pool of threads competing with the first for the same cores.
 
 use rayon::prelude::*;
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// The body an external `parallel_for` runs on a range of task indices.
+pub type ParallelBody = unsafe extern "C" fn(begin: i64, end: i64, ctx: *mut c_void);
+
+/// An external `parallel_for`: runs `body(b, e, ctx)` over sub-ranges `[b, e)` covering
+/// `[begin, end)` exactly once, on as many threads as it likes, and returns 0 on success. Torch's
+/// `torch_parallel_for` (exported by `libtorch_cpu` since torch 2.10) has this signature.
+pub type ParallelFor = unsafe extern "C" fn(
+    begin: i64,
+    end: i64,
+    grain_size: i64,
+    body: ParallelBody,
+    ctx: *mut c_void,
+) -> i32;
+
+/// The external `parallel_for`'s address; 0: rayon's pool.
+static PARALLEL_FOR: AtomicUsize = AtomicUsize::new(0);
+
+/// Where the kernel's parallel tasks run.
+#[derive(Clone, Copy)]
+pub enum Parallel {
+    /// rayon's global pool.
+    Rayon,
+    /// An external `parallel_for` (see [`ParallelFor`]).
+    External(ParallelFor),
+}
+
+/// Run [`gated_mlp`]'s tasks through the `parallel_for` at `address` (0: back to rayon's pool).
+///
+/// # Safety
+/// `address` must be 0 or the address of a function with the [`ParallelFor`] signature and contract,
+/// valid for as long as the process calls [`gated_mlp`].
+pub unsafe fn set_parallel_for(address: usize) {
+    PARALLEL_FOR.store(address, Ordering::SeqCst);
+}
+
+/// What [`set_parallel_for`] last set.
+pub fn parallel() -> Parallel {
+    match PARALLEL_FOR.load(Ordering::SeqCst) {
+        0 => Parallel::Rayon,
+        // SAFETY: `set_parallel_for`'s caller vouched for the address.
+        a => Parallel::External(unsafe { std::mem::transmute::<usize, ParallelFor>(a) }),
+    }
+}
+
+/// `task(i)` for every `i < n`, each exactly once, in parallel as `par` says.
+fn run_tasks(n: usize, par: Parallel, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
+    match par {
+        Parallel::Rayon => {
+            (0..n).into_par_iter().for_each(task);
+            Ok(())
+        }
+        Parallel::External(parallel_for) => {
+            struct Ctx<'a> {
+                task: &'a (dyn Fn(usize) + Sync),
+                panicked: AtomicBool,
+            }
+            unsafe extern "C" fn body(begin: i64, end: i64, ctx: *mut c_void) {
+                // SAFETY: `ctx` is the `Ctx` below, alive until `parallel_for` returns.
+                let ctx = unsafe { &*(ctx as *const Ctx) };
+                // a panic must not unwind into the caller's C++ frames
+                if catch_unwind(AssertUnwindSafe(|| {
+                    (begin..end).for_each(|i| (ctx.task)(i as usize))
+                }))
+                .is_err()
+                {
+                    ctx.panicked.store(true, Ordering::SeqCst);
+                }
+            }
+            let ctx = Ctx {
+                task,
+                panicked: AtomicBool::new(false),
+            };
+            // SAFETY: the contract of `ParallelFor`; `ctx` outlives the call.
+            let rc =
+                unsafe { parallel_for(0, n as i64, 1, body, &ctx as *const Ctx as *mut c_void) };
+            if rc != 0 {
+                return Err(format!(
+                    "the external parallel_for failed (error code {rc})"
+                ));
+            }
+            if ctx.panicked.load(Ordering::SeqCst) {
+                return Err("a kernel task panicked".into());
+            }
+            Ok(())
+        }
+    }
+}
 
 /// Floats at the start of a weight row fetched ahead of use (eight cache lines).
 const PREFETCH_FLOATS: usize = 128;
@@ -174,6 +271,7 @@ fn masked(
 /// reads its channels' whole rows (one contiguous stream per channel, neighbours adjacent in memory:
 /// what lets the CPU prefetch) into a partial sum of its own; the partial sums are then added in chunk
 /// order. The chunks are fixed by the channel list, not by the thread count, so neither is the result.
+#[allow(clippy::too_many_arguments)]
 fn product(
     src: &[f32],
     rows: usize,
@@ -182,27 +280,43 @@ fn product(
     width: usize,
     channels: &[usize],
     dst: &mut [f32],
-) {
-    let partials: Vec<Vec<f32>> = channels
-        .par_chunks(CHANNELS_PER_TASK)
-        .map(|chunk| {
-            let mut acc = vec![0.0f32; rows * width];
-            accumulate(&mut acc, rows, src, src_stride, w, width, chunk);
-            acc
-        })
-        .collect();
+    par: Parallel,
+) -> Result<(), String> {
+    let size = rows * width;
+    let tasks = channels.len().div_ceil(CHANNELS_PER_TASK);
+    let mut partials = vec![0.0f32; tasks * size];
+    /// The partial sums' base pointer, shared by the tasks (each writes only its own slice).
+    struct Base(*mut f32);
+    // SAFETY: the tasks write disjoint slices of the buffer it points into.
+    unsafe impl Sync for Base {}
+    impl Base {
+        fn at(&self, offset: usize) -> *mut f32 {
+            self.0.wrapping_add(offset)
+        }
+    }
+    let base = Base(partials.as_mut_ptr());
+    let task = |i: usize| {
+        let chunk =
+            &channels[i * CHANNELS_PER_TASK..((i + 1) * CHANNELS_PER_TASK).min(channels.len())];
+        // SAFETY: task `i` (run once) alone touches floats `i * size..(i + 1) * size`, inside the buffer.
+        let acc = unsafe { std::slice::from_raw_parts_mut(base.at(i * size), size) };
+        accumulate(acc, rows, src, src_stride, w, width, chunk);
+    };
+    run_tasks(tasks, par, &task)?;
     dst.fill(0.0);
-    for acc in &partials {
+    for acc in partials.chunks_exact(size.max(1)) {
         for (d, &p) in dst.iter_mut().zip(acc) {
             *d += p;
         }
     }
+    Ok(())
 }
 
 /// `out = down(mask_mid(silu(g) * u))` with `[g | u] = gate_up(mask_in(x))`, per row.
 ///
 /// `x`: `[rows, hidden]`; `gate_up`: `[hidden, 2 * inter]` (channel-major, gate
-/// outputs first); `down`: `[inter, hidden]`; `out`: `[rows, hidden]`, written.
+/// outputs first); `down`: `[inter, hidden]`; `out`: `[rows, hidden]`, written. The tasks run as
+/// `par` says ([`parallel`]: what [`set_parallel_for`] chose).
 #[allow(clippy::too_many_arguments)]
 pub fn gated_mlp(
     x: &[f32],
@@ -214,6 +328,7 @@ pub fn gated_mlp(
     t_in: f32,
     t_mid: f32,
     out: &mut [f32],
+    par: Parallel,
 ) -> Result<Kept, String> {
     let wide = 2 * inter;
     if x.len() != rows * hidden || out.len() != rows * hidden {
@@ -243,12 +358,12 @@ pub fn gated_mlp(
     // the masked input and the channels some row keeps, then gate/up over those channels only
     let (xm, active_in) = masked(rows, hidden, t_in, |r, i| x[r * hidden + i]);
     let mut h = vec![0.0f32; rows * wide];
-    product(&xm, rows, hidden, gate_up, wide, &active_in, &mut h);
+    product(&xm, rows, hidden, gate_up, wide, &active_in, &mut h, par)?;
     // the activation, the inner mask, and down over the intermediate channels some row keeps
     let (a, active_mid) = masked(rows, inter, t_mid, |r, k| {
         silu(h[r * wide + k]) * h[r * wide + inter + k]
     });
-    product(&a, rows, inter, down, hidden, &active_mid, out);
+    product(&a, rows, inter, down, hidden, &active_mid, out, par)?;
     Ok(Kept {
         input: active_in.len(),
         inner: active_mid.len(),
@@ -320,8 +435,19 @@ mod tests {
             let dn = pseudo(inter * hidden, 3);
             for &(t_in, t_mid) in &[(0.0, 0.0), (0.3, 0.0), (0.0, 0.5), (0.5, 1.0), (2.0, 0.0)] {
                 let mut out = vec![f32::NAN; rows * hidden];
-                let kept =
-                    gated_mlp(&x, rows, hidden, inter, &gu, &dn, t_in, t_mid, &mut out).unwrap();
+                let kept = gated_mlp(
+                    &x,
+                    rows,
+                    hidden,
+                    inter,
+                    &gu,
+                    &dn,
+                    t_in,
+                    t_mid,
+                    &mut out,
+                    Parallel::Rayon,
+                )
+                .unwrap();
                 assert!(kept.input <= hidden && kept.inner <= inter);
                 let want = reference(&x, rows, hidden, inter, &gu, &dn, t_in, t_mid);
                 for (o, w) in out.iter().zip(&want) {
@@ -340,7 +466,7 @@ mod tests {
         let x = [1.0, 0.1, 0.0, 0.0, 0.1, -1.0];
         let (gu, dn) = (vec![1.0f32; 3 * 4], vec![1.0f32; 2 * 3]);
         let mut out = [0.0f32; 6];
-        let kept = gated_mlp(&x, 2, 3, 2, &gu, &dn, 0.5, 0.0, &mut out).unwrap();
+        let kept = gated_mlp(&x, 2, 3, 2, &gu, &dn, 0.5, 0.0, &mut out, Parallel::Rayon).unwrap();
         assert_eq!(kept.input, 2);
         assert_eq!(kept.inner, 2);
     }
@@ -350,10 +476,22 @@ mod tests {
         let x = [f32::NAN, 0.0];
         let (gu, dn) = (vec![1.0f32; 2 * 2], vec![1.0f32; 2]);
         let mut out = [0.0f32; 2];
-        let kept = gated_mlp(&x, 1, 2, 1, &gu, &dn, 10.0, 0.0, &mut out).unwrap();
+        let kept = gated_mlp(&x, 1, 2, 1, &gu, &dn, 10.0, 0.0, &mut out, Parallel::Rayon).unwrap();
         assert_eq!(kept.input, 1);
         assert!(out.iter().all(|v| v.is_nan()));
-        let kept = gated_mlp(&[0.0, 0.0], 1, 2, 1, &gu, &dn, 0.0, 0.0, &mut out).unwrap();
+        let kept = gated_mlp(
+            &[0.0, 0.0],
+            1,
+            2,
+            1,
+            &gu,
+            &dn,
+            0.0,
+            0.0,
+            &mut out,
+            Parallel::Rayon,
+        )
+        .unwrap();
         assert_eq!((kept.input, kept.inner), (2, 1));
         assert_eq!(out, [0.0, 0.0]);
     }
@@ -361,8 +499,32 @@ mod tests {
     #[test]
     fn wrong_lengths_are_errors() {
         let mut out = [0.0f32; 2];
-        assert!(gated_mlp(&[0.0; 3], 1, 2, 1, &[0.0; 4], &[0.0; 2], 0.0, 0.0, &mut out).is_err());
-        assert!(gated_mlp(&[0.0; 2], 1, 2, 1, &[0.0; 3], &[0.0; 2], 0.0, 0.0, &mut out).is_err());
+        assert!(gated_mlp(
+            &[0.0; 3],
+            1,
+            2,
+            1,
+            &[0.0; 4],
+            &[0.0; 2],
+            0.0,
+            0.0,
+            &mut out,
+            Parallel::Rayon
+        )
+        .is_err());
+        assert!(gated_mlp(
+            &[0.0; 2],
+            1,
+            2,
+            1,
+            &[0.0; 3],
+            &[0.0; 2],
+            0.0,
+            0.0,
+            &mut out,
+            Parallel::Rayon
+        )
+        .is_err());
     }
 
     #[test]
@@ -378,10 +540,80 @@ mod tests {
                 .unwrap();
             let mut out = vec![0.0f32; rows * hidden];
             pool.install(|| {
-                gated_mlp(&x, rows, hidden, inter, &gu, &dn, 0.2, 0.1, &mut out).unwrap()
+                gated_mlp(
+                    &x,
+                    rows,
+                    hidden,
+                    inter,
+                    &gu,
+                    &dn,
+                    0.2,
+                    0.1,
+                    &mut out,
+                    Parallel::Rayon,
+                )
+                .unwrap()
             });
             out
         };
         assert_eq!(run(1), run(3));
+    }
+
+    /// A `parallel_for` as torch's: the range in two halves, each on its own thread.
+    unsafe extern "C" fn two_threads(
+        begin: i64,
+        end: i64,
+        _grain: i64,
+        body: ParallelBody,
+        ctx: *mut c_void,
+    ) -> i32 {
+        let (mid, ctx) = ((begin + end) / 2, ctx as usize);
+        std::thread::scope(|s| {
+            for (b, e) in [(begin, mid), (mid, end)] {
+                // SAFETY: the contract of `ParallelBody`, as `run_tasks` passes it.
+                s.spawn(move || unsafe { body(b, e, ctx as *mut c_void) });
+            }
+        });
+        0
+    }
+
+    unsafe extern "C" fn refuses(_: i64, _: i64, _: i64, _: ParallelBody, _: *mut c_void) -> i32 {
+        7
+    }
+
+    #[test]
+    fn an_external_parallel_for_gives_the_same_result() {
+        let (rows, hidden, inter) = (3, 576, 1536);
+        let x = pseudo(rows * hidden, 7);
+        let gu = pseudo(hidden * 2 * inter, 8);
+        let dn = pseudo(inter * hidden, 9);
+        let run = |par| {
+            let mut out = vec![f32::NAN; rows * hidden];
+            let kept = gated_mlp(&x, rows, hidden, inter, &gu, &dn, 0.1, 0.05, &mut out, par);
+            (kept.unwrap(), out)
+        };
+        assert_eq!(run(Parallel::Rayon), run(Parallel::External(two_threads)));
+    }
+
+    #[test]
+    fn a_failing_parallel_for_is_an_error() {
+        let (gu, dn) = (vec![1.0f32; 2 * 2], vec![1.0f32; 2]);
+        let mut out = [0.0f32; 2];
+        let err = gated_mlp(
+            &[1.0, 1.0],
+            1,
+            2,
+            1,
+            &gu,
+            &dn,
+            0.0,
+            0.0,
+            &mut out,
+            Parallel::External(refuses),
+        );
+        assert_eq!(
+            err.unwrap_err(),
+            "the external parallel_for failed (error code 7)"
+        );
     }
 }

@@ -13,7 +13,7 @@ use crate::channel;
 use crate::decide::{self, ProbeParams, Rule};
 use crate::replay::{self, Counts, MonitorConfig, ProbeConfig};
 use pyo3::buffer::{Element, PyBuffer};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 fn buffer<T: Element>(
@@ -223,10 +223,30 @@ fn gated_mlp(
             t_in,
             t_mid,
             unsafe { view_mut(&o) },
+            channel::parallel(),
         )
     })
     .map(|k| (k.input, k.inner))
-    .map_err(shape_error)
+    // the shapes were checked above: what fails here is running the tasks
+    .map_err(PyRuntimeError::new_err)
+}
+
+/// Run `gated_mlp`'s parallel tasks through the C function at `address`, which must have the
+/// signature and contract of torch's `torch_parallel_for` (see `channel::ParallelFor`) and stay loaded
+/// for the life of the process; 0: on rayon's pool (the default).
+#[pyfunction]
+fn set_parallel_for(address: usize) {
+    // SAFETY: the caller's promise above; `sedac_core.set_parallel_for` documents it.
+    unsafe { channel::set_parallel_for(address) }
+}
+
+/// Where `gated_mlp`'s tasks run: "rayon" or "external".
+#[pyfunction]
+fn parallel_for() -> &'static str {
+    match channel::parallel() {
+        channel::Parallel::Rayon => "rayon",
+        channel::Parallel::External(_) => "external",
+    }
 }
 
 #[pyfunction]
@@ -533,6 +553,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(replay_monitor, m)?)?;
     m.add_function(wrap_pyfunction!(replay_probe, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(set_parallel_for, m)?)?;
+    m.add_function(wrap_pyfunction!(parallel_for, m)?)?;
     m.add_class::<ThresholdState>()?;
     Ok(())
 }

@@ -6,6 +6,8 @@ dense MLP) and a float64 reference up to float rounding; it never reads a weight
 bad arguments get the same error from both backends.
 """
 
+import ctypes
+
 import numpy as np
 import pytest
 from conftest import on_both
@@ -161,3 +163,73 @@ def test_channel_mlp_is_gated_mlp_with_the_checks_done_once(backend):
         mlp(x.astype(np.float64), out)
     with pytest.raises(ValueError):
         sc.ChannelMlp(gate_up, down, -1.0)
+
+
+# A C `parallel_for` with torch's `torch_parallel_for` contract, written with ctypes: it runs the tasks one
+# at a time in reverse order (the result must not depend on the order the tasks run in), or refuses.
+_BODY = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
+_PARALLEL_FOR = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _BODY,
+                                 ctypes.c_void_p)
+_tasks_run = []
+
+
+@_PARALLEL_FOR
+def _reversed(begin, end, grain, body, ctx):
+    for i in reversed(range(begin, end)):
+        _tasks_run.append(i)
+        body(i, i + 1, ctx)
+    return 0
+
+
+@_PARALLEL_FOR
+def _refuses(begin, end, grain, body, ctx):
+    return 3
+
+
+def _address(fn):
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+@pytest.fixture
+def rust_on_rayon_afterwards():
+    previous = sc.backend()
+    sc.set_backend("rust")
+    yield
+    sc.set_parallel_for(None)
+    assert sc.parallel_for() == "rayon"
+    sc.set_backend(previous)
+
+
+def test_an_external_parallel_for_runs_the_tasks_with_the_same_result(rust_on_rayon_afterwards):
+    rng = np.random.default_rng(2)
+    gate_up, down = rng.standard_normal((2 * 700, 576)).astype(F32), rng.standard_normal((576, 700)).astype(F32)
+    x = rng.standard_normal((2, 576)).astype(F32)
+    gu, dn = sc.channel_major(gate_up, down)
+    assert sc.parallel_for() == "rayon"
+    want = sc.gated_mlp(x, gu, dn, 0.3, 0.1)
+    sc.set_parallel_for(_address(_reversed))
+    assert sc.parallel_for() == "external"
+    _tasks_run.clear()
+    got = sc.gated_mlp(x, gu, dn, 0.3, 0.1)
+    # gate/up's kept input channels and down's kept channels, in chunks of 128: several tasks each
+    assert len(_tasks_run) >= 4 and _tasks_run[0] > _tasks_run[1]
+    np.testing.assert_array_equal(got.out, want.out)
+    assert (got.kept_input, got.kept_inner) == (want.kept_input, want.kept_inner)
+
+
+def test_a_failing_parallel_for_is_an_error(rust_on_rayon_afterwards):
+    gu, dn = sc.channel_major(np.ones((4, 3), F32), np.ones((3, 2), F32))
+    sc.set_parallel_for(_address(_refuses))
+    with pytest.raises(RuntimeError, match=r"parallel_for failed \(error code 3\)"):
+        sc.gated_mlp(np.ones((1, 3), F32), gu, dn)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "0x10"])
+def test_set_parallel_for_takes_an_address_or_none(bad):
+    with pytest.raises(ValueError, match="address must be None or a function's address"):
+        sc.set_parallel_for(bad)
+
+
+def test_the_numpy_backend_has_no_tasks_to_place(backend):
+    sc.set_parallel_for(None)
+    assert sc.parallel_for() == ("numpy" if backend == "python" else "rayon")

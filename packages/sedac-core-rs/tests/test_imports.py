@@ -7,7 +7,7 @@ def test_public_api_is_pinned():
     assert sorted(sedac_core.__all__) == sorted([
         "ENVIRONMENT", "MIN_THRESHOLD", "SCOPES", "ProbeController", "ExitDecisions", "LayerConfig", "MonitorRule",
         "ProbeRule", "Trace", "__version__", "backend", "calibrate_thresholds", "consecutive_exit", "replay",
-        "set_backend", "ChannelMlp", "GatedMlp", "channel_major", "gated_mlp",
+        "set_backend", "ChannelMlp", "GatedMlp", "channel_major", "gated_mlp", "parallel_for", "set_parallel_for",
     ])
     for name in sedac_core.__all__:
         assert hasattr(sedac_core, name), name

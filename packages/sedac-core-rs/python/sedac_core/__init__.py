@@ -21,7 +21,9 @@ from ._api import (
     channel_major,
     consecutive_exit,
     gated_mlp,
+    parallel_for,
     replay,
+    set_parallel_for,
 )
 from ._backend import ENV, __version__, backend, set_backend
 
@@ -48,6 +50,8 @@ __all__ = [
     "channel_major",
     "consecutive_exit",
     "gated_mlp",
+    "parallel_for",
     "replay",
     "set_backend",
+    "set_parallel_for",
 ]

@@ -642,6 +642,26 @@ def gated_mlp(x: Any, gate_up: np.ndarray, down: np.ndarray, t_in: float = 0.0, 
     return GatedMlp(out, int(kept[0]), int(kept[1]))
 
 
+def set_parallel_for(address: Optional[int]) -> None:
+    """Where :func:`gated_mlp`'s parallel tasks run: on rayon's thread pool (``None``, the default), or through
+    the C function at ``address``, which must have the signature and contract of torch's
+    ``torch_parallel_for`` (exported by ``libtorch_cpu`` since torch 2.10: ``int32 f(int64 begin, int64 end,
+    int64 grain_size, void (*body)(int64, int64, void *), void *ctx)``, 0 on success) and stay loaded while
+    the process runs. Inside a serving engine that puts the tasks on the engine's own intra-op threads, with
+    the thread count and CPU binding the engine chose, rather than on a second pool competing with the first
+    for the same cores. Process-wide. The numpy backend has no tasks (numpy's matmul computes it) and keeps
+    nothing. The results are the same either way: the tasks are fixed by the kept channels, not the threads."""
+    if address is not None and (isinstance(address, bool) or not isinstance(address, int) or address <= 0):
+        raise ValueError(f"address must be None or a function's address (an int > 0), got {address!r}")
+    _backend.kernel().set_parallel_for(address or 0)
+
+
+def parallel_for() -> str:
+    """Where :func:`gated_mlp`'s tasks run now: ``"rayon"``, ``"external"`` (see :func:`set_parallel_for`) or,
+    on the numpy backend, ``"numpy"``."""
+    return str(_backend.kernel().parallel_for())
+
+
 class ChannelMlp:
     """One gated MLP prepared for :func:`gated_mlp`'s kernel: its weights copied once into the channel-major
     layout (see :func:`channel_major`) and its two thresholds, checked once, so a call checks nothing in

@@ -72,6 +72,8 @@ def replay_probe(
     out_unsafe: np.ndarray,  # int64 [configs], written
 ) -> None: ...
 def num_threads() -> int: ...
+def set_parallel_for(address: int) -> None: ...  # a torch_parallel_for-like C function, or 0: rayon
+def parallel_for() -> str: ...  # "rayon" or "external"
 
 class ThresholdState:
     def __init__(

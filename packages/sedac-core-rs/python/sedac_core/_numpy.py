@@ -269,3 +269,11 @@ def replay_probe(risk, safe, layer_of, num_layers, thresholds, targets, weights,
 
 def num_threads():
     return 1
+
+
+def set_parallel_for(address):
+    """No tasks to place: numpy's matmul computes :func:`gated_mlp` (see ``sedac_core.set_parallel_for``)."""
+
+
+def parallel_for():
+    return "numpy"
