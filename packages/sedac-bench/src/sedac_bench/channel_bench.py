@@ -26,6 +26,8 @@ from cache):
   channel-major weights whose channel some row keeps, with thresholds that keep a random ``keep`` of each
   row's input entries and of its down projection input's (per row: at batch > 1 the rows' union is read,
   printed as ``read``); ``sedac-core kernel, all kept`` the same with every entry kept (its dense speed).
+  Each on rayon's thread pool and, where torch exports ``torch_parallel_for`` (torch >= 2.10), on torch's
+  intra-op threads (``torch threads``: how sedac-vllm runs it inside vLLM).
 
 The MLP's input and the down projection's input are both sparse at ``keep`` (gate/up read ``keep`` of
 their input rows, down ``keep`` of its channel rows). Printed: median microseconds per layer for each, and
@@ -120,7 +122,7 @@ def _variants(layers: int, keep: float, rows: int, seed: int = 0) -> Dict[str, C
 def _kernel_variants(gate_up: Sequence[torch.Tensor], down: Sequence[torch.Tensor], rows: int,
                      keep: float) -> Dict[str, Callable[[], torch.Tensor]]:
     import sedac_core
-    from sedac_vllm.channel_kernel import synthetic_inputs
+    from sedac_vllm.channel_kernel import synthetic_inputs, torch_parallel_for
 
     kernels = [sedac_core.ChannelMlp(gu.numpy(), d.numpy()) for gu, d in zip(gate_up, down)]
     # as sedac-vllm times it at start-up: each row keeps a random `keep` of its input entries, and each
@@ -130,18 +132,23 @@ def _kernel_variants(gate_up: Sequence[torch.Tensor], down: Sequence[torch.Tenso
     kept_in, kept_mid = cases[0][0](cases[0][1], out)
     _KERNEL_READ[rows] = (kept_in / HIDDEN + 2 * kept_mid / INTERMEDIATE) / 3
 
-    def kernel() -> torch.Tensor:
-        for k, x in cases:
-            k(x, out)
-        return torch.from_numpy(out)
-
     ones = np.ones((rows, HIDDEN), dtype=np.float32)
+    torch_threads, _ = torch_parallel_for()
 
-    def kernel_all() -> torch.Tensor:
-        for k in kernels:
-            k(ones, out)
-        return torch.from_numpy(out)
-    return {"sedac-core kernel": kernel, "sedac-core kernel, all kept": kernel_all}
+    def on(address: Any, inputs: Any) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            sedac_core.set_parallel_for(address)
+            for k, x in inputs:
+                k(x, out)
+            return torch.from_numpy(out)
+        return run
+
+    every = [(k, ones) for k in kernels]
+    variants = {"sedac-core kernel": on(None, cases), "sedac-core kernel, all kept": on(None, every)}
+    if torch_threads:
+        variants.update({"sedac-core kernel, torch threads": on(torch_threads, cases),
+                         "sedac-core kernel, all kept, torch threads": on(torch_threads, every)})
+    return variants
 
 
 _KERNEL_READ: Dict[int, float] = {}
@@ -214,9 +221,12 @@ def main(argv: Sequence[str] = ()) -> int:
     for r in result:
         us = r["us_per_layer"]  # type: ignore[assignment]
         fastest = min((name for name in us if "dense" in name), key=us.__getitem__)
-        print(f"batch {r['rows']}: the sedac-core kernel, reading {r['kernel_read']:.0%} of the weights, runs at "
-              f"{us[fastest] / us['sedac-core kernel']:.3f}x the fastest dense variant ({fastest}); with every "
-              f"channel kept at {us[fastest] / us['sedac-core kernel, all kept']:.3f}x")
+        for threads in ("", ", torch threads"):
+            kernel, every = f"sedac-core kernel{threads}", f"sedac-core kernel, all kept{threads}"
+            if kernel in us:
+                print(f"batch {r['rows']}: the sedac-core kernel{threads or ', rayon'}, reading "
+                      f"{r['kernel_read']:.0%} of the weights, runs at {us[fastest] / us[kernel]:.3f}x the fastest "
+                      f"dense variant ({fastest}); with every channel kept at {us[fastest] / us[every]:.3f}x")
     return 0
 
 
