@@ -498,7 +498,6 @@ def test_channel_soft_exit_with_exits_equals_the_hf_reference(e2e, execution):
     kernel = stats["channel_kernel"]
     if execution == "compiled":  # through the channel kernel (torch.cond -> sedac::channel_mlp) at every layer
         assert kernel["setting"] == "always" and kernel["calls"] > 5 * stats["forwards"], kernel
-        assert kernel["threads"].startswith("torch's intra-op threads"), kernel  # not a second thread pool
     else:  # masked on the dense matrices
         assert kernel["setting"] == "never" and kernel["calls"] == 0, kernel
     vanilla = r["vanilla"]["together"]

@@ -97,8 +97,6 @@ def test_three_ranks_serve_what_one_rank_serves(tp, execution):
     assert three["tokens"] != tp[f"vanilla-tp3@{execution}"]["together"]["tokens"]  # SEDAC acted
     kernel = tp[f"sedac-tp3@{execution}"]["stats"]["channel_kernel"]
     assert (kernel["calls"] > 0) == (execution == "compiled"), kernel  # compiled: the channel kernel ran
-    if execution == "compiled":  # each rank's tasks on its own torch threads
-        assert kernel["threads"].startswith("torch's intra-op threads"), kernel
     # logprobs: the same tokens scored alike (all-reduce order may move the last bits)
     if sedac_gap == 0:
         np.testing.assert_allclose(np.concatenate(one["logprobs"]), np.concatenate(three["logprobs"]), atol=1e-3)

@@ -26,8 +26,8 @@ from cache):
   channel-major weights whose channel some row keeps, with thresholds that keep a random ``keep`` of each
   row's input entries and of its down projection input's (per row: at batch > 1 the rows' union is read,
   printed as ``read``); ``sedac-core kernel, all kept`` the same with every entry kept (its dense speed).
-  Each on rayon's thread pool and, where torch exports ``torch_parallel_for`` (torch >= 2.10), on torch's
-  intra-op threads (``torch threads``: how sedac-vllm runs it inside vLLM).
+  Each on rayon's thread pool (how sedac-vllm serves it) and, where torch exports ``torch_parallel_for``
+  (torch >= 2.10), on torch's intra-op threads (``torch threads``, ``sedac_core.set_parallel_for``).
 
 The MLP's input and the down projection's input are both sparse at ``keep`` (gate/up read ``keep`` of
 their input rows, down ``keep`` of its channel rows). Printed: median microseconds per layer for each, and
@@ -122,7 +122,7 @@ def _variants(layers: int, keep: float, rows: int, seed: int = 0) -> Dict[str, C
 def _kernel_variants(gate_up: Sequence[torch.Tensor], down: Sequence[torch.Tensor], rows: int,
                      keep: float) -> Dict[str, Callable[[], torch.Tensor]]:
     import sedac_core
-    from sedac_vllm.channel_kernel import synthetic_inputs, torch_parallel_for
+    from sedac_vllm.channel_kernel import synthetic_inputs
 
     kernels = [sedac_core.ChannelMlp(gu.numpy(), d.numpy()) for gu, d in zip(gate_up, down)]
     # as sedac-vllm times it at start-up: each row keeps a random `keep` of its input entries, and each
@@ -133,7 +133,7 @@ def _kernel_variants(gate_up: Sequence[torch.Tensor], down: Sequence[torch.Tenso
     _KERNEL_READ[rows] = (kept_in / HIDDEN + 2 * kept_mid / INTERMEDIATE) / 3
 
     ones = np.ones((rows, HIDDEN), dtype=np.float32)
-    torch_threads, _ = torch_parallel_for()
+    torch_threads = _torch_parallel_for()
 
     def on(address: Any, inputs: Any) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
@@ -149,6 +149,20 @@ def _kernel_variants(gate_up: Sequence[torch.Tensor], down: Sequence[torch.Tenso
         variants.update({"sedac-core kernel, torch threads": on(torch_threads, cases),
                          "sedac-core kernel, all kept, torch threads": on(torch_threads, every)})
     return variants
+
+
+def _torch_parallel_for() -> Any:
+    """The address of torch's ``torch_parallel_for`` (a C function ``libtorch_cpu`` exports since torch 2.10,
+    running a range's chunks on torch's intra-op threads: see ``sedac_core.set_parallel_for``), or None."""
+    import ctypes
+    import os
+
+    try:  # the library torch already loaded (RTLD_NOLOAD: never a second copy)
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"),
+                          mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        return ctypes.cast(lib.torch_parallel_for, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 _KERNEL_READ: Dict[int, float] = {}

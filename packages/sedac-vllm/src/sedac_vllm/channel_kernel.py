@@ -69,35 +69,6 @@ def prepare(mlp: Any, t_in: float, t_mid: float) -> int:
     return mlp._sedac_kernel.nbytes
 
 
-def torch_parallel_for() -> "tuple[Optional[int], str]":
-    """The address of torch's ``torch_parallel_for`` (a C function ``libtorch_cpu`` exports since torch 2.10,
-    which runs a range's chunks on torch's intra-op threads), or None and why not."""
-    import ctypes
-    import os
-
-    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    try:  # the library torch already loaded (RTLD_NOLOAD: never a second copy)
-        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        return ctypes.cast(lib.torch_parallel_for, ctypes.c_void_p).value, ""
-    except (OSError, AttributeError) as exc:
-        return None, f"torch's parallel_for not found: {exc}"
-
-
-def use_torch_threads() -> str:
-    """Run the kernel's parallel tasks on torch's intra-op threads (:func:`torch_parallel_for`), so they get the
-    thread count and CPU binding vLLM gave torch's threads. On rayon's own pool they would compete with
-    torch's threads for the same cores: vLLM pins each CPU worker's threads to its cores (and on a machine with
-    few cores keeps one for its front end), and threads made by a pinned thread inherit its pin. Returns where
-    the tasks run, for the log."""
-    import sedac_core
-
-    address, why = torch_parallel_for()
-    if address is None:
-        return f"rayon's pool ({why})"
-    sedac_core.set_parallel_for(address)
-    return f"torch's intra-op threads ({torch.get_num_threads()})"
-
-
 def runner(tp: int) -> Callable[[Any, torch.Tensor], torch.Tensor]:
     """``f(mlp, x)``: the MLP through the kernel (plus the all-reduce of the partial sums with ``tp`` > 1)."""
     reduce: Any = None

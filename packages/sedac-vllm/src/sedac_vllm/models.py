@@ -367,10 +367,9 @@ class SedacModelMixin(_VllmCausalLM):
             t_in, t_mid = sedac.cfg.channels
             nbytes = sum(channel_kernel.prepare(layer.mlp, t_in[i], t_mid[i])
                          for i, layer in enumerate(self.model.layers))
-            sedac.kernel_threads = channel_kernel.use_torch_threads()
             logger.info("SEDAC channel soft exit: the MLP weights copied channel-major for the channel kernel "
-                        "(%.0f MiB more memory; the serving setting \"channel_kernel\": \"never\" saves it); "
-                        "its tasks run on %s", nbytes / 2**20, sedac.kernel_threads)
+                        "(%.0f MiB more memory; the serving setting \"channel_kernel\": \"never\" saves it)",
+                        nbytes / 2**20)
         return loaded
 
 

@@ -79,7 +79,6 @@ class VllmSedac:
         self.kernel_rows: Optional[torch.Tensor] = None
         self.kernel_calls = 0  # layer calls that ran the kernel (the sedac::channel_mlp op)
         self.kernel_timing: Dict[str, Any] = {}
-        self.kernel_threads = ""  # where the kernel's tasks run (channel_kernel.use_torch_threads)
         self.run_kernel: Any = None  # f(mlp, x), set with kernel_rows
         self.kernel_wanted = False  # set by the model: channels configured, the kernel can run this MLP
         self.mlps: Dict[int, Any] = {}  # the patched MLPs by layer (set by the model)
@@ -470,7 +469,7 @@ class VllmSedac:
                     mlp_seconds=self.mlp_seconds, ideal_saved_seconds=self.ideal_saved_seconds,
                     gathers=self.gathers, gather=self.cfg.gather,
                     channel_kernel={"setting": self.cfg.channel_kernel, "calls": self.kernel_calls,
-                                    "threads": self.kernel_threads, **self.kernel_timing},
+                                    **self.kernel_timing},
                     cost=self.cost.to_json() if self.cost else None)
         if self.cfg.mode == "probe":
             base["thresholds"] = [float(t) for t in self.decider.probe_rule.thresholds.tolist()]
