@@ -374,6 +374,33 @@ pub fn gated_mlp(
 mod tests {
     use super::*;
 
+    /// [`gated_mlp`] on rayon's pool.
+    #[allow(clippy::too_many_arguments)]
+    fn on_rayon(
+        x: &[f32],
+        rows: usize,
+        hidden: usize,
+        inter: usize,
+        gu: &[f32],
+        dn: &[f32],
+        t_in: f32,
+        t_mid: f32,
+        out: &mut [f32],
+    ) -> Result<Kept, String> {
+        gated_mlp(
+            x,
+            rows,
+            hidden,
+            inter,
+            gu,
+            dn,
+            t_in,
+            t_mid,
+            out,
+            Parallel::Rayon,
+        )
+    }
+
     /// The masked dense MLP in f64, weights in torch's `[out, in]` layout.
     #[allow(clippy::too_many_arguments)]
     fn reference(
@@ -435,19 +462,8 @@ mod tests {
             let dn = pseudo(inter * hidden, 3);
             for &(t_in, t_mid) in &[(0.0, 0.0), (0.3, 0.0), (0.0, 0.5), (0.5, 1.0), (2.0, 0.0)] {
                 let mut out = vec![f32::NAN; rows * hidden];
-                let kept = gated_mlp(
-                    &x,
-                    rows,
-                    hidden,
-                    inter,
-                    &gu,
-                    &dn,
-                    t_in,
-                    t_mid,
-                    &mut out,
-                    Parallel::Rayon,
-                )
-                .unwrap();
+                let kept =
+                    on_rayon(&x, rows, hidden, inter, &gu, &dn, t_in, t_mid, &mut out).unwrap();
                 assert!(kept.input <= hidden && kept.inner <= inter);
                 let want = reference(&x, rows, hidden, inter, &gu, &dn, t_in, t_mid);
                 for (o, w) in out.iter().zip(&want) {
@@ -466,7 +482,7 @@ mod tests {
         let x = [1.0, 0.1, 0.0, 0.0, 0.1, -1.0];
         let (gu, dn) = (vec![1.0f32; 3 * 4], vec![1.0f32; 2 * 3]);
         let mut out = [0.0f32; 6];
-        let kept = gated_mlp(&x, 2, 3, 2, &gu, &dn, 0.5, 0.0, &mut out, Parallel::Rayon).unwrap();
+        let kept = on_rayon(&x, 2, 3, 2, &gu, &dn, 0.5, 0.0, &mut out).unwrap();
         assert_eq!(kept.input, 2);
         assert_eq!(kept.inner, 2);
     }
@@ -476,22 +492,10 @@ mod tests {
         let x = [f32::NAN, 0.0];
         let (gu, dn) = (vec![1.0f32; 2 * 2], vec![1.0f32; 2]);
         let mut out = [0.0f32; 2];
-        let kept = gated_mlp(&x, 1, 2, 1, &gu, &dn, 10.0, 0.0, &mut out, Parallel::Rayon).unwrap();
+        let kept = on_rayon(&x, 1, 2, 1, &gu, &dn, 10.0, 0.0, &mut out).unwrap();
         assert_eq!(kept.input, 1);
         assert!(out.iter().all(|v| v.is_nan()));
-        let kept = gated_mlp(
-            &[0.0, 0.0],
-            1,
-            2,
-            1,
-            &gu,
-            &dn,
-            0.0,
-            0.0,
-            &mut out,
-            Parallel::Rayon,
-        )
-        .unwrap();
+        let kept = on_rayon(&[0.0, 0.0], 1, 2, 1, &gu, &dn, 0.0, 0.0, &mut out).unwrap();
         assert_eq!((kept.input, kept.inner), (2, 1));
         assert_eq!(out, [0.0, 0.0]);
     }
@@ -499,32 +503,8 @@ mod tests {
     #[test]
     fn wrong_lengths_are_errors() {
         let mut out = [0.0f32; 2];
-        assert!(gated_mlp(
-            &[0.0; 3],
-            1,
-            2,
-            1,
-            &[0.0; 4],
-            &[0.0; 2],
-            0.0,
-            0.0,
-            &mut out,
-            Parallel::Rayon
-        )
-        .is_err());
-        assert!(gated_mlp(
-            &[0.0; 2],
-            1,
-            2,
-            1,
-            &[0.0; 3],
-            &[0.0; 2],
-            0.0,
-            0.0,
-            &mut out,
-            Parallel::Rayon
-        )
-        .is_err());
+        assert!(on_rayon(&[0.0; 3], 1, 2, 1, &[0.0; 4], &[0.0; 2], 0.0, 0.0, &mut out).is_err());
+        assert!(on_rayon(&[0.0; 2], 1, 2, 1, &[0.0; 3], &[0.0; 2], 0.0, 0.0, &mut out).is_err());
     }
 
     #[test]
@@ -540,19 +520,7 @@ mod tests {
                 .unwrap();
             let mut out = vec![0.0f32; rows * hidden];
             pool.install(|| {
-                gated_mlp(
-                    &x,
-                    rows,
-                    hidden,
-                    inter,
-                    &gu,
-                    &dn,
-                    0.2,
-                    0.1,
-                    &mut out,
-                    Parallel::Rayon,
-                )
-                .unwrap()
+                on_rayon(&x, rows, hidden, inter, &gu, &dn, 0.2, 0.1, &mut out).unwrap()
             });
             out
         };
