@@ -1,6 +1,7 @@
 """The interleaving of sedac_bench.vllm_bench, with stand-in engines (no vLLM): lockstep order, what is
 summed, and that no engine ever takes two forwards in a row."""
 
+import os
 from typing import Any, Dict, List
 
 import pytest
@@ -69,6 +70,52 @@ def test_engines_run_vllm_in_process_and_set_no_malloc_variables():
     assert ENGINE_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     # MALLOC_* set after a process started do nothing, and would make sedac-vllm leave malloc alone
     assert not any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in ENGINE_ENV)
+
+
+def test_engines_start_with_huge_page_tunables_unless_the_user_chose_malloc_settings():
+    from sedac_bench.vllm_bench import HUGE_PAGE_TUNABLES, engine_malloc_env
+
+    assert engine_malloc_env({}) == {"GLIBC_TUNABLES": HUGE_PAGE_TUNABLES}
+    assert "glibc.malloc.hugetlb=1" in HUGE_PAGE_TUNABLES and "glibc.malloc.mmap_max=0" in HUGE_PAGE_TUNABLES
+    for user in ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {"MALLOC_MMAP_MAX_": "1"},
+                 {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}):
+        assert engine_malloc_env(user) == {}
+
+
+def test_an_engine_process_starts_with_the_tunables_and_the_coordinator_keeps_its_environment(monkeypatch):
+    import sedac_bench.vllm_bench as vb
+
+    seen = {}
+
+    class FakeProcess:
+        def __init__(self, **kwargs):
+            pass
+
+        def start(self):
+            seen["tunables"] = os.environ.get("GLIBC_TUNABLES")
+
+    class FakeConn:
+        def recv(self):
+            return {"startup_s": 1.0, "malloc": "m", "huge_pages_mib": 12.0}
+
+        def close(self):
+            pass
+
+    class FakeCtx:
+        def Pipe(self):
+            return FakeConn(), FakeConn()
+
+        def Process(self, **kwargs):
+            return FakeProcess(**kwargs)
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(vb.multiprocessing, "get_context", lambda method: FakeCtx())
+    engine = vb.Engine("x", {}, {}, [])
+    assert seen["tunables"] == vb.HUGE_PAGE_TUNABLES
+    assert "GLIBC_TUNABLES" not in os.environ
+    assert engine.huge_pages_mib == 12.0
 
 
 def test_warm_up_fills_a_forward_and_the_largest_batch_with_prompts_no_timed_run_shares():

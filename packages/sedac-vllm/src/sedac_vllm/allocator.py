@@ -29,16 +29,22 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: 2 GiB of free heap before an
 ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 """The same settings as environment variables glibc reads when a process starts."""
 
-_USER_CHOICE = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
-                "GLIBC_TUNABLES")
+USER_CHOICE = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+               "GLIBC_TUNABLES")
+"""Environment variables that mean the user configured glibc's malloc: then it is left as they chose."""
 _PRELOADED = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def preloaded(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether another allocator (tcmalloc, jemalloc, mimalloc) is preloaded with ``LD_PRELOAD``."""
+    return any(name in environ.get("LD_PRELOAD", "") for name in _PRELOADED)
 
 
 def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> str:
     """Tune glibc's malloc as the module docstring says; returns what was done, for the log."""
-    if any(k in environ for k in _USER_CHOICE):
+    if any(k in environ for k in USER_CHOICE):
         return "left as configured (MALLOC_* / GLIBC_TUNABLES set)"
-    if any(name in environ.get("LD_PRELOAD", "") for name in _PRELOADED):
+    if preloaded(environ):
         return "left alone (an allocator is preloaded)"
     try:
         libc = ctypes.CDLL(None)
