@@ -109,7 +109,9 @@ def test_an_engine_process_starts_with_the_tunables_and_the_coordinator_keeps_it
             return FakeProcess(**kwargs)
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD"):
+    from sedac_vllm.allocator import USER_CHOICE
+
+    for k in (*USER_CHOICE, "LD_PRELOAD"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(vb.multiprocessing, "get_context", lambda method: FakeCtx())
     engine = vb.Engine("x", {}, {}, [])

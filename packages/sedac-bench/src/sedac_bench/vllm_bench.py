@@ -75,7 +75,7 @@ def engine_malloc_env(environ: Mapping[str, str] = os.environ) -> Dict[str, str]
     """What an engine's process gets in its environment for glibc's malloc: :data:`HUGE_PAGE_TUNABLES`, or
     nothing where the user chose (any ``MALLOC_*`` variable or ``GLIBC_TUNABLES`` set, an allocator preloaded):
     then every engine runs with the user's settings."""
-    if any(k in environ for k in allocator.USER_CHOICE) or allocator.preloaded(environ):
+    if allocator.user_choice(environ) is not None:
         return {}
     return {"GLIBC_TUNABLES": HUGE_PAGE_TUNABLES}
 
@@ -435,9 +435,8 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
             for name in names:
                 if restart or r == 0:
                     startup[name].append(engines[name].startup_s)
-                malloc[name] = engines[name].malloc
-                if restart or r == 0:
                     huge[name].append(engines[name].huge_pages_mib)
+                malloc[name] = engines[name].malloc
             for j, w in enumerate(spec["workloads"]):
                 # who goes first rotates with every workload and round
                 k = (r * len(spec["workloads"]) + j) % len(names)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -35,17 +35,21 @@ USER_CHOICE = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESH
 _PRELOADED = ("tcmalloc", "jemalloc", "mimalloc")
 
 
-def preloaded(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether another allocator (tcmalloc, jemalloc, mimalloc) is preloaded with ``LD_PRELOAD``."""
-    return any(name in environ.get("LD_PRELOAD", "") for name in _PRELOADED)
+def user_choice(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """How the user configured the allocator (any of :data:`USER_CHOICE` set, or tcmalloc, jemalloc or mimalloc
+    preloaded with ``LD_PRELOAD``), for the log; None where they did not, and it is ours to tune."""
+    if any(k in environ for k in USER_CHOICE):
+        return "left as configured (MALLOC_* / GLIBC_TUNABLES set)"
+    if any(name in environ.get("LD_PRELOAD", "") for name in _PRELOADED):
+        return "left alone (an allocator is preloaded)"
+    return None
 
 
 def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> str:
     """Tune glibc's malloc as the module docstring says; returns what was done, for the log."""
-    if any(k in environ for k in USER_CHOICE):
-        return "left as configured (MALLOC_* / GLIBC_TUNABLES set)"
-    if preloaded(environ):
-        return "left alone (an allocator is preloaded)"
+    chosen = user_choice(environ)
+    if chosen is not None:
+        return chosen
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
