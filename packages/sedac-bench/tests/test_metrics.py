@@ -269,7 +269,7 @@ def test_expected_speedup_is_set_beside_the_measured_one():
     data = {"compiled": {"rows": [
         {"workload": "prefill b4", "kind": "prefill", "batch": 4, "config": "V7 calibrated", "speedup": 0.99},
         {"workload": "decode b4", "kind": "decode", "batch": 4, "config": "V7 original defaults", "speedup": 1.08},
-        {"workload": "decode b4", "kind": "decode", "batch": 4, "config": "on, no exits (tau 1.5)", "speedup": 1.0}]}}
+        {"workload": "decode b4", "kind": "decode", "batch": 4, "config": "V7 calibrated, exits off", "speedup": 1.0}]}}
     rows = expected_vs_measured(calibration, data)
     assert [(r["config"], r["expected"]) for r in rows] == [("V7 calibrated", 1.0), ("V7 original defaults", 1.2)]
     assert [round(r["error"], 3) for r in rows] == [-0.01, -0.1]

@@ -33,6 +33,9 @@ class FakeEngine:
             return {"sedac_tokens": 10, "skipped_mlp_fraction": self.skipped}
         raise AssertionError(op)
 
+    def stop(self) -> None:
+        self.log.append(f"stop:{self.name}")
+
 
 def _engines(log, forwards=3):
     return {"vanilla": FakeEngine("vanilla", log, 0.010, forwards),
@@ -64,6 +67,70 @@ def test_lockstep_runs_in_a_fixed_cycle_and_never_twice_in_a_row():
     assert log[:3] == ["begin:sedac", "begin:other", "begin:vanilla"]
     assert log[3:6] == ["add:sedac", "add:other", "add:vanilla"]
     assert log[-3:] == ["end:sedac", "end:other", "end:vanilla"]
+
+
+class TwinEngine(FakeEngine):
+    """A FakeEngine whose exits can be turned off (``exits``): slower then, and every forward logs the state."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.exits = True
+
+    def ask(self, cmd: Dict[str, Any]) -> Dict[str, Any]:
+        if cmd["op"] == "exits":
+            self.log.append(f"exits {'on' if cmd['on'] else 'off'}:{self.name}")
+            self.exits = bool(cmd["on"])
+            return {}
+        if cmd["op"] == "add":
+            self.log.append(f"prompts {len(cmd['prompts'])}:{self.name}")
+        if cmd["op"] == "forward":
+            self.forward_s = 0.012 if self.exits else 0.013
+            self.log.append(f"forward exits {'on' if self.exits else 'off'}:{self.name}")
+        return super().ask(cmd)
+
+
+def test_a_twin_row_is_the_same_engine_with_exits_off_against_vanillas_same_process(monkeypatch):
+    from sedac_bench import vllm_bench
+
+    log: List[str] = []
+    engines = {"vanilla": FakeEngine("vanilla", log, 0.010, 2), "sedac": TwinEngine("sedac", log, 0.012, 2),
+               "other": FakeEngine("other", log, 0.020, 2)}
+    for e in engines.values():
+        e.startup_s, e.malloc, e.huge_pages_mib = 1.0, "", None
+    monkeypatch.setattr(vllm_bench, "start_engines", lambda *a, **k: engines)
+    workloads = [{"name": f"w{j}", "max_tokens": 2, "batch": 4, "prompt_sets": [[[1]] * 4, [[2]] * 4],
+                  "twin_prompt_sets": [[[3]] * 2, [[4]] * 2]} for j in range(2)]
+    group = {"name": "compiled", "configs": [{"name": "vanilla"}, {"name": "sedac", "twin": "sedac, exits off"},
+                                             {"name": "other"}]}
+    out = vllm_bench.run_group({"rounds": 2, "restart": False, "workloads": workloads}, group, "/nonexistent")
+    assert out["configs"] == ["vanilla", "sedac", "other", "sedac, exits off"]
+    assert out["twins"] == {"sedac, exits off": "sedac"}
+    twin = out["runs"]["sedac, exits off"]["w0"]
+    assert len(twin) == 2 and [r["round"] for r in twin] == [0, 1]
+    # one batch of 2 twin prompts, 2 forwards: the engine with exits off, vanilla beside it in the same pass
+    assert twin[0]["seconds"] == pytest.approx(0.002 + 2 * 0.013)
+    assert twin[0]["vanilla_seconds"] == pytest.approx(0.002 + 2 * 0.010)
+    assert out["runs"]["sedac"]["w0"][0]["seconds"] == pytest.approx(0.004 + 2 * 0.012)
+    # exits are off exactly for the twin passes, which only vanilla and the twin's engine run, on the twin prompts
+    state, passes = "on", []
+    for entry in log:
+        what, name = entry.split(":")
+        if what.startswith("exits "):
+            state = what.split()[1]
+            passes.append([])
+        elif what.startswith("prompts ") and name == "sedac":
+            assert (what == "prompts 2") == (state == "off")
+        elif what.startswith("forward exits"):
+            assert what.endswith(state)
+        if state == "off" and what == "forward":
+            passes[-1].append(name)
+    assert state == "on" and len(passes) == 8 and all(set(p) == {"vanilla", "sedac"} for p in passes[::2])
+    # which pass goes first alternates with workload and round
+    firsts = []
+    for entry in log:
+        if entry.startswith("exits off") or entry.startswith("prompts 4:sedac"):
+            firsts.append("twin" if entry.startswith("exits") else "main")
+    assert firsts == ["main", "twin", "twin", "main", "twin", "main", "main", "twin"]
 
 
 def test_engines_run_vllm_in_process_and_set_no_malloc_variables():
@@ -203,3 +270,36 @@ def test_traffic_windows_are_distinct_and_in_serving_order():
     news, shuffled = windows[0]["prompts"], windows[2]["prompts"]
     assert [sorted(p) for p in news] == [sorted(p) for p in shuffled] and news != shuffled
     assert windows[4]["prompts"] != news
+
+
+def test_the_full_size_times_no_exits_as_the_calibrated_engines_twin_on_its_own_prompts(tmp_path):
+    from sedac_bench.run import SIZES
+    from sedac_bench.vllm_compare import CALIBRATED, NO_EXITS, VllmStages
+
+    stages = VllmStages()
+    stages.out, stages.results = tmp_path, {}
+    stages.size = SIZES["full"]
+    configs = {c["name"]: c for c in stages.vllm_configs()}
+    assert NO_EXITS not in configs and configs[CALIBRATED]["twin"] == NO_EXITS  # no engine of its own
+    stages.size = {**SIZES["full"], "vllm": {**SIZES["full"]["vllm"],
+                                             "configs": tuple(c for c in SIZES["full"]["vllm"]["configs"]
+                                                              if c != NO_EXITS)}}
+    assert "twin" not in {c["name"]: c for c in stages.vllm_configs()}[CALIBRATED]
+
+
+def test_rows_of_a_twin_are_against_vanilla_in_the_twin_pass(monkeypatch):
+    import sedac_bench.vllm_compare as vc
+
+    stages = vc.VllmStages()
+    stages.shape, stages.L, stages.log = None, 30, lambda msg: None
+    monkeypatch.setattr(vc, "compute_summary", lambda *a, **k: {"ideal_speedup": 1.0})
+    run = {"skipped_mlp_fraction": 0.0}
+    raw = {"configs": ["vanilla", vc.CALIBRATED, vc.NO_EXITS], "twins": {vc.NO_EXITS: vc.CALIBRATED},
+           "runs": {"vanilla": {"w": [{**run, "seconds": 1.0}, {**run, "seconds": 2.0}]},
+                    vc.CALIBRATED: {"w": [{**run, "seconds": 1.0}, {**run, "seconds": 2.0}]},
+                    vc.NO_EXITS: {"w": [{**run, "seconds": 1.1, "vanilla_seconds": 1.2},
+                                        {**run, "seconds": 2.2, "vanilla_seconds": 2.4}]}}}
+    rows = stages._vllm_rows(raw, [{"name": "w", "kind": "decode", "batch": 1, "context": 40}], "llama", "compiled")
+    by = {r["config"]: r for r in rows}
+    assert by[vc.CALIBRATED]["speedup"] == pytest.approx(1.0) and by[vc.CALIBRATED]["vanilla_s"] == 1.5
+    assert by[vc.NO_EXITS]["speedup"] == pytest.approx(1.2 / 1.1) and by[vc.NO_EXITS]["vanilla_s"] == pytest.approx(1.8)

@@ -118,3 +118,25 @@ def test_every_decider_follows_one_protocol():
         rt.after_layer(layer, streams[layer + 1])
         state = d.step(layer, streams[layer + 1], state)
     assert bool(state["exited"].any())  # the case exercises exits
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 6), st.sampled_from([0.9, 0.99, 0.999, 0.0]), st.integers(1, 3),
+       st.integers(0, 8), st.integers(0, 8), st.sampled_from(["cascade", "per_layer"]), st.integers(0, 2**16))
+def test_stepping_only_the_step_layers_gives_the_same_plans(layers, rows, tau, k, min_layer, protect, scope, seed):
+    min_layer, protect = min(min_layer, layers), min(protect, layers)
+    rule = sedac_core.MonitorRule(tau, k, min_layer, protect, scope)
+    d = MonitorDecider(rule, layers)
+    g = torch.Generator().manual_seed(seed)
+    streams = [torch.randn(rows, 8, generator=g)]
+    for _ in range(layers):  # small steps for some rows (similar streams: exits), large for the others
+        scale = torch.where(torch.rand(rows, 1, generator=g) < 0.6, 0.01, 1.0)
+        streams.append(streams[-1] + scale * torch.randn(rows, 8, generator=g))
+    every, some = d.start(streams[0]), d.start(streams[0])
+    for layer in range(layers):
+        a, b = d.plan(layer, every)[0], d.plan(layer, some)[0]
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), layer
+        every = d.step(layer, streams[layer + 1], every)
+        if layer in d.step_layers:
+            some = d.step(layer, streams[layer + 1], some)
+    assert all(0 <= layer < layers for layer in d.step_layers)

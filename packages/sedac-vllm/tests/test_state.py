@@ -243,3 +243,48 @@ def test_a_probe_directory_is_read_once_per_process(tmp_path, monkeypatch):
     io.update_meta(d, note="rewritten")  # a changed file is read anew
     VllmSedac(SedacConfig.from_env(env), HF, 4, 16, torch.device("cpu"))
     assert reads["meta"] == 2 and reads["weights"] == 1
+
+
+def test_exits_turn_off_and_on_again_without_another_graph(tmp_path):
+    cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1",
+                                "SEDAC_PROTECT_FIRST": "0", "SEDAC_PROTECT_LAST": "0", "SEDAC_MIN_LAYER": "0"})
+    sedac = VllmSedac(cfg, HF, 4, 16, torch.device("cpu"))
+    mlps = attach(sedac)
+    tau = sedac.decider.tau_t  # the tensor the compiled graph reads
+    forward(sedac, mlps, rows=8)
+    assert sedac.stats()["skipped_mlp_blocks"] > 0  # similar consecutive streams: tau 0.5 lets rows exit
+    sedac.set_exits(False)
+    assert sedac.decider.tau_t is tau and float(tau) > 1.0  # out of reach of any similarity, the same tensor
+    before = sedac.stats()["skipped_mlp_blocks"]
+    forward(sedac, mlps, rows=8, seed=1)
+    assert sedac.stats()["skipped_mlp_blocks"] == before
+    sedac.set_exits(True)
+    assert float(tau) == sedac.decider.tau == 0.5
+    forward(sedac, mlps, rows=8, seed=2)
+    assert sedac.stats()["skipped_mlp_blocks"] > before
+
+
+def test_exits_cannot_be_turned_off_where_the_threshold_is_not_ours_to_move(tmp_path):
+    online = VllmSedac(SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_ONLINE": "1"}), HF, 4, 16,
+                       torch.device("cpu"))
+    with pytest.raises(ValueError, match="online calibration"):
+        online.set_exits(False)
+    d = make_probes(tmp_path)
+    meta = json.loads((d / "sedac_probes.json").read_text())
+    meta["thresholds"] = [0.5, 0.6]
+    (d / "sedac_probes.json").write_text(json.dumps(meta))
+    probes = VllmSedac(SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_PROBE_DIR": str(d)}), HF, 4, 16,
+                       torch.device("cpu"))
+    with pytest.raises(ValueError, match="V7 monitor"):
+        probes.set_exits(False)
+
+
+def test_the_monitor_forms_the_stream_only_where_a_plan_reads_it(tmp_path):
+    env = {"SEDAC_ENABLED": "1", "SEDAC_TAU": "0.5", "SEDAC_CONSECUTIVE_K": "1", "SEDAC_MIN_LAYER": "1",
+           "SEDAC_PROTECT_LAST": "1"}
+    sedac = VllmSedac(SedacConfig.from_env(env), HF, 4, 16, torch.device("cpu"))
+    # the one plan, at layer 2, reads S_1: the streams after layers 0 and 1
+    assert [sedac.wants_stream(i) for i in range(4)] == [True, True, False, False]
+    logged = VllmSedac(SedacConfig.from_env({**env, "SEDAC_DECISION_LOG": str(tmp_path / "d.jsonl")}), HF, 4, 16,
+                       torch.device("cpu"))
+    assert all(logged.wants_stream(i) for i in range(4))  # the decision log keeps every layer's signal

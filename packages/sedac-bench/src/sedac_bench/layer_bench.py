@@ -86,29 +86,46 @@ class FixedRateDecider:
         return (None, None) if layer == 0 else (state["skip"], None)
 
 
-def sedac_stack(layers: int, rate: float, gather: str, max_rows: int,
+def shared_weights(layers: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's ``(gate_up, down)`` weights, made once and given to every configuration: each stack then
+    reads the same memory, so where the weights landed cannot differ between the configurations compared
+    (separately allocated copies of the same shapes differ by several percent, as separate processes do)."""
+    torch.manual_seed(0)
+    return [(torch.nn.Linear(HIDDEN, 2 * INTERMEDIATE, bias=False).weight.detach(),
+             torch.nn.Linear(INTERMEDIATE, HIDDEN, bias=False).weight.detach()) for _ in range(layers)]
+
+
+def _mlps(weights: List[Tuple[torch.Tensor, torch.Tensor]]) -> List[Mlp]:
+    mlps = []
+    for gate_up, down in weights:
+        m = Mlp()
+        m.gate_up_proj.weight = torch.nn.Parameter(gate_up, requires_grad=False)
+        m.down_proj.weight = torch.nn.Parameter(down, requires_grad=False)
+        mlps.append(m)
+    return mlps
+
+
+def sedac_stack(weights: List[Tuple[torch.Tensor, torch.Tensor]], rate: float, gather: str, max_rows: int,
                 inner_mask: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     from sedac_monitor.api import make_skippable
     from sedac_vllm import SedacConfig
     from sedac_vllm.models import _SedacMLP, eager_activation, inner_mask_zeroes_rows
     from sedac_vllm.state import VllmSedac
 
-    torch.manual_seed(0)
+    layers = len(weights)
     cfg = SedacConfig.from_env({"SEDAC_ENABLED": "1", "SEDAC_GATHER": gather, "SEDAC_PROTECT_FIRST": "0",
                                 "SEDAC_LOG_EVERY": "0"})
     hf = {"hidden_size": HIDDEN, "num_hidden_layers": layers, "intermediate_size": INTERMEDIATE}
     sedac = VllmSedac(cfg, hf, layers, HIDDEN, torch.device("cpu"), max_rows=max_rows)
     sedac.decider = sedac.runtime.decider = FixedRateDecider(rate)
     sedac.stream_layers = sedac.decider.step_layers
-    mlps = []
-    for i in range(layers):
-        m: Any = Mlp()  # its class is swapped for a _SedacMLP subclass (make_skippable): no static type says so
+    mlps: List[Any] = _mlps(weights)  # their classes are swapped for _SedacMLP subclasses (make_skippable)
+    for i, m in enumerate(mlps):
         make_skippable(m, sedac.runtime, i, mixin=_SedacMLP)
         m._sedac_owner = sedac
         m._sedac_act = eager_activation(m)
         m._sedac_inner_mask = inner_mask and inner_mask_zeroes_rows(m)
         sedac.mlps[i] = m
-        mlps.append(m)
     sedac.measure_cost([m._sedac_full for m in mlps], HIDDEN, torch.float32, torch.device("cpu"))
 
     def run(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -124,9 +141,8 @@ def sedac_stack(layers: int, rate: float, gather: str, max_rows: int,
     return lambda x: compiled(x, torch.arange(x.shape[0]))
 
 
-def vanilla_stack(layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    torch.manual_seed(0)
-    mlps = [Mlp() for _ in range(layers)]
+def vanilla_stack(weights: List[Tuple[torch.Tensor, torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    mlps = _mlps(weights)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         h = x
@@ -164,10 +180,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[int, Any]:
     args = p.parse_args(argv)
     sizes = [int(r) for r in args.rows.split(",")]
     torch._dynamo.config.cache_size_limit = 64
-    runs = {"vanilla": vanilla_stack(args.layers)}
+    weights = shared_weights(args.layers)
+    runs = {"vanilla": vanilla_stack(weights)}
     for label, rate in (("no exits", 0.0), ("few exits (1%)", 0.01)):
         for gather in ("auto", "always"):
-            runs[f"{label}, gather {gather}"] = sedac_stack(args.layers, rate, gather, max(sizes))
+            runs[f"{label}, gather {gather}"] = sedac_stack(weights, rate, gather, max(sizes))
     print(f"{args.layers} MLP blocks of SmolLM2-135M's shape, torch.compile (inductor), "
           f"{torch.get_num_threads()} threads; extra µs per layer call over vanilla")
     out: Dict[int, Any] = {}  # by rows per forward

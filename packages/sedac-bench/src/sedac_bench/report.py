@@ -235,7 +235,7 @@ def channel_vllm_lines(results: Dict[str, Any]) -> List[str]:
         elif r["batch"] >= 4:
             floor = gauge.get(r["workload"])
             target = (f"≥ `{NO_EXITS}` ({floor:.3f}x)" if floor is not None
-                      else "≥ 1.0x (no `on, no exits` row at this size)")
+                      else f"≥ 1.0x (no `{NO_EXITS}` row at this size)")
             ok = r["speedup"] >= (floor if floor is not None else 1.0)
         else:
             target, ok = "none", None
@@ -408,8 +408,13 @@ def vllm_section(folder: str, data: Dict[str, Any]) -> List[str]:
               "hits). The engines run in lockstep: each takes one forward in turn, so the forwards compared are "
               "milliseconds apart and the machine's drift in speed falls on all alike. Speed-up = median over "
               "rounds of vanilla's time / SEDAC's time in the same round [min–max]; times are medians. The "
-              "`on, no exits` row does the same work as vanilla plus SEDAC's bookkeeping: its speed-up is "
-              "SEDAC's overhead plus noise.", "",
+              f"`{NO_EXITS}` row is V7 calibrated's own engine process with its threshold set out of reach, "
+              "timed in a second lockstep pass of each workload (new prompts of the same shapes) against vanilla's "
+              "same process; which pass goes first alternates. It does vanilla's work plus SEDAC's per-layer path "
+              "where the calibrated setting could skip: its speed-up is the calibrated setting's overhead plus "
+              "noise, and its difference from the calibrated row is what the exits themselves cost or save, "
+              "without the several percent by which separate processes differ (where each one's memory lands).",
+              "",
               "Two ideals. *FLOP ideal*: the forward's FLOPs less the skipped MLP rows' FLOPs. *Byte-aware "
               "ideal*: per layer and forward, the MLP's time on the batch less its time on the rows left "
               "(``t(rows) - t(rows - skipped)``, ``t`` measured by each SEDAC engine at start-up on this machine), "
@@ -432,10 +437,11 @@ def vllm_section(folder: str, data: Dict[str, Any]) -> List[str]:
     if targets:
         passed = sum(t["passed"] for t in targets)
         L += [f"### Overhead and realized/ideal targets ({folder} folder): {passed} of {len(targets)} met", "",
-              "Targets: SEDAC on with no exits costs at most 2% against vanilla in the same execution; the "
-              "quality-bounded V7 calibrated setting is no slower than no exits (within 0.5%) and both at least "
+              "Targets: SEDAC on with no exits (the calibrated setting, exits off) costs at most 2% against vanilla "
+              "in the same execution; the quality-bounded V7 calibrated setting is no slower than with its exits "
+              "off (within 0.5%) and both at least "
               "0.98x vanilla; with the original documents' defaults (tau 0.98, K 2), realized/byte-aware ideal "
-              "speed-up at least 0.9 for prefill-heavy and 0.8 for decode-heavy work; and the `on, no exits` row, "
+              f"speed-up at least 0.9 for prefill-heavy and 0.8 for decode-heavy work; and the `{NO_EXITS}` row, "
               "read as the noise gauge, within 1.0x ± 3%. Measured as above (medians of paired rounds).", "",
               "| execution | workload | target | measured | result |", "|---|---|---|---|---|"]
         for t in targets:

@@ -55,9 +55,9 @@ SIZES: Dict[str, Dict[str, Any]] = {
              "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 16, 16: 16, 64: 64},
                       "prefill_prompts": {1: 32, 4: 64, 16: 64, 64: 128}, "prefill_len": 128,
                       "decode_out": 32, "rounds": 4, "restart": True, "eager_batches": (4, 16), "top1_windows": 16,
-                      "configs": ("vanilla", "on, no exits (tau 1.5)", "V7 calibrated", "V7 original defaults",
+                      "configs": ("vanilla", "V7 calibrated", "V7 calibrated, exits off", "V7 original defaults",
                                   "V7 calibrated + online calibration", "channels calibrated"),
-                      "eager_configs": ("vanilla", "on, no exits (tau 1.5)", "V7 original defaults")}},
+                      "eager_configs": ("vanilla", "V7 calibrated", "V7 original defaults")}},
 }
 
 

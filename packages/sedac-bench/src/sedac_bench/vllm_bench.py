@@ -2,9 +2,12 @@
 
     python -m sedac_bench.vllm_bench SPEC.json OUT.json
 
-SPEC: {"model": DIR, "groups": [{"name", "llm": {...}, "configs": [{"name", "env"}]}],
-       "workloads": [{"name", "prompt_sets": [[[ids...]...] per round], "max_tokens", "batch"}],
+SPEC: {"model": DIR, "groups": [{"name", "llm": {...}, "configs": [{"name", "env", "twin"?}]}],
+       "workloads": [{"name", "prompt_sets": [[[ids...]...] per round], "twin_prompt_sets"?, "max_tokens",
+                      "batch"}],
        "rounds": R, "llm": {...}}
+
+(``twin``: a row timed by the same engine with its exits off; see :func:`run_group`.)
 
 Why it is built this way: on a shared 2-core machine the CPU's speed drifts by about ±10% at every time
 scale from a tenth of a second to tens of seconds (a fixed matrix product, timed back to back, varies that
@@ -192,6 +195,16 @@ def _engine_main(conn: Any, env: Dict[str, str], kwargs: Dict[str, Any], warm: L
                            "kernel_up_to_rows": after.get("channel_kernel", {}).get("up_to_rows"),
                            "kernel_measured": after.get("channel_kernel", {}).get("measured"),
                            "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
+            elif op == "exits":  # the twin pass (see run_group): the same engine with its exits off, or on again
+                from sedac_vllm import state as sedac_state
+
+                runtimes = sedac_state.in_process()
+                if not runtimes:
+                    raise ValueError("this engine runs without SEDAC (or its model is in another process: tensor "
+                                     "parallelism), so its exits cannot be turned off for a twin row")
+                for rt in runtimes:
+                    rt.set_exits(bool(cmd["on"]))
+                conn.send({})
             elif op == "top1":
                 top1 = _prompt_top1(llm, cmd["prompts"])
                 conn.send({"top1": top1, "stats": _stats_since(metrics, time.time())})
@@ -411,15 +424,43 @@ def top1_check(engines: Dict[str, Engine], prompts: List[List[int]], names: List
     return out
 
 
+def _twin_passes(engines: Dict[str, "Engine"], twins: Dict[str, str], vanilla: str, workload: Dict[str, Any],
+                 round_: int, k: int) -> Dict[str, Dict[str, Any]]:
+    """Each twin row's pass of ``workload``: its engine with exits off, in lockstep with vanilla's engine, on the
+    round's twin prompts; the engine's exits are back on afterwards. ``vanilla_seconds``: vanilla's time in
+    that pass (the row's speed-up is against it)."""
+    out = {}
+    for row, name in twins.items():
+        engines[name].ask({"op": "exits", "on": False})
+        try:
+            order = [vanilla, name] if k % 2 == 0 else [name, vanilla]
+            res = lockstep_run({n: engines[n] for n in order}, order, workload["twin_prompt_sets"][round_],
+                               workload["max_tokens"], workload["batch"])
+        finally:
+            engines[name].ask({"op": "exits", "on": True})
+        out[row] = {**res[name], "vanilla_seconds": res[vanilla]["seconds"]}
+    return out
+
+
 def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[str, Any]:
     """Every round starts a new process for every configuration (so no configuration keeps a lucky or
     unlucky memory placement for the whole benchmark: two identical vanilla engines, kept alive, differed
     by up to 5% on one workload, consistently) and runs every workload on them in lockstep. With
     ``"restart": false`` in the spec (the quick demo) the engines start once and serve every round: a few
-    minutes less, at the price of that placement effect staying in the spread."""
+    minutes less, at the price of that placement effect staying in the spread.
+
+    A configuration with a ``"twin"`` (a row name) is also timed with its exits off, in the same engine process
+    (:meth:`VllmSedac.set_exits <sedac_vllm.state.VllmSedac.set_exits>`: the same compiled graph, no token
+    exits): a second lockstep pass of the workload, with the round's ``twin_prompt_sets`` (new prompts, the same
+    shapes), against vanilla's same engine process. The setting and its twin then share the process, the weights'
+    memory and the vanilla they are measured against, so their difference is not blurred by where each process's
+    memory landed (which moves a configuration by several percent from one round to the next). Which pass goes
+    first alternates."""
     names = [c["name"] for c in group["configs"]]
+    twins = {c["twin"]: c["name"] for c in group["configs"] if c.get("twin")}  # row -> the engine that runs it
     rounds = spec.get("rounds", 3)
-    runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {n: {w["name"]: [] for w in spec["workloads"]} for n in names}
+    runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {n: {w["name"]: [] for w in spec["workloads"]}
+                                                        for n in names + list(twins)}
     startup: Dict[str, List[float]] = {n: [] for n in names}
     malloc: Dict[str, str] = {}
     huge: Dict[str, List[Optional[float]]] = {n: [] for n in names}
@@ -441,15 +482,24 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
                 # who goes first rotates with every workload and round
                 k = (r * len(spec["workloads"]) + j) % len(names)
                 order = names[k:] + names[:k]
+                twin_first = (r + j) % 2 == 1
+                if twins and twin_first:
+                    twin_results = _twin_passes(engines, twins, names[0], w, r, k)
                 results = lockstep_run(engines, order, w["prompt_sets"][r], w["max_tokens"], w["batch"])
+                if twins and not twin_first:
+                    twin_results = _twin_passes(engines, twins, names[0], w, r, k)
                 done += 1
                 for name in names:
                     runs[name][w["name"]].append({**results[name], "round": r})
                 base = results[names[0]]["seconds"]
-                progress(f"[{group['name']}] {done}/{total} round {r + 1}/{rounds} {w['name']}: " + ", ".join(
-                    f"{n} {results[n]['seconds']:.2f} s" + (f" ({base / results[n]['seconds']:.3f}x, skipped MLP "
-                                                             f"{results[n]['skipped_mlp_fraction']:.1%})" if i else "")
-                    for i, n in enumerate(names)))
+                line = [f"{n} {results[n]['seconds']:.2f} s" + (
+                    f" ({base / results[n]['seconds']:.3f}x, skipped MLP {results[n]['skipped_mlp_fraction']:.1%})"
+                    if i else "") for i, n in enumerate(names)]
+                for row, res in (twin_results if twins else {}).items():
+                    runs[row][w["name"]].append({**res, "round": r})
+                    line.append(f"{row} {res['seconds']:.2f} s ({res['vanilla_seconds'] / res['seconds']:.3f}x "
+                                f"against vanilla's {res['vanilla_seconds']:.2f} s in its pass)")
+                progress(f"[{group['name']}] {done}/{total} round {r + 1}/{rounds} {w['name']}: " + ", ".join(line))
             check = group.get("top1_check")
             if check and r == rounds - 1:
                 out["top1_check"] = top1_check(engines, check["prompts"], names, check.get("windows"))
@@ -460,7 +510,7 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
         if restart or r == rounds - 1:
             for engine in engines.values():
                 engine.stop()
-    out.update({"configs": names, "rounds": rounds,
+    out.update({"configs": names + list(twins), "twins": twins, "rounds": rounds,
                 "method": "engines in lockstep, one forward each in a fixed cyclic order; " + (
                     "new engine processes every round" if restart else "engine processes started once"),
                 "startup_s": {n: startup[n][0] for n in names}, "restart_s": startup, "malloc": malloc,

@@ -96,7 +96,6 @@ class MonitorDecider:
     """
 
     wants_positions = False
-    step_layers: Optional[FrozenSet[int]] = None  # the similarity of every layer
 
     def __init__(self, rule: sedac_core.MonitorRule, num_layers: int, tau_tensor: bool = False) -> None:
         if not isinstance(rule, sedac_core.MonitorRule):
@@ -113,6 +112,11 @@ class MonitorDecider:
         self.k, self.min_layer = int(rule.k), int(rule.min_layer)
         self.monotone = rule.scope == "cascade"
         self._end = max(self.num_layers - int(rule.protect_last), 0)
+        # the layers whose similarity a plan reads: S_l for min_layer <= l <= end - 2 (the last plan, at end - 1,
+        # reads the state after end - 2), which needs the stream after min_layer - 1 too. A compiled forward
+        # forms the residual stream and its similarity only there (every layer: sedac-vllm, when it keeps
+        # every layer's signal for online calibration or the decision log)
+        self.step_layers: Optional[FrozenSet[int]] = frozenset(range(max(self.min_layer - 1, 0), self._end - 1))
 
     def start(self, stream: torch.Tensor) -> Dict[str, torch.Tensor]:
         """State before layer 0, from the stream entering it (``[rows, hidden]``)."""

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, cast
 
 import torch
 
@@ -36,6 +36,13 @@ def get(key: str) -> "VllmSedac":
     return _RUNTIMES[key]
 
 
+def in_process() -> List["VllmSedac"]:
+    """The SEDAC states of the models built in this process (one per model; with tensor parallelism, this
+    rank's)."""
+    with _LOCK:
+        return list(_RUNTIMES.values())
+
+
 class VllmSedac:
     """Built by the patched model's ``__init__``; looked up by key from the custom ops."""
 
@@ -54,11 +61,9 @@ class VllmSedac:
         self._input_ids: Optional[torch.Tensor] = None
         self._positions: Optional[torch.Tensor] = None
         if cfg.mode == "monitor":
-            decider = self._monitor_decider()
+            decider = self._monitor_decider(device)
         else:
             decider = self._probe_decider(hf_config, hidden_size, device)
-        # the layers whose residual stream the decider reads (None: every layer); the graph forms it only there
-        self.stream_layers = decider.step_layers
         self.decider = decider
         self.runtime = SkipRuntime(decider, num_layers, cfg.protect_first, cfg.host_sync)
         self.runtime.records = False  # this forward's per-row results are kept in the graph (see plan())
@@ -104,6 +109,9 @@ class VllmSedac:
             self.runtime.shadow = self.online.shadow
         # keep each layer's signal in the graph's state only when something reads it
         self.keep_signals = cfg.online or self.decision_log is not None
+        # the layers whose residual stream the decider reads (None: every layer); the graph forms it only there.
+        # The monitor's signals are kept for every layer, so then it reads every layer
+        self.stream_layers = None if self.keep_signals and cfg.mode == "monitor" else decider.step_layers
         with _LOCK:
             self.key = f"m{len(_RUNTIMES)}"
             _RUNTIMES[self.key] = self
@@ -116,13 +124,12 @@ class VllmSedac:
         c = self.cfg
         evidence = c.config_json.get("evidence", {})
         tolerance = c.risk_tolerance or c.config_json.get("max_risk") or 0.05
-        self.decider.tau_t = self.decider.tau_t.to(device)
         return OnlineCalibrator(self.decider.tau_t, self.decider.tau, float(tolerance), c.shadow_rate,
                                 c.online_window, c.online_margin, c.drift_threshold,
                                 evidence.get("signal_histogram"), c.min_layer,
                                 errors_per_exit=(evidence.get("online_correction") or {}).get("errors_per_exit"))
 
-    def _monitor_decider(self):
+    def _monitor_decider(self, device: torch.device):
         from sedac_monitor.api import MonitorDecider, monitor_rule
 
         c = self.cfg
@@ -130,7 +137,23 @@ class VllmSedac:
             rule = monitor_rule(self.num_layers, c.tau, c.consecutive_k, c.min_layer, c.protect_last, c.scope)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"SEDAC monitor settings are invalid for this model: {exc}") from exc
-        return MonitorDecider(rule, self.num_layers, tau_tensor=c.online)
+        # tau is a tensor the compiled graph reads at every call (the same comparisons as a constant): online
+        # calibration moves it, and set_exits turns exits off without another graph
+        decider = MonitorDecider(rule, self.num_layers, tau_tensor=True)
+        decider.tau_t = torch.tensor(decider.tau, dtype=torch.float32, device=device)
+        return decider
+
+    def set_exits(self, on: bool) -> None:
+        """Let tokens exit (``on``, the configured threshold) or not (a threshold no similarity reaches), without
+        another graph: the same compiled forward, the same planned layers, the same work when nothing exits.
+        For benchmarks that compare a setting with itself exits off, in one process (the V7 monitor only; its
+        online calibration owns the threshold, so not with ``SEDAC_ONLINE=1``)."""
+        tau_t = getattr(self.decider, "tau_t", None)
+        if tau_t is None or self.online is not None:
+            raise ValueError("set_exits needs the V7 monitor (SEDAC_PROBE_DIR unset) without online calibration "
+                             f"(SEDAC_ONLINE=1): this engine runs the {self.cfg.mode} decider"
+                             + (" with online calibration" if self.online is not None else ""))
+        tau_t.fill_(self.decider.tau if on else 1.5)  # the similarity is at most 1
 
     def _probe_decider(self, hf_config: Any, hidden_size: int, device: torch.device):
         import sedac_core
