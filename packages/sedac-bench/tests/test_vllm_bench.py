@@ -103,7 +103,7 @@ def test_a_twin_row_is_the_same_engine_with_exits_off_against_vanillas_same_proc
     group = {"name": "compiled", "configs": [{"name": "vanilla"}, {"name": "sedac", "twin": "sedac, exits off"},
                                              {"name": "other"}]}
     out = vllm_bench.run_group({"rounds": 2, "restart": False, "workloads": workloads}, group, "/nonexistent")
-    assert out["configs"] == ["vanilla", "sedac", "other", "sedac, exits off"]
+    assert out["configs"] == ["vanilla", "sedac", "sedac, exits off", "other"]
     assert out["twins"] == {"sedac, exits off": "sedac"}
     twin = out["runs"]["sedac, exits off"]["w0"]
     assert len(twin) == 2 and [r["round"] for r in twin] == [0, 1]

@@ -510,7 +510,8 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
         if restart or r == rounds - 1:
             for engine in engines.values():
                 engine.stop()
-    out.update({"configs": names + list(twins), "twins": twins, "rounds": rounds,
+    rows = [row for n in names for row in [n] + [t for t, e in twins.items() if e == n]]  # a twin after its engine
+    out.update({"configs": rows, "twins": twins, "rounds": rounds,
                 "method": "engines in lockstep, one forward each in a fixed cyclic order; " + (
                     "new engine processes every round" if restart else "engine processes started once"),
                 "startup_s": {n: startup[n][0] for n in names}, "restart_s": startup, "malloc": malloc,

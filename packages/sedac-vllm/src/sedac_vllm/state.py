@@ -76,6 +76,7 @@ class VllmSedac:
         self.need = (torch.full_like(rows, 1e-6) if cfg.gather == "always" else rows + 1).to(device)
         self.cost: Any = None  # MlpCost once measured; False where it cannot be
         self.mlp_seconds = 0.0  # the MLP time of every counted forward, as the cost model predicts it
+        self._forward_mlp_s: Dict[int, float] = {}  # by rows: a forward's MLP seconds (the cost model, read once)
         self.ideal_saved_seconds = 0.0  # what the plans could have saved of it (weight reads counted)
         self.gathers = 0  # layer calls that took the gather path (the op)
         # channel soft exit's kernel (see channel_kernel): kernel_rows[rows] says whether a layer's MLP on that
@@ -414,7 +415,10 @@ class VllmSedac:
         self._input_ids = self.pending_input_ids
         if self.cost and results is not None:
             rows = positions.shape[0]
-            self.mlp_seconds += self.num_layers * float(self.cost.seconds(rows))
+            mlp_s = self._forward_mlp_s.get(rows)
+            if mlp_s is None:  # a numpy interpolation costs ~0.1 ms: once per batch size, not every forward
+                mlp_s = self._forward_mlp_s[rows] = self.num_layers * float(self.cost.seconds(rows))
+            self.mlp_seconds += mlp_s
             skipped = results[2].cpu().numpy()
             if skipped.any():  # most forwards skip nothing: no interpolation to do
                 self.ideal_saved_seconds += float(self.cost.saved(rows, skipped).sum())
