@@ -110,6 +110,7 @@ def test_a_twin_row_is_the_same_engine_with_exits_off_against_vanillas_same_proc
     # one batch of 2 twin prompts, 2 forwards: the engine with exits off, vanilla beside it in the same pass
     assert twin[0]["seconds"] == pytest.approx(0.002 + 2 * 0.013)
     assert twin[0]["vanilla_seconds"] == pytest.approx(0.002 + 2 * 0.010)
+    assert twin[0]["vanilla_forward_seconds"] == pytest.approx([0.010] * 2)
     assert out["runs"]["sedac"]["w0"][0]["seconds"] == pytest.approx(0.004 + 2 * 0.012)
     # exits are off exactly for the twin passes, which only vanilla and the twin's engine run, on the twin prompts
     state, passes = "on", []

@@ -427,8 +427,9 @@ def top1_check(engines: Dict[str, Engine], prompts: List[List[int]], names: List
 def _twin_passes(engines: Dict[str, "Engine"], twins: Dict[str, str], vanilla: str, workload: Dict[str, Any],
                  round_: int, k: int) -> Dict[str, Dict[str, Any]]:
     """Each twin row's pass of ``workload``: its engine with exits off, in lockstep with vanilla's engine, on the
-    round's twin prompts; the engine's exits are back on afterwards. ``vanilla_seconds``: vanilla's time in
-    that pass (the row's speed-up is against it)."""
+    round's twin prompts; the engine's exits are back on afterwards. ``vanilla_seconds`` and
+    ``vanilla_forward_seconds``: vanilla's time and forward times in that pass (the row's speed-up is against
+    it)."""
     out = {}
     for row, name in twins.items():
         engines[name].ask({"op": "exits", "on": False})
@@ -438,7 +439,8 @@ def _twin_passes(engines: Dict[str, "Engine"], twins: Dict[str, str], vanilla: s
                                workload["max_tokens"], workload["batch"])
         finally:
             engines[name].ask({"op": "exits", "on": True})
-        out[row] = {**res[name], "vanilla_seconds": res[vanilla]["seconds"]}
+        out[row] = {**res[name], "vanilla_seconds": res[vanilla]["seconds"],
+                    "vanilla_forward_seconds": res[vanilla]["forward_seconds"]}
     return out
 
 
