@@ -413,7 +413,7 @@ def vllm_section(folder: str, data: Dict[str, Any]) -> List[str]:
               "same process; which pass goes first alternates. It does vanilla's work plus SEDAC's per-layer path "
               "where the calibrated setting could skip: its speed-up is the calibrated setting's overhead plus "
               "noise, and its difference from the calibrated row is what the exits themselves cost or save, "
-              "without the several percent by which separate processes differ (where each one's memory lands).",
+              "plus the passes' own noise.",
               "",
               "Two ideals. *FLOP ideal*: the forward's FLOPs less the skipped MLP rows' FLOPs. *Byte-aware "
               "ideal*: per layer and forward, the MLP's time on the batch less its time on the rows left "

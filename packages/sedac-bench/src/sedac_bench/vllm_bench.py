@@ -455,8 +455,8 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
     (:meth:`VllmSedac.set_exits <sedac_vllm.state.VllmSedac.set_exits>`: the same compiled graph, no token
     exits): a second lockstep pass of the workload, with the round's ``twin_prompt_sets`` (new prompts, the same
     shapes), against vanilla's same engine process. The setting and its twin then share the process, the weights'
-    memory and the vanilla they are measured against, so their difference is not blurred by where each process's
-    memory landed (which moves a configuration by several percent from one round to the next). Which pass goes
+    memory and the vanilla they are measured against, so their difference is what the exits cost or save, plus
+    the passes' own noise (a few slow forwards on a shared machine move one pass by percents). Which pass goes
     first alternates."""
     names = [c["name"] for c in group["configs"]]
     twins = {c["twin"]: c["name"] for c in group["configs"] if c.get("twin")}  # row -> the engine that runs it
