@@ -17,7 +17,7 @@ def test_public_api_surface_is_pinned():
     assert sorted(api.__all__) == sorted([
         "ENVIRONMENT", "GATHER_MIN_FRACTION", "HOST_SYNC_POLICIES", "SOFT_GROUPS", "Decider", "DecoderLayout",
         "ExitStats",
-        "ForcedExitDecider", "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "Pass", "Plan",
+        "ForcedExitDecider", "HFAttachment", "InputError", "MlpCost", "MonitorDecider", "NO_EXIT_TAU", "Pass", "Plan",
         "RecordingDecider", "SkipRuntime", "SkippableMLP",
         "UnsupportedModelError", "activation_magnitudes", "batches", "cascade_labels", "cascade_labels_for",
         "channel_importance",

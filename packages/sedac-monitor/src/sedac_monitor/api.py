@@ -34,7 +34,7 @@ from .channels import (
     soft_channels,
 )
 from .cost import MlpCost, expected_speedups, measure_model, recommendation
-from .decide import Decider, ForcedExitDecider, MonitorDecider, Plan, RecordingDecider, similarity
+from .decide import NO_EXIT_TAU, Decider, ForcedExitDecider, MonitorDecider, Plan, RecordingDecider, similarity
 from .engine import GATHER_MIN_FRACTION, HOST_SYNC_POLICIES, SkipRuntime
 from .layouts import DecoderLayout, UnsupportedModelError, find_layout, model_identity
 from .loading import (
@@ -68,6 +68,7 @@ __all__ = [
     "MlpCost",
     "Decider",
     "MonitorDecider",
+    "NO_EXIT_TAU",
     "Plan",
     "Pass",
     "RecordingDecider",

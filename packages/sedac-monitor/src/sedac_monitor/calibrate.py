@@ -39,7 +39,7 @@ import sedac_core
 
 from .accelerator import monitor_rule
 from .cost import expected_speedups, measure_model, recommendation
-from .decide import MonitorDecider, RecordingDecider
+from .decide import NO_EXIT_TAU, MonitorDecider, RecordingDecider
 from .layouts import DecoderLayout, find_layout, model_identity
 from .loading import InputError, drop_last_position, load_model, read_text, split_windows, token_windows
 from .sparsity import ChannelSparsity, channel_path, measure_channels
@@ -226,7 +226,7 @@ def measured_search(count: int, passes: Callable[[int], bool], budget: int) -> O
 
 BUDGET_NOT_MET = "no setting met the budget (top-1 risk and ΔPPL); exits are disabled"
 """The ``status`` a calibration writes when nothing it measured met the budget."""
-NEVER_EXIT = {"tau": 1.5, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade"}
+NEVER_EXIT = {"tau": NO_EXIT_TAU, "consecutive_k": 1, "min_layer": 0, "protect_last": 0, "scope": "cascade"}
 """An exit rule that never exits (tau above any similarity)."""
 CHANNELS_NOT_MET = "no channel sparsity met the budget (top-1 risk and ΔPPL); every channel is computed"
 

@@ -29,6 +29,10 @@ fraction of MLP channels to compute for rows that do not skip (None: all)."""
 EPS = 1e-8
 
 
+NO_EXIT_TAU = 1.5
+"""A V7 threshold no similarity reaches (:func:`similarity` is at most 1): with it no token exits."""
+
+
 def similarity(stream: torch.Tensor, previous: torch.Tensor, previous_norm2: Optional[torch.Tensor] = None,
                stream_norm2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """S = (cos(h_l, h_{l-1}) + 1) / 2 per row, in float32 (rows = tokens).

@@ -48,6 +48,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from sedac_monitor.api import NO_EXIT_TAU
+
 logger = logging.getLogger("sedac_vllm")
 
 EPS = 1e-4
@@ -297,7 +299,7 @@ class OnlineCalibrator:
             elif self.risk_estimate < self.tolerance / 2 and self.tau > self.lo:
                 self.tau = max(self.lo, self.tau - self.tau_increment)
                 self.adjustments += 1
-        self.tau_t.fill_(1.5 if self.fallback else self.tau)
+        self.tau_t.fill_(NO_EXIT_TAU if self.fallback else self.tau)
 
     def stats(self) -> Dict[str, Any]:
         return {"risk_estimate": self.risk_estimate, "checked_rows": self.checked, "changed_rows": self.changed,

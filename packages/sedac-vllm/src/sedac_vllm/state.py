@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, cast
 
 import torch
 
-from sedac_monitor.api import ExitStats, MlpCost, SkipRuntime, soft_channels
+from sedac_monitor.api import NO_EXIT_TAU, ExitStats, MlpCost, SkipRuntime, soft_channels
 
 from .config import ConfigError, SedacConfig
 
@@ -154,7 +154,7 @@ class VllmSedac:
             raise ValueError("set_exits needs the V7 monitor (SEDAC_PROBE_DIR unset) without online calibration "
                              f"(SEDAC_ONLINE=1): this engine runs the {self.cfg.mode} decider"
                              + (" with online calibration" if self.online is not None else ""))
-        tau_t.fill_(self.decider.tau if on else 1.5)  # the similarity is at most 1
+        tau_t.fill_(self.decider.tau if on else NO_EXIT_TAU)
 
     def _probe_decider(self, hf_config: Any, hidden_size: int, device: torch.device):
         import sedac_core
