@@ -88,8 +88,8 @@ class FixedRateDecider:
 
 def shared_weights(layers: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's ``(gate_up, down)`` weights, made once and given to every configuration: each stack then
-    reads the same memory, so where the weights landed cannot differ between the configurations compared
-    (separately allocated copies of the same shapes differ by several percent, as separate processes do)."""
+    reads the same memory, so the configurations compared differ only in what they run, not in where their
+    weights landed."""
     torch.manual_seed(0)
     return [(torch.nn.Linear(HIDDEN, 2 * INTERMEDIATE, bias=False).weight.detach(),
              torch.nn.Linear(INTERMEDIATE, HIDDEN, bias=False).weight.detach()) for _ in range(layers)]

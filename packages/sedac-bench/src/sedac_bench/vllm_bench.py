@@ -485,6 +485,7 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
                 k = (r * len(spec["workloads"]) + j) % len(names)
                 order = names[k:] + names[:k]
                 twin_first = (r + j) % 2 == 1
+                twin_results: Dict[str, Dict[str, Any]] = {}
                 if twins and twin_first:
                     twin_results = _twin_passes(engines, twins, names[0], w, r, k)
                 results = lockstep_run(engines, order, w["prompt_sets"][r], w["max_tokens"], w["batch"])
@@ -497,7 +498,7 @@ def run_group(spec: Dict[str, Any], group: Dict[str, Any], work: str) -> Dict[st
                 line = [f"{n} {results[n]['seconds']:.2f} s" + (
                     f" ({base / results[n]['seconds']:.3f}x, skipped MLP {results[n]['skipped_mlp_fraction']:.1%})"
                     if i else "") for i, n in enumerate(names)]
-                for row, res in (twin_results if twins else {}).items():
+                for row, res in twin_results.items():
                     runs[row][w["name"]].append({**res, "round": r})
                     line.append(f"{row} {res['seconds']:.2f} s ({res['vanilla_seconds'] / res['seconds']:.3f}x "
                                 f"against vanilla's {res['vanilla_seconds']:.2f} s in its pass)")
