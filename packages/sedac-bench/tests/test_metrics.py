@@ -225,6 +225,41 @@ def test_vllm_targets_pass_or_fail_as_measured():
     assert [t["passed"] for t in vllm_targets(wide)] == [True, False]  # faster than vanilla, outside the band
 
 
+def test_calibrated_against_exits_off_is_judged_per_forward_where_both_rows_have_it():
+    from sedac_bench.vllm_compare import CALIBRATED, NO_EXITS, vllm_targets
+
+    def rows(cal, off):
+        return {"compiled": {"rows": [{"config": NO_EXITS, "workload": "w", "kind": "prefill", **off},
+                                      {"config": CALIBRATED, "workload": "w", "kind": "prefill", **cal}]}}
+
+    # summed times 1.5% apart (a slow forward), per forward level: judged per forward, passes
+    t = vllm_targets(rows({"speedup": 0.985, "forward_speedup": 1.001}, {"speedup": 1.0, "forward_speedup": 1.0}))[-1]
+    assert t["passed"] and t["target"].endswith("(per forward)") and t["value"] == pytest.approx(0.001)
+    assert (t["calibrated"], t["exits_off"]) == (1.001, 1.0)
+    # per forward 1% apart: fails though the sums agree
+    t = vllm_targets(rows({"speedup": 1.0, "forward_speedup": 0.99}, {"speedup": 1.0, "forward_speedup": 1.0}))[-1]
+    assert not t["passed"] and t["value"] == pytest.approx(-0.01)
+    # per forward, both must still be >= 0.98x
+    assert not vllm_targets(rows({"speedup": 1.0, "forward_speedup": 0.979},
+                                 {"speedup": 1.0, "forward_speedup": 0.978}))[-1]["passed"]
+    # one row without per-forward times: both judged on summed times
+    t = vllm_targets(rows({"speedup": 0.985, "forward_speedup": 1.001}, {"speedup": 1.0, "forward_speedup": None}))[-1]
+    assert not t["passed"] and "per forward" not in t["target"]
+
+
+def test_per_forward_speedup_pools_each_rounds_paired_forwards():
+    from sedac_bench.vllm_compare import per_forward_speedup
+
+    vanilla = [[1.0, 1.0, 1.0, 5.0], [2.0, 2.0, 2.0]]
+    runs = [{"forward_seconds": [0.5, 0.5, 1.0, 1.0]}, {"forward_seconds": [2.0, 4.0, 1.0]}]
+    got = per_forward_speedup(vanilla, runs)
+    # ratios 2, 2, 1, 5 | 1, 0.5, 2: pooled median 2; per-round medians 2 and 1
+    assert got == {"median": 2.0, "min": 1.0, "max": 2.0}
+    assert per_forward_speedup([[1.0, 1.0]], [{"forward_seconds": [1.0]}]) is None  # forwards do not pair up
+    assert per_forward_speedup([None], [{"forward_seconds": [1.0]}]) is None  # no vanilla forwards kept
+    assert per_forward_speedup([[1.0]], [{}]) is None
+
+
 def test_byte_aware_ideal_is_vanilla_time_over_vanilla_less_the_saving():
     from sedac_bench.vllm_compare import byte_aware_ideal
 

@@ -295,12 +295,19 @@ def test_rows_of_a_twin_are_against_vanilla_in_the_twin_pass(monkeypatch):
     stages.shape, stages.L, stages.log = None, 30, lambda msg: None
     monkeypatch.setattr(vc, "compute_summary", lambda *a, **k: {"ideal_speedup": 1.0})
     run = {"skipped_mlp_fraction": 0.0}
+    fwd = {"forward_seconds": [0.5, 0.5]}
     raw = {"configs": ["vanilla", vc.CALIBRATED, vc.NO_EXITS], "twins": {vc.NO_EXITS: vc.CALIBRATED},
-           "runs": {"vanilla": {"w": [{**run, "seconds": 1.0}, {**run, "seconds": 2.0}]},
-                    vc.CALIBRATED: {"w": [{**run, "seconds": 1.0}, {**run, "seconds": 2.0}]},
-                    vc.NO_EXITS: {"w": [{**run, "seconds": 1.1, "vanilla_seconds": 1.2},
-                                        {**run, "seconds": 2.2, "vanilla_seconds": 2.4}]}}}
+           "runs": {"vanilla": {"w": [{**run, **fwd, "seconds": 1.0}, {**run, **fwd, "seconds": 2.0}]},
+                    vc.CALIBRATED: {"w": [{**run, **fwd, "seconds": 1.0}, {**run, **fwd, "seconds": 2.0}]},
+                    vc.NO_EXITS: {"w": [{**run, "seconds": 1.1, "vanilla_seconds": 1.2, "forward_seconds": [0.5, 0.5],
+                                         "vanilla_forward_seconds": [0.6, 0.6]},
+                                        {**run, "seconds": 2.2, "vanilla_seconds": 2.4, "forward_seconds": [1.0, 1.0],
+                                         "vanilla_forward_seconds": [1.1, 1.1]}]}}}
     rows = stages._vllm_rows(raw, [{"name": "w", "kind": "decode", "batch": 1, "context": 40}], "llama", "compiled")
     by = {r["config"]: r for r in rows}
     assert by[vc.CALIBRATED]["speedup"] == pytest.approx(1.0) and by[vc.CALIBRATED]["vanilla_s"] == 1.5
     assert by[vc.NO_EXITS]["speedup"] == pytest.approx(1.2 / 1.1) and by[vc.NO_EXITS]["vanilla_s"] == pytest.approx(1.8)
+    # forward by forward against the twin pass's vanilla too: ratios 1.2, 1.2 | 1.1, 1.1
+    assert by[vc.CALIBRATED]["forward_speedup"] == pytest.approx(1.0)
+    assert by[vc.NO_EXITS]["forward_speedup"] == pytest.approx(1.15)
+    assert (by[vc.NO_EXITS]["forward_speedup_min"], by[vc.NO_EXITS]["forward_speedup_max"]) == pytest.approx((1.1, 1.2))

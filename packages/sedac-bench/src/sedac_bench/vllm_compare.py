@@ -44,6 +44,26 @@ def ideal_over(vanilla_s: List[float], saved_s: List[Optional[float]]) -> Option
     return float(np.median(ideals)) if ideals else None
 
 
+def per_forward_speedup(vanilla_forwards: List[Optional[List[float]]],
+                        runs: List[Dict[str, Any]]) -> Optional[Dict[str, float]]:
+    """Speed-up forward by forward: every round's ``vanilla forward k / SEDAC forward k`` (the same lockstep step,
+    the same batch, milliseconds apart), pooled over the rounds. ``median``: their median, the typical forward
+    (for a decode-heavy workload the decode step's, not the prompt's); ``min`` / ``max``: the per-round medians'
+    range. On a shared machine a few forwards run slow on whichever engine they land; a sum carries them, the
+    median does not. None where a round kept no per-forward times or the two engines' forwards do not pair up."""
+    pooled, per_round = [], []
+    for v, run in zip(vanilla_forwards, runs):
+        s = run.get("forward_seconds")
+        if not v or not s or len(v) != len(s):
+            return None
+        ratios = np.asarray(v, dtype=float) / np.asarray(s, dtype=float)
+        pooled.append(ratios)
+        per_round.append(float(np.median(ratios)))
+    if not pooled or len(pooled) != len(runs):
+        return None
+    return {"median": float(np.median(np.concatenate(pooled))), "min": min(per_round), "max": max(per_round)}
+
+
 def drift_verdict(check: Dict[str, Any], tolerance: float) -> Optional[Dict[str, Any]]:
     """Calibrated on Wikipedia, served news through vLLM with online calibration: did the drift detector fire,
     and did the held-out risk stay within the tolerance? As measured; pass or fail."""
@@ -83,11 +103,16 @@ def vllm_targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         for (workload, config), r in rows.items():
             if config != CALIBRATED or (workload, NO_EXITS) not in rows:
                 continue
-            gauge = rows[(workload, NO_EXITS)]["speedup"]
+            # judged forward by forward where both rows kept per-forward times: a 0.5% tolerance is finer than
+            # the round-to-round spread of summed times on a shared machine (see per_forward_speedup)
+            off = rows[(workload, NO_EXITS)]
+            key = "forward_speedup" if r.get("forward_speedup") and off.get("forward_speedup") else "speedup"
+            mine, gauge = r[key], off[key]
             out.append({"execution": execution, "workload": workload,
-                        "target": "V7 calibrated >= no exits - 0.5%, both >= 0.98x",
-                        "value": r["speedup"] - gauge,
-                        "passed": r["speedup"] >= gauge - 0.005 and min(r["speedup"], gauge) >= 0.98})
+                        "target": "V7 calibrated >= exits off - 0.5%, both >= 0.98x"
+                                  + (" (per forward)" if key == "forward_speedup" else ""),
+                        "value": mine - gauge, "calibrated": mine, "exits_off": gauge,
+                        "passed": mine >= gauge - 0.005 and min(mine, gauge) >= 0.98})
     return out
 
 
@@ -294,8 +319,12 @@ class VllmStages(BenchState):
                 runs = raw["runs"][name][w["name"]]
                 secs = [r["seconds"] for r in runs]
                 # a twin pass is against vanilla's time in that pass
-                vanilla_s = [r["vanilla_seconds"] for r in runs] if name in raw.get("twins", {}) else base_s
+                twin = name in raw.get("twins", {})
+                vanilla_s = [r["vanilla_seconds"] for r in runs] if twin else base_s
                 paired = [b / s for b, s in zip(vanilla_s, secs)]  # same round, same prompts
+                forward = per_forward_speedup([r.get("vanilla_forward_seconds") for r in runs] if twin
+                                              else [r.get("forward_seconds") for r in base], runs)
+                per_fwd = "n/a" if forward is None else f"{forward['median']:.3f}x"
                 skipped = float(np.median([r["skipped_mlp_fraction"] for r in runs]))
                 speed = float(np.median(paired))
                 ideal = compute_summary(self.shape, skipped * self.L, w["context"],
@@ -310,6 +339,9 @@ class VllmStages(BenchState):
                              "vanilla_s": float(np.median(vanilla_s)), "sedac_s": float(np.median(secs)),
                              "speedup": speed, "speedup_min": min(paired), "speedup_max": max(paired),
                              "rounds": len(paired), "skipped_mlp_fraction": skipped, "ideal_speedup": ideal,
+                             "forward_speedup": forward["median"] if forward else None,
+                             "forward_speedup_min": forward["min"] if forward else None,
+                             "forward_speedup_max": forward["max"] if forward else None,
                              **realized_vs_ideal(speed, ideal), "byte_ideal_speedup": byte_ideal,
                              "byte_speedup_ratio": speed / byte_ideal if byte_ideal else None,
                              "gathers": gathers, "kernel_calls": kernel_calls,
@@ -317,7 +349,8 @@ class VllmStages(BenchState):
                              "kernel_measured": next((r["kernel_measured"] for r in runs if r.get("kernel_measured")),
                                                      None)})
                 self.log(f"  {folder} {execution} {w['name']:36s} {name:24s} {speed:.3f}x "
-                         f"[{min(paired):.3f}-{max(paired):.3f}] (FLOP ideal {ideal:.3f}x, byte-aware ideal "
+                         f"[{min(paired):.3f}-{max(paired):.3f}] (per forward {per_fwd}, FLOP ideal {ideal:.3f}x, "
+                         f"byte-aware ideal "
                          f"{'n/a' if byte_ideal is None else f'{byte_ideal:.3f}x'}, skipped {skipped:.2%}, "
                          f"gather-path layer calls {gathers:.0f}"
                          + (f", channel-kernel layer calls {kernel_calls:.0f}, kernel up to rows {kernel_rows}"
