@@ -37,7 +37,9 @@ SIZES: Dict[str, Dict[str, Any]] = {
     # vLLM: decode-heavy and prefill-heavy prompts per batch size (prefill-heavy runs take more prompts: their
     # forwards are long, and a run needs several to interleave; at batch 1, 8 prompts made runs of 8 forwards
     # under a second, whose no-exit gauge ranged 0.79-1.00x over 4 rounds, while 32 stayed within
-    # 0.99-1.00x; likewise decode at batch 4: 4 prompts read 1.000-1.022x over 4 rounds, 16 read 0.996-1.011x),
+    # 0.99-1.00x; likewise decode at batch 4: 4 prompts read 1.000-1.022x over 4 rounds, 16 read 0.996-1.011x;
+    # prefill at batch 16: 64 prompts made 8 forwards of 1,024 tokens, whose per-forward medians spread 3% over
+    # 4 rounds, so it takes 128, 16 forwards, as batch 4 and 64 have),
     # prefill prompt length, decode tokens out,
     # rounds, the configurations timed compiled (vLLM's default) and eager, and the eager table's batch sizes
     # (none: no eager group), the held-out windows of 256 tokens whose top-1 every engine is checked on.
@@ -53,7 +55,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
     "full": {"cal_tokens": 2048, "probe_windows": 8, "eval_windows": 4, "gen_prompts": 4, "gen_tokens": 24,
              "hf_repeats": 2, "extras": True, "probe_targets": ("entropy", "safety"),
              "vllm": {"batches": (1, 4, 16, 64), "prompts": {1: 4, 4: 16, 16: 16, 64: 64},
-                      "prefill_prompts": {1: 32, 4: 64, 16: 64, 64: 128}, "prefill_len": 128,
+                      "prefill_prompts": {1: 32, 4: 64, 16: 128, 64: 128}, "prefill_len": 128,
                       "decode_out": 32, "rounds": 4, "restart": True, "eager_batches": (4, 16), "top1_windows": 16,
                       "configs": ("vanilla", "V7 calibrated", "V7 calibrated, exits off", "V7 original defaults",
                                   "V7 calibrated + online calibration", "channels calibrated"),
